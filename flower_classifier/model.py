@@ -1,0 +1,45 @@
+"""The new classifier head, and the frozen backbone + head pair that predicts from images."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def build_head(in_features: int, hidden_units: Sequence[int], num_classes: int, dropout: float) -> nn.Sequential:
+    """Feed-forward head: [Linear -> ReLU -> Dropout] per hidden size, then Linear to class logits."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden_units:
+        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class FlowerClassifier(nn.Module):
+    """Frozen backbone, trainable head. Outputs logits (N, num_classes)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def train(self, mode: bool = True) -> "FlowerClassifier":
+        super().train(mode)
+        self.backbone.eval()  # BatchNorm statistics must not drift while the head trains
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the backbone never learns, so keep no graph for it
+            return self.backbone(images)  # (N, 3, S, S) -> (N, D)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return {"trainable": trainable, "frozen": total - trainable, "total": total}

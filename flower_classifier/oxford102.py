@@ -1,0 +1,372 @@
+"""Oxford 102 Flowers -> the project's layout OUT/{train,valid,test}/<category "1".."102">/image_NNNNN.jpg.
+
+    prepare_oxford102(out_dir, *, source_dir=None, split="original", download=True, link=False,
+                      progress=True) -> {"train": n, "valid": n, "test": n}
+
+Source files (https://www.robots.ox.ac.uk/~vgg/data/flowers/102/): `102flowers.tgz` (jpg/image_00001.jpg
+...), `imagelabels.mat` (category 1..102 of every image) and `setid.mat` (image ids of each split).
+`source_dir` may hold them directly or be a torchvision `Flowers102` root, which keeps them (and the
+unpacked `jpg/` folder) in `<root>/flowers-102/`. Files missing there are downloaded into it when
+`download` is true; `source_dir` defaults to OUT/.oxford102-source, which is kept for later reruns.
+
+Splits:
+  original  setid.mat as published: train 1020 (10 per category), valid 1020, test 6149.
+  classic   about 80/10/10 within every category (6552/818/819 in the Udacity course's copy). That
+            course never published which image went where, so this is a fixed shuffle (same on every
+            machine) with those proportions, not the course's exact split.
+
+`link=True` hard-links the images of an unpacked `jpg/` folder instead of copying them (copies where
+the filesystem cannot link); with only the archive, images are extracted either way.
+
+Only archive members named jpg/image_NNNNN.jpg that are plain files are read, and every output path
+is built from the image id, so a crafted archive cannot write outside OUT. Each image is written to a
+temporary name and renamed, and OUT/.oxford102.json records the split and whether the layout is
+complete: an interrupted run can simply be rerun (finished images are kept), and a rerun over a
+complete layout does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy.io import loadmat
+from scipy.io.matlab import MatReadError
+
+from .errors import UserError
+
+BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+ARCHIVE, LABELS, SETID = "102flowers.tgz", "imagelabels.mat", "setid.mat"
+# Only used to check files this module downloads; files handed in with --source are trusted.
+MD5 = {
+    ARCHIVE: "52808999861908f626f3c1f4e79d11fa",
+    LABELS: "e0620be6f572b9609742df49c70aed4d",
+    SETID: "a5357ecc9cb78c4bef273ce3793fc85c",
+}
+SPLITS = ("train", "valid", "test")
+SETID_KEYS = {"train": "trnid", "valid": "valid", "test": "tstid"}
+SPLIT_CHOICES = ("original", "classic")
+DEFAULT_SOURCE = ".oxford102-source"
+STATE_FILE = ".oxford102.json"
+TORCHVISION_SUBDIR = "flowers-102"
+_MEMBER = re.compile(r"(?:\./)?jpg/image_(\d{5})\.jpg")
+_MANUAL = (f"download {ARCHIVE}, {LABELS} and {SETID} from {BASE_URL} on a machine with internet, "
+           f"copy them into one folder and pass it with --source DIR")
+
+
+def prepare_oxford102(out_dir: str | Path, *, source_dir: str | Path | None = None,
+                      split: str = "original", download: bool = True, link: bool = False,
+                      progress: bool = True) -> dict[str, int]:
+    """Build OUT/{train,valid,test}/<category>/ from the Oxford 102 files; returns images per split.
+
+    Raises UserError for a bad option, a folder that already holds other data, unusable source files,
+    or a failed download. `progress` shows status lines and progress bars on stderr.
+    """
+    if split not in SPLIT_CHOICES:
+        raise UserError(f"unknown --split {split!r}; choose one of: {', '.join(SPLIT_CHOICES)}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: is a file; give a folder for the Oxford 102 layout")
+    say = _printer(progress)
+
+    state = _read_state(out)
+    _check_out_dir(out, state, split)
+    if state and state.get("complete") and state.get("counts") == _count_images(out):
+        say(f"{out} already holds the complete Oxford 102 layout ({_describe(state['counts'])}); "
+            f"nothing to do")
+        return state["counts"]
+
+    source = Path(source_dir) if source_dir is not None else out / DEFAULT_SOURCE
+    found = _find_source(source)
+    if found is None:
+        if not download:
+            raise UserError(f"{source}: does not hold {ARCHIVE}, {LABELS} and {SETID} (or a torchvision "
+                            f"Flowers102 root); pass --source DIR with them, or allow downloading")
+        _download_missing(source, say, progress)
+        found = source
+    labels, setids = _read_metadata(found)
+    plan = _plan(labels, setids, split)
+
+    try:
+        _write_state(out, {"split": split, "complete": False})
+        jpg_dir = found / "jpg"
+        if all((jpg_dir / _image_name(i)).is_file() for i in plan):
+            say(f"{'linking' if link else 'copying'} {len(plan)} images from {jpg_dir} into {out}")
+            _place_from_folder(jpg_dir, plan, out, link, progress)
+        elif (found / ARCHIVE).is_file():
+            if link:
+                say(f"no unpacked jpg/ folder in {found}, so the images are extracted, not linked")
+            say(f"extracting {len(plan)} images from {found / ARCHIVE} into {out}")
+            _extract_archive(found / ARCHIVE, plan, out, progress)
+        else:
+            raise UserError(f"{jpg_dir}: lacks some of the {len(plan)} images and there is no {ARCHIVE} "
+                            f"next to it; pass --source DIR with the complete files")
+        counts = _count_images(out)
+        expected = {s: sum(1 for where in plan.values() if where[0] == s) for s in SPLITS}
+        if counts != expected:
+            raise UserError(f"{out}: holds {_describe(counts)} images instead of {_describe(expected)}; "
+                            f"remove the extra files, or delete {out} and run again")
+        _write_state(out, {"split": split, "complete": True, "counts": counts})
+    except OSError as e:
+        raise UserError(f"{e.filename or out}: {e.strerror or e}; check free space and permissions, "
+                        f"then run again (finished images are kept)") from e
+    say(f"done: {out} holds {_describe(counts)} images")
+    return counts
+
+
+def _printer(enabled: bool):
+    def say(message: str) -> None:
+        if enabled:
+            print(message, file=sys.stderr)
+    return say
+
+
+def _describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{counts[s]} {s}" for s in SPLITS)
+
+
+def _image_name(image_id: int) -> str:
+    return f"image_{image_id:05d}.jpg"
+
+
+# --- OUT folder state -----------------------------------------------------------------------------
+
+def _read_state(out: Path) -> dict | None:
+    path = out / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        if isinstance(state, dict) and state.get("split") in SPLIT_CHOICES:
+            return state
+    except (OSError, ValueError):
+        pass
+    raise UserError(f"{path}: unreadable; delete {out} and run again")
+
+
+def _write_state(out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    part = out / f"{STATE_FILE}.part"
+    part.write_text(json.dumps(state, indent=1) + "\n")
+    os.replace(part, out / STATE_FILE)
+
+
+def _check_out_dir(out: Path, state: dict | None, split: str) -> None:
+    """Refuse to mix our images into data this module did not make, or into another split's layout."""
+    if state is None:
+        for s in SPLITS:
+            if (out / s).is_dir() and any((out / s).iterdir()):
+                raise UserError(f"{out / s}: already holds files that this command did not make; "
+                                f"choose a new or empty folder")
+    elif state["split"] != split:
+        raise UserError(f"{out}: holds (part of) the Oxford 102 layout with --split {state['split']}; "
+                        f"use that, another folder, or delete {out} to rebuild it")
+
+
+def _count_images(out: Path) -> dict[str, int]:
+    counts = {}
+    for s in SPLITS:
+        split_dir = out / s
+        categories = [d for d in split_dir.iterdir() if d.is_dir()] if split_dir.is_dir() else []
+        counts[s] = sum(1 for d in categories for f in d.iterdir() if f.suffix == ".jpg"
+                        and not f.name.startswith("."))
+    return counts
+
+
+# --- source files ---------------------------------------------------------------------------------
+
+def _find_source(directory: Path) -> Path | None:
+    """The folder holding the three files: DIR itself or a torchvision root's DIR/flowers-102."""
+    for d in (directory, directory / TORCHVISION_SUBDIR):
+        if (d / LABELS).is_file() and (d / SETID).is_file() and (
+                (d / ARCHIVE).is_file() or (d / "jpg").is_dir()):
+            return d
+    return None
+
+
+def _download_missing(directory: Path, say, progress: bool) -> None:
+    # Small files first, so that an offline machine fails at once rather than after a long wait.
+    for name in (LABELS, SETID, ARCHIVE):
+        dest = directory / name
+        if dest.is_file():
+            continue
+        say(f"downloading {BASE_URL}{name} into {directory}")
+        _download(BASE_URL + name, dest, progress)
+
+
+def _download(url: str, dest: Path, progress: bool) -> None:
+    """Stream url to DEST.part and rename it once complete and verified, so DEST is never partial."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f, \
+                _bar(int(response.headers.get("Content-Length") or 0) or None, dest.name, progress,
+                     unit="B") as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        raise UserError(f"could not download {url}: the server answered HTTP {e.code} {e.reason}; "
+                        f"{_MANUAL}") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"could not download {url} ({reason}); this machine seems to be offline: "
+                        f"{_MANUAL}") from None
+    except OSError as e:
+        raise UserError(f"{e.filename or part}: could not save the download ({e.strerror or e}); "
+                        f"check free space and permissions") from None
+    expected = MD5.get(dest.name)
+    if expected and _md5(part) != expected:
+        part.unlink()
+        raise UserError(f"the download of {url} is damaged (checksum mismatch); run again, or {_MANUAL}")
+    os.replace(part, dest)
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_metadata(source: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Category per image (labels[i] for image id i+1) and the 1-based image ids of each split."""
+    path = source / LABELS
+    try:
+        labels = loadmat(path)["labels"].ravel().astype(int)
+        path = source / SETID
+        setid = loadmat(path)
+        setids = {s: setid[key].ravel().astype(int) for s, key in SETID_KEYS.items()}
+    except (OSError, KeyError, ValueError, TypeError, MatReadError) as e:
+        raise UserError(f"{path}: not the Oxford 102 file ({type(e).__name__}: {e}); "
+                        f"get a fresh copy from {BASE_URL}") from None
+    if labels.size == 0 or labels.min() < 1:
+        raise UserError(f"{source / LABELS}: categories must be numbers from 1; get a fresh copy from {BASE_URL}")
+    ids = np.concatenate(list(setids.values()))
+    if ids.size and (ids.min() < 1 or ids.max() > labels.size or np.unique(ids).size != ids.size):
+        raise UserError(f"{source / SETID}: image ids out of range or repeated across splits; "
+                        f"get a fresh copy from {BASE_URL}")
+    return labels, setids
+
+
+def _plan(labels: np.ndarray, setids: dict[str, np.ndarray], split: str) -> dict[int, tuple[str, str]]:
+    """image id -> (split, category folder name)."""
+    if split == "original":
+        return {int(i): (s, str(labels[i - 1])) for s, ids in setids.items() for i in ids}
+    by_category = defaultdict(list)
+    for image_id, category in enumerate(labels.tolist(), start=1):
+        by_category[category].append(image_id)
+    rng = random.Random(102)  # int seed: the same shuffle on every machine and Python version
+    plan = {}
+    for category in sorted(by_category):
+        ids = by_category[category]
+        rng.shuffle(ids)
+        tenth = (len(ids) + 5) // 10  # a tenth, rounded half up
+        for n, image_id in enumerate(ids):
+            s = "valid" if n < tenth else "test" if n < 2 * tenth else "train"
+            plan[image_id] = (s, str(category))
+    return plan
+
+
+# --- writing images -------------------------------------------------------------------------------
+
+def _destination(out: Path, where: tuple[str, str], image_id: int) -> Path:
+    return out / where[0] / where[1] / _image_name(image_id)
+
+
+def _is_done(dest: Path, size: int) -> bool:
+    try:
+        return dest.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
+def _temp_name(dest: Path) -> Path:
+    # Hidden and not .jpg, so a leftover from an interrupted run is never taken for an image.
+    return dest.with_name(f".{dest.name}.part")
+
+
+def _place_from_folder(jpg_dir: Path, plan: dict[int, tuple[str, str]], out: Path, link: bool,
+                       progress: bool) -> None:
+    with _bar(len(plan), "images", progress) as bar:
+        for image_id, where in sorted(plan.items()):
+            src, dest = jpg_dir / _image_name(image_id), _destination(out, where, image_id)
+            if not _is_done(dest, src.stat().st_size):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                part = _temp_name(dest)
+                part.unlink(missing_ok=True)
+                if link:
+                    try:
+                        os.link(src, part)
+                    except OSError:  # another filesystem, or one without hard links
+                        link = False
+                if not link:
+                    shutil.copyfile(src, part)
+                os.replace(part, dest)
+            bar.update(1)
+
+
+def _extract_archive(archive: Path, plan: dict[int, tuple[str, str]], out: Path, progress: bool) -> None:
+    found = set()
+    try:
+        # Stream mode reads the .tgz once front to back, which is all a gzip file allows cheaply.
+        with tarfile.open(archive, "r|*") as tar, _bar(len(plan), "images", progress) as bar:
+            for member in tar:
+                match = _MEMBER.fullmatch(member.name)
+                if not (match and member.isfile()):
+                    continue  # anything else (links, "../" names, other files) is never written
+                image_id = int(match.group(1))
+                if image_id not in plan or image_id in found:
+                    continue
+                dest = _destination(out, plan[image_id], image_id)
+                if not _is_done(dest, member.size):
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    part = _temp_name(dest)
+                    with tar.extractfile(member) as src, open(part, "wb") as f:
+                        shutil.copyfileobj(src, f)
+                    os.replace(part, dest)
+                found.add(image_id)
+                bar.update(1)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise UserError(f"{archive}: not a readable archive ({e}); get a fresh copy from {BASE_URL}") from None
+    missing = sorted(set(plan) - found)
+    if missing:
+        raise UserError(f"{archive}: lacks {len(missing)} of the {len(plan)} images (first: "
+                        f"{_image_name(missing[0])}); get a fresh copy from {BASE_URL}")
+
+
+class _NoBar:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, n: int) -> None:
+        pass
+
+
+def _bar(total: int | None, desc: str, enabled: bool, unit: str = "it"):
+    """A tqdm progress bar on stderr when wanted and installed, else a stand-in that does nothing."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            pass
+        else:
+            return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr,
+                        leave=False)
+    return _NoBar()

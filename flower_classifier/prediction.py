@@ -1,0 +1,72 @@
+"""From a photo to the top-K flower names: `process_image`, `predict`, and `imshow` to look back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import Preprocessing
+from .data import eval_transform, load_image
+from .errors import UserError
+
+
+@dataclass
+class Prediction:
+    probabilities: list[float]  # most likely first
+    categories: list[str]  # category folder names ("1".."102" for Oxford 102)
+    names: list[str]  # flower names, or the category numbers when no names are known
+
+    def rows(self) -> list[tuple[str, str, float]]:
+        return list(zip(self.names, self.categories, self.probabilities))
+
+
+def process_image(image: str | Path | Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
+    """Shorter side to resize_size, centre crop, normalize: the evaluation transform. -> (3, S, S)"""
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
+    return eval_transform(preprocessing)(image)
+
+
+def imshow(image: torch.Tensor, preprocessing: Preprocessing, ax=None, title: str | None = None):
+    """Show a processed image tensor (3, S, S) as the photo it came from (undoing the normalization)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots()
+    array = image.detach().cpu().numpy().transpose((1, 2, 0))  # (S, S, 3)
+    array = array * np.array(preprocessing.std) + np.array(preprocessing.mean)
+    ax.imshow(np.clip(array, 0, 1))
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def check_top_k(top_k: int, num_classes: int) -> int:
+    if not 1 <= top_k <= num_classes:
+        raise UserError(f"--top_k must be between 1 and the model's {num_classes} categories (got {top_k})")
+    return top_k
+
+
+@torch.inference_mode()
+def predict_tensor(model, images: torch.Tensor, top_k: int = 5) -> list[Prediction]:
+    """Top-K for a batch of processed images (N, 3, S, S), with the model's classes and names."""
+    check_top_k(top_k, len(model.classes))
+    device = next(model.head.parameters()).device
+    probs = torch.softmax(model.eval()(images.to(device)).float(), dim=1)  # (N, num_classes)
+    top_p, top_i = probs.topk(top_k, dim=1)
+    names = model.cat_to_name or {}
+    out = []
+    for p, idx in zip(top_p.tolist(), top_i.tolist()):
+        cats = [model.classes[i] for i in idx]
+        out.append(Prediction(p, cats, [names.get(c, c) for c in cats]))
+    return out
+
+
+def predict(image_path: str | Path | Image.Image, model, top_k: int = 5) -> Prediction:
+    """The classic `predict(image_path, model, topk)`: top-K probabilities, categories and names."""
+    image = process_image(image_path, model.preprocessing)
+    return predict_tensor(model, image.unsqueeze(0), top_k)[0]

@@ -1,0 +1,255 @@
+"""Training the head: `train_one_epoch`, `evaluate`, `fit` (epochs, logging, best/last saves), and
+`run_training`, which sets everything up from a config and a data directory.
+
+Randomness of epoch k is seeded from (seed, k) alone, so a run resumed after epoch k continues
+exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt_io
+from .backbones import Backbone, build_backbone
+from .checkpoint import Checkpoint
+from .config import TrainConfig
+from .data import load_split, make_loader, split_dir
+from .errors import UserError
+from .model import FlowerClassifier, build_head
+
+BEST_NAME = "checkpoint.pth"  # the best epoch by validation accuracy: what predict.py loads
+LAST_NAME = "last.pth"  # the latest finished epoch
+STATE_NAME = "last.state.pth"  # optimizer state and history, to resume from LAST_NAME
+
+
+def select_device(gpu: bool, log: Callable[[str], None] = print) -> torch.device:
+    """CUDA or Apple MPS when asked for and present; otherwise the CPU, saying so."""
+    if gpu:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        log("--gpu: no CUDA or MPS device found, running on the CPU")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch
+
+
+def _progress(loader, desc: str, enabled: bool):
+    return tqdm(loader, desc=desc, leave=False, unit="batch", disable=not enabled, file=sys.stderr)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                    device: torch.device, *, desc: str = "train", progress: bool = True) -> dict:
+    """One pass over `loader`, stepping `optimizer`. Returns mean loss and accuracy."""
+    model.train()
+    total_loss, correct, count = 0.0, 0, 0
+    for batch in _progress(loader, desc, progress):
+        if batch is None:  # every image of this batch failed to load (each was warned about)
+            continue
+        inputs, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        logits = model(inputs)  # (N, num_classes)
+        loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(targets)
+        correct += (logits.argmax(1) == targets).sum().item()
+        count += len(targets)
+    if count == 0:
+        raise UserError("no training image could be loaded; check the data with "
+                        "`python -m flower_classifier check-data DATA`")
+    return {"loss": total_loss / count, "accuracy": correct / count, "count": count}
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    """How many targets are among the k highest logits, for each k (capped at the class count)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # (N, kmax)
+    hits = top == targets[:, None]
+    return {k: int(hits[:, :min(k, kmax)].any(1).sum()) for k in ks}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, device: torch.device, *, loss_fn: nn.Module | None = None,
+             desc: str = "eval", progress: bool = True) -> dict:
+    """Mean loss, top-1 and top-5 accuracy (fractions) and the image count over `loader`."""
+    model.eval()
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    total_loss, top1, top5, count = 0.0, 0, 0, 0
+    for batch in _progress(loader, desc, progress):
+        if batch is None:
+            continue
+        inputs, targets = batch[0].to(device), batch[1].to(device)
+        logits = model(inputs)
+        total_loss += loss_fn(logits, targets).item() * len(targets)
+        hits = topk_correct(logits, targets)
+        top1, top5, count = top1 + hits[1], top5 + hits[5], count + len(targets)
+    if count == 0:
+        raise UserError("no image could be loaded for evaluation")
+    return {"loss": total_loss / count, "accuracy": top1 / count, "top5": top5 / count, "count": count}
+
+
+def make_optimizer(head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # Only the head's parameters: the backbone is frozen and must not even be seen by the optimizer.
+    return torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+@dataclass
+class FitState:
+    """Where a run stands: finished epochs' metrics and the best validation accuracy so far."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_accuracy: float = -1.0
+
+
+def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
+        template: Checkpoint, save_dir: Path, device: torch.device, state: FitState | None = None,
+        log: Callable[[str], None] = print, progress: bool = True) -> FitState:
+    """Train for the remaining epochs of `config.epochs`; after each, save `last` and (if better) `best`.
+
+    `model` maps the loaders' inputs to logits (backbone+head on images, or the head on cached
+    features); `head` is the part that is saved. `template` carries what the checkpoint needs
+    besides the head's weights.
+    """
+    state = state or FitState()
+    save_dir = Path(save_dir)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        start = time.perf_counter()
+        torch.manual_seed(epoch_seed(config.seed, epoch))  # dropout, augmentation in the main process
+        if getattr(train_loader, "generator", None) is not None:
+            train_loader.generator.manual_seed(epoch_seed(config.seed, epoch))  # shuffle, worker seeds
+        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device,
+                             desc=f"epoch {epoch}/{config.epochs} train", progress=progress)
+        va = evaluate(model, valid_loader, device, loss_fn=loss_fn,
+                      desc=f"epoch {epoch}/{config.epochs} valid", progress=progress)
+        seconds = time.perf_counter() - start
+        record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
+                  "valid_loss": va["loss"], "valid_accuracy": va["accuracy"], "valid_top5": va["top5"],
+                  "seconds": seconds}
+        state.history.append(record)
+        state.epoch = epoch
+        improved = va["accuracy"] > state.best_accuracy
+        if improved:
+            state.best_accuracy = va["accuracy"]
+        log(f"Epoch {epoch}/{config.epochs}  train loss {tr['loss']:.4f}  valid loss {va['loss']:.4f}  "
+            f"valid accuracy {100 * va['accuracy']:.1f}%  ({seconds:.1f} s){'  *best' if improved else ''}")
+
+        metrics = {k: v for k, v in record.items() if k != "epoch"}
+        snapshot = Checkpoint(arch=template.arch, preprocessing=template.preprocessing,
+                              head_state=head.state_dict(), classes=template.classes, config=config,
+                              cat_to_name=template.cat_to_name, epoch=epoch, metrics=metrics,
+                              history=list(state.history))
+        if improved:
+            ckpt_io.save_checkpoint(snapshot, save_dir / BEST_NAME)
+        ckpt_io.save_checkpoint(snapshot, save_dir / LAST_NAME)
+        ckpt_io.save_training_state(save_dir / STATE_NAME, epoch=epoch, optimizer_state=optimizer.state_dict(),
+                                    rng_state={}, history=state.history, best_metric=state.best_accuracy)
+    return state
+
+
+@dataclass
+class TrainResult:
+    best_path: Path
+    last_path: Path
+    state: FitState
+    classes: list[str]
+    test_metrics: dict | None = None
+
+
+def _check_resumable(ckpt: Checkpoint, config: TrainConfig, classes: list[str], path: Path) -> None:
+    mismatched = [name for name, a, b in (("arch", ckpt.config.arch, config.arch),
+                                          ("hidden_units", ckpt.config.hidden_units, config.hidden_units),
+                                          ("categories", ckpt.classes, classes)) if a != b]
+    if mismatched:
+        raise UserError(f"cannot resume from {path}: its {', '.join(mismatched)} differ from this run's; "
+                        f"use the same options or a new --save_dir")
+
+
+def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
+                 device: torch.device | str = "cpu", cat_to_name: dict[str, str] | None = None,
+                 resume: str | Path | None = None, backbone: Backbone | None = None,
+                 log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+    """Load data, build the frozen backbone and a new head, train, keep best and last checkpoints."""
+    device = torch.device(device)
+    save_dir = Path(save_dir)
+    seed_everything(config.seed)
+    for split in ("train", "valid"):
+        split_dir(data_dir, split)  # a missing folder is reported before any weights are downloaded
+    backbone = backbone or build_backbone(config.arch)
+    if config.feature_cache:
+        from .features import cached_training_data  # only the cached path needs it
+        train_loader, valid_loader, classes = cached_training_data(config, data_dir, backbone, device=device,
+                                                                   log=log, progress=progress)
+    else:
+        train_set = load_split(data_dir, "train", backbone.preprocessing, augment=config.augment)
+        classes = train_set.classes
+        valid_set = load_split(data_dir, "valid", backbone.preprocessing, classes=classes)
+        pin = device.type == "cuda"
+        train_loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True,
+                                   num_workers=config.num_workers, seed=config.seed, pin_memory=pin)
+        valid_loader = make_loader(valid_set, batch_size=config.batch_size, shuffle=False,
+                                   num_workers=config.num_workers, pin_memory=pin)
+    if cat_to_name is not None:
+        missing = [c for c in classes if c not in cat_to_name]
+        if missing:
+            log(f"warning: the category names file has no name for {len(missing)} categories "
+                f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
+
+    head = build_head(backbone.feature_dim, config.hidden_units, len(classes), config.dropout)
+    model = FlowerClassifier(backbone.module, head) if not config.feature_cache else head
+    model.to(device)  # before the optimizer, so that resumed optimizer state lands on the same device
+    optimizer = make_optimizer(head, config)
+    template = Checkpoint(arch=config.arch, preprocessing=backbone.preprocessing, head_state={},
+                          classes=classes, config=config, cat_to_name=cat_to_name)
+    state = FitState()
+    if resume is not None:
+        state = _resume(Path(resume), head, optimizer, config, classes, log)
+    log(f"Training {config.arch} head {list(config.hidden_units)} on {len(classes)} categories, "
+        f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation images, on {device}")
+    try:
+        state = fit(model, head, train_loader, valid_loader, optimizer, config, template=template,
+                    save_dir=save_dir, device=device, state=state, log=log, progress=progress)
+    except KeyboardInterrupt:
+        done = f"epochs 1-{state.epoch} are saved in {save_dir}" if state.epoch else "no epoch had finished"
+        log(f"interrupted: {done}; continue with the same command plus --resume")
+        raise
+    return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, state, classes)
+
+
+def _resume(path: Path, head: nn.Module, optimizer, config: TrainConfig, classes: list[str], log) -> FitState:
+    """Head weights from the last checkpoint, optimizer state and history from the state file beside it."""
+    if path.is_dir():
+        path = path / LAST_NAME
+    ckpt = ckpt_io.load_checkpoint(path)
+    _check_resumable(ckpt, config, classes, path)
+    state_path = path.with_name(path.name.replace(".pth", ".state.pth"))
+    saved = ckpt_io.load_training_state(state_path)
+    if saved["epoch"] != ckpt.epoch:
+        raise UserError(f"{state_path} (epoch {saved['epoch']}) does not match {path} (epoch {ckpt.epoch})")
+    head.load_state_dict(ckpt.head_state)
+    optimizer.load_state_dict(saved["optimizer"])
+    if ckpt.epoch >= config.epochs:
+        log(f"{path} already finished {ckpt.epoch} of {config.epochs} epochs; raise --epochs to train more")
+    else:
+        log(f"Resuming from {path} after epoch {ckpt.epoch}")
+    return FitState(epoch=ckpt.epoch, history=list(saved["history"]), best_accuracy=saved["best_metric"])

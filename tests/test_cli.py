@@ -1,0 +1,171 @@
+"""The command line as a user runs it: train.py, predict.py, python -m flower_classifier."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TWELVE, class_color, make_image
+from flower_classifier.cli import main, single_command_main
+from flower_classifier.checkpoint import load_model
+from flower_classifier.prediction import predict
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny-backbone model trained once on 12 colour-coded categories, names stored."""
+    from conftest import make_dataset
+
+    tmp = tmp_path_factory.mktemp("trained")
+    data = make_dataset(tmp / "flowers", TWELVE, per_split={"train": 8, "valid": 2, "test": 2})
+    names = tmp / "names.json"
+    names.write_text(json.dumps({c: f"flower {c}" for c in TWELVE}))
+    save = tmp / "ck"
+    result = run_script("train.py", str(data), "--save_dir", str(save), "--arch", "tiny", "--epochs", "40",
+                        "--learning_rate", "0.02", "--hidden_units", "64", "--batch_size", "16",
+                        "--workers", "0", "--no_augment", "--dropout", "0", "--category_names", str(names))
+    assert result.returncode == 0, result.stderr
+    return data, save, names, result
+
+
+def test_train_prints_each_epoch_and_saves_best(trained):
+    data, save, _, result = trained
+    epochs = re.findall(r"Epoch (\d+)/40 +train loss [\d.]+ +valid loss [\d.]+ +valid accuracy [\d.]+%", result.stdout)
+    assert epochs == [str(i) for i in range(1, 41)]
+    assert (save / "checkpoint.pth").is_file() and (save / "last.pth").is_file()
+    assert "Best epoch" in result.stdout
+
+
+def test_output_index_maps_to_the_right_category_and_name(trained):
+    """Every category, including "2" vs "10" (string order would swap them), predicts as itself."""
+    data, save, _, _ = trained
+    model, ckpt = load_model(save / "checkpoint.pth")
+    assert ckpt.classes == TWELVE
+    for i, category in enumerate(TWELVE):
+        photo = make_image(data / "probe" / f"{category}.png", class_color(i, 12), seed=99)
+        result = predict(photo, model, top_k=1)
+        assert result.categories == [category] and result.names == [f"flower {category}"]
+
+
+def test_predict_script_prints_top_k_names(trained):
+    data, save, names, _ = trained
+    photo = make_image(data / "probe" / "ten.png", class_color(TWELVE.index("10"), 12), seed=7)
+    result = run_script("predict.py", str(photo), str(save / "checkpoint.pth"), "--top_k", "3",
+                        "--category_names", str(names))
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^\s+\d\. (flower \d+)\s+\(category (\d+)\)\s+([\d.]+)%$", result.stdout, re.M)
+    assert len(rows) == 3 and rows[0][:2] == ("flower 10", "10")
+    probs = [float(r[2]) for r in rows]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_predict_without_names_shows_category_numbers(trained, tmp_path, capsys):
+    data, save, _, _ = trained
+    from flower_classifier.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(save / "checkpoint.pth")
+    ckpt.cat_to_name = None
+    save_checkpoint(ckpt, tmp_path / "nonames.pth")
+    photo = make_image(tmp_path / "p.png", class_color(3, 12))
+    assert single_command_main("predict", "predict.py", [str(photo), str(tmp_path / "nonames.pth"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 5 and rows[0]["name"] == rows[0]["category"] == "4"
+
+
+def test_evaluate_prints_accuracies_and_count(trained, capsys):
+    data, save, _, _ = trained
+    assert main(["evaluate", str(save / "checkpoint.pth"), str(data / "test"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"top-1 accuracy: ([\d.]+)%  top-5 accuracy: ([\d.]+)%  images: (\d+)", out)
+    assert m and int(m.group(3)) == 24
+    assert float(m.group(1)) >= 90 and float(m.group(2)) == 100.0
+
+
+def test_resume_continues_after_the_last_epoch(trained, tmp_path, capsys):
+    data, _, _, _ = trained
+    common = [str(data), "--save_dir", str(tmp_path / "ck"), "--arch", "tiny", "--workers", "0", "--quiet",
+              "--hidden_units", "16"]
+    assert single_command_main("train", "train.py", common + ["--epochs", "2"]) == 0
+    assert single_command_main("train", "train.py", common + ["--epochs", "3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "Epoch 3/3" in out and out.count("Epoch 1/") == 1
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, no traceback
+
+def _assert_one_line_error(result, *needles):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_train_bad_inputs(tmp_path, trained):
+    data = trained[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(tmp_path / "nowhere")], ["nowhere", "does not exist", "download"]),
+        ([str(empty)], ["train not found"]),
+        ([str(data), "--arch", "alexnet99"], ["--arch", "alexnet99"]),
+        ([str(data), "--epochs", "-1"], ["--epochs", ">= 1"]),
+        ([str(data), "--learning_rate", "abc"], ["--learning_rate", "abc"]),
+        ([str(data), "--category_names", str(tmp_path / "none.json")], ["none.json", "no such file"]),
+    ]
+    for args, needles in cases:
+        _assert_one_line_error(run_script("train.py", *args, "--workers", "0"), *needles)
+
+
+def test_train_empty_category_is_named(tmp_path):
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "d", ["1", "2"], per_split={"train": 1, "valid": 1})
+    (data / "train" / "3").mkdir()
+    _assert_one_line_error(run_script("train.py", str(data), "--arch", "tiny", "--workers", "0"),
+                           "train/3 has no images")
+
+
+def test_predict_bad_inputs(tmp_path, trained):
+    _, save, _, _ = trained
+    ckpt = str(save / "checkpoint.pth")
+    photo = make_image(tmp_path / "p.jpg", (1, 2, 3))
+    text = tmp_path / "note.jpg"
+    text.write_text("not a photo")
+    wrong_names = tmp_path / "wrong.json"
+    wrong_names.write_text(json.dumps({"rose": "rose"}))
+    cases = [
+        ([str(photo), str(tmp_path / "missing.pth")], ["missing.pth not found"]),
+        ([str(text), ckpt], ["note.jpg", "not a readable image"]),
+        ([str(tmp_path / "gone.jpg"), ckpt], ["gone.jpg", "no such file"]),
+        ([str(photo), str(text)], ["note.jpg", "not a checkpoint"]),
+        ([str(photo), ckpt, "--top_k", "0"], ["--top_k", ">= 1"]),
+        ([str(photo), ckpt, "--top_k", "13"], ["--top_k", "12 categories"]),
+        ([str(photo), ckpt, "--category_names", str(wrong_names)], ["wrong.json", "names none"]),
+    ]
+    for args, needles in cases:
+        _assert_one_line_error(run_script("predict.py", *args), *needles)
+
+
+def test_gpu_flag_without_gpu_says_so(trained, tmp_path):
+    _, save, _, _ = trained
+    photo = make_image(tmp_path / "p.jpg", (1, 2, 3))
+    result = run_script("predict.py", str(photo), str(save / "checkpoint.pth"), "--gpu")
+    assert result.returncode == 0
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "running on the CPU" in result.stderr
+
+
+def test_module_cli_lists_backbones(capsys):
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for arch in ("vgg16", "vgg13", "resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0"):
+        assert arch in out
