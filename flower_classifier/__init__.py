@@ -2,12 +2,27 @@
 
 The pieces, one module per stage: `data`, `backbones`, `model` (the head), `training`,
 `checkpoint`, `prediction`, `evaluation`, `plots`, `cli`.
+
+Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
+inference) start without importing torch.
 """
-from .backbones import BACKBONES, Backbone, Preprocessing, build_backbone
-from .checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
-from .config import TrainConfig
-from .errors import UserError
-from .model import FlowerClassifier, build_head, count_parameters
-from .prediction import Prediction, imshow, predict, process_image
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "BACKBONES": "backbones", "Backbone": "backbones", "Preprocessing": "backbones", "build_backbone": "backbones",
+    "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_model": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "TrainConfig": "config",
+    "UserError": "errors",
+    "FlowerClassifier": "model", "build_head": "model", "count_parameters": "model",
+    "Prediction": "prediction", "imshow": "prediction", "predict": "prediction", "process_image": "prediction",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
