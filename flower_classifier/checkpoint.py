@@ -144,14 +144,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
 # ---------------------------------------------------------------- resume state (beside the checkpoint)
 
 def save_training_state(path: str | Path, *, epoch: int, optimizer_state: dict, rng_state: dict,
-                        history: list[dict], best_metric: float) -> None:
+                        history: list[dict], best_metric: float, head_state: dict | None = None) -> None:
+    """What `--resume` needs beyond the checkpoint; with `head_state` it needs only this file."""
     atomic_save({"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch,
                  "optimizer": optimizer_state, "rng": rng_state, "history": history,
-                 "best_metric": best_metric}, path)
+                 "best_metric": best_metric,
+                 "head_state": _to_plain(head_state) if head_state is not None else None}, path)
 
 
 def load_training_state(path: str | Path) -> dict:
     d = safe_load(path, what="training state")
     if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
         raise UserError(f"{path}: not a training-state file of this project")
+    version = d.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"{path}: training-state format version {version} is newer than this code reads "
+                        f"({FORMAT_VERSION}); update flower_classifier")
     return d

@@ -203,6 +203,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                             num_workers=args.workers)
     print(f"top-1 accuracy: {100 * m['accuracy']:.1f}%  top-5 accuracy: {100 * m['top5']:.1f}%  "
           f"images: {m['count']}  (loss {m['loss']:.4f})")
+    if m.get("skipped"):
+        print(f"skipped {m['skipped']} unreadable images (each named in a warning above)")
     return 0
 
 

@@ -3,6 +3,11 @@
 Class order is natural (numeric folder names sort as numbers: "1", "2", ..., "10", "100"), and
 every split uses the training split's order, so output index -> category folder is one fixed list
 that the checkpoint stores.
+
+An image that cannot be read is skipped, not fatal: it is warned about once (whichever process
+meets it first) and counted, see `FlowerFolder.skipped`. The training sampler gives each image
+of each epoch its own seed, so augmentation depends on (seed, epoch, index) alone: the same with
+0 or N workers, and the same after `--resume`.
 """
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, default_collate
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
 from .backbones import Preprocessing
@@ -21,6 +26,9 @@ from .errors import UserError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
 GET_DATA_HINT = "for Oxford 102 run `python -m flower_classifier download flowers`"
+# Larger images are refused before decoding (a 64-megapixel RGB image is 192 MB in memory): a
+# "decompression bomb" (a small file that claims a huge size) is skipped instead of filling memory.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def natural_key(name: str) -> tuple:
@@ -31,14 +39,21 @@ def load_image(path: str | Path) -> Image.Image:
     """An RGB image, turned upright as its EXIF orientation says. Raises UserError naming the file."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is below
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels")
+                im = ImageOps.exif_transpose(im)
+                return to_rgb(im)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not an image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        size = str(e) if str(e).endswith(" pixels") else "size beyond PIL's own limit"
+        raise UserError(f"{path}: too large to read ({size}; the limit is {MAX_IMAGE_PIXELS:,} pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
@@ -86,7 +101,11 @@ def find_classes(root: Path) -> list[str]:
 
 
 class FlowerFolder(Dataset):
-    """(image tensor, class index) pairs from one split; an unreadable image yields None (skipped)."""
+    """(image tensor, class index) pairs from one split; an unreadable image yields None (skipped).
+
+    An index may come with a seed, `dataset[(i, seed)]`: the transform then draws its random
+    numbers from that seed alone (see `EpochSampler`).
+    """
 
     def __init__(self, root: str | Path, *, transform=None, classes: list[str] | None = None):
         self.root = Path(root)
@@ -106,18 +125,63 @@ class FlowerFolder(Dataset):
             self.samples += [(p, self.class_to_idx[c]) for p in images]
         if not self.samples:
             raise UserError(f"{self.root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        # One flag per image, in shared memory: worker processes mark what they skip, so that each
+        # file is warned about once over all workers and epochs, and the main process can count.
+        self._skipped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[i]
         try:
             image = load_image(path)
         except UserError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
+            if not self._skipped[i]:
+                self._skipped[i] = True
+                print(f"warning: skipping {e}", file=sys.stderr)
             return None
-        return (self.transform(image) if self.transform else image), label
+        if self.transform is None:
+            return image, label
+        if seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state (dropout) alone
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+    def skipped(self) -> list[Path]:
+        """The images that could not be read so far (each was warned about once)."""
+        return [self.samples[i][0] for i in self._skipped.nonzero().flatten().tolist()]
+
+
+class EpochSampler(Sampler):
+    """A shuffled order that depends only on (seed, epoch); call `set_epoch` before each epoch.
+
+    With `sample_seeds`, it yields (index, seed) pairs, each image's seed drawn from (seed, epoch,
+    index), so that augmentation does not depend on which worker process loads the image or on
+    what ran before: a resumed run sees the same images as an uninterrupted one.
+    """
+
+    def __init__(self, size: int, seed: int = 0, *, sample_seeds: bool = False):
+        self.size, self.seed, self.sample_seeds, self.epoch = size, seed, sample_seeds, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=g).tolist()  # by index, not by position
+        order = torch.randperm(self.size, generator=g).tolist()
+        return iter([(i, seeds[i]) for i in order] if self.sample_seeds else order)
+
+
+def skipped_images(*datasets) -> list[Path]:
+    """The unreadable images met so far in these datasets (any without a record count as none)."""
+    return [p for d in datasets for p in (d.skipped() if hasattr(d, "skipped") else [])]
 
 
 def skip_none_collate(batch):
@@ -152,9 +216,12 @@ def load_split(data_dir: str | Path, split: str, preprocessing: Preprocessing, *
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
                 seed: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches of `dataset`; when shuffled, the order (and a FlowerFolder's augmentation) of each
+    epoch comes from `loader.sampler.set_epoch(epoch)` and `seed`, not from the worker processes."""
     generator = torch.Generator().manual_seed(seed)
+    sampler = EpochSampler(len(dataset), seed, sample_seeds=isinstance(dataset, FlowerFolder)) if shuffle else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "this DataLoader will create N workers" on small machines
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                           collate_fn=skip_none_collate, generator=generator, pin_memory=pin_memory,
                           persistent_workers=num_workers > 0)

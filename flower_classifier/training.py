@@ -1,8 +1,9 @@
 """Training the head: `train_one_epoch`, `evaluate`, `fit` (epochs, logging, best/last saves), and
 `run_training`, which sets everything up from a config and a data directory.
 
-Randomness of epoch k is seeded from (seed, k) alone, so a run resumed after epoch k continues
-exactly as the uninterrupted run would have.
+Randomness of epoch k is seeded from (seed, k) alone (shuffle and augmentation through
+`data.EpochSampler`, dropout through torch's seed), so a run resumed after epoch k continues
+exactly as the uninterrupted run would have: no random-number state needs saving.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from . import checkpoint as ckpt_io
 from .backbones import Backbone, build_backbone
 from .checkpoint import Checkpoint
 from .config import TrainConfig
-from .data import load_split, make_loader, split_dir
+from .data import load_split, make_loader, skipped_images, split_dir
 from .errors import UserError
 from .model import FlowerClassifier, build_head
 
@@ -138,6 +139,8 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
         torch.manual_seed(epoch_seed(config.seed, epoch))  # dropout, augmentation in the main process
         if getattr(train_loader, "generator", None) is not None:
             train_loader.generator.manual_seed(epoch_seed(config.seed, epoch))  # shuffle, worker seeds
+        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)  # this epoch's order and per-image augmentation seeds
         tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device,
                              desc=f"epoch {epoch}/{config.epochs} train", progress=progress)
         va = evaluate(model, valid_loader, device, loss_fn=loss_fn,
@@ -147,7 +150,6 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
                   "valid_loss": va["loss"], "valid_accuracy": va["accuracy"], "valid_top5": va["top5"],
                   "seconds": seconds}
         state.history.append(record)
-        state.epoch = epoch
         improved = va["accuracy"] > state.best_accuracy
         if improved:
             state.best_accuracy = va["accuracy"]
@@ -159,11 +161,14 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
                               head_state=head.state_dict(), classes=template.classes, config=config,
                               cat_to_name=template.cat_to_name, epoch=epoch, metrics=metrics,
                               history=list(state.history))
+        # The state file holds the head too, so that a stop between these saves still resumes.
         if improved:
             ckpt_io.save_checkpoint(snapshot, save_dir / BEST_NAME)
-        ckpt_io.save_checkpoint(snapshot, save_dir / LAST_NAME)
         ckpt_io.save_training_state(save_dir / STATE_NAME, epoch=epoch, optimizer_state=optimizer.state_dict(),
-                                    rng_state={}, history=state.history, best_metric=state.best_accuracy)
+                                    rng_state={}, history=state.history, best_metric=state.best_accuracy,
+                                    head_state=head.state_dict())
+        ckpt_io.save_checkpoint(snapshot, save_dir / LAST_NAME)
+        state.epoch = epoch  # only now is the epoch saved
     return state
 
 
@@ -176,13 +181,19 @@ class TrainResult:
     test_metrics: dict | None = None
 
 
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra")  # options that leave the run's results alone
+
+
 def _check_resumable(ckpt: Checkpoint, config: TrainConfig, classes: list[str], path: Path) -> None:
-    mismatched = [name for name, a, b in (("arch", ckpt.config.arch, config.arch),
-                                          ("hidden_units", ckpt.config.hidden_units, config.hidden_units),
-                                          ("categories", ckpt.classes, classes)) if a != b]
-    if mismatched:
-        raise UserError(f"cannot resume from {path}: its {', '.join(mismatched)} differ from this run's; "
-                        f"use the same options or a new --save_dir")
+    """A resumed run must be the same run: same categories and every option but --epochs/--workers."""
+    saved, now = ckpt.config.to_dict(), config.to_dict()
+    changed = [f"{k} {now.get(k)!r} (saved run: {v!r})" for k, v in saved.items()
+               if k not in RESUME_MAY_CHANGE and now.get(k) != v]
+    if ckpt.classes != classes:
+        changed.append(f"categories ({len(classes)} here, {len(ckpt.classes)} in the saved run)")
+    if changed:
+        raise UserError(f"cannot resume from {path}: this run differs in {'; '.join(changed)}; "
+                        f"use the saved run's options or a new --save_dir")
 
 
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
@@ -233,6 +244,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         done = f"epochs 1-{state.epoch} are saved in {save_dir}" if state.epoch else "no epoch had finished"
         log(f"interrupted: {done}; continue with the same command plus --resume")
         raise
+    finally:
+        skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
+        if skipped:
+            log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
     return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, state, classes)
 
 
@@ -240,16 +255,23 @@ def _resume(path: Path, head: nn.Module, optimizer, config: TrainConfig, classes
     """Head weights from the last checkpoint, optimizer state and history from the state file beside it."""
     if path.is_dir():
         path = path / LAST_NAME
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist; train without --resume first, "
+                        f"or pass the {LAST_NAME} to continue from")
     ckpt = ckpt_io.load_checkpoint(path)
     _check_resumable(ckpt, config, classes, path)
     state_path = path.with_name(path.name.replace(".pth", ".state.pth"))
     saved = ckpt_io.load_training_state(state_path)
-    if saved["epoch"] != ckpt.epoch:
-        raise UserError(f"{state_path} (epoch {saved['epoch']}) does not match {path} (epoch {ckpt.epoch})")
-    head.load_state_dict(ckpt.head_state)
+    head_state = saved.get("head_state")
+    if head_state is None:  # a state file from before it held the head
+        if saved["epoch"] != ckpt.epoch:
+            raise UserError(f"{state_path} (epoch {saved['epoch']}) does not match {path} (epoch {ckpt.epoch})")
+        head_state = ckpt.head_state
+    head.load_state_dict(head_state)
     optimizer.load_state_dict(saved["optimizer"])
-    if ckpt.epoch >= config.epochs:
-        log(f"{path} already finished {ckpt.epoch} of {config.epochs} epochs; raise --epochs to train more")
+    epoch = saved["epoch"]
+    if epoch >= config.epochs:
+        log(f"{path} already finished {epoch} of {config.epochs} epochs; raise --epochs to train more")
     else:
-        log(f"Resuming from {path} after epoch {ckpt.epoch}")
-    return FitState(epoch=ckpt.epoch, history=list(saved["history"]), best_accuracy=saved["best_metric"])
+        log(f"Resuming from {path} after epoch {epoch}")
+    return FitState(epoch=epoch, history=list(saved["history"]), best_accuracy=saved["best_metric"])

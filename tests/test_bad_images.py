@@ -1,0 +1,90 @@
+"""Odd and broken photos: each is used as an upright RGB image or skipped with one warning."""
+import re
+
+import pytest
+import torch
+
+from bad_images import CORPUS, SIZE, write_corpus
+from conftest import class_color, make_dataset
+from flower_classifier import data
+from flower_classifier.config import TrainConfig
+from flower_classifier.data import load_image
+from flower_classifier.errors import UserError
+from flower_classifier.training import run_training
+
+COLOR = (200, 60, 90)
+USABLE = [c for c in CORPUS if c.usable]
+BROKEN = [c for c in CORPUS if not c.usable]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), COLOR)[0].parent
+
+
+@pytest.mark.parametrize("item", CORPUS, ids=[c.name for c in CORPUS])
+def test_each_file_is_rgb_or_refused_by_name(corpus, item):
+    if item.usable:
+        image = load_image(corpus / item.name)
+        assert image.mode == "RGB"
+        assert image.size in (SIZE, SIZE[::-1], (1, 1))
+    else:
+        with pytest.raises(UserError, match=re.escape(item.name)):
+            load_image(corpus / item.name)
+
+
+def close(a, b, tol=8):
+    return all(abs(x - y) <= tol for x, y in zip(a, b))
+
+
+def test_exif_orientation_is_applied(corpus):
+    image = load_image(corpus / "exif_rotated.jpg")  # stored 48x40: colour on the left, black on the right
+    assert image.size == (40, 48)  # turned upright: width and height swap
+    assert close(image.getpixel((20, 2)), COLOR) and close(image.getpixel((20, 45)), (0, 0, 0))
+
+
+def test_transparency_becomes_white_and_16_bit_is_rescaled(corpus):
+    for name in ("rgba.png", "palette.png"):
+        image = load_image(corpus / name)  # left half transparent
+        assert image.getpixel((2, 20)) == (255, 255, 255) and close(image.getpixel((45, 20)), COLOR)
+    grey = round(0.299 * COLOR[0] + 0.587 * COLOR[1] + 0.114 * COLOR[2])
+    assert close(load_image(corpus / "sixteen_bit.png").getpixel((5, 5)), (grey,) * 3, tol=2)
+    assert close(load_image(corpus / "cmyk.jpg").getpixel((5, 5)), COLOR)
+
+
+def test_the_pixel_limit_is_explicit_and_applies_before_decoding(corpus, monkeypatch):
+    assert data.MAX_IMAGE_PIXELS == 64_000_000
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(UserError, match="48x40 pixels; the limit is 100 pixels"):
+        load_image(corpus / "png_named.jpg")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_training_uses_the_odd_images_and_skips_the_broken_once_each(tmp_path, capfd, workers):
+    classes = ["1", "2", "3"]
+    root = make_dataset(tmp_path / "d", classes, per_split={"train": 4, "valid": 2})
+    for split in ("train", "valid"):
+        write_corpus(root / split / "1", class_color(0, 3))
+    lines = []
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, batch_size=4, num_workers=workers)
+    result = run_training(config, root, save_dir=tmp_path / "ck", log=lines.append, progress=False)
+    assert result.state.epoch == 2
+    err = capfd.readouterr().err
+    for split in ("train", "valid"):
+        for item in BROKEN:  # warned once, although met in two epochs
+            assert sum(str(root / split / "1" / item.name) in line for line in err.splitlines()) == 1, err
+        for item in USABLE:
+            assert item.name not in err
+    assert len([l for l in err.splitlines() if l.startswith("warning: skipping")]) == 2 * len(BROKEN)
+    assert f"skipped {2 * len(BROKEN)} unreadable images" in lines[-1]
+    assert torch.isfinite(torch.tensor(result.state.history[-1]["valid_loss"]))
+
+
+def test_a_batch_of_only_broken_files_is_left_out(tmp_path, capfd):
+    root = make_dataset(tmp_path / "d", ["1", "2"], per_split={"train": 2, "valid": 1})
+    for item in BROKEN:
+        item.write(root / "train" / "1" / item.name, (0, 0, 0))
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=1, batch_size=1, num_workers=0)
+    result = run_training(config, root, save_dir=tmp_path / "ck", log=lambda m: None, progress=False)
+    assert result.state.epoch == 1
+    assert capfd.readouterr().err.count("warning: skipping") == len(BROKEN)
