@@ -1,0 +1,106 @@
+"""A run stopped mid-epoch (SIGKILL, Ctrl-C, SIGTERM) and resumed ends exactly like an uninterrupted one."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from conftest import ROOT, make_dataset
+from flower_classifier.checkpoint import load_checkpoint
+from flower_classifier.cli import single_command_main
+
+# Three epochs of about a second each on a loaded 2-core machine (epochs are made slow by data size).
+ARGS = ["--arch", "tiny", "--epochs", "3", "--hidden_units", "16", "--batch_size", "8", "--seed", "3", "--quiet"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the in-process runs below use one thread too
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("resume") / "d", ["1", "2", "3", "4"],
+                        per_split={"train": 100, "valid": 10}, size=(96, 80))
+
+
+@contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_here(data, save_dir, *extra) -> int:
+    with one_thread():
+        return single_command_main("train", "train.py", [str(data), "--save_dir", str(save_dir), *ARGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    save = tmp_path_factory.mktemp("reference")
+    assert train_here(data, save, "--workers", "0") == 0
+    return load_checkpoint(save / "last.pth"), load_checkpoint(save / "checkpoint.pth")
+
+
+def same_run(save_dir, reference) -> None:
+    """last.pth and checkpoint.pth hold the reference's metrics and head weights, bit for bit."""
+    for name, ref in zip(("last.pth", "checkpoint.pth"), reference):
+        got = load_checkpoint(save_dir / name)
+        assert got.epoch == ref.epoch
+        drop_time = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+        assert drop_time(got.history) == drop_time(ref.history)
+        assert all(torch.equal(got.head_state[k], v) for k, v in ref.head_state.items())
+
+
+def stop_during_second_epoch(data, save_dir, workers: int, sig: int) -> subprocess.CompletedProcess:
+    """Start train.py, wait for epoch 1's checkpoint, then send `sig` while epoch 2 runs."""
+    proc = subprocess.Popen([sys.executable, "train.py", str(data), "--save_dir", str(save_dir), *ARGS,
+                             "--workers", str(workers)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (save_dir / "last.pth").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert load_checkpoint(save_dir / "last.pth").epoch == 1, (out, err)  # stopped during epoch 2
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGKILL, 0), (signal.SIGKILL, 2), (signal.SIGINT, 0),
+                                          (signal.SIGTERM, 2)], ids=["kill-w0", "kill-w2", "int-w0", "term-w2"])
+def test_stopped_and_resumed_run_ends_like_an_uninterrupted_one(data, reference, tmp_path, capsys, sig, workers):
+    save = tmp_path / "ck"
+    stopped = stop_during_second_epoch(data, save, workers, sig)
+    if sig == signal.SIGKILL:
+        assert stopped.returncode == -signal.SIGKILL
+    else:  # Ctrl-C and SIGTERM: what finished is saved, the way on is printed, no traceback
+        assert stopped.returncode == 130
+        assert f"interrupted: epochs 1-1 are saved in {save}; continue with the same command plus --resume" \
+            in stopped.stdout
+        assert stopped.stderr.strip() == "interrupted"
+    assert train_here(data, save, "--workers", str(workers), "--resume") == 0
+    out = capsys.readouterr().out
+    assert f"Resuming from {save / 'last.pth'} after epoch 1" in out and "Epoch 1/3" not in out
+    same_run(save, reference)
+
+
+def test_stop_between_the_state_and_checkpoint_saves_still_resumes(data, reference, tmp_path):
+    """The state file is written first and holds the head: a last.pth one epoch behind is no obstacle."""
+    save = tmp_path / "ck"
+    assert train_here(data, save, "--workers", "0", "--epochs", "1") == 0
+    shutil.copy(save / "last.pth", tmp_path / "last_epoch1.pth")
+    assert train_here(data, save, "--workers", "0", "--epochs", "2", "--resume") == 0
+    shutil.copy(tmp_path / "last_epoch1.pth", save / "last.pth")  # as if stopped before last.pth was replaced
+    assert train_here(data, save, "--workers", "0", "--resume") == 0
+    same_run(save, reference)
+
+
+def test_workers_do_not_change_the_run(data, reference, tmp_path):
+    """Augmentation is seeded per image from (seed, epoch, index), not by worker processes."""
+    assert train_here(data, tmp_path, "--workers", "2") == 0
+    same_run(tmp_path, reference)
