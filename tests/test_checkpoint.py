@@ -1,5 +1,6 @@
 import os
 import pickle
+import signal
 
 import pytest
 import torch
@@ -120,3 +121,70 @@ def test_predict_returns_names_when_known(tmp_path):
     assert len(result.names) == 3 and result.names == [f"flower {c}" for c in result.categories]
     with pytest.raises(UserError, match="--top_k must be between 1 and the model's 12"):
         predict_tensor(model, image.unsqueeze(0), top_k=13)
+
+
+# ---------------------------------------------------------------- the training-state file (--resume)
+
+def save_state(path, epoch=1):
+    head = build_head(16, (8,), 12, 0.0)
+    optimizer = torch.optim.AdamW(head.parameters())
+    ckpt_io.save_training_state(path, epoch=epoch, optimizer_state=optimizer.state_dict(), rng_state={},
+                                history=[{"epoch": epoch}], best_metric=0.5, head_state=head.state_dict())
+
+
+@pytest.mark.parametrize("write", ["checkpoint", "state"])
+def test_a_process_killed_while_saving_leaves_the_previous_file(tmp_path, write):
+    """SIGKILL in the middle of torch.save (in a forked child): the old file is intact and loads."""
+    path = tmp_path / "f.pth"
+    save = (lambda epoch: save_checkpoint(tiny_checkpoint(), path)) if write == "checkpoint" else \
+        (lambda epoch: save_state(path, epoch))
+    load = load_checkpoint if write == "checkpoint" else ckpt_io.load_training_state
+    save(1)
+    good = path.read_bytes()
+    pid = os.fork()
+    if pid == 0:  # the child writes half a file, then dies without any cleanup
+        def killed_halfway(obj, f, *a, **k):
+            f.write(b"half a checkpoint")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        torch.save = killed_halfway
+        save(2)
+        os._exit(0)  # not reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert path.read_bytes() == good
+    assert load(path)["epoch"] == 1 if write == "state" else load(path).epoch == 3
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "f.pth"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".f.pth.") and leftovers[0].endswith(".tmp")
+
+
+def test_state_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.state.pth"
+    save_state(path)
+    good = path.read_bytes()
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (f.write(b"partial"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        save_state(path, epoch=2)
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["last.state.pth"]
+
+
+def test_state_file_that_would_run_code_or_is_newer_is_refused(tmp_path):
+    torch.save({"format": ckpt_io.STATE_FORMAT, "optimizer": RunsCode()}, tmp_path / "evil.state.pth")
+    with pytest.raises(UserError, match="refused to load: it refers to posix.system"):
+        ckpt_io.load_training_state(tmp_path / "evil.state.pth")
+    save_state(tmp_path / "s.pth")
+    raw = torch.load(tmp_path / "s.pth", weights_only=True)
+    torch.save({**raw, "format_version": ckpt_io.FORMAT_VERSION + 1}, tmp_path / "new.pth")
+    with pytest.raises(UserError, match="training-state format version 2 is newer than this code reads"):
+        ckpt_io.load_training_state(tmp_path / "new.pth")
+    save_checkpoint(tiny_checkpoint(), tmp_path / "c.pth")
+    with pytest.raises(UserError, match="not a training-state file"):
+        ckpt_io.load_training_state(tmp_path / "c.pth")
+
+
+def test_every_torch_load_in_the_code_is_weights_only():
+    from conftest import ROOT
+
+    lines = [(p.name, line.strip()) for p in (ROOT / "flower_classifier").glob("*.py")
+             for line in p.read_text().splitlines() if "torch.load(" in line]
+    assert len(lines) >= 2 and all("weights_only=True" in line for _, line in lines), lines
