@@ -1,6 +1,6 @@
-"""Command line: `python -m flower_classifier {train,predict,evaluate,download}` and the classic
-`train.py` / `predict.py`, all thin layers over the library. Mistakes a user can make end in one
-line on stderr and exit status 2, never a traceback.
+"""Command line: `python -m flower_classifier {train,predict,evaluate,download,check-data,backbones}`
+and the classic `train.py` / `predict.py`, all thin layers over the library. Mistakes a user can
+make end in one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -230,6 +230,31 @@ def run_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
+    from .datacheck import MAX_IMBALANCE
+
+    p.add_argument("data_dir", help="folder with train/ and valid/ (and test/) split folders of category folders")
+    p.add_argument("--category_names", default=None, help="JSON file of category -> flower name to compare "
+                   "with the category folders (default: none)")
+    p.add_argument("--max_imbalance", type=positive_float, default=MAX_IMBALANCE,
+                   help=f"flag a split whose largest category is this many times its smallest "
+                        f"(default: {MAX_IMBALANCE:g})")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="processes reading images (default: min(4, CPU count))")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_check_data(args: argparse.Namespace) -> int:
+    """Exit status 0: safe to train (warnings maybe); 1: problems that break or poison training."""
+    from .datacheck import check_data, format_report
+
+    names = read_category_names(args.category_names) if args.category_names else None
+    report = check_data(args.data_dir, cat_to_name=names, max_imbalance=args.max_imbalance,
+                        workers=args.workers, progress=not args.quiet)
+    print("\n".join(format_report(report, args.data_dir)))
+    return 0 if report.safe else 1
+
+
 def run_backbones(args: argparse.Namespace) -> int:
     from .backbones import BACKBONES
 
@@ -244,6 +269,8 @@ COMMANDS = {
     "predict": (add_predict_arguments, run_predict, "name the flower in a photo"),
     "evaluate": (add_evaluate_arguments, run_evaluate, "top-1/top-5 accuracy of a checkpoint on a split"),
     "download": (add_download_arguments, run_download, "get Oxford 102 in the train/valid/test layout"),
+    "check-data": (add_check_data_arguments, run_check_data, "find unreadable, missing, duplicate or unbalanced "
+                   "photos before training"),
     "backbones": (lambda p: None, run_backbones, "list the available backbones"),
 }
 

@@ -74,6 +74,8 @@ def to_rgb(im: Image.Image) -> Image.Image:
 def split_dir(data_dir: str | Path, split: str) -> Path:
     """DATA/<split>, accepting `val` for `valid`; a UserError when the data or split is missing."""
     data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise UserError(f"data directory {data_dir} is a file; pass the folder that holds train/ and valid/")
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist; expected {data_dir}/train/<category>/"
                         f"*.jpg ({GET_DATA_HINT})")

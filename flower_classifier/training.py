@@ -253,7 +253,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
 
 def _resume(path: Path, head: nn.Module, optimizer, config: TrainConfig, classes: list[str], log) -> FitState:
     """Head weights from the last checkpoint, optimizer state and history from the state file beside it."""
-    if path.is_dir():
+    if path.is_dir() or not path.suffix:  # a --save_dir, even one that does not exist
         path = path / LAST_NAME
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist; train without --resume first, "

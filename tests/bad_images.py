@@ -101,7 +101,8 @@ def _animated_gif(path: Path, color) -> None:
 
 
 CORPUS: list[BadImage] = [
-    BadImage("truncated.jpg", "JPEG cut off halfway", False, _write(lambda c: _jpeg_bytes(c)[: len(_jpeg_bytes(c)) // 2])),
+    BadImage("truncated.jpg", "JPEG cut off halfway", False,
+             _write(lambda c: _jpeg_bytes(c)[: len(_jpeg_bytes(c)) // 2])),
     BadImage("truncated.png", "PNG cut off halfway", False,
              _write(lambda c: _png_bytes(Image.fromarray(np.random.default_rng(1).integers(
                  0, 255, size=(SIZE[1], SIZE[0], 3), dtype=np.uint8)))[:600])),

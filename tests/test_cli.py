@@ -169,3 +169,107 @@ def test_module_cli_lists_backbones(capsys):
     out = capsys.readouterr().out
     for arch in ("vgg16", "vgg13", "resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0"):
         assert arch in out
+
+
+def _one_line_error_here(capsys, run, *needles):
+    """In-process variant of `_assert_one_line_error`: `run()` returns or exits with status 2."""
+    try:
+        code = run()
+    except SystemExit as e:  # argparse errors exit from parse_args
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """One quick epoch, trained in-process with options the resume checks below compare against."""
+    from conftest import make_dataset
+
+    tmp = tmp_path_factory.mktemp("small")
+    data = make_dataset(tmp / "flowers", TWELVE, per_split={"train": 1, "valid": 1, "test": 1})
+    save = tmp / "ck"
+    assert single_command_main("train", "train.py", [str(data), "--save_dir", str(save), *SMALL, "--epochs", "1"]) == 0
+    return data, save
+
+
+SMALL = ["--arch", "tiny", "--workers", "0", "--quiet", "--hidden_units", "64", "--learning_rate", "0.02",
+         "--batch_size", "16", "--dropout", "0", "--no_augment"]
+
+
+def test_more_train_bad_inputs(tmp_path, small_run, capsys):
+    data, save = small_run
+    as_file = tmp_path / "data.txt"
+    as_file.write_text("not a folder")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_bytes(b"\xff\xfe{not json")
+    listing = tmp_path / "list.json"
+    listing.write_text('["rose", "tulip"]')
+    base = ["--arch", "tiny", "--workers", "0", "--quiet", "--save_dir", str(tmp_path / "ck")]
+    cases = [
+        ([str(data), "--batch_size", "0"], ["--batch_size", ">= 1", "got 0"]),
+        ([str(data), "--dropout", "1.5"], ["--dropout", "<= 0.99", "got 1.5"]),
+        ([str(data), "--epochs", "two"], ["--epochs", "'two' is not a valid int"]),
+        ([str(data), "--workers", "-2"], ["--workers", ">= 0"]),
+        ([str(data), "--hidden_units", "64", "0"], ["--hidden_units", ">= 1"]),
+        ([str(as_file)], ["data.txt is a file"]),
+        ([str(data), "--category_names", str(bad_json)], ["bad.json: not a JSON file"]),
+        ([str(data), "--category_names", str(listing)], ["list.json", "expected a JSON object"]),
+        ([str(data), "--category_names", str(tmp_path)], [str(tmp_path), "not a JSON file"]),
+        ([str(data), "--resume"], ["nothing to resume", "ck/last.pth does not exist", "without --resume"]),
+        ([str(data), "--resume", str(tmp_path / "gone.pth")], ["nothing to resume", "gone.pth"]),
+        ([str(data), "--resume", str(save / "last.pth"), *SMALL, "--seed", "7"],
+         ["cannot resume", "seed 7 (saved run: 0)", "a new --save_dir"]),
+        ([str(data), "--resume", str(save / "last.pth")], ["cannot resume", "hidden_units [512] (saved run: [64])",
+                                                         "learning_rate", "augment True (saved run: False)"]),
+    ]
+    for args, needles in cases:
+        _one_line_error_here(capsys, lambda: single_command_main("train", "train.py", args + base), *needles)
+    assert not (tmp_path / "ck").exists()  # nothing was written by any of them
+
+
+def test_resume_with_a_state_file_that_runs_code_is_refused(small_run, tmp_path, capsys):
+    import os
+    import shutil
+
+    import torch
+
+    data, save = small_run
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    shutil.copy(save / "last.pth", tmp_path / "last.pth")
+    torch.save({"format": "flower_classifier.training_state", "optimizer": RunsCode()},
+               tmp_path / "last.state.pth")
+    args = [str(data), "--resume", str(tmp_path), "--save_dir", str(tmp_path), *SMALL]
+    _one_line_error_here(capsys, lambda: single_command_main("train", "train.py", args),
+                         "last.state.pth: refused to load", "posix.system")
+
+
+def test_more_predict_and_evaluate_bad_inputs(small_run, tmp_path, capsys):
+    import torch
+
+    data, save = small_run
+    ckpt = str(save / "checkpoint.pth")
+    photo = make_image(tmp_path / "p.jpg", (1, 2, 3))
+    raw = torch.load(ckpt, weights_only=True)
+    torch.save({**raw, "format_version": raw["format_version"] + 1}, tmp_path / "newer.pth")
+    torch.save({**raw, "arch": "vit_giant"}, tmp_path / "other_arch.pth")
+    cases = [
+        (["predict", str(tmp_path), ckpt], [str(tmp_path), "is a directory, not an image"]),
+        (["predict", str(photo), str(tmp_path / "newer.pth")], ["newer.pth", "format version 2 is newer"]),
+        (["predict", str(photo), str(tmp_path / "other_arch.pth")], ["'vit_giant', which this version does not know"]),
+        (["predict", str(photo), ckpt, "--top_k", "-3"], ["--top_k", ">= 1"]),
+        (["evaluate", ckpt, str(photo)], ["p.jpg: no such directory"]),
+        (["evaluate", str(tmp_path / "newer.pth"), str(data / "test")], ["format version 2 is newer"]),
+        (["check-data", str(tmp_path / "nowhere")], ["nowhere does not exist"]),
+        (["train", str(data), "--arch", "resnet5"], ["unknown --arch 'resnet5'"]),
+    ]
+    for args, needles in cases:
+        _one_line_error_here(capsys, lambda: main(args + (["--workers", "0"] if args[0] == "evaluate" else [])),
+                             *needles)

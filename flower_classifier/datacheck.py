@@ -1,0 +1,172 @@
+"""Look over a photo folder before training: `python -m flower_classifier check-data DATA`.
+
+A *problem* breaks or poisons training: a missing split, a training category with no readable
+image, a validation or test category that training lacks, the same photo in two splits (test
+accuracy would be measured on training photos) or in two categories (two labels for one photo).
+A *warning* is worth knowing but training copes: unreadable files (skipped), non-image files
+(ignored), categories missing from valid/test, a names file that misses or adds categories,
+duplicates within a category, and class imbalance above a ratio.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import IMAGE_EXTENSIONS, SPLIT_NAMES, load_image, natural_key
+from .errors import UserError
+
+MAX_IMBALANCE = 10.0  # largest / smallest category of a split above this is flagged
+EXAMPLES = 5  # how many names a finding lists before "..."
+
+
+@dataclass
+class Report:
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> category -> readable images
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def safe(self) -> bool:
+        return not self.problems
+
+
+def _listing(names: list, limit: int = EXAMPLES) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def inspect_file(path: Path) -> tuple[str, str | None]:
+    """sha256 of the file's bytes, and why it cannot be read as an image (None if it can)."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        load_image(path)
+    except UserError as e:
+        return digest, str(e).split(": ", 1)[-1]
+    return digest, None
+
+
+def find_splits(data_dir: Path) -> dict[str, Path]:
+    found = {}
+    for split, names in SPLIT_NAMES.items():
+        for name in names:
+            if (data_dir / name).is_dir():
+                found[split] = data_dir / name
+                break
+    return found
+
+
+def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = None,
+               max_imbalance: float = MAX_IMBALANCE, workers: int = 0, progress: bool = False) -> Report:
+    data_dir = Path(data_dir)
+    if data_dir.is_file():
+        raise UserError(f"{data_dir} is a file; pass the folder that holds train/ and valid/")
+    if not data_dir.is_dir():
+        raise UserError(f"data directory {data_dir} does not exist")
+    report = Report()
+    splits = find_splits(data_dir)
+    for split in ("train", "valid"):
+        if split not in splits:
+            report.problems.append(f"no {split}/ folder in {data_dir}: expected {data_dir}/{split}/<category>/*.jpg")
+    if "test" not in splits:
+        report.warnings.append(f"no test/ folder in {data_dir}: nothing to measure the final accuracy on")
+
+    # Every file of every category folder: (split, category, path).
+    files, others = [], defaultdict(list)
+    categories: dict[str, list[str]] = {}
+    for split, root in splits.items():
+        categories[split] = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                                   key=natural_key)
+        for c in categories[split]:
+            for p in sorted((root / c).iterdir()):
+                if not p.is_file() or p.name.startswith("."):
+                    continue
+                if p.suffix.lower() in IMAGE_EXTENSIONS:
+                    files.append((split, c, p))
+                else:
+                    others[split].append(p)
+    paths = [p for _, _, p in files]
+    bar = dict(total=len(paths), desc="checking images", unit="image", disable=not progress, file=sys.stderr,
+               leave=False)
+    if workers > 0:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(inspect_file, paths, chunksize=32), **bar))
+    else:
+        results = [inspect_file(p) for p in tqdm(paths, **bar)]
+
+    rel = lambda p: p.relative_to(data_dir)
+    counts = {split: {c: 0 for c in categories[split]} for split in splits}
+    by_hash = defaultdict(list)
+    for (split, c, p), (digest, error) in zip(files, results):
+        if error:
+            report.warnings.append(f"{rel(p)}: unreadable, training skips it ({error})")
+            continue
+        counts[split][c] += 1
+        by_hash[digest].append((split, c, p))
+    report.counts = counts
+    for split, paths_ in others.items():
+        report.warnings.append(f"{split}: {len(paths_)} files without an image extension are ignored "
+                               f"({_listing([rel(p) for p in paths_])})")
+
+    train = categories.get("train", [])
+    for split in splits:
+        empty = [c for c in categories[split] if counts[split][c] == 0]
+        if empty and split == "train":
+            report.problems.append(f"train: {len(empty)} categories have no readable image "
+                                   f"({_listing(empty)}): add photos or remove the folders")
+        elif empty:
+            report.warnings.append(f"{split}: {len(empty)} categories have no readable image ({_listing(empty)})")
+        if split != "train" and "train" in splits:
+            unknown = [c for c in categories[split] if c not in train]
+            if unknown:
+                report.problems.append(f"{split}: {len(unknown)} categories are not in train/ ({_listing(unknown)}): "
+                                       f"the model cannot predict them")
+            absent = [c for c in train if c not in categories[split]]
+            if absent:
+                report.warnings.append(f"{split}: {len(absent)} training categories are missing "
+                                       f"({_listing(absent)})")
+        nonzero = {c: n for c, n in counts[split].items() if n}
+        if len(nonzero) > 1:
+            most, fewest = max(nonzero, key=nonzero.get), min(nonzero, key=nonzero.get)
+            ratio = nonzero[most] / nonzero[fewest]
+            if ratio > max_imbalance:
+                report.warnings.append(f"{split}: class imbalance {ratio:.1f}x (category {most}: {nonzero[most]} "
+                                       f"images, category {fewest}: {nonzero[fewest]}), above {max_imbalance:g}x")
+
+    for group in by_hash.values():
+        if len(group) < 2:
+            continue
+        names = " = ".join(str(rel(p)) for _, _, p in group[:EXAMPLES]) + (" ..." if len(group) > EXAMPLES else "")
+        if len({s for s, _, _ in group}) > 1:
+            report.problems.append(f"identical images in {' and '.join(sorted({s for s, _, _ in group}))}: {names}")
+        elif len({c for _, c, _ in group}) > 1:
+            report.problems.append(f"identical images in different categories: {names}")
+        else:
+            report.warnings.append(f"identical images: {names}")
+
+    if cat_to_name is not None:
+        every = set().union(*map(set, categories.values())) if categories else set()
+        missing = [c for c in train if c not in cat_to_name]
+        extra = sorted((c for c in cat_to_name if c not in every), key=natural_key)
+        if missing:
+            report.warnings.append(f"names file: no name for {len(missing)} categories ({_listing(missing)}); "
+                                   f"their numbers are shown instead")
+        if extra:
+            report.warnings.append(f"names file: {len(extra)} names for categories that no split has "
+                                   f"({_listing(extra)})")
+    return report
+
+
+def format_report(report: Report, data_dir: str | Path) -> list[str]:
+    """The report as lines: a count per split, each problem and warning, and the verdict."""
+    sizes = ", ".join(f"{s} {sum(c.values()):,} images in {len(c)} categories" for s, c in report.counts.items())
+    lines = [f"{data_dir}: {sizes or 'no splits'}"]
+    lines += [f"problem: {p}" for p in report.problems] + [f"warning: {w}" for w in report.warnings]
+    summary = f"{len(report.problems)} problems, {len(report.warnings)} warnings"
+    lines.append(f"{summary}: safe to train" if report.safe else f"{summary}: fix the problems before training")
+    return lines
