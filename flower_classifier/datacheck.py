@@ -41,6 +41,12 @@ def _listing(names: list, limit: int = EXAMPLES) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _count(n: int, word: str) -> str:
+    """'1 photo', '2 photos'; '1 category', '2 categories'."""
+    plural = word[:-1] + "ies" if word.endswith("y") else word + "s"
+    return f"{n} {word if n == 1 else plural}"
+
+
 def inspect_file(path: Path) -> tuple[str, str | None]:
     """sha256 of the file's bytes, and why it cannot be read as an image (None if it can)."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -104,31 +110,32 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
     by_hash = defaultdict(list)
     for (split, c, p), (digest, error) in zip(files, results):
         if error:
-            report.warnings.append(f"{rel(p)}: unreadable, training skips it ({error})")
+            report.warnings.append(f"{rel(p)}: {error}; training skips it")
             continue
         counts[split][c] += 1
         by_hash[digest].append((split, c, p))
     report.counts = counts
     for split, paths_ in others.items():
-        report.warnings.append(f"{split}: {len(paths_)} files without an image extension are ignored "
+        report.warnings.append(f"{split}: {_count(len(paths_), 'file')} without an image extension, ignored "
                                f"({_listing([rel(p) for p in paths_])})")
 
     train = categories.get("train", [])
     for split in splits:
         empty = [c for c in categories[split] if counts[split][c] == 0]
         if empty and split == "train":
-            report.problems.append(f"train: {len(empty)} categories have no readable image "
+            report.problems.append(f"train: {_count(len(empty), 'category')} without a readable image "
                                    f"({_listing(empty)}): add photos or remove the folders")
         elif empty:
-            report.warnings.append(f"{split}: {len(empty)} categories have no readable image ({_listing(empty)})")
+            report.warnings.append(f"{split}: {_count(len(empty), 'category')} without a readable image "
+                                   f"({_listing(empty)})")
         if split != "train" and "train" in splits:
             unknown = [c for c in categories[split] if c not in train]
             if unknown:
-                report.problems.append(f"{split}: {len(unknown)} categories are not in train/ ({_listing(unknown)}): "
-                                       f"the model cannot predict them")
+                report.problems.append(f"{split}: {_count(len(unknown), 'category')} not in train/ "
+                                       f"({_listing(unknown)}): the model cannot predict them")
             absent = [c for c in train if c not in categories[split]]
             if absent:
-                report.warnings.append(f"{split}: {len(absent)} training categories are missing "
+                report.warnings.append(f"{split}: no photos of {_count(len(absent), 'training category')} "
                                        f"({_listing(absent)})")
         nonzero = {c: n for c, n in counts[split].items() if n}
         if len(nonzero) > 1:
@@ -142,8 +149,9 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
         if len(group) < 2:
             continue
         names = " = ".join(str(rel(p)) for _, _, p in group[:EXAMPLES]) + (" ..." if len(group) > EXAMPLES else "")
-        if len({s for s, _, _ in group}) > 1:
-            report.problems.append(f"identical images in {' and '.join(sorted({s for s, _, _ in group}))}: {names}")
+        in_splits = [s for s in SPLIT_NAMES if any(s == split for split, _, _ in group)]
+        if len(in_splits) > 1:
+            report.problems.append(f"identical images in {' and '.join(in_splits)}: {names}")
         elif len({c for _, c, _ in group}) > 1:
             report.problems.append(f"identical images in different categories: {names}")
         else:
@@ -154,10 +162,10 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
         missing = [c for c in train if c not in cat_to_name]
         extra = sorted((c for c in cat_to_name if c not in every), key=natural_key)
         if missing:
-            report.warnings.append(f"names file: no name for {len(missing)} categories ({_listing(missing)}); "
-                                   f"their numbers are shown instead")
+            report.warnings.append(f"names file: no name for {_count(len(missing), 'category')} "
+                                   f"({_listing(missing)}); their numbers are shown instead")
         if extra:
-            report.warnings.append(f"names file: {len(extra)} names for categories that no split has "
+            report.warnings.append(f"names file: {_count(len(extra), 'name')} for categories that no split has "
                                    f"({_listing(extra)})")
     return report
 
@@ -167,6 +175,6 @@ def format_report(report: Report, data_dir: str | Path) -> list[str]:
     sizes = ", ".join(f"{s} {sum(c.values()):,} images in {len(c)} categories" for s, c in report.counts.items())
     lines = [f"{data_dir}: {sizes or 'no splits'}"]
     lines += [f"problem: {p}" for p in report.problems] + [f"warning: {w}" for w in report.warnings]
-    summary = f"{len(report.problems)} problems, {len(report.warnings)} warnings"
+    summary = f"{_count(len(report.problems), 'problem')}, {_count(len(report.warnings), 'warning')}"
     lines.append(f"{summary}: safe to train" if report.safe else f"{summary}: fix the problems before training")
     return lines
