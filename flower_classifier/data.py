@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
@@ -53,7 +53,7 @@ def load_image(path: str | Path) -> Image.Image:
     except Image.DecompressionBombError as e:
         size = str(e) if str(e).endswith(" pixels") else "size beyond PIL's own limit"
         raise UserError(f"{path}: too large to read ({size}; the limit is {MAX_IMAGE_PIXELS:,} pixels)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # decoders raise many kinds on a damaged file (OSError, SyntaxError, struct.error...)
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
 

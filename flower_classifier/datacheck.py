@@ -49,7 +49,10 @@ def _count(n: int, word: str) -> str:
 
 def inspect_file(path: Path) -> tuple[str, str | None]:
     """sha256 of the file's bytes, and why it cannot be read as an image (None if it can)."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        return "", f"cannot be read ({e.strerror})"
     try:
         load_image(path)
     except UserError as e:

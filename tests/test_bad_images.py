@@ -88,3 +88,25 @@ def test_a_batch_of_only_broken_files_is_left_out(tmp_path, capfd):
     result = run_training(config, root, save_dir=tmp_path / "ck", log=lambda m: None, progress=False)
     assert result.state.epoch == 1
     assert capfd.readouterr().err.count("warning: skipping") == len(BROKEN)
+
+
+def test_readme_states_the_corpus_size():
+    from conftest import ROOT
+
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"The test corpus (`tests/bad_images.py`) tries {len(CORPUS)} odd or broken files: training uses "
+            f"{len(USABLE)} of them") in readme
+    assert f"skips the other {len(BROKEN)}," in readme
+
+
+def test_any_decoder_exception_means_skipped_not_a_crash(tmp_path, monkeypatch):
+    from PIL import ImageOps
+
+    path = make_dataset(tmp_path / "d", ["1"], per_split={"train": 1}) / "train" / "1" / "train_1_0.jpg"
+
+    def decoder_bug(image):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", decoder_bug)
+    with pytest.raises(UserError, match="train_1_0.jpg: not a readable image \\(IndexError"):
+        load_image(path)
