@@ -241,8 +241,11 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         state = fit(model, head, train_loader, valid_loader, optimizer, config, template=template,
                     save_dir=save_dir, device=device, state=state, log=log, progress=progress)
     except KeyboardInterrupt:
-        done = f"epochs 1-{state.epoch} are saved in {save_dir}" if state.epoch else "no epoch had finished"
-        log(f"interrupted: {done}; continue with the same command plus --resume")
+        if state.epoch:
+            log(f"interrupted: epochs 1-{state.epoch} are saved in {save_dir}; continue with the same command "
+                f"plus --resume")
+        else:
+            log("interrupted: no epoch had finished, so nothing is saved; run the same command again")
         raise
     finally:
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
@@ -252,7 +255,8 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
 
 
 def _resume(path: Path, head: nn.Module, optimizer, config: TrainConfig, classes: list[str], log) -> FitState:
-    """Head weights from the last checkpoint, optimizer state and history from the state file beside it."""
+    """Head weights, optimizer state and history from the state file beside the last checkpoint, whose
+    options must match this run's."""
     if path.is_dir() or not path.suffix:  # a --save_dir, even one that does not exist
         path = path / LAST_NAME
     if not path.is_file():

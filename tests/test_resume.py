@@ -104,3 +104,19 @@ def test_workers_do_not_change_the_run(data, reference, tmp_path):
     """Augmentation is seeded per image from (seed, epoch, index), not by worker processes."""
     assert train_here(data, tmp_path, "--workers", "2") == 0
     same_run(tmp_path, reference)
+
+
+def test_interrupt_before_any_epoch_says_nothing_is_saved(tmp_path, monkeypatch):
+    from flower_classifier import training
+    from flower_classifier.config import TrainConfig
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "fit", interrupted)
+    data = make_dataset(tmp_path / "d", ["1", "2"], per_split={"train": 1, "valid": 1})
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        training.run_training(TrainConfig(arch="tiny", num_workers=0), data, save_dir=tmp_path / "ck",
+                              log=lines.append, progress=False)
+    assert lines[-1] == "interrupted: no epoch had finished, so nothing is saved; run the same command again"
