@@ -10,6 +10,7 @@ duplicates within a category, and class imbalance above a ratio.
 from __future__ import annotations
 
 import hashlib
+import signal
 import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -103,7 +104,8 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
     bar = dict(total=len(paths), desc="checking images", unit="image", disable=not progress, file=sys.stderr,
                leave=False)
     if workers > 0:
-        with ProcessPoolExecutor(workers) as pool:
+        # Ctrl-C reaches the workers too: let only the main process handle it (no traceback per worker).
+        with ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             results = list(tqdm(pool.map(inspect_file, paths, chunksize=32), **bar))
     else:
         results = [inspect_file(p) for p in tqdm(paths, **bar)]
