@@ -10,6 +10,7 @@ from flower_classifier import data
 from flower_classifier.config import TrainConfig
 from flower_classifier.data import load_image
 from flower_classifier.errors import UserError
+from flower_classifier.evaluation import evaluate_checkpoint
 from flower_classifier.training import run_training
 
 COLOR = (200, 60, 90)
@@ -78,6 +79,8 @@ def test_training_uses_the_odd_images_and_skips_the_broken_once_each(tmp_path, c
     assert len([l for l in err.splitlines() if l.startswith("warning: skipping")]) == 2 * len(BROKEN)
     assert f"skipped {2 * len(BROKEN)} unreadable images" in lines[-1]
     assert torch.isfinite(torch.tensor(result.state.history[-1]["valid_loss"]))
+    metrics = evaluate_checkpoint(result.best_path, root / "valid", num_workers=workers, progress=False)
+    assert metrics["skipped"] == len(BROKEN) and metrics["count"] == 2 * 3 + len(USABLE)
 
 
 def test_a_batch_of_only_broken_files_is_left_out(tmp_path, capfd):
