@@ -40,19 +40,22 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is below
-            with Image.open(path) as im:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+            with Image.open(path) as im:  # reads the header only
                 if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels")
+                    raise UserError(f"{path}: too large to read ({im.width}x{im.height} pixels; the limit is "
+                                    f"{MAX_IMAGE_PIXELS:,})")
                 im = ImageOps.exif_transpose(im)
                 return to_rgb(im)
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory, not an image") from None
-    except Image.DecompressionBombError as e:
-        size = str(e) if str(e).endswith(" pixels") else "size beyond PIL's own limit"
-        raise UserError(f"{path}: too large to read ({size}; the limit is {MAX_IMAGE_PIXELS:,} pixels)") from None
+    except Image.DecompressionBombError:  # beyond twice PIL's own limit: refused by Image.open itself
+        raise UserError(f"{path}: too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; the limit is "
+                        f"{MAX_IMAGE_PIXELS:,})") from None
     except Exception as e:  # decoders raise many kinds on a damaged file (OSError, SyntaxError, struct.error...)
         raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 
