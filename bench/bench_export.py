@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from flower_classifier.checkpoint import load_model  # noqa: E402
 from flower_classifier.export import export_onnx  # noqa: E402
 from flower_classifier.prediction import predict  # noqa: E402
@@ -56,17 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", default=None, help="an exported model (default: export CHECKPOINT to a temp file)")
     p.add_argument("--photo", default=str(ROOT / "tests/data/rose.jpg"), help="photo to classify")
     p.add_argument("--runs", type=int, default=50, help="timed runs per runtime (default: 50)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads each runtime may use for one image (default: each library's own, the CPU count)")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(args.onnx) if args.onnx else export_onnx(args.checkpoint, Path(tmp) / "model.onnx")
         image = decode_image(args.photo)
         model, ckpt = load_model(args.checkpoint)
-        session = OnnxClassifier(onnx_path)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        session = OnnxClassifier(onnx_path, threads=args.threads)
         ms = timings_ms({"torch": lambda: predict(image, model, 5), "onnx": lambda: session.predict(image, 5)},
                         args.runs)
         torch_ms, onnx_ms = ms["torch"], ms["onnx"]
-        torch_cold = cold_start_s(Path(args.photo), Path(args.checkpoint))
+        torch_cold = cold_start_s(Path(args.photo), Path(args.checkpoint))  # with each library's own threads
         onnx_cold = cold_start_s(Path(args.photo), onnx_path)
         ckpt_mb = os.path.getsize(args.checkpoint) / 1e6
         onnx_mb = onnx_path.stat().st_size / 1e6
@@ -75,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return sorted(values)[min(len(values) - 1, int(fraction * len(values)))]
 
     print(f"{ckpt.arch}, {len(ckpt.classes)} classes; {os.cpu_count()} CPUs (load average "
-          f"{os.getloadavg()[0]:.1f}); {args.runs} runs on {args.photo}")
+          f"{os.getloadavg()[0]:.1f}); {torch.get_num_threads()} torch threads; {args.runs} runs on {args.photo}")
     print(f"{'runtime':<22}{'file MB':>9}{'p50 ms':>9}{'p95 ms':>9}{'cold start s':>14}")
     print(f"{'PyTorch (checkpoint)':<22}{ckpt_mb:>9.1f}{statistics.median(torch_ms):>9.1f}{q(torch_ms, .95):>9.1f}"
           f"{torch_cold:>14.2f}")

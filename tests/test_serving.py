@@ -2,6 +2,9 @@
 large, empty), and many clients at once."""
 import contextlib
 import io
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -9,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app_models import live_server, photo, tiny_checkpoint
+from app_models import free_port, live_server, photo, tiny_checkpoint
+from conftest import ROOT
 from flower_classifier import serving
+from flower_classifier.cli import main
 from flower_classifier.export import export_onnx
 from flower_classifier.serving import create_app, load_predictor
 
@@ -142,3 +147,35 @@ def test_sixteen_clients_at_once_all_get_answers(models):
     for i, r in enumerate(responses):  # the same photo gets the same answer under load
         assert [row["category"] for row in r.json()["predictions"]] == [row["category"] for row in first[i % 3]]
     assert refused.status_code == 415
+
+
+def test_serving_an_onnx_model_never_imports_torch(models):
+    probe = ("import sys\n"
+             "from flower_classifier.serving import create_app, load_predictor\n"
+             f"predictor = load_predictor({str(models['onnx'])!r})\n"
+             "create_app(predictor)\n"
+             f"assert predictor.predict({str(photo('rose.jpg'))!r}).names\n"
+             "print('TORCH', 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "TORCH False", result.stderr
+
+
+def test_the_serve_command_starts_a_server_and_reports_mistakes(models, capsys):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "flower_classifier", "serve", str(models["onnx"]),
+                               "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "Serving" in server.stdout.readline()
+        for _ in range(100):
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health").json()["backend"] == "onnx"
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("the server did not answer")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert main(["serve", "missing.onnx"]) == 2
+    assert "missing.onnx not found" in capsys.readouterr().err
