@@ -27,6 +27,13 @@ def lite0(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lite0_models(lite0):
+    """The PyTorch model and the ONNX Runtime session, loaded once."""
+    ckpt_path, onnx_path = lite0
+    return load_model(ckpt_path)[0], OnnxClassifier(onnx_path)
+
+
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     ckpt = tiny_checkpoint(tmp / "tiny.pth")
@@ -82,12 +89,11 @@ def test_onnx_model_takes_a_batch_and_outputs_probabilities(tiny):
 
 
 @pytest.mark.parametrize("name", sorted(PHOTO_CATEGORY))
-def test_onnx_top5_matches_pytorch_on_real_photos(lite0, name):
+def test_onnx_top5_matches_pytorch_on_real_photos(lite0_models, name):
     """The whole path: PyTorch (torchvision transform + model) vs ONNX Runtime (numpy preprocessing)."""
-    ckpt_path, onnx_path = lite0
-    model, _ = load_model(ckpt_path)
+    model, session = lite0_models
     expected = predict(photo(name), model, top_k=5)
-    got = OnnxClassifier(onnx_path).predict(photo(name), top_k=5)
+    got = session.predict(photo(name), top_k=5)
     assert got.categories == expected.categories and got.names == expected.names
     assert got.categories[0] == PHOTO_CATEGORY[name]
     np.testing.assert_allclose(got.probabilities, expected.probabilities, rtol=0, atol=1e-4)
@@ -127,3 +133,23 @@ def test_predict_refuses_an_onnx_file_that_is_not_ours(tmp_path, capsys, tiny):
     onnx.save(foreign, str(tmp_path / "foreign.onnx"))
     assert main(["predict", str(photo("daisy.jpg")), str(tmp_path / "foreign.onnx")]) == 2
     assert "not one exported by this project" in capsys.readouterr().err
+
+
+def test_decode_image_reads_like_the_training_loader(tmp_path):
+    """runtime.decode_image (torch-free) and data.load_image must give the same pixels: EXIF
+    rotation, transparency, 16-bit and palette images."""
+    from flower_classifier.data import load_image
+
+    rng = np.random.default_rng(0)
+    rotated = Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16)).save(tmp_path / "deep.png")
+    rotated.convert("P").save(tmp_path / "palette.gif")
+    for name in ("rotated.jpg", "alpha.png", "deep.png", "palette.gif"):
+        ours, theirs = decode_image(tmp_path / name), load_image(tmp_path / name)
+        assert ours.mode == "RGB" and ours.size == theirs.size, name
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), name
+    assert decode_image(tmp_path / "rotated.jpg").size == (20, 30)
