@@ -141,7 +141,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="photo to classify")
-    p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth)")
+    p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth), or a "
+                   "model.onnx from `export` (runs without torch)")
     p.add_argument("--top_k", type=positive_int, default=5, help="how many classes to show (default: 5)")
     p.add_argument("--category_names", default=None,
                    help="JSON file of category -> flower name (default: the names saved in the checkpoint, "
@@ -160,12 +161,20 @@ def check_names_match(names: dict[str, str], classes: list[str], path: str) -> l
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .prediction import check_top_k, predict
-    from .training import select_device
+    if args.checkpoint.lower().endswith(".onnx"):  # an exported model: onnxruntime, torch never imported
+        from .runtime import OnnxClassifier, check_top_k
 
-    device = select_device(args.gpu, log=lambda m: print(m, file=sys.stderr))
-    model, ckpt = load_model(args.checkpoint, device)
+        if args.gpu:
+            print("note: .onnx models run on the CPU here; --gpu ignored", file=sys.stderr)
+        model = OnnxClassifier(args.checkpoint)
+        predict = lambda image, m, k: m.predict(image, k)  # noqa: E731
+    else:
+        from .checkpoint import load_model
+        from .prediction import check_top_k, predict
+        from .training import select_device
+
+        device = select_device(args.gpu, log=lambda m: print(m, file=sys.stderr))
+        model, ckpt = load_model(args.checkpoint, device)
     check_top_k(args.top_k, len(model.classes))
     if args.category_names:
         model.cat_to_name = read_category_names(args.category_names)
@@ -264,6 +273,43 @@ def run_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export, serve
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint saved by train.py")
+    p.add_argument("out", help="ONNX file to write, e.g. model.onnx")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out)
+    print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): try `python predict.py PHOTO {path}` "
+          f"or `python -m flower_classifier serve {path}`")
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an exported .onnx model (no torch needed) or a checkpoint (.pth)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines "
+                   "(default: 127.0.0.1)")
+    p.add_argument("--port", type=_number(int, 1, 65535), default=8000, help="port (default: 8000)")
+    p.add_argument("--max_upload_mb", type=positive_float, default=10.0,
+                   help="largest photo accepted, in MB (default: 10)")
+    p.add_argument("--parallel", type=positive_int, default=1,
+                   help="model runs at once; each already uses every CPU core (default: 1)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serving import serve
+    except ImportError as e:
+        raise UserError(f"serving needs the app packages ({e.name} is missing): "
+                        f"`pip install -r requirements.txt`") from None
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, parallel=args.parallel)
+    return 0
+
+
 COMMANDS = {
     "train": (add_train_arguments, run_train, "train a head on a photo folder"),
     "predict": (add_predict_arguments, run_predict, "name the flower in a photo"),
@@ -272,6 +318,8 @@ COMMANDS = {
     "check-data": (add_check_data_arguments, run_check_data, "find unreadable, missing, duplicate or unbalanced "
                    "photos before training"),
     "backbones": (lambda p: None, run_backbones, "list the available backbones"),
+    "export": (add_export_arguments, run_export, "checkpoint -> one ONNX file for apps (runs without torch)"),
+    "serve": (add_serve_arguments, run_serve, "web page and JSON API that name the flower in a photo"),
 }
 
 

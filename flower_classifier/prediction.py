@@ -1,7 +1,6 @@
 """From a photo to the top-K flower names: `process_image`, `predict`, and `imshow` to look back."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +9,7 @@ from PIL import Image
 
 from .backbones import Preprocessing
 from .data import eval_transform, load_image
-from .errors import UserError
-
-
-@dataclass
-class Prediction:
-    probabilities: list[float]  # most likely first
-    categories: list[str]  # category folder names ("1".."102" for Oxford 102)
-    names: list[str]  # flower names, or the category numbers when no names are known
-
-    def rows(self) -> list[tuple[str, str, float]]:
-        return list(zip(self.names, self.categories, self.probabilities))
+from .runtime import Prediction, check_top_k  # torch-free, shared with ONNX inference
 
 
 def process_image(image: str | Path | Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
@@ -43,12 +32,6 @@ def imshow(image: torch.Tensor, preprocessing: Preprocessing, ax=None, title: st
     if title:
         ax.set_title(title)
     return ax
-
-
-def check_top_k(top_k: int, num_classes: int) -> int:
-    if not 1 <= top_k <= num_classes:
-        raise UserError(f"--top_k must be between 1 and the model's {num_classes} categories (got {top_k})")
-    return top_k
 
 
 @torch.inference_mode()
