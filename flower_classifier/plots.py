@@ -103,9 +103,10 @@ def plot_confusion_matrix(report, *, save_to=None):
     side = min(max(4.0, 0.45 * n + 2), 22.0)
     fig, ax = plt.subplots(figsize=(side + 1, side))
     sns.heatmap(report.confusion, annot=n <= 20, fmt="d", cmap="Blues", square=True, cbar=n > 20,
-                xticklabels=labels, yticklabels=labels, ax=ax, linewidths=0.5 if n <= 30 else 0)
+                cbar_kws={"shrink": 0.5}, xticklabels=labels, yticklabels=labels, ax=ax, linewidths=0.5 if n <= 30 else 0)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    ax.tick_params(axis="y", labelrotation=0)
     ax.set_title(f"Confusion matrix: {report.count} images, accuracy {100 * report.accuracy:.1f}%")
     if n > 30:
         ax.tick_params(labelsize=5)
@@ -142,14 +143,14 @@ def plot_mistakes(report, *, limit: int = 8, ncols: int = 4, save_to=None):
         return _finish(fig, save_to)
     ncols = min(ncols, len(shown))
     nrows = math.ceil(len(shown) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.4 * ncols, 2.9 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, shown):
         photo = load_image(m.path)
-        photo.thumbnail((256, 256))
+        photo.thumbnail((224, 224))
         ax.imshow(photo)
         ax.set_title(f"true: {report.names[m.true]}\nsaid: {report.names[m.predicted]} ({100 * m.confidence:.0f}%)",
                      fontsize=9)
     fig.suptitle("Most confident mistakes")
-    return _finish(fig, save_to)
+    return _finish(fig, save_to, dpi=80)  # photos make big PNGs

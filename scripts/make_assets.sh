@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerates the README's figures in assets/ by running the tutorial notebook on real photos:
+# efficientnet_lite0 (offline weights) on the 300-photo sample, on the CPU (a few minutes).
+#   scripts/make_assets.sh [DATA_DIR]      (default: ../shared/data/flower_photos_sample)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+DATA=${1:-../shared/data/flower_photos_sample}
+SAVE=$(mktemp -d)
+trap 'rm -rf "$SAVE"' EXIT
+"$PYTHON" -m flower_classifier.notebook Image_Classifier_Project.ipynb \
+    -p DATA_DIR "$DATA" -p CATEGORY_NAMES "$DATA/cat_to_name.json" \
+    -p ARCH efficientnet_lite0 -p HIDDEN_UNITS "[256]" -p EPOCHS 6 -p LEARNING_RATE 0.001 \
+    -p DEVICE cpu -p NUM_WORKERS 2 -p SAVE_DIR "$SAVE" -p ASSETS_DIR assets
+ls -l assets assets/report
