@@ -61,6 +61,7 @@ def execute_notebook(path: str | Path, parameters: dict | None = None, *, cwd: s
         client.execute(env=env)
     finally:
         if save_to is not None:
+            Path(save_to).parent.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, save_to)
     return nb
 

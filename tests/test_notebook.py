@@ -5,7 +5,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT, make_dataset
-from flower_classifier.notebook import execute_notebook, inject_parameters
+from flower_classifier.notebook import execute_notebook, inject_parameters, parse_value
 
 NOTEBOOK = ROOT / "Image_Classifier_Project.ipynb"
 CLASSES = ["1", "2", "3", "4", "5", "6"]
@@ -31,6 +31,12 @@ def test_notebook_follows_the_house_style():
             assert before.cell_type == "markdown", cell.source[:60]
     for cell in code_cells(nb):  # it imports the package and defines nothing of its own
         assert not re.search(r"^\s*(def|class) ", cell.source, re.M), cell.source[:60]
+
+
+def test_command_line_values_are_literals_or_strings():
+    assert parse_value("5") == 5 and parse_value("0.0003") == 0.0003 and parse_value("[256, 64]") == [256, 64]
+    assert parse_value("None") is None and parse_value("../shared/data") == "../shared/data"
+    assert parse_value("efficientnet_lite0") == "efficientnet_lite0"
 
 
 def test_unknown_knob_is_refused():
