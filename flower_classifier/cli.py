@@ -1,6 +1,6 @@
-"""Command line: `python -m flower_classifier {train,predict,evaluate,download,check-data,backbones}`
-and the classic `train.py` / `predict.py`, all thin layers over the library. Mistakes a user can
-make end in one line on stderr and exit status 2, never a traceback.
+"""Command line: `python -m flower_classifier COMMAND` (train, predict, evaluate, report, download,
+check-data, backbones, export, serve) and the classic `train.py` / `predict.py`, all thin layers over
+the library. Mistakes a user can make end in one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -217,6 +217,32 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint saved by train.py")
+    p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
+    p.add_argument("--out", default="report", help="folder for report.txt, per_class.csv and the figures "
+                   "(default: report)")
+    p.add_argument("--top", type=positive_int, default=10, help="confused pairs to list (default: 10)")
+    p.add_argument("--mistakes", type=positive_int, default=8, help="mistakes in the gallery (default: 8)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes (default: min(4, CPU count))")
+    p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .evaluation import report_checkpoint, write_report
+    from .training import select_device
+
+    device = select_device(args.gpu)
+    report = report_checkpoint(args.checkpoint, args.split_dir, device=device, batch_size=args.batch_size,
+                               num_workers=args.workers)
+    files = write_report(report, args.out, mistakes=args.mistakes)
+    print(report.table(args.top))
+    print(f"\nWrote {', '.join(p.name for p in files.values())} to {args.out}")
+    return 0
+
+
 def add_download_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", nargs="?", default="flowers", help="where the layout is built (default: flowers)")
     p.add_argument("--source", default=None,
@@ -314,6 +340,8 @@ COMMANDS = {
     "train": (add_train_arguments, run_train, "train a head on a photo folder"),
     "predict": (add_predict_arguments, run_predict, "name the flower in a photo"),
     "evaluate": (add_evaluate_arguments, run_evaluate, "top-1/top-5 accuracy of a checkpoint on a split"),
+    "report": (add_report_arguments, run_report,
+               "per-class accuracy, confusion matrix, confused pairs and worst mistakes on a split"),
     "download": (add_download_arguments, run_download, "get Oxford 102 in the train/valid/test layout"),
     "check-data": (add_check_data_arguments, run_check_data, "find unreadable, missing, duplicate or unbalanced "
                    "photos before training"),

@@ -1,0 +1,119 @@
+"""The evaluation report: per-class numbers and confusion counts for known predictions, files, CLI."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_dataset
+from flower_classifier.backbones import Preprocessing
+from flower_classifier.checkpoint import Checkpoint, save_checkpoint
+from flower_classifier.cli import main
+from flower_classifier.config import TrainConfig
+from flower_classifier.evaluation import build_report, write_report
+from flower_classifier.model import build_head
+
+CLASSES = ["1", "2", "10"]  # index 2 is category "10"
+NAMES = {"1": "pink primrose", "2": "hard-leaved pocket orchid", "10": "globe thistle"}
+
+
+def one_hot_ish(predicted, confidence):
+    """Probabilities (N, 3) whose argmax is `predicted`, with that class at `confidence`."""
+    probs = np.full((len(predicted), 3), 0.0)
+    for row, (p, c) in enumerate(zip(predicted, confidence)):
+        probs[row] = (1 - c) / 2
+        probs[row, p] = c
+    return probs
+
+
+@pytest.fixture
+def known():
+    #           true: 1  1    1    2    2    10   10   10
+    targets = [0, 0, 0, 1, 1, 2, 2, 2]
+    predicted = [0, 1, 0, 1, 2, 2, 0, 0]
+    confidence = [0.9, 0.8, 0.7, 0.6, 0.95, 0.5, 0.55, 0.65]
+    paths = [f"img{i}.jpg" for i in range(8)]
+    return build_report(targets, one_hot_ish(predicted, confidence), CLASSES, cat_to_name=NAMES, paths=paths)
+
+
+def test_confusion_counts_rows_true_columns_predicted(known):
+    assert known.confusion.tolist() == [[2, 1, 0],
+                                        [0, 1, 1],
+                                        [2, 0, 1]]
+    assert known.count == 8 and known.accuracy == pytest.approx(4 / 8)
+
+
+def test_per_class_accuracy_and_names(known):
+    rows = known.per_class()
+    assert [(r["category"], r["name"], r["images"], r["correct"]) for r in rows] == [
+        ("1", "pink primrose", 3, 2), ("2", "hard-leaved pocket orchid", 2, 1), ("10", "globe thistle", 3, 1)]
+    assert [r["accuracy"] for r in rows] == pytest.approx([2 / 3, 1 / 2, 1 / 3])
+
+
+def test_confused_pairs_largest_first(known):
+    pairs = known.confused_pairs()
+    assert [(p["true"], p["predicted"], p["count"]) for p in pairs] == [
+        ("globe thistle", "pink primrose", 2),
+        ("pink primrose", "hard-leaved pocket orchid", 1),
+        ("hard-leaved pocket orchid", "globe thistle", 1)]
+    assert pairs[0]["share"] == pytest.approx(2 / 3)
+
+
+def test_worst_mistakes_are_the_most_confident_wrong_ones(known):
+    assert [(m.path, m.true, m.predicted) for m in known.mistakes] == [
+        ("img4.jpg", 1, 2), ("img1.jpg", 0, 1), ("img7.jpg", 2, 0), ("img6.jpg", 2, 0)]
+    assert [m.confidence for m in known.mistakes] == pytest.approx([0.95, 0.8, 0.65, 0.55])
+
+
+def test_table_lists_worst_class_first_and_the_pairs(known):
+    table = known.table()
+    assert table.startswith("accuracy 50.0% on 8 images, 4 wrong")
+    lines = table.splitlines()
+    assert "globe thistle" in lines[3] and "33.3%" in lines[3]  # header at 2, worst class next
+    assert "globe thistle -> pink primrose: 2 (67% of globe thistle)" in table
+
+
+def test_class_without_images_and_no_names():
+    report = build_report([0, 0], [[0.9, 0.1], [0.8, 0.2]], ["a", "b"])
+    assert report.names == ["a", "b"] and report.mistakes == [] and report.confused_pairs() == []
+    assert report.per_class()[1] == {"category": "b", "name": "b", "images": 0, "correct": 0, "accuracy": None}
+    assert "no confusions" in report.table()
+
+
+def test_write_report_saves_table_csv_and_figures(known, tmp_path):
+    for i in range(8):
+        Image.new("RGB", (40, 30), (20 * i, 100, 50)).save(tmp_path / f"img{i}.jpg")
+    known = build_report([0, 0, 0, 1, 1, 2, 2, 2], one_hot_ish([0, 1, 0, 1, 2, 2, 0, 0], [0.9] * 8),
+                         CLASSES, cat_to_name=NAMES, paths=[str(tmp_path / f"img{i}.jpg") for i in range(8)])
+    files = write_report(known, tmp_path / "out")
+    for path in files.values():
+        assert path.is_file() and path.stat().st_size > 0
+    assert files["per_class_csv"].read_text().splitlines()[1].startswith("1,pink primrose,3,2,0.66")
+    with Image.open(files["confusion_matrix"]) as im:
+        assert im.width > 200 and im.height > 200
+
+
+def test_report_command_on_a_saved_checkpoint(tmp_path, capsys):
+    classes = ["1", "2", "3"]
+    data = make_dataset(tmp_path / "flowers", classes, per_split={"test": 3})
+    torch.manual_seed(0)
+    config = TrainConfig(arch="tiny", hidden_units=(8,))
+    head = build_head(16, config.hidden_units, 3, 0.0)
+    save_checkpoint(Checkpoint("tiny", Preprocessing(32, 36), head.state_dict(), classes, config,
+                               cat_to_name={"1": "daisy", "2": "rose", "3": "tulip"}), tmp_path / "c.pth")
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path / "c.pth"), str(data / "test"), "--out", str(out), "--workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "on 9 images" in printed and "daisy" in printed and "Wrote report.txt" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "per_class.csv",
+                                                     "per_class_accuracy.png", "report.txt", "worst_mistakes.png"]
+    counts = [int(line.split(",")[2]) for line in (out / "per_class.csv").read_text().splitlines()[1:]]
+    assert counts == [3, 3, 3]
+
+
+def test_report_command_missing_split_is_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = TrainConfig(arch="tiny", hidden_units=(8,))
+    save_checkpoint(Checkpoint("tiny", Preprocessing(32, 36), build_head(16, (8,), 2, 0.0).state_dict(),
+                               ["a", "b"], config), tmp_path / "c.pth")
+    assert main(["report", str(tmp_path / "c.pth"), str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "nope: no such directory" in capsys.readouterr().err
