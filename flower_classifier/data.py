@@ -16,19 +16,17 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
 from .backbones import Preprocessing
 from .errors import UserError
+from .images import MAX_IMAGE_PIXELS, decode_image, to_rgb  # noqa: F401  (to_rgb: part of this module's API)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
 GET_DATA_HINT = "for Oxford 102 run `python -m flower_classifier download flowers`"
-# Larger images are refused before decoding (a 64-megapixel RGB image is 192 MB in memory): a
-# "decompression bomb" (a small file that claims a huge size) is skipped instead of filling memory.
-MAX_IMAGE_PIXELS = 64_000_000
 
 
 def natural_key(name: str) -> tuple:
@@ -37,41 +35,7 @@ def natural_key(name: str) -> tuple:
 
 def load_image(path: str | Path) -> Image.Image:
     """An RGB image, turned upright as its EXIF orientation says. Raises UserError naming the file."""
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
-            with Image.open(path) as im:  # reads the header only
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise UserError(f"{path}: too large to read ({im.width}x{im.height} pixels; the limit is "
-                                    f"{MAX_IMAGE_PIXELS:,})")
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
-    except UserError:
-        raise
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not an image") from None
-    except Image.DecompressionBombError:  # beyond twice PIL's own limit: refused by Image.open itself
-        raise UserError(f"{path}: too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; the limit is "
-                        f"{MAX_IMAGE_PIXELS:,})") from None
-    except Exception as e:  # decoders raise many kinds on a damaged file (OSError, SyntaxError, struct.error...)
-        raise UserError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparent areas become white, 16-bit values are rescaled."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit greyscale: scale 0..65535 to 0..255 instead of letting PIL clip it.
-        im = im.point(lambda v: v / 256).convert("L")
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-        return background
-    return im.convert("RGB")
+    return decode_image(path, max_pixels=MAX_IMAGE_PIXELS)
 
 
 def split_dir(data_dir: str | Path, split: str) -> Path:

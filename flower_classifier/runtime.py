@@ -8,16 +8,16 @@ centre crop, scale to [0, 1], normalize.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .errors import UserError
+from .images import ImageTooLarge, decode_image, to_rgb  # noqa: F401  (re-exported for apps)
 
 ONNX_FORMAT = "flower_classifier.onnx"
 ONNX_FORMAT_VERSION = 1
@@ -36,47 +36,6 @@ class Prediction:
 
 
 # ---------------------------------------------------------------- photo -> array
-
-class ImageTooLarge(UserError):
-    """An image with more pixels than allowed (see `decode_image`)."""
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparent areas become white, 16-bit values are rescaled."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        im = im.point(lambda v: v / 256).convert("L")  # 0..65535 -> 0..255 instead of clipping
-    if im.mode == "P":
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGB", im.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return im.convert("RGB")
-
-
-def decode_image(source: str | Path | bytes, *, max_pixels: int | None = None) -> Image.Image:
-    """An upright RGB image from a file path or the bytes of an upload. UserError if it is not one.
-
-    `max_pixels` refuses huge images before they are decoded (a small file can hold a vast PNG).
-    """
-    label = "upload" if isinstance(source, bytes) else str(source)
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            if max_pixels and im.width * im.height > max_pixels:
-                raise ImageTooLarge(f"{label}: {im.width}x{im.height} pixels is more than the "
-                                f"{max_pixels:,} allowed")
-            return to_rgb(ImageOps.exif_transpose(im))
-    except FileNotFoundError:
-        raise UserError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{label}: is a directory, not an image") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{label}: not an image (not a format Pillow reads: JPEG, PNG, WebP, GIF, BMP, "
-                        f"TIFF...)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{label}: not a readable image ({type(e).__name__}: {e})") from None
-
 
 def preprocess(image: Image.Image, preprocessing) -> np.ndarray:
     """Shorter side to resize_size, centre crop input_size, normalize. -> float32 (3, S, S)

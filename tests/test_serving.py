@@ -80,7 +80,7 @@ def test_both_backends_agree(models):
 def test_a_text_file_is_refused_with_a_clear_message(client):
     response = client.post("/predict", files={"file": ("notes.txt", b"hello, not a photo", "text/plain")})
     assert response.status_code == 415
-    assert response.json()["detail"].startswith("'notes.txt': not an image")
+    assert response.json()["detail"].startswith("'notes.txt': not a readable image")
 
 
 def test_an_empty_file_and_a_bad_top_k_are_refused(client):

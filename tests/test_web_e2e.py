@@ -72,5 +72,5 @@ def test_the_page_says_why_a_file_is_refused(browser, app_url, tmp_path):
     page.goto(app_url)
     page.set_input_files("#picker", str(notes))
     page.wait_for_selector("#status.error", timeout=30_000)
-    assert "not an image" in page.inner_text("#status")
+    assert "not a readable image" in page.inner_text("#status")
     assert page.locator("#results li").count() == 0

@@ -1,0 +1,59 @@
+"""Photo decoding shared by training (data.py) and torch-free inference (runtime.py): any file or
+upload Pillow reads becomes an upright 8-bit RGB image, or a UserError naming it."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+# Far above any camera photo, far below what would fill memory: a small file can hold a vast PNG.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageTooLarge(UserError):
+    """An image with more pixels than allowed."""
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparent areas become white, 16-bit values are rescaled."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        im = im.point(lambda v: v / 256).convert("L")  # 0..65535 -> 0..255 instead of clipping
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
+def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An upright RGB image from a file path or the bytes of an upload; UserError if it is not one."""
+    label = "upload" if isinstance(source, bytes) else str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:  # header only
+                if im.width * im.height > max_pixels:
+                    raise ImageTooLarge(f"{label}: too large to read ({im.width}x{im.height} pixels; the limit "
+                                        f"is {max_pixels:,})")
+                return to_rgb(ImageOps.exif_transpose(im))
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{label}: is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{label}: not a readable image (not a format Pillow reads: JPEG, PNG, WebP, GIF, BMP, "
+                        f"TIFF...)") from None
+    except Image.DecompressionBombError:  # beyond twice Pillow's own limit: refused by Image.open itself
+        raise ImageTooLarge(f"{label}: too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; the limit "
+                            f"is {max_pixels:,})") from None
+    except Exception as e:  # decoders raise many kinds on a damaged file (OSError, SyntaxError, struct.error...)
+        raise UserError(f"{label}: not a readable image ({type(e).__name__}: {e})") from None
