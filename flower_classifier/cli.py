@@ -195,6 +195,7 @@ def run_predict(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- evaluate, download, backbones
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """A checkpoint and a labelled split to run it on: shared by `evaluate` and `report`."""
     p.add_argument("checkpoint", help="checkpoint saved by train.py")
     p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
     p.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default: 32)")
@@ -218,16 +219,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint saved by train.py")
-    p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
+    add_evaluate_arguments(p)
     p.add_argument("--out", default="report", help="folder for report.txt, per_class.csv and the figures "
                    "(default: report)")
     p.add_argument("--top", type=positive_int, default=10, help="confused pairs to list (default: 10)")
     p.add_argument("--mistakes", type=positive_int, default=8, help="mistakes in the gallery (default: 8)")
-    p.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default: 32)")
-    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading worker processes (default: min(4, CPU count))")
-    p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
 
 
 def run_report(args: argparse.Namespace) -> int:
