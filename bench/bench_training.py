@@ -1,0 +1,105 @@
+"""How much the feature cache saves: one run prints the floor, the classic loop and the cached path.
+
+    python bench/bench_training.py DATA_DIR --arch efficientnet_lite0 --epochs 10 [--views 4]
+
+- floor: one bare forward pass of the backbone over the train + valid images (no training at all);
+- classic: `train.py --classic` (backbone on freshly augmented images every epoch);
+- cached: `train.py` as it runs by default (features computed once, cold cache), then again with a
+  warm cache (a second run or a search), then with `--views` augmented copies per training image.
+Every run trains the same head for the same epochs with the same seed; accuracy is the best
+epoch's on the valid split. The cached checkpoint is also re-evaluated end to end from the images,
+which checks that the float16 features cost nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from flower_classifier.backbones import build_backbone  # noqa: E402
+from flower_classifier.config import TrainConfig  # noqa: E402
+from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
+from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402
+from flower_classifier.features import centre_view, extract_features  # noqa: E402
+from flower_classifier.training import run_training, select_device  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data_dir")
+    p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--views", type=int, default=4, help="augmented views for the last run (0: skip it)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--hidden_units", type=int, nargs="+", default=[512])
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--skip_classic", action="store_true", help="for very slow backbones")
+    args = p.parse_args(argv)
+
+    device = select_device(args.gpu)
+    backbone = build_backbone(args.arch)
+    train = FlowerFolder(split_dir(args.data_dir, "train"))
+    valid = FlowerFolder(split_dir(args.data_dir, "valid"), classes=train.classes)
+    paths = [s[0] for s in train.samples + valid.samples]
+    n = len(paths)
+    threads = torch.get_num_threads()
+    print(f"{args.arch} on {device} ({os.cpu_count()} CPUs, {threads} torch threads, {args.workers} workers); "
+          f"{len(train)} train + {len(valid)} valid images; {args.epochs} epochs, head {args.hidden_units}")
+
+    extract_features(backbone, paths[:8], centre_view(backbone), device=device, progress=False)  # warm-up
+    _, floor = timed(lambda: extract_features(backbone, paths, centre_view(backbone), device=device,
+                                              num_workers=args.workers, progress=False))
+    rows = [("floor: one forward pass (train+valid)", floor, None, n)]
+
+    base = TrainConfig(arch=args.arch, epochs=args.epochs, hidden_units=tuple(args.hidden_units),
+                       num_workers=args.workers)
+    quiet = dict(device=device, backbone=backbone, progress=False, log=lambda m: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+
+        def train(name, config, **kw):
+            result, seconds = timed(lambda: run_training(config, args.data_dir, save_dir=tmp / name, **quiet, **kw))
+            return result, seconds, max(h["valid_accuracy"] for h in result.state.history)
+
+        if not args.skip_classic:
+            _, t, acc = train("classic", base.replace(feature_cache=False))
+            rows.append(("classic loop (augmented every epoch)", t, acc, n * args.epochs))
+        cold, t, acc = train("cold", base, cache_dir=tmp / "cache")
+        rows.append(("cached, first run (cold cache)", t, acc, n))
+        end_to_end = evaluate_checkpoint(cold.best_path, split_dir(args.data_dir, "valid"), device=device,
+                                         num_workers=args.workers, progress=False)["accuracy"]
+        _, t, acc = train("warm", base, cache_dir=tmp / "cache")
+        rows.append(("cached, second run (warm cache)", t, acc, None))
+        if args.views:
+            _, t, acc = train("views", base.replace(augmented_views=args.views), cache_dir=tmp / "cache")
+            rows.append((f"cached + {args.views} augmented views (centre crops cached)", t, acc,
+                         len(train) * args.views))
+
+    print(f"\n{'run':<50} {'seconds':>8} {'x floor':>8} {'valid acc':>10} {'images/s':>9}")
+    for name, seconds, acc, images in rows:
+        print(f"{name:<50} {seconds:>8.1f} {seconds / floor:>8.2f} "
+              f"{'' if acc is None else f'{100 * acc:.1f}%':>10} {'' if not images else f'{images / seconds:.1f}':>9}")
+    times = {name: seconds for name, seconds, _, _ in rows}
+    cached = times["cached, first run (cold cache)"]
+    if not args.skip_classic:
+        print(f"\nclassic / cached (cold): {times['classic loop (augmented every epoch)'] / cached:.1f}x faster")
+    print(f"cached (cold) / floor: {cached / floor:.2f}x")
+    print(f"cached checkpoint re-evaluated from the images (float32 features): valid acc {100 * end_to_end:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
