@@ -62,7 +62,16 @@ def main(argv=None) -> int:
     extract_features(backbone, paths[:8], centre_view(backbone), device=device, progress=False)  # warm-up
     _, floor = timed(lambda: extract_features(backbone, paths, centre_view(backbone), device=device,
                                               num_workers=args.workers, progress=False))
-    rows = [("floor: one forward pass (train+valid)", floor, None, n)]
+    rows = []
+
+    def report(name, seconds, acc, images):
+        rows.append((name, seconds, acc, images))
+        if len(rows) == 1:
+            print(f"\n{'run':<52} {'seconds':>8} {'x floor':>8} {'valid acc':>10} {'images/s':>9}")
+        print(f"{name:<52} {seconds:>8.1f} {seconds / floor:>8.2f} {'' if acc is None else f'{100 * acc:.1f}%':>10} "
+              f"{'' if not images else f'{images / seconds:.1f}':>9}", flush=True)
+
+    report("floor: one forward pass (train+valid)", floor, None, n)
 
     base = TrainConfig(arch=args.arch, epochs=args.epochs, hidden_units=tuple(args.hidden_units),
                        num_workers=args.workers)
@@ -70,28 +79,23 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
-        def train(name, config, **kw):
+        def run(name, config, **kw):
             result, seconds = timed(lambda: run_training(config, args.data_dir, save_dir=tmp / name, **quiet, **kw))
             return result, seconds, max(h["valid_accuracy"] for h in result.state.history)
 
         if not args.skip_classic:
-            _, t, acc = train("classic", base.replace(feature_cache=False))
-            rows.append(("classic loop (augmented every epoch)", t, acc, n * args.epochs))
-        cold, t, acc = train("cold", base, cache_dir=tmp / "cache")
-        rows.append(("cached, first run (cold cache)", t, acc, n))
+            _, t, acc = run("classic", base.replace(feature_cache=False))
+            report("classic loop (augmented every epoch)", t, acc, n * args.epochs)
+        cold, t, acc = run("cold", base, cache_dir=tmp / "cache")
+        report("cached, first run (cold cache)", t, acc, n)
         end_to_end = evaluate_checkpoint(cold.best_path, split_dir(args.data_dir, "valid"), device=device,
                                          num_workers=args.workers, progress=False)["accuracy"]
-        _, t, acc = train("warm", base, cache_dir=tmp / "cache")
-        rows.append(("cached, second run (warm cache)", t, acc, None))
+        _, t, acc = run("warm", base, cache_dir=tmp / "cache")
+        report("cached, second run (warm cache)", t, acc, None)
         if args.views:
-            _, t, acc = train("views", base.replace(augmented_views=args.views), cache_dir=tmp / "cache")
-            rows.append((f"cached + {args.views} augmented views (centre crops cached)", t, acc,
-                         len(train) * args.views))
+            _, t, acc = run("views", base.replace(augmented_views=args.views), cache_dir=tmp / "cache")
+            report(f"cached + {args.views} augmented views (centre crops cached)", t, acc, len(train) * args.views)
 
-    print(f"\n{'run':<50} {'seconds':>8} {'x floor':>8} {'valid acc':>10} {'images/s':>9}")
-    for name, seconds, acc, images in rows:
-        print(f"{name:<50} {seconds:>8.1f} {seconds / floor:>8.2f} "
-              f"{'' if acc is None else f'{100 * acc:.1f}%':>10} {'' if not images else f'{images / seconds:.1f}':>9}")
     times = {name: seconds for name, seconds, _, _ in rows}
     cached = times["cached, first run (cold cache)"]
     if not args.skip_classic:

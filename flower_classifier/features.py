@@ -129,7 +129,8 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
     """Features (N, D) float32 of `paths` under `view`, and which images could be read (N,) bool.
 
     Batched, without autograd, with worker processes decoding images; on CUDA also channels_last
-    and autocast. Under torchrun each process takes every world_size-th image and all get all rows.
+    and autocast. Under torchrun each process takes every world_size-th image and all get all rows
+    (rounded to float16 on the way, as the cache stores them).
     """
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -160,6 +161,8 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
         with amp:
             features[where] = module(images).float().cpu()  # (B, D)
         ok[where] = True
+    if distributed.world_size() == 1:
+        return features, ok
     # Gathered as stored (float16: half the traffic) and as uint8 (gloo has no bool).
     features = distributed.gather_shares(features.to(STORE_DTYPE), len(paths)).float()
     return features, distributed.gather_shares(ok.to(torch.uint8), len(paths)).bool()
@@ -330,7 +333,8 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
     where = f" (cache: {store.dir})" if store else ""
     rate = f", {stats.computed / stats.seconds:.1f} images/s" if stats.seconds else ""
     log(f"Features: {stats.computed} computed in {stats.seconds:.1f} s{rate}, {stats.cached} from the "
-        f"cache{where}; {len(train)} training rows ({1 + augmented_views} views), {len(valid)} validation rows")
+        f"cache{where}; {len(train)} training rows (centre crop + {augmented_views} augmented views per image), "
+        f"{len(valid)} validation rows")
     return FeatureData(train, valid, train_set.classes, stats)
 
 

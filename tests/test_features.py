@@ -148,3 +148,12 @@ def test_train_script_defaults_to_the_cache_and_classic_is_a_flag(data, tmp_path
     assert re.search(r"Features: 24 computed .* 0 from the cache", out["cached"])
     assert re.search(r"Features: 0 computed .* 24 from the cache", out["again"])
     assert "cached features" in out["cached"] and "classic loop" in out["classic"] and "Features" not in out["classic"]
+
+
+def test_benchmark_script_runs_end_to_end(data):
+    """A smoke run of bench/bench_training.py on tiny data (timings are not asserted)."""
+    run = subprocess.run([sys.executable, "bench/bench_training.py", str(data), "--arch", "tiny", "--epochs", "1",
+                          "--views", "1", "--workers", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for row in ("floor", "classic loop", "cold cache", "warm cache", "1 augmented views", "x faster"):
+        assert row in run.stdout
