@@ -206,7 +206,10 @@ def run_search(args: argparse.Namespace) -> int:
           f"{best['trial']}; trial 0 = the built-in defaults, {100 * _trial0(results):.1f}%)")
     print("  " + "  ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                            for k, v in best["params"].items() if k in SEARCHED))
-    print(f"Saved to {out}: train.py now uses these as its defaults (flags still win)")
+    if out.resolve() == DEFAULTS_FILE.resolve():
+        print(f"Saved to {out}: train.py run from this folder now uses these as its defaults (flags still win)")
+    else:
+        print(f"Saved to {out}: pass `--defaults {out}` to train.py to use them as its defaults")
     return 0
 
 
