@@ -92,7 +92,7 @@ def augmented_view(backbone: Backbone, index: int) -> View:
 # ---------------------------------------------------------------- extraction
 
 class _Images(Dataset):
-    """(image tensor, position) pairs; an unreadable image yields None and is reported once."""
+    """(image tensor, position) pairs; an unreadable image yields None, with a warning naming it."""
 
     def __init__(self, paths: list[Path], transform, seeds: list[int | None]):
         self.paths, self.transform, self.seeds = paths, transform, seeds
