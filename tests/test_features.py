@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, TWELVE, class_color, make_dataset, make_image
 from flower_classifier import features
 from flower_classifier.backbones import Backbone, Preprocessing, build_backbone
-from flower_classifier.cli import main
+from flower_classifier.cli import main, single_command_main
 from flower_classifier.config import TrainConfig
 from flower_classifier.errors import UserError
 from flower_classifier.training import run_training
@@ -136,15 +136,12 @@ def test_bad_cache_dir_is_a_user_error(data, tiny, tmp_path, capsys):
     assert len(err) == 1 and "--cache_dir" in err[0] and "a_file" in err[0]
 
 
-def test_train_script_defaults_to_the_cache_and_classic_is_a_flag(data, tmp_path):
-    common = [sys.executable, "train.py", str(data), "--arch", "tiny", "--workers", "0", "--quiet", "--epochs", "1",
-              "--cache_dir", str(tmp_path / "c")]
+def test_train_defaults_to_the_cache_and_classic_is_a_flag(data, tmp_path, capsys):
+    common = [str(data), "--arch", "tiny", "--workers", "0", "--quiet", "--epochs", "1", "--cache_dir", str(tmp_path / "c")]
     out = {}
     for name, extra in (("cached", []), ("again", []), ("classic", ["--classic"])):
-        run = subprocess.run(common + ["--save_dir", str(tmp_path / name)] + extra, cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-        out[name] = run.stdout
+        assert single_command_main("train", "train.py", common + ["--save_dir", str(tmp_path / name)] + extra) == 0
+        out[name] = capsys.readouterr().out
     assert re.search(r"Features: 24 computed .* 0 from the cache", out["cached"])
     assert re.search(r"Features: 0 computed .* 24 from the cache", out["again"])
     assert "cached features" in out["cached"] and "classic loop" in out["classic"] and "Features" not in out["classic"]
