@@ -1,6 +1,7 @@
 """Name a flower's species from a photo: a frozen pretrained CNN with a new trainable head.
 
-The pieces, one module per stage: `data`, `backbones`, `model` (the head), `training`,
+The pieces, one module per stage: `data`, `backbones`, `features` (backbone outputs computed once
+and cached), `model` (the head), `training`, `search` (hyperparameters), `distributed` (torchrun),
 `checkpoint`, `prediction`, `evaluation`, `plots`, `cli`.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
@@ -15,6 +16,7 @@ _EXPORTS = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_model": "checkpoint",
     "save_checkpoint": "checkpoint",
     "TrainConfig": "config",
+    "extract_features": "features", "load_feature_data": "features",
     "UserError": "errors",
     "FlowerClassifier": "model", "build_head": "model", "count_parameters": "model",
     "Prediction": "prediction", "imshow": "prediction", "predict": "prediction", "process_image": "prediction",

@@ -1,6 +1,7 @@
-"""Command line: `python -m flower_classifier COMMAND` (train, predict, evaluate, report, download,
-check-data, backbones, export, serve) and the classic `train.py` / `predict.py`, all thin layers over
-the library. Mistakes a user can make end in one line on stderr and exit status 2, never a traceback.
+"""Command line: `python -m flower_classifier COMMAND` (train, predict, search, evaluate, report,
+download, check-data, backbones, export, serve) and the classic `train.py` / `predict.py`, all thin
+layers over the library. Mistakes a user can make end in one line on stderr and exit status 2, never
+a traceback.
 """
 from __future__ import annotations
 
@@ -86,7 +87,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    default=min(4, os.cpu_count() or 1),
                    help="data-loading worker processes (default: min(4, CPU count))")
     p.add_argument("--no_augment", dest="augment", action="store_false",
-                   help="train on centre crops only (default: random crop, rotation, flip)")
+                   help="centre crops only: no random crop, rotation, flip (classic loop) and no augmented "
+                        "views (cached path)")
+    p.add_argument("--classic", dest="feature_cache", action="store_false",
+                   help="run the backbone on every image in every epoch, augmenting afresh each time: the slow "
+                        "reference loop (default: compute each image's features once and train on them)")
+    p.add_argument("--augmented_views", type=non_negative_int, default=d.augmented_views,
+                   help="cached path: augmented copies of each training image, computed once, besides its "
+                        f"centre crop (default: {d.augmented_views})")
+    add_cache_argument(p)
     p.add_argument("--category_names", default=None,
                    help="JSON file of category -> flower name to store in the checkpoint (default: none)")
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
@@ -94,6 +103,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defaults", default=str(DEFAULTS_FILE),
                    help=f"hyperparameters file written by `search`, read for defaults (default: {DEFAULTS_FILE})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache_dir", default=None,
+                   help="where computed features are kept for later runs (default: $FLOWER_CLASSIFIER_CACHE, "
+                        "else ~/.cache/flower_classifier/features)")
 
 
 def _apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
@@ -116,25 +131,91 @@ def run_train(args: argparse.Namespace) -> int:
     config = TrainConfig(arch=args.arch, hidden_units=tuple(args.hidden_units), dropout=args.dropout,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay, epochs=args.epochs,
                          batch_size=args.batch_size, seed=args.seed, num_workers=args.num_workers,
-                         label_smoothing=args.label_smoothing, augment=args.augment)
+                         label_smoothing=args.label_smoothing, augment=args.augment,
+                         feature_cache=args.feature_cache, augmented_views=args.augmented_views)
+    from . import distributed
     from .backbones import get_spec
 
     get_spec(config.arch)  # an unknown --arch fails before any data is read
     names = read_category_names(args.category_names) if args.category_names else None
     device = select_device(args.gpu)
+    if distributed.launched():  # started by torchrun: join the other processes
+        device = distributed.init(device)
+    main_process = distributed.is_main()
     resume = args.resume
     if resume == "__save_dir__":
         resume = args.save_dir
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: finished epochs are already saved.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
-                          resume=resume, progress=not args.quiet)
+    try:
+        result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
+                              resume=resume, cache_dir=args.cache_dir, progress=not args.quiet and main_process,
+                              log=print if main_process else (lambda message: None))
+    finally:
+        distributed.cleanup()
     best = max(result.state.history, key=lambda h: h["valid_accuracy"]) if result.state.history else None
-    if best:
+    if best and main_process:
         size_mb = result.best_path.stat().st_size / 1e6
         print(f"Best epoch {best['epoch']}: valid accuracy {100 * best['valid_accuracy']:.1f}%. "
               f"Saved {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
     return 0
+
+
+# ---------------------------------------------------------------- search
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("data_dir", help="folder with train/ and valid/ split folders of category folders")
+    p.add_argument("--trials", type=positive_int, default=30, help="head trainings to try (default: 30)")
+    p.add_argument("--arch", default=d.arch, help=f"backbone (default: {d.arch})")
+    p.add_argument("--augmented_views", type=non_negative_int, default=d.augmented_views,
+                   help=f"augmented copies per training image, as in train.py (default: {d.augmented_views})")
+    add_cache_argument(p)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seeds the search and every trial (default: {d.seed})")
+    p.add_argument("--out", default=str(DEFAULTS_FILE),
+                   help=f"where the best values go; train.py reads them as defaults (default: {DEFAULTS_FILE})")
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help="data-loading worker processes for feature extraction (default: min(4, CPU count))")
+    p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from .backbones import build_backbone, get_spec
+    from .data import split_dir
+    from .features import load_feature_data
+    from .search import SEARCHED, random_search, save_best
+    from .training import select_device
+
+    get_spec(args.arch)
+    for split in ("train", "valid"):
+        split_dir(args.data_dir, split)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    device = select_device(args.gpu)
+    base = TrainConfig(arch=args.arch, seed=args.seed, augmented_views=args.augmented_views,
+                       num_workers=args.workers)
+    data = load_feature_data(args.data_dir, build_backbone(args.arch), augmented_views=args.augmented_views,
+                             cache_dir=args.cache_dir, device=device, num_workers=args.workers,
+                             progress=not args.quiet)
+    results = random_search(data, base, trials=args.trials, seed=args.seed, device=device,
+                            progress=not args.quiet)
+    best = results[0]
+    save_best(results, base, out, data_dir=args.data_dir)
+    print(f"Best of {len(results)} trials: valid accuracy {100 * best['valid_accuracy']:.1f}% (trial "
+          f"{best['trial']}; trial 0 = the built-in defaults, {100 * _trial0(results):.1f}%)")
+    print("  " + "  ".join(f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                           for k, v in best["params"].items() if k in SEARCHED))
+    if out.resolve() == DEFAULTS_FILE.resolve():
+        print(f"Saved to {out}: train.py run from this folder now uses these as its defaults (flags still win)")
+    else:
+        print(f"Saved to {out}: pass `--defaults {out}` to train.py to use them as its defaults")
+    return 0
+
+
+def _trial0(results: list[dict]) -> float:
+    return next(r["valid_accuracy"] for r in results if r["trial"] == 0)
 
 
 # ---------------------------------------------------------------- predict
@@ -335,6 +416,7 @@ def run_serve(args: argparse.Namespace) -> int:
 COMMANDS = {
     "train": (add_train_arguments, run_train, "train a head on a photo folder"),
     "predict": (add_predict_arguments, run_predict, "name the flower in a photo"),
+    "search": (add_search_arguments, run_search, "search head hyperparameters on cached features"),
     "evaluate": (add_evaluate_arguments, run_evaluate, "top-1/top-5 accuracy of a checkpoint on a split"),
     "report": (add_report_arguments, run_report,
                "per-class accuracy, confusion matrix, confused pairs and worst mistakes on a split"),

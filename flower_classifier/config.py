@@ -24,9 +24,9 @@ class TrainConfig:
     seed: int = 0  # seeds Python, NumPy and torch for repeatable runs
     num_workers: int = 2  # data-loading worker processes (0 = in the main process)
     label_smoothing: float = 0.0  # cross-entropy label smoothing
-    augment: bool = True  # random crop / rotation / flip on the training split
-    feature_cache: bool = False  # train the head on cached backbone features (see `features`)
-    augmented_views: int = 0  # with the cache: extra augmented views per training image
+    augment: bool = True  # random crop / rotation / flip: every epoch (classic) or augmented views (cached)
+    feature_cache: bool = True  # train the head on backbone features computed once (False: --classic)
+    augmented_views: int = 0  # cached path: augmented copies per training image, besides the centre crop
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. where defaults came from)
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
+from . import distributed
 from .backbones import Backbone, build_backbone
 from .checkpoint import Checkpoint
 from .config import TrainConfig
@@ -140,7 +141,8 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
         if getattr(train_loader, "generator", None) is not None:
             train_loader.generator.manual_seed(epoch_seed(config.seed, epoch))  # shuffle, worker seeds
         if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)  # this epoch's order and per-image augmentation seeds
+            # This epoch's order and per-image augmentation seeds, the same in every torchrun process.
+            train_loader.sampler.set_epoch(epoch)
         tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device,
                              desc=f"epoch {epoch}/{config.epochs} train", progress=progress)
         va = evaluate(model, valid_loader, device, loss_fn=loss_fn,
@@ -161,6 +163,9 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
                               head_state=head.state_dict(), classes=template.classes, config=config,
                               cat_to_name=template.cat_to_name, epoch=epoch, metrics=metrics,
                               history=list(state.history))
+        if not distributed.is_main():
+            state.epoch = epoch
+            continue  # under torchrun every process holds the same head; one writes it
         # The state file holds the head too, so that a stop between these saves still resumes.
         if improved:
             ckpt_io.save_checkpoint(snapshot, save_dir / BEST_NAME)
@@ -199,18 +204,28 @@ def _check_resumable(ckpt: Checkpoint, config: TrainConfig, classes: list[str], 
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
                  device: torch.device | str = "cpu", cat_to_name: dict[str, str] | None = None,
                  resume: str | Path | None = None, backbone: Backbone | None = None,
-                 log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-    """Load data, build the frozen backbone and a new head, train, keep best and last checkpoints."""
+                 cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
+                 progress: bool = True) -> TrainResult:
+    """Load data, build the frozen backbone and a new head, train, keep best and last checkpoints.
+
+    With `config.feature_cache` (the default) the backbone runs once per image and the head trains on
+    the stored features (see `features`, which caches them under `cache_dir`); otherwise every epoch
+    runs the backbone on freshly augmented images (the classic loop). Under torchrun (see
+    `distributed`) the cached path splits the work between the processes.
+    """
     device = torch.device(device)
     save_dir = Path(save_dir)
     seed_everything(config.seed)
     for split in ("train", "valid"):
         split_dir(data_dir, split)  # a missing folder is reported before any weights are downloaded
+    if distributed.world_size() > 1 and not config.feature_cache:
+        raise UserError("--classic runs in one process; drop --classic to train under torchrun")
     backbone = backbone or build_backbone(config.arch)
     if config.feature_cache:
         from .features import cached_training_data  # only the cached path needs it
         train_loader, valid_loader, classes = cached_training_data(config, data_dir, backbone, device=device,
-                                                                   log=log, progress=progress)
+                                                                   log=log, progress=progress,
+                                                                   cache_dir=cache_dir)
     else:
         train_set = load_split(data_dir, "train", backbone.preprocessing, augment=config.augment)
         classes = train_set.classes
@@ -226,6 +241,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
             log(f"warning: the category names file has no name for {len(missing)} categories "
                 f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
 
+    torch.manual_seed(config.seed)  # the head's initial weights do not depend on how the data was set up
     head = build_head(backbone.feature_dim, config.hidden_units, len(classes), config.dropout)
     model = FlowerClassifier(backbone.module, head) if not config.feature_cache else head
     model.to(device)  # before the optimizer, so that resumed optimizer state lands on the same device
@@ -235,8 +251,12 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     state = FitState()
     if resume is not None:
         state = _resume(Path(resume), head, optimizer, config, classes, log)
+    model = distributed.wrap(model, device)  # after resume: every process starts from the same weights
+    how = "cached features" if config.feature_cache else "images (classic loop)"
+    procs = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     log(f"Training {config.arch} head {list(config.hidden_units)} on {len(classes)} categories, "
-        f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation images, on {device}")
+        f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation {how}, "
+        f"on {device}{procs}")
     try:
         state = fit(model, head, train_loader, valid_loader, optimizer, config, template=template,
                     save_dir=save_dir, device=device, state=state, log=log, progress=progress)

@@ -44,6 +44,18 @@ def make_dataset(root: Path, classes: list[str], *, per_split=None, size=(48, 40
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def feature_cache_in_tmp(tmp_path_factory):
+    """Training caches features; keep the tests' (and their subprocesses') out of ~/.cache."""
+    before = os.environ.get("FLOWER_CLASSIFIER_CACHE")
+    os.environ["FLOWER_CLASSIFIER_CACHE"] = str(tmp_path_factory.mktemp("feature_cache"))
+    yield
+    if before is None:
+        del os.environ["FLOWER_CLASSIFIER_CACHE"]
+    else:
+        os.environ["FLOWER_CLASSIFIER_CACHE"] = before
+
+
 TWELVE = [str(i) for i in range(1, 13)]  # sorts as strings to "1", "10", "11", "12", "2", ...
 
 
