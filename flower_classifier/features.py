@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
 from . import distributed
 from .backbones import Backbone
@@ -330,6 +330,9 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
     valid = FeatureSet(centre[n:][ok[n:]], valid_labels[ok[n:]])
     if len(train) == 0 or len(valid) == 0:
         raise UserError(f"no {'training' if len(train) == 0 else 'validation'} image of {data_dir} could be read")
+    unreadable = int((~ok).sum())
+    if unreadable:
+        log(f"skipped {unreadable} unreadable images (each named in a warning above)")
     where = f" (cache: {store.dir})" if store else ""
     rate = f", {stats.computed / stats.seconds:.1f} images/s" if stats.seconds else ""
     log(f"Features: {stats.computed} computed in {stats.seconds:.1f} s{rate}, {stats.cached} from the "

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
 from .config import TrainConfig
 from .features import FeatureData, feature_loader

@@ -60,14 +60,15 @@ def test_the_pixel_limit_is_explicit_and_applies_before_decoding(corpus, monkeyp
         load_image(corpus / "png_named.jpg")
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_training_uses_the_odd_images_and_skips_the_broken_once_each(tmp_path, capfd, workers):
+@pytest.mark.parametrize("workers, cached", [(0, True), (2, True), (0, False), (2, False)])
+def test_training_uses_the_odd_images_and_skips_the_broken_once_each(tmp_path, capfd, workers, cached):
     classes = ["1", "2", "3"]
     root = make_dataset(tmp_path / "d", classes, per_split={"train": 4, "valid": 2})
     for split in ("train", "valid"):
         write_corpus(root / split / "1", class_color(0, 3))
     lines = []
-    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, batch_size=4, num_workers=workers)
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, batch_size=4, num_workers=workers,
+                         feature_cache=cached)
     result = run_training(config, root, save_dir=tmp_path / "ck", log=lines.append, progress=False)
     assert result.state.epoch == 2
     err = capfd.readouterr().err
@@ -77,7 +78,7 @@ def test_training_uses_the_odd_images_and_skips_the_broken_once_each(tmp_path, c
         for item in USABLE:
             assert item.name not in err
     assert len([l for l in err.splitlines() if l.startswith("warning: skipping")]) == 2 * len(BROKEN)
-    assert f"skipped {2 * len(BROKEN)} unreadable images" in lines[-1]
+    assert sum(f"skipped {2 * len(BROKEN)} unreadable images" in line for line in lines) == 1, lines
     assert torch.isfinite(torch.tensor(result.state.history[-1]["valid_loss"]))
     metrics = evaluate_checkpoint(result.best_path, root / "valid", num_workers=workers, progress=False)
     assert metrics["skipped"] == len(BROKEN) and metrics["count"] == 2 * 3 + len(USABLE)
