@@ -27,7 +27,7 @@ from . import distributed
 from .backbones import Backbone
 from .checkpoint import atomic_save, safe_load
 from .config import TrainConfig
-from .data import FlowerFolder, eval_transform, load_image, skip_none_collate, split_dir, train_transform
+from .data import EpochSampler, FlowerFolder, eval_transform, load_image, skip_none_collate, split_dir, train_transform
 from .errors import UserError
 
 CACHE_ENV = "FLOWER_CLASSIFIER_CACHE"  # overrides the default cache folder (tests point it at a temp dir)
@@ -287,11 +287,14 @@ def _whole_batch(batch):
 
 
 def feature_loader(dataset: FeatureSet, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of cached features. Under torchrun the training loader gives each process its share."""
+    """Batches of cached features, in the order the classic loop takes the images (`EpochSampler`:
+    from seed and epoch alone). Under torchrun the training loader gives each process its share."""
     if shuffle and distributed.world_size() > 1:
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed)  # `fit` calls set_epoch
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole_batch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=_whole_batch,
+    else:
+        sampler = EpochSampler(len(dataset), seed) if shuffle else None  # `fit` calls set_epoch
+    # Its own generator: a DataLoader without one draws from torch's global RNG, shifting dropout.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=_whole_batch,
                       generator=torch.Generator().manual_seed(seed))
 
 
