@@ -7,4 +7,6 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
+# The package itself, editable: importable from any folder, and the `flower-classifier` command.
+.venv/bin/python -m pip install --quiet --no-deps -e .
 .venv/bin/python -c "import torch, torchvision, flower_classifier; print('ready: torch', torch.__version__, '| torchvision', torchvision.__version__)"
