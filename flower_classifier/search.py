@@ -24,7 +24,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the Da
 from .config import TrainConfig
 from .features import FeatureData, feature_loader
 from .model import build_head
-from .training import epoch_seed, evaluate, make_optimizer, seed_everything, train_one_epoch
+from .training import evaluate, make_optimizer, seed_epoch, seed_everything, train_one_epoch
 
 SEARCHED = ("learning_rate", "hidden_units", "dropout", "epochs", "weight_decay", "label_smoothing", "batch_size")
 
@@ -52,8 +52,7 @@ def run_trial(data: FeatureData, config: TrainConfig, *, device: torch.device | 
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     valid_loader = feature_loader(data.valid, batch_size=256, shuffle=False)
     for epoch in range(1, config.epochs + 1):
-        torch.manual_seed(epoch_seed(config.seed, epoch))  # the same per-epoch seeding as `training.fit`
-        train_loader.generator.manual_seed(epoch_seed(config.seed, epoch))
+        seed_epoch(train_loader, config.seed, epoch)  # the same per-epoch seeding as `training.fit`
         train_one_epoch(head, train_loader, optimizer, loss_fn, device, progress=False)
     # Scored on the last epoch (not the best one): the epoch count is one of the searched values.
     va = evaluate(head, valid_loader, device, progress=False)

@@ -54,6 +54,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def seed_epoch(train_loader, seed: int, epoch: int) -> None:
+    """Make epoch `epoch`'s randomness a function of (seed, epoch) alone, whatever ran before."""
+    torch.manual_seed(epoch_seed(seed, epoch))  # dropout, augmentation in the main process
+    if getattr(train_loader, "generator", None) is not None:
+        train_loader.generator.manual_seed(epoch_seed(seed, epoch))  # worker seeds
+    if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
+        # This epoch's order and per-image augmentation seeds, the same in every torchrun process.
+        train_loader.sampler.set_epoch(epoch)
+
+
 def _progress(loader, desc: str, enabled: bool):
     return tqdm(loader, desc=desc, leave=False, unit="batch", disable=not enabled, file=sys.stderr)
 
@@ -137,12 +147,7 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         start = time.perf_counter()
-        torch.manual_seed(epoch_seed(config.seed, epoch))  # dropout, augmentation in the main process
-        if getattr(train_loader, "generator", None) is not None:
-            train_loader.generator.manual_seed(epoch_seed(config.seed, epoch))  # shuffle, worker seeds
-        if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
-            # This epoch's order and per-image augmentation seeds, the same in every torchrun process.
-            train_loader.sampler.set_epoch(epoch)
+        seed_epoch(train_loader, config.seed, epoch)
         tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device,
                              desc=f"epoch {epoch}/{config.epochs} train", progress=progress)
         va = evaluate(model, valid_loader, device, loss_fn=loss_fn,

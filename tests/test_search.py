@@ -64,3 +64,21 @@ def test_bad_search_input_is_one_line(data, args, needle, capsys):
     assert status == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_a_trial_scores_what_train_py_would_reach(data, tmp_path):
+    """A trial trains exactly as train.py does (same order, dropout, seeds), so its score is real."""
+    from flower_classifier.backbones import build_backbone
+    from flower_classifier.features import load_feature_data
+    from flower_classifier.search import run_trial
+    from flower_classifier.training import run_training
+
+    tiny = build_backbone("tiny")
+    config = TrainConfig(arch="tiny", hidden_units=(16,), epochs=3, batch_size=4, dropout=0.3, num_workers=0)
+    features = load_feature_data(data, tiny, cache_dir=tmp_path / "c", log=lambda m: None, progress=False)
+    trial = run_trial(features, config)
+    trained = run_training(config, data, save_dir=tmp_path / "ck", backbone=tiny, cache_dir=tmp_path / "c",
+                           log=lambda m: None, progress=False)
+    last = trained.state.history[-1]
+    assert trial["valid_loss"] == pytest.approx(last["valid_loss"], abs=1e-6)
+    assert trial["valid_accuracy"] == last["valid_accuracy"]
