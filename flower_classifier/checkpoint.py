@@ -7,10 +7,8 @@ temporary file and renamed, and read with `torch.load(weights_only=True)`, which
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from .backbones import BACKBONES, Preprocessing, build_backbone
 from .config import TrainConfig
 from .errors import UserError
+from .files import atomic_write
 from .model import FlowerClassifier, build_head
 
 FORMAT = "flower_classifier.checkpoint"
@@ -44,26 +43,7 @@ class Checkpoint:
 
 def atomic_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path: str | Path, what: str = "checkpoint"):
@@ -143,18 +123,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
 
 # ---------------------------------------------------------------- resume state (beside the checkpoint)
 
-def save_training_state(path: str | Path, *, epoch: int, optimizer_state: dict, rng_state: dict,
-                        history: list[dict], best_metric: float, head_state: dict | None = None) -> None:
-    """What `--resume` needs beyond the checkpoint; with `head_state` it needs only this file."""
+def save_training_state(path: str | Path, *, epoch: int, optimizer_state: dict, history: list[dict],
+                        best_metric: float, head_state: dict) -> None:
+    """All that `--resume` needs: no random-number state, since each epoch is seeded from (seed, epoch)."""
     atomic_save({"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch,
-                 "optimizer": optimizer_state, "rng": rng_state, "history": history,
-                 "best_metric": best_metric,
-                 "head_state": _to_plain(head_state) if head_state is not None else None}, path)
+                 "optimizer": optimizer_state, "history": history, "best_metric": best_metric,
+                 "head_state": _to_plain(head_state)}, path)
 
 
 def load_training_state(path: str | Path) -> dict:
     d = safe_load(path, what="training state")
-    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
+    if not isinstance(d, dict) or d.get("format") != STATE_FORMAT or "head_state" not in d:
         raise UserError(f"{path}: not a training-state file of this project")
     version = d.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:

@@ -22,7 +22,7 @@ from torchvision import transforms as T
 
 from .backbones import Preprocessing
 from .errors import UserError
-from .images import MAX_IMAGE_PIXELS, decode_image, to_rgb  # noqa: F401  (to_rgb: part of this module's API)
+from .images import MAX_IMAGE_PIXELS, decode_image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}

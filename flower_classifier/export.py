@@ -2,13 +2,13 @@
 flower names and preprocessing in its metadata, so that `runtime.OnnxClassifier` needs nothing else.
 
 Uses torch's TorchScript-based exporter (`dynamo=False`): it works offline with no extra package,
-and handles every backbone here. The file is written beside the target and renamed into place.
+and handles every backbone here. The file is written beside the target and renamed into place
+(`files.atomic_write`).
 """
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from torch import nn
 
 from .checkpoint import load_model
 from .errors import UserError
+from .files import atomic_write
 from .runtime import ONNX_FORMAT, ONNX_FORMAT_VERSION
 
 OPSET = 17
@@ -45,33 +46,26 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
-            torch.onnx.export(WithSoftmax(model.eval()), (torch.zeros(1, 3, size, size),), tmp, dynamo=False,
-                              input_names=["image"], output_names=["probabilities"], opset_version=opset,
-                              dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
-        proto = onnx.load(tmp)
-        metadata = {
-            "format": ONNX_FORMAT,
-            "format_version": str(ONNX_FORMAT_VERSION),
-            "arch": ckpt.arch,
-            "classes": json.dumps(list(ckpt.classes)),
-            "cat_to_name": json.dumps(ckpt.cat_to_name),
-            "preprocessing": json.dumps(ckpt.preprocessing.to_dict()),
-        }
-        for key, value in metadata.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        proto.producer_name = "flower_classifier"
-        onnx.checker.check_model(proto)
-        onnx.save(proto, tmp)  # < 2 GB for every backbone here, so the weights stay inside the one file
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
+        torch.onnx.export(WithSoftmax(model.eval()), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+                          input_names=["image"], output_names=["probabilities"], opset_version=opset,
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+    proto = onnx.load_from_string(buffer.getvalue())
+    metadata = {
+        "format": ONNX_FORMAT,
+        "format_version": str(ONNX_FORMAT_VERSION),
+        "arch": ckpt.arch,
+        "classes": json.dumps(list(ckpt.classes)),
+        "cat_to_name": json.dumps(ckpt.cat_to_name),
+        "preprocessing": json.dumps(ckpt.preprocessing.to_dict()),
+    }
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "flower_classifier"
+    onnx.checker.check_model(proto)
+    # < 2 GB for every backbone here, so the weights stay inside the one file.
+    atomic_write(out, lambda f: f.write(proto.SerializeToString()))
     return out

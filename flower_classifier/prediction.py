@@ -9,7 +9,7 @@ from PIL import Image
 
 from .backbones import Preprocessing
 from .data import eval_transform, load_image
-from .runtime import Prediction, check_top_k  # torch-free, shared with ONNX inference
+from .runtime import Prediction, check_top_k, select_top_k  # torch-free, shared with ONNX inference
 
 
 def process_image(image: str | Path | Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
@@ -40,13 +40,8 @@ def predict_tensor(model, images: torch.Tensor, top_k: int = 5) -> list[Predicti
     check_top_k(top_k, len(model.classes))
     device = next(model.head.parameters()).device
     probs = torch.softmax(model.eval()(images.to(device)).float(), dim=1)  # (N, num_classes)
-    top_p, top_i = probs.topk(top_k, dim=1)
-    names = model.cat_to_name or {}
-    out = []
-    for p, idx in zip(top_p.tolist(), top_i.tolist()):
-        cats = [model.classes[i] for i in idx]
-        out.append(Prediction(p, cats, [names.get(c, c) for c in cats]))
-    return out
+    # The same selection as ONNX inference, so both answer alike on equal probabilities.
+    return [select_top_k(row, model.classes, model.cat_to_name, top_k) for row in probs.cpu().numpy()]
 
 
 def predict(image_path: str | Path | Image.Image, model, top_k: int = 5) -> Prediction:

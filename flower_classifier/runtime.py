@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .images import ImageTooLarge, decode_image, to_rgb  # noqa: F401  (re-exported for apps)
+from .images import decode_image
 
 ONNX_FORMAT = "flower_classifier.onnx"
 ONNX_FORMAT_VERSION = 1

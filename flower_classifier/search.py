@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
 from .config import TrainConfig
+from .files import atomic_write
 from .features import FeatureData, feature_loader
 from .model import build_head
 from .training import evaluate, make_optimizer, seed_epoch, seed_everything, train_one_epoch
@@ -95,9 +96,7 @@ def save_best(results: list[dict], base: TrainConfig, path: str | Path, *, data_
         "trials": [{k: r[k] for k in ("trial", "params", "valid_accuracy", "valid_loss", "seconds")}
                    for r in results],
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2) + "\n")
-    tmp.replace(path)  # never a half-written defaults file for train.py to trip on
+    # Never a half-written defaults file for train.py to trip on.
+    atomic_write(path, lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
     return content
 

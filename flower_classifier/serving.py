@@ -20,7 +20,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from .errors import UserError
-from .runtime import ImageTooLarge, OnnxClassifier, Prediction, check_top_k, decode_image
+from .images import ImageTooLarge, decode_image
+from .runtime import OnnxClassifier, Prediction, check_top_k
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 10.0

@@ -175,7 +175,7 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
         if improved:
             ckpt_io.save_checkpoint(snapshot, save_dir / BEST_NAME)
         ckpt_io.save_training_state(save_dir / STATE_NAME, epoch=epoch, optimizer_state=optimizer.state_dict(),
-                                    rng_state={}, history=state.history, best_metric=state.best_accuracy,
+                                    history=state.history, best_metric=state.best_accuracy,
                                     head_state=head.state_dict())
         ckpt_io.save_checkpoint(snapshot, save_dir / LAST_NAME)
         state.epoch = epoch  # only now is the epoch saved
@@ -291,12 +291,7 @@ def _resume(path: Path, head: nn.Module, optimizer, config: TrainConfig, classes
     _check_resumable(ckpt, config, classes, path)
     state_path = path.with_name(path.name.replace(".pth", ".state.pth"))
     saved = ckpt_io.load_training_state(state_path)
-    head_state = saved.get("head_state")
-    if head_state is None:  # a state file from before it held the head
-        if saved["epoch"] != ckpt.epoch:
-            raise UserError(f"{state_path} (epoch {saved['epoch']}) does not match {path} (epoch {ckpt.epoch})")
-        head_state = ckpt.head_state
-    head.load_state_dict(head_state)
+    head.load_state_dict(saved["head_state"])
     optimizer.load_state_dict(saved["optimizer"])
     epoch = saved["epoch"]
     if epoch >= config.epochs:

@@ -128,7 +128,7 @@ def test_predict_returns_names_when_known(tmp_path):
 def save_state(path, epoch=1):
     head = build_head(16, (8,), 12, 0.0)
     optimizer = torch.optim.AdamW(head.parameters())
-    ckpt_io.save_training_state(path, epoch=epoch, optimizer_state=optimizer.state_dict(), rng_state={},
+    ckpt_io.save_training_state(path, epoch=epoch, optimizer_state=optimizer.state_dict(),
                                 history=[{"epoch": epoch}], best_metric=0.5, head_state=head.state_dict())
 
 
