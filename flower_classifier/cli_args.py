@@ -1,0 +1,64 @@
+"""What every command-line face shares: a parser that reports a bad option in one line, checked
+number types, the common options, and reading a category-names file."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming it, not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def number_type(kind, minimum=None, maximum=None, exclusive_min=False):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if minimum is not None and (value <= minimum if exclusive_min else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if exclusive_min else '>='} {minimum} (got {text})")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} (got {text})")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = number_type(int, 1)
+non_negative_int = number_type(int, 0)
+positive_float = number_type(float, 0, exclusive_min=True)
+non_negative_float = number_type(float, 0)
+
+
+def add_workers_argument(p: argparse.ArgumentParser, what: str = "data-loading worker processes", **kw) -> None:
+    p.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
+                   help=f"{what} (default: min(4, CPU count))", **kw)
+
+
+def add_gpu_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
+
+
+def read_category_names(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    try:
+        names = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"--category_names {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"--category_names {path}: not a JSON file ({e})") from None
+    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
+        raise UserError(f"--category_names {path}: expected a JSON object {{\"category\": \"flower name\"}}")
+    return {str(k): v for k, v in names.items()}
+
