@@ -1,6 +1,9 @@
 import os
 import pickle
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +80,28 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == good
     assert load_checkpoint(path).epoch == 3
     assert os.listdir(tmp_path) == ["c.pth"]  # no temporary file left behind
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_save(tmp_path):
+    path = tmp_path / "c.pth"
+    # A second process starts writing c.pth and is killed mid-write, as by SIGKILL or a power cut.
+    writer = ("import sys, time\nfrom flower_classifier.files import atomic_write\n"
+              "def write(f):\n    f.write(b'half a checkpoint'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+              "atomic_write(sys.argv[1], write)\n")
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(path)], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        [in_progress] = tmp_path.glob(".c.pth.*.tmp")
+        save_checkpoint(tiny_checkpoint(), path)
+        assert in_progress.exists()  # a writer that is still running keeps its file
+    finally:
+        proc.kill()
+        proc.wait()
+    assert in_progress.exists()
+    save_checkpoint(tiny_checkpoint(), path)
+    assert os.listdir(tmp_path) == ["c.pth"]
+    assert load_checkpoint(path).epoch == 3
 
 
 def test_missing_and_foreign_files_get_clear_errors(tmp_path):
