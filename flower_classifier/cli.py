@@ -19,7 +19,7 @@ from .cli_args import (EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, add_gpu_argume
                        read_category_names)
 from .cli_tools import TOOL_COMMANDS
 from .config import DEFAULTS_FILE, TrainConfig, load_defaults
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 # ---------------------------------------------------------------- train
@@ -116,8 +116,9 @@ def run_train(args: argparse.Namespace) -> int:
     best = max(result.state.history, key=lambda h: h["valid_accuracy"]) if result.state.history else None
     if best and main_process:
         size_mb = result.best_path.stat().st_size / 1e6
+        saved = "Saved" if result.epochs_run else "Kept in"
         print(f"Best epoch {best['epoch']}: valid accuracy {100 * best['valid_accuracy']:.1f}%. "
-              f"Saved {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
+              f"{saved} {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
     return 0
 
 
@@ -258,8 +259,9 @@ def _run(run, args) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not isinstance(e, Interrupted):  # else what was saved has been said already
+            print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

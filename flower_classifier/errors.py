@@ -10,3 +10,7 @@ class UserError(Exception):
 
     def _render_traceback_(self) -> list[str]:  # IPython calls this instead of printing a traceback
         return [f"UserError: {self}"]
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) after the code that caught it has already said what was saved."""

@@ -7,6 +7,7 @@ exactly as the uninterrupted run would have: no random-number state needs saving
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -24,8 +25,8 @@ from . import distributed
 from .backbones import Backbone, build_backbone
 from .checkpoint import Checkpoint
 from .config import TrainConfig
-from .data import load_split, make_loader, skipped_images, split_dir
-from .errors import UserError
+from .data import find_classes, load_split, make_loader, skipped_images, split_dir
+from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
 
 BEST_NAME = "checkpoint.pth"  # the best epoch by validation accuracy: what predict.py loads
@@ -132,6 +133,11 @@ class FitState:
     history: list[dict] = field(default_factory=list)
     best_accuracy: float = -1.0
 
+    @classmethod
+    def restored(cls, saved: dict) -> "FitState":
+        """From a training-state file (`checkpoint.load_training_state`)."""
+        return cls(epoch=saved["epoch"], history=list(saved["history"]), best_accuracy=saved["best_metric"])
+
 
 def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
         template: Checkpoint, save_dir: Path, device: torch.device, state: FitState | None = None,
@@ -188,6 +194,7 @@ class TrainResult:
     last_path: Path
     state: FitState
     classes: list[str]
+    epochs_run: int = 0  # epochs trained by this call (0: a resumed run that had already finished)
     test_metrics: dict | None = None
 
 
@@ -221,10 +228,21 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     device = torch.device(device)
     save_dir = Path(save_dir)
     seed_everything(config.seed)
+    # Everything that can be refused is checked before weights are downloaded or features computed.
     for split in ("train", "valid"):
-        split_dir(data_dir, split)  # a missing folder is reported before any weights are downloaded
+        split_dir(data_dir, split)
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
+    saved = None
+    if resume is not None:
+        classes = find_classes(split_dir(data_dir, "train"))
+        resume, saved = _load_resume(Path(resume), config, classes)
+        if saved["epoch"] >= config.epochs:
+            log(f"{resume} already finished {saved['epoch']} of {config.epochs} epochs; nothing to train "
+                f"(raise --epochs to train more)")
+            return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, FitState.restored(saved), classes)
+        log(f"Resuming from {resume} after epoch {saved['epoch']}")
+    check_save_dir(save_dir)  # the last check: it creates the folder
     backbone = backbone or build_backbone(config.arch)
     if config.feature_cache:
         from .features import cached_training_data  # only the cached path needs it
@@ -254,8 +272,11 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     template = Checkpoint(arch=config.arch, preprocessing=backbone.preprocessing, head_state={},
                           classes=classes, config=config, cat_to_name=cat_to_name)
     state = FitState()
-    if resume is not None:
-        state = _resume(Path(resume), head, optimizer, config, classes, log)
+    if saved is not None:
+        head.load_state_dict(saved["head_state"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = FitState.restored(saved)
+    first_epoch = state.epoch
     model = distributed.wrap(model, device)  # after resume: every process starts from the same weights
     how = "cached features" if config.feature_cache else "images (classic loop)"
     procs = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
@@ -271,31 +292,35 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
                 f"plus --resume")
         else:
             log("interrupted: no epoch had finished, so nothing is saved; run the same command again")
-        raise
+        raise Interrupted() from None
     finally:
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
-    return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, state, classes)
+    return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, state, classes, state.epoch - first_epoch)
 
 
-def _resume(path: Path, head: nn.Module, optimizer, config: TrainConfig, classes: list[str], log) -> FitState:
-    """Head weights, optimizer state and history from the state file beside the last checkpoint, whose
-    options must match this run's."""
+def check_save_dir(save_dir: Path) -> None:
+    """A --save_dir that cannot hold checkpoints is refused now, not after the first epoch's work."""
+    if save_dir.exists() and not save_dir.is_dir():
+        raise UserError(f"--save_dir {save_dir} is a file; pass a folder for the checkpoints")
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--save_dir {save_dir}: cannot create it ({e.strerror}); "
+                        f"pass a folder you can write to") from None
+    if not os.access(save_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--save_dir {save_dir} is not writable; pass a folder you can write to")
+
+
+def _load_resume(path: Path, config: TrainConfig, classes: list[str]) -> tuple[Path, dict]:
+    """The last checkpoint to continue from and its training state (head, optimizer, history), after
+    checking that this run's options match the saved run's."""
     if path.is_dir() or not path.suffix:  # a --save_dir, even one that does not exist
         path = path / LAST_NAME
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist; train without --resume first, "
                         f"or pass the {LAST_NAME} to continue from")
-    ckpt = ckpt_io.load_checkpoint(path)
-    _check_resumable(ckpt, config, classes, path)
+    _check_resumable(ckpt_io.load_checkpoint(path), config, classes, path)
     state_path = path.with_name(path.name.replace(".pth", ".state.pth"))
-    saved = ckpt_io.load_training_state(state_path)
-    head.load_state_dict(saved["head_state"])
-    optimizer.load_state_dict(saved["optimizer"])
-    epoch = saved["epoch"]
-    if epoch >= config.epochs:
-        log(f"{path} already finished {epoch} of {config.epochs} epochs; raise --epochs to train more")
-    else:
-        log(f"Resuming from {path} after epoch {epoch}")
-    return FitState(epoch=epoch, history=list(saved["history"]), best_accuracy=saved["best_metric"])
+    return path, ckpt_io.load_training_state(state_path)

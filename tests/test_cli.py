@@ -94,6 +94,11 @@ def test_resume_continues_after_the_last_epoch(trained, tmp_path, capsys):
     assert single_command_main("train", "train.py", common + ["--epochs", "3", "--resume"]) == 0
     out = capsys.readouterr().out
     assert "Resuming from" in out and "Epoch 3/3" in out and out.count("Epoch 1/") == 1
+    # Resuming a finished run trains nothing, computes nothing and says so, without claiming a save.
+    assert single_command_main("train", "train.py", common + ["--epochs", "3", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished 3 of 3 epochs; nothing to train" in out
+    assert "Training" not in out and "Features" not in out and "Saved" not in out and "Kept in" in out
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, no traceback
@@ -229,6 +234,28 @@ def test_more_train_bad_inputs(tmp_path, small_run, capsys):
     for args, needles in cases:
         _one_line_error_here(capsys, lambda: single_command_main("train", "train.py", args + base), *needles)
     assert not (tmp_path / "ck").exists()  # nothing was written by any of them
+
+
+def test_refusals_come_before_any_backbone_or_feature_work(tmp_path, small_run, capsys, monkeypatch):
+    from flower_classifier import training
+
+    def no_backbone(*a, **k):
+        raise AssertionError("the backbone was built before the refusal")
+
+    monkeypatch.setattr(training, "build_backbone", no_backbone)
+    data, save = small_run
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    (tmp_path / "locked").mkdir()
+    cases = [
+        (["--save_dir", str(a_file)], ["--save_dir", "notes.txt is a file", "pass a folder"]),
+        (["--save_dir", str(a_file / "ck")], ["--save_dir", "cannot create it"]),
+        (["--save_dir", str(save), "--resume", "--seed", "3"], ["cannot resume", "seed 3 (saved run: 0)"]),
+    ]
+    for args, needles in cases:
+        _one_line_error_here(capsys, lambda: single_command_main("train", "train.py", [str(data), *SMALL, *args]),
+                             *needles)
+    assert a_file.read_text() == "x"
 
 
 def test_resume_with_a_state_file_that_runs_code_is_refused(small_run, tmp_path, capsys):
