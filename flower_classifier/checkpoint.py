@@ -49,9 +49,16 @@ def atomic_save(obj, path: str | Path) -> None:
 def safe_load(path: str | Path, what: str = "checkpoint"):
     """torch.load with weights_only=True, turning every failure into one clear UserError."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "checkpoint.pth"
+        raise UserError(f"{what} {path} is a folder; pass a file" +
+                        (f" such as {inside}" if inside.is_file() and what == "checkpoint" else " in it"))
     if not path.is_file():
         raise UserError(f"{what} {path} not found" + ("" if path.parent.is_dir() else
                         f" (folder {path.parent} does not exist)") + "; train first or pass the right path")
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path} is an exported ONNX model; this command needs the .pth {what} it was exported "
+                        f"from (predict.py and serve take .onnx files)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -61,7 +68,8 @@ def safe_load(path: str | Path, what: str = "checkpoint"):
                             f"tensors; only load checkpoints you trust, saved by this project") from None
         raise UserError(f"{path}: not a {what} of this project (not a PyTorch file of plain data)") from None
     except Exception as e:  # torch.load raises many kinds on a foreign file: all mean "not ours"
-        raise UserError(f"{path}: not a {what} of this project (unreadable: {str(e)[:120]})") from None
+        raise UserError(f"{path}: not a {what} of this project (not a file torch.save wrote: "
+                        f"{type(e).__name__})") from None
 
 
 def _to_plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

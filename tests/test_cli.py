@@ -287,6 +287,10 @@ def test_more_predict_and_evaluate_bad_inputs(small_run, tmp_path, capsys):
     raw = torch.load(ckpt, weights_only=True)
     torch.save({**raw, "format_version": raw["format_version"] + 1}, tmp_path / "newer.pth")
     torch.save({**raw, "arch": "vit_giant"}, tmp_path / "other_arch.pth")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, not a checkpoint")
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x07")
     cases = [
         (["predict", str(tmp_path), ckpt], [str(tmp_path), "is a directory, not an image"]),
         (["predict", str(photo), str(tmp_path / "newer.pth")], ["newer.pth", "format version 2 is newer"]),
@@ -295,6 +299,11 @@ def test_more_predict_and_evaluate_bad_inputs(small_run, tmp_path, capsys):
         (["evaluate", ckpt, str(photo)], ["p.jpg: no such directory"]),
         (["evaluate", str(tmp_path / "newer.pth"), str(data / "test")], ["format version 2 is newer"]),
         (["check-data", str(tmp_path / "nowhere")], ["nowhere does not exist"]),
+        (["predict", str(photo), str(save)], ["is a folder", f"such as {save / 'checkpoint.pth'}"]),
+        (["predict", str(photo), str(notes)], ["notes.txt: not a checkpoint of this project",
+                                               "not a file torch.save wrote"]),
+        (["evaluate", str(onnx), str(data / "test")], ["exported ONNX model", "the .pth checkpoint"]),
+        (["evaluate", ckpt, str(data)], ["holds the splits train, valid, test", f"e.g. {data / 'test'}"]),
         (["train", str(data), "--arch", "resnet5"], ["unknown --arch 'resnet5'"]),
     ]
     for args, needles in cases:
