@@ -72,18 +72,29 @@ def add_cache_argument(p: argparse.ArgumentParser) -> None:
                         "else ~/.cache/flower_classifier/features)")
 
 
-def _apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+def _apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Let `search`'s best values replace the built-in defaults; flags on the command line still win."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--defaults", default=str(DEFAULTS_FILE))
+    pre.add_argument("--defaults", default=None)
     known, _ = pre.parse_known_args(argv)
-    saved = load_defaults(Path(known.defaults))
+    path = Path(known.defaults or DEFAULTS_FILE)
+    if known.defaults and not path.is_file():
+        raise UserError(f"--defaults {path}: no such file; run `search` to write one, or drop --defaults")
+    saved = load_defaults(path)
     if saved:
         if "hidden_units" in saved:
             saved["hidden_units"] = list(saved["hidden_units"])
-        parser.set_defaults(**saved)
-        return known.defaults
-    return None
+        parser.set_defaults(**saved, saved_defaults=(path, saved))
+
+
+def _say_saved_defaults(args: argparse.Namespace) -> None:
+    """Name the values a hyperparameters file supplied, so that a run never changes unannounced."""
+    path, saved = getattr(args, "saved_defaults", None) or (None, {})
+    used = {k: v for k, v in saved.items() if getattr(args, k, None) == v}
+    if used:
+        flags = " ".join(f"--{'workers' if k == 'num_workers' else k} "
+                         f"{' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in used.items())
+        print(f"Defaults from {path} (written by `search`): {flags}; flags given here win")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -98,6 +109,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .backbones import get_spec
 
     get_spec(config.arch)  # an unknown --arch fails before any data is read
+    if distributed.is_main():
+        _say_saved_defaults(args)
     names = read_category_names(args.category_names) if args.category_names else None
     device = select_device(args.gpu)
     if distributed.launched():  # started by torchrun: join the other processes
@@ -193,13 +206,22 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def check_names_match(names: dict[str, str], classes: list[str], path: str) -> list[str]:
-    """Warnings for a names file that only partly covers the model's categories; an error if none."""
+def check_names_match(names: dict[str, str], classes: list[str], path: str,
+                      saved: dict[str, str] | None = None) -> list[str]:
+    """Warnings for a names file that only partly covers the model's categories, or that names them
+    otherwise than the file the model was trained with; an error if it names none of them."""
     missing = [c for c in classes if c not in names]
     if len(missing) == len(classes):
         raise UserError(f"--category_names {path} names none of the model's categories "
                         f"({', '.join(classes[:5])}...); pass the names file the model was trained with")
-    return [f"warning: {path} has no name for categories {', '.join(missing[:5])}"] if missing else []
+    warnings = [f"warning: {path} has no name for categories {', '.join(missing[:5])}"] if missing else []
+    differ = [c for c in classes if saved and c in saved and c in names and saved[c] != names[c]]
+    if differ:
+        c = differ[0]
+        warnings.append(f"warning: {path} names {len(differ)} of the model's {len(classes)} categories "
+                        f"otherwise than the names it was trained with (category {c}: {names[c]!r}, not "
+                        f"{saved[c]!r}); leave out --category_names to use the trained names")
+    return warnings
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -219,8 +241,8 @@ def run_predict(args: argparse.Namespace) -> int:
         model, ckpt = load_model(args.checkpoint, device)
     check_top_k(args.top_k, len(model.classes))
     if args.category_names:
-        model.cat_to_name = read_category_names(args.category_names)
-        for w in check_names_match(model.cat_to_name, model.classes, args.category_names):
+        saved, model.cat_to_name = model.cat_to_name, read_category_names(args.category_names)
+        for w in check_names_match(model.cat_to_name, model.classes, args.category_names, saved):
             print(w, file=sys.stderr)
     result = predict(args.image, model, args.top_k)
     if args.json:

@@ -223,8 +223,8 @@ class FeatureStore:
 @dataclass
 class CacheStats:
     cached: int = 0
-    computed: int = 0
-    seconds: float = 0.0  # spent computing
+    computed: int = 0  # readable images run through the backbone
+    seconds: float = 0.0  # spent computing (unreadable images included)
 
 
 def cached_features(backbone: Backbone, paths: list[Path], view: View, store: FeatureStore | None, *,
@@ -258,7 +258,7 @@ def cached_features(backbone: Backbone, paths: list[Path], view: View, store: Fe
             stats.seconds += time.perf_counter() - start
     if stats is not None:
         stats.cached += int(found.sum())
-        stats.computed += len(missing)
+        stats.computed += int(ok.sum()) - int(found.sum())  # unreadable images yield no features
     return features, ok
 
 

@@ -64,6 +64,21 @@ def test_predict_script_prints_top_k_names(trained):
     assert probs == sorted(probs, reverse=True)
 
 
+def test_a_names_file_that_disagrees_with_the_trained_names_is_flagged(trained, tmp_path, capsys):
+    """The classic slip: the 102 Oxford names passed for a model trained on other categories."""
+    data, save, _, _ = trained
+    other = tmp_path / "other_names.json"
+    other.write_text(json.dumps({c: f"not flower {c}" for c in TWELVE[:6]} | {c: f"flower {c}" for c in TWELVE[6:]}))
+    photo = make_image(tmp_path / "p.png", class_color(0, 12))
+    assert single_command_main("predict", "predict.py", [str(photo), str(save / "checkpoint.pth"),
+                                                         "--category_names", str(other)]) == 0
+    captured = capsys.readouterr()
+    [warning] = captured.err.strip().splitlines()
+    assert f"{other} names 6 of the model's 12 categories otherwise than the names it was trained with" in warning
+    assert "(category 1: 'not flower 1', not 'flower 1')" in warning and "leave out --category_names" in warning
+    assert "not flower 1" in captured.out  # the file given still wins
+
+
 def test_predict_without_names_shows_category_numbers(trained, tmp_path, capsys):
     data, save, _, _ = trained
     from flower_classifier.checkpoint import load_checkpoint, save_checkpoint
@@ -258,6 +273,7 @@ def test_more_train_bad_inputs(tmp_path, small_run, capsys):
         ([str(data), "--category_names", str(listing)], ["list.json", "expected a JSON object"]),
         ([str(data), "--category_names", str(tmp_path)], [str(tmp_path), "not a JSON file"]),
         ([str(data), "--resume"], ["nothing to resume", "ck/last.pth does not exist", "without --resume"]),
+        ([str(data), "--defaults", str(tmp_path / "hp.json")], ["--defaults", "hp.json: no such file"]),
         ([str(data), "--resume", str(tmp_path / "gone.pth")], ["nothing to resume", "gone.pth"]),
         ([str(data), "--resume", str(save / "last.pth"), *SMALL, "--seed", "7"],
          ["cannot resume", "seed 7 (saved run: 0)", "a new --save_dir"]),

@@ -44,6 +44,10 @@ def test_search_writes_defaults_that_train_then_uses(data, tmp_path, capsys):
     assert single_command_main("train", "train.py", [str(data), "--defaults", str(out), "--workers", "0", "--quiet",
                                                      "--epochs", "1", "--save_dir", str(tmp_path / "ck"),
                                                      "--cache_dir", str(tmp_path / "c")]) == 0
+    printed = capsys.readouterr().out
+    [said] = [line for line in printed.splitlines() if line.startswith(f"Defaults from {out} (written by `search`)")]
+    assert "--arch tiny" in said and f"--learning_rate {best['learning_rate']}" in said
+    assert "--epochs" not in said  # given on the command line, so not from the file
     config = load_checkpoint(tmp_path / "ck" / "last.pth").config
     assert config.arch == "tiny" and config.epochs == 1
     assert (config.learning_rate, list(config.hidden_units), config.dropout, config.batch_size) == \
