@@ -2,7 +2,8 @@
 
 The pieces, one module per stage: `data`, `backbones`, `features` (backbone outputs computed once
 and cached), `model` (the head), `training`, `search` (hyperparameters), `distributed` (torchrun),
-`checkpoint`, `prediction`, `evaluation`, `plots`, `cli`.
+`checkpoint`, `prediction`, `evaluation`, `export` and `runtime` (ONNX, torch-free), `serving`,
+`plots`, `names`, `devices`, `cli`.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.
@@ -20,6 +21,9 @@ _EXPORTS = {
     "UserError": "errors",
     "FlowerClassifier": "model", "build_head": "model", "count_parameters": "model",
     "Prediction": "prediction", "imshow": "prediction", "predict": "prediction", "process_image": "prediction",
+    "read_category_names": "names", "select_device": "devices",
+    "run_training": "training", "TrainResult": "training",
+    "evaluate_checkpoint": "evaluation", "export_onnx": "export", "OnnxClassifier": "runtime",
 }
 __all__ = sorted(_EXPORTS)
 

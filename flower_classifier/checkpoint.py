@@ -16,6 +16,7 @@ import torch
 
 from .backbones import BACKBONES, Preprocessing, build_backbone
 from .config import TrainConfig
+from .devices import check_device
 from .errors import UserError
 from .files import atomic_write
 from .model import FlowerClassifier, build_head
@@ -76,7 +77,24 @@ def _to_plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in state.items()}
 
 
+def head_layer_sizes(head_state: dict[str, torch.Tensor]) -> list[int]:
+    """Output sizes of the head's Linear layers, in order: the hidden sizes, then the class count."""
+    weights = sorted((int(k.split(".")[0]), v) for k, v in head_state.items()
+                     if k.endswith(".weight") and k.split(".")[0].isdigit() and v.dim() == 2)
+    return [w.shape[0] for _, w in weights]
+
+
+def check_head_matches(ckpt: Checkpoint, where: str) -> None:
+    """The head's weights must have the shape its config and classes describe, or loading would fail."""
+    sizes, expected = head_layer_sizes(ckpt.head_state), [*ckpt.config.hidden_units, len(ckpt.classes)]
+    if sizes != expected:
+        raise UserError(f"{where}: the head's layer sizes {sizes} differ from what its config and classes "
+                        f"describe ({expected}: hidden_units {list(ckpt.config.hidden_units)} + "
+                        f"{len(ckpt.classes)} categories); build the head and the config from the same values")
+
+
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
+    check_head_matches(ckpt, f"not saving {path}")
     atomic_save({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -113,6 +131,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
     """Backbone (rebuilt from its name, or the one given) + head with the saved weights."""
+    check_head_matches(ckpt, "cannot build the model")
     backbone = backbone or build_backbone(ckpt.arch)
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
     head.load_state_dict(ckpt.head_state)
@@ -125,6 +144,7 @@ def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowerClassifier, Checkpoint]:
     """The model a checkpoint describes, ready to predict, and the checkpoint itself."""
+    device = check_device(device)
     ckpt = load_checkpoint(path)
     return build_model(ckpt).to(device), ckpt
 

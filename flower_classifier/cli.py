@@ -21,6 +21,7 @@ from .cli_args import (EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, add_gpu_argume
 from .cli_tools import TOOL_COMMANDS
 from .config import DEFAULTS_FILE, TrainConfig, load_defaults
 from .errors import Interrupted, UserError
+from .names import describe_disagreement, disagreement
 
 
 # ---------------------------------------------------------------- train
@@ -98,7 +99,8 @@ def _say_saved_defaults(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .training import run_training, select_device
+    from .devices import select_device
+    from .training import run_training
 
     config = TrainConfig(arch=args.arch, hidden_units=tuple(args.hidden_units), dropout=args.dropout,
                          learning_rate=args.learning_rate, weight_decay=args.weight_decay, epochs=args.epochs,
@@ -159,7 +161,7 @@ def run_search(args: argparse.Namespace) -> int:
     from .data import split_dir
     from .features import load_feature_data
     from .search import SEARCHED, random_search, save_best
-    from .training import select_device
+    from .devices import select_device
 
     get_spec(args.arch)
     for split in ("train", "valid"):
@@ -215,12 +217,10 @@ def check_names_match(names: dict[str, str], classes: list[str], path: str,
         raise UserError(f"--category_names {path} names none of the model's categories "
                         f"({', '.join(classes[:5])}...); pass the names file the model was trained with")
     warnings = [f"warning: {path} has no name for categories {', '.join(missing[:5])}"] if missing else []
-    differ = [c for c in classes if saved and c in saved and c in names and saved[c] != names[c]]
+    differ = disagreement(names, saved or {}, classes)
     if differ:
-        c = differ[0]
-        warnings.append(f"warning: {path} names {len(differ)} of the model's {len(classes)} categories "
-                        f"otherwise than the names it was trained with (category {c}: {names[c]!r}, not "
-                        f"{saved[c]!r}); leave out --category_names to use the trained names")
+        warnings.append(describe_disagreement(path, "the names the model was trained with", differ, names, saved,
+                                              classes) + "; leave out --category_names to use the trained names")
     return warnings
 
 
@@ -235,7 +235,7 @@ def run_predict(args: argparse.Namespace) -> int:
     else:
         from .checkpoint import load_model
         from .prediction import check_top_k, predict
-        from .training import select_device
+        from .devices import select_device
 
         device = select_device(args.gpu, log=lambda m: print(m, file=sys.stderr))
         model, ckpt = load_model(args.checkpoint, device)

@@ -3,11 +3,9 @@ number types, the common options, and reading a category-names file."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
-from pathlib import Path
 
-from .errors import UserError
+from .names import read_category_names  # noqa: F401  (re-exported for the commands)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -48,17 +46,3 @@ def add_workers_argument(p: argparse.ArgumentParser, what: str = "data-loading w
 
 def add_gpu_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="use CUDA or Apple MPS if present (default: CPU)")
-
-
-def read_category_names(path: str | Path) -> dict[str, str]:
-    path = Path(path)
-    try:
-        names = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--category_names {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"--category_names {path}: not a JSON file ({e})") from None
-    if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
-        raise UserError(f"--category_names {path}: expected a JSON object {{\"category\": \"flower name\"}}")
-    return {str(k): v for k, v in names.items()}
-

@@ -21,7 +21,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_checkpoint
-    from .training import select_device
+    from .devices import select_device
 
     device = select_device(args.gpu)
     m = evaluate_checkpoint(args.checkpoint, args.split_dir, device=device, batch_size=args.batch_size,
@@ -43,7 +43,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_report(args: argparse.Namespace) -> int:
     from .evaluation import report_checkpoint, write_report
-    from .training import select_device
+    from .devices import select_device
 
     device = select_device(args.gpu)
     report = report_checkpoint(args.checkpoint, args.split_dir, device=device, batch_size=args.batch_size,

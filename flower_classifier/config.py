@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ class TrainConfig:
     arch: str = "vgg16"  # backbone name, see `backbones.BACKBONES`
     hidden_units: tuple[int, ...] = (512,)  # hidden layer sizes of the new head
     dropout: float = 0.2  # dropout before each hidden and the output layer
-    learning_rate: float = 1e-3  # Adam step size for the head
+    learning_rate: float = 1e-3  # AdamW step size for the head
     weight_decay: float = 0.0  # L2 penalty (AdamW-style, decoupled)
     epochs: int = 5  # passes over the training split
     batch_size: int = 32  # images per step
@@ -30,7 +31,16 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # free-form notes (e.g. where defaults came from)
 
     def __post_init__(self) -> None:
+        # Types first: a string or a float here would otherwise fail deep inside training.
+        if isinstance(self.hidden_units, int) and not isinstance(self.hidden_units, bool):
+            self.hidden_units = (self.hidden_units,)  # `hidden_units=512` means one hidden layer
+        if isinstance(self.hidden_units, (str, bytes)) or not _all(self.hidden_units, int):
+            raise UserError(f"hidden_units must be a list of integers, e.g. [512] (got {self.hidden_units!r})")
         self.hidden_units = tuple(int(h) for h in self.hidden_units)
+        wrong = [f"{name} must be {_KINDS[kind][1]} (got {getattr(self, name)!r})"
+                 for name, kind in _TYPES.items() if not _all([getattr(self, name)], kind)]
+        if wrong:
+            raise UserError("; ".join(wrong))
         problems = []
         if self.epochs < 1:
             problems.append(f"--epochs must be at least 1 (got {self.epochs})")
@@ -64,6 +74,27 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+class _Number:
+    """int or float (numpy's too), not bool."""
+
+
+_KINDS = {int: (numbers.Integral, "an integer"), _Number: (numbers.Real, "a number"), bool: (bool, "True or False"),
+          str: (str, "a string"), dict: (dict, "a dict")}
+
+
+def _all(values, kind) -> bool:
+    try:
+        values = list(values)
+    except TypeError:
+        return False
+    return all(isinstance(v, _KINDS[kind][0]) and (kind is bool or not isinstance(v, bool)) for v in values)
+
+
+_TYPES = {"arch": str, "dropout": _Number, "learning_rate": _Number, "weight_decay": _Number, "epochs": int,
+          "batch_size": int, "seed": int, "num_workers": int, "label_smoothing": _Number, "augment": bool,
+          "feature_cache": bool, "augmented_views": int, "extra": dict}
 
 
 def load_defaults(path: Path = DEFAULTS_FILE) -> dict:

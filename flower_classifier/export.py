@@ -41,11 +41,16 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
         import onnx
     except ImportError:
         raise UserError("exporting needs the onnx package: `pip install onnx`") from None
-    model, ckpt = load_model(checkpoint)
-    size = ckpt.preprocessing.input_size
+    if not isinstance(checkpoint, (str, Path)):
+        raise UserError(f"export_onnx takes the checkpoint file's path (got a {type(checkpoint).__name__}); "
+                        f"save the model with save_checkpoint first")
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
+    if out.suffix.lower() != ".onnx":  # predict.py and serve tell ONNX files by this suffix
+        raise UserError(f"{out}: an exported model's name must end in .onnx, e.g. {out.with_suffix('.onnx')}")
+    model, ckpt = load_model(checkpoint)
+    size = ckpt.preprocessing.input_size
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes

@@ -34,6 +34,9 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """An upright RGB image from a file path or the bytes of an upload; UserError if it is not one."""
+    if not isinstance(source, (str, Path, bytes)):
+        raise UserError(f"an image must be a file path, the bytes of a file, or a PIL image "
+                        f"(got {type(source).__name__})")
     label = "upload" if isinstance(source, bytes) else str(source)
     try:
         with warnings.catch_warnings():

@@ -9,6 +9,7 @@ from PIL import Image
 
 from .backbones import Preprocessing
 from .data import eval_transform, load_image
+from .errors import UserError
 from .runtime import Prediction, check_top_k, select_top_k  # torch-free, shared with ONNX inference
 
 
@@ -34,9 +35,20 @@ def imshow(image: torch.Tensor, preprocessing: Preprocessing, ax=None, title: st
     return ax
 
 
+def check_model(model) -> None:
+    if isinstance(model, tuple):
+        raise UserError("load_model returns (model, checkpoint): pass the model, e.g. "
+                        "`model, ckpt = load_model(path)`")
+    missing = [a for a in ("classes", "preprocessing", "cat_to_name") if not hasattr(model, a)]
+    if missing:
+        raise UserError(f"predict needs a model from load_model or build_model (got a {type(model).__name__} "
+                        f"without {', '.join(missing)})")
+
+
 @torch.inference_mode()
 def predict_tensor(model, images: torch.Tensor, top_k: int = 5) -> list[Prediction]:
     """Top-K for a batch of processed images (N, 3, S, S), with the model's classes and names."""
+    check_model(model)
     check_top_k(top_k, len(model.classes))
     device = next(model.head.parameters()).device
     probs = torch.softmax(model.eval()(images.to(device)).float(), dim=1)  # (N, num_classes)
@@ -45,6 +57,9 @@ def predict_tensor(model, images: torch.Tensor, top_k: int = 5) -> list[Predicti
 
 
 def predict(image_path: str | Path | Image.Image, model, top_k: int = 5) -> Prediction:
-    """The classic `predict(image_path, model, topk)`: top-K probabilities, categories and names."""
+    """The classic project's `predict(image_path, model, topk)`, here spelt `top_k`: top-K
+    probabilities, categories and names. `model` comes from `load_model` (or `build_model`), which
+    attach the classes, names and preprocessing it needs."""
+    check_model(model)
     image = process_image(image_path, model.preprocessing)
     return predict_tensor(model, image.unsqueeze(0), top_k)[0]

@@ -63,6 +63,8 @@ def preprocess(image: Image.Image, preprocessing) -> np.ndarray:
 
 
 def check_top_k(top_k: int, num_classes: int) -> int:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise UserError(f"--top_k must be an integer (got {top_k!r})")
     if not 1 <= top_k <= num_classes:
         raise UserError(f"--top_k must be between 1 and the model's {num_classes} categories (got {top_k})")
     return top_k
@@ -117,6 +119,7 @@ class OnnxClassifier:
         return self.session.run(None, {self.input_name: images.astype(np.float32, copy=False)})[0]
 
     def predict(self, image: str | Path | bytes | Image.Image, top_k: int = 5) -> Prediction:
+        """Top-K names and probabilities for a photo (a path, a file's bytes, or a PIL image)."""
         if not isinstance(image, Image.Image):
             image = decode_image(image)
         probs = self.run(preprocess(image, self.preprocessing)[None])[0]  # (num_classes,)

@@ -22,27 +22,18 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the Da
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, build_backbone, get_spec
 from .checkpoint import Checkpoint
 from .config import TrainConfig
+from .devices import check_device, select_device  # noqa: F401  (select_device: re-exported)
 from .data import find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
+from .names import as_category_names, describe_disagreement, disagreement, read_category_names
 
 BEST_NAME = "checkpoint.pth"  # the best epoch by validation accuracy: what predict.py loads
 LAST_NAME = "last.pth"  # the latest finished epoch
 STATE_NAME = "last.state.pth"  # optimizer state and history, to resume from LAST_NAME
-
-
-def select_device(gpu: bool, log: Callable[[str], None] = print) -> torch.device:
-    """CUDA or Apple MPS when asked for and present; otherwise the CPU, saying so."""
-    if gpu:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        log("--gpu: no CUDA or MPS device found, running on the CPU")
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -195,7 +186,6 @@ class TrainResult:
     state: FitState
     classes: list[str]
     epochs_run: int = 0  # epochs trained by this call (0: a resumed run that had already finished)
-    test_metrics: dict | None = None
 
 
 RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra")  # options that leave the run's results alone
@@ -214,8 +204,8 @@ def _check_resumable(ckpt: Checkpoint, config: TrainConfig, classes: list[str], 
 
 
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
-                 device: torch.device | str = "cpu", cat_to_name: dict[str, str] | None = None,
-                 resume: str | Path | None = None, backbone: Backbone | None = None,
+                 device: torch.device | str = "cpu", cat_to_name: dict[str, str] | str | Path | None = None,
+                 resume: str | Path | bool | None = None, backbone: Backbone | None = None,
                  cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
                  progress: bool = True) -> TrainResult:
     """Load data, build the frozen backbone and a new head, train, keep best and last checkpoints.
@@ -224,19 +214,26 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     the stored features (see `features`, which caches them under `cache_dir`); otherwise every epoch
     runs the backbone on freshly augmented images (the classic loop). Under torchrun (see
     `distributed`) the cached path splits the work between the processes.
+
+    `device`: one this machine has (`select_device(gpu=True)` picks one, or the CPU). `cat_to_name`:
+    a dict or a JSON file's path. `resume`: a last.pth or its folder, or True for `save_dir`.
     """
-    device = torch.device(device)
+    device = check_device(device)
     save_dir = Path(save_dir)
     seed_everything(config.seed)
     # Everything that can be refused is checked before weights are downloaded or features computed.
+    get_spec(config.arch)
     for split in ("train", "valid"):
         split_dir(data_dir, split)
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
+    classes = find_classes(split_dir(data_dir, "train"))
+    cat_to_name = as_category_names(cat_to_name)
+    if cat_to_name is not None:
+        _check_names(cat_to_name, Path(data_dir), classes, log)
     saved = None
-    if resume is not None:
-        classes = find_classes(split_dir(data_dir, "train"))
-        resume, saved = _load_resume(Path(resume), config, classes)
+    if resume is not None and resume is not False:
+        resume, saved = _load_resume(save_dir if resume is True else Path(resume), config, classes)
         if saved["epoch"] >= config.epochs:
             log(f"{resume} already finished {saved['epoch']} of {config.epochs} epochs; nothing to train "
                 f"(raise --epochs to train more)")
@@ -258,11 +255,6 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
                                    num_workers=config.num_workers, seed=config.seed, pin_memory=pin)
         valid_loader = make_loader(valid_set, batch_size=config.batch_size, shuffle=False,
                                    num_workers=config.num_workers, pin_memory=pin)
-    if cat_to_name is not None:
-        missing = [c for c in classes if c not in cat_to_name]
-        if missing:
-            log(f"warning: the category names file has no name for {len(missing)} categories "
-                f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
 
     torch.manual_seed(config.seed)  # the head's initial weights do not depend on how the data was set up
     head = build_head(backbone.feature_dim, config.hidden_units, len(classes), config.dropout)
@@ -298,6 +290,22 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
     return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, state, classes, state.epoch - first_epoch)
+
+
+def _check_names(names: dict[str, str], data_dir: Path, classes: list[str], log) -> None:
+    """Warn about categories without a name, and about names that contradict the data folder's own
+    cat_to_name.json (the 102 Oxford names given for other categories, say)."""
+    missing = [c for c in classes if c not in names]
+    if missing:
+        log(f"warning: the category names file has no name for {len(missing)} categories "
+            f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
+    own = data_dir / "cat_to_name.json"
+    if own.is_file():
+        reference = read_category_names(own)
+        differ = disagreement(names, reference, classes)
+        if differ:
+            log(describe_disagreement("the category names given", own, differ, names, reference, classes)
+                + f"; pass --category_names {own}")
 
 
 def check_save_dir(save_dir: Path) -> None:

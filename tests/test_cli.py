@@ -74,7 +74,7 @@ def test_a_names_file_that_disagrees_with_the_trained_names_is_flagged(trained, 
                                                          "--category_names", str(other)]) == 0
     captured = capsys.readouterr()
     [warning] = captured.err.strip().splitlines()
-    assert f"{other} names 6 of the model's 12 categories otherwise than the names it was trained with" in warning
+    assert f"{other} names 6 of the 12 categories otherwise than the names the model was trained with" in warning
     assert "(category 1: 'not flower 1', not 'flower 1')" in warning and "leave out --category_names" in warning
     assert "not flower 1" in captured.out  # the file given still wins
 

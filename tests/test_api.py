@@ -1,0 +1,118 @@
+"""The package as a developer calls it from Python: train, reload, predict, export; and the one-line
+errors it gives when called the wrong way."""
+import json
+
+import pytest
+import torch
+
+import flower_classifier as fc
+from flower_classifier.config import TrainConfig
+from flower_classifier.errors import UserError
+
+from conftest import make_dataset, make_image
+
+QUIET = dict(progress=False, log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("api") / "flowers", ["1", "2", "3"],
+                        per_split={"train": 4, "valid": 2, "test": 2})
+
+
+def _config(**kw):
+    return TrainConfig(**{"arch": "tiny", "epochs": 1, "num_workers": 0, "hidden_units": (8,), **kw})
+
+
+def test_train_reload_predict_export_from_python(data, tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "daisy", "2": "rose", "3": "tulip"}))
+    result = fc.run_training(_config(), data, save_dir=tmp_path / "ck", cat_to_name=str(names), **QUIET)
+    assert isinstance(result, fc.TrainResult) and result.epochs_run == 1
+    model, ckpt = fc.load_model(result.best_path)
+    assert ckpt.cat_to_name == {"1": "daisy", "2": "rose", "3": "tulip"}  # read from the path given
+    photo = next((data / "test" / "2").iterdir())
+    top = fc.predict(photo, model, top_k=3)
+    assert sorted(top.names) == ["daisy", "rose", "tulip"]
+    onnx = fc.export_onnx(result.best_path, tmp_path / "model.onnx")
+    again = fc.OnnxClassifier(onnx).predict(photo, 3)
+    assert again.categories == top.categories
+    assert again.probabilities == pytest.approx(top.probabilities, abs=1e-4)
+
+
+def test_config_refuses_wrong_types_in_one_line():
+    assert TrainConfig(hidden_units=512).hidden_units == (512,)
+    for kw, needle in [({"epochs": "5"}, "epochs must be an integer (got '5')"),
+                       ({"epochs": 2.5}, "epochs must be an integer"),
+                       ({"learning_rate": "0.01"}, "learning_rate must be a number"),
+                       ({"hidden_units": "512"}, "hidden_units must be a list of integers"),
+                       ({"augment": 1}, "augment must be True or False")]:
+        with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            TrainConfig(**kw)
+
+
+def test_run_training_refusals_come_before_any_folder_is_made(data, tmp_path):
+    save = tmp_path / "ck"
+    with pytest.raises(UserError, match="unknown --arch 'vgg'"):
+        fc.run_training(_config(arch="vgg"), data, save_dir=save, **QUIET)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device 'cuda' is not available on this machine; use 'cpu'"):
+            fc.run_training(_config(), data, save_dir=save, device="cuda", **QUIET)
+    with pytest.raises(UserError, match="category names must be a dict or a JSON file's path"):
+        fc.run_training(_config(), data, save_dir=save, cat_to_name=["daisy"], **QUIET)
+    assert not save.exists()
+
+
+def test_resume_true_means_the_save_dir(data, tmp_path):
+    fc.run_training(_config(), data, save_dir=tmp_path / "ck", **QUIET)
+    messages = []
+    result = fc.run_training(_config(epochs=2), data, save_dir=tmp_path / "ck", resume=True,
+                             progress=False, log=messages.append)
+    assert result.epochs_run == 1 and any("Resuming from" in m and "after epoch 1" in m for m in messages)
+
+
+def test_names_that_contradict_the_data_folders_own_file_are_flagged(data, tmp_path):
+    (data / "cat_to_name.json").write_text(json.dumps({"1": "daisy", "2": "rose", "3": "tulip"}))
+    try:
+        messages = []
+        fc.run_training(_config(), data, save_dir=tmp_path / "ck",
+                        cat_to_name={"1": "pink primrose", "2": "rose", "3": "tulip"},
+                        progress=False, log=messages.append)
+    finally:
+        (data / "cat_to_name.json").unlink()
+    [warning] = [m for m in messages if m.startswith("warning")]
+    assert "names 1 of the 3 categories otherwise than" in warning and "cat_to_name.json" in warning
+    assert "(category 1: 'pink primrose', not 'daisy')" in warning
+
+
+def test_a_head_that_does_not_match_its_config_is_refused_at_save(data, tmp_path):
+    result = fc.run_training(_config(), data, save_dir=tmp_path / "ck", **QUIET)
+    ckpt = fc.load_checkpoint(result.best_path)
+    ckpt.head_state = fc.build_head(16, (4, 4), 3, 0.0).state_dict()  # rebuilt without updating the config
+    with pytest.raises(UserError, match=r"head's layer sizes \[4, 4, 3\] differ from .* \(\[8, 3\]"):
+        fc.save_checkpoint(ckpt, tmp_path / "bad.pth")
+    assert not (tmp_path / "bad.pth").exists()
+    torch.save({**torch.load(result.best_path, weights_only=True), "head_state": ckpt.head_state},
+               tmp_path / "old.pth")  # such a file written some other way still loads as one clear line
+    with pytest.raises(UserError, match="cannot build the model: the head's layer sizes"):
+        fc.load_model(tmp_path / "old.pth")
+
+
+def test_predict_and_export_called_the_wrong_way(data, tmp_path):
+    result = fc.run_training(_config(), data, save_dir=tmp_path / "ck", **QUIET)
+    loaded = fc.load_model(result.best_path)
+    model = loaded[0]
+    photo = make_image(tmp_path / "p.png", (10, 200, 10))
+    cases = [
+        (lambda: fc.predict(photo, loaded), "load_model returns (model, checkpoint): pass the model"),
+        (lambda: fc.predict(photo, fc.FlowerClassifier(torch.nn.Identity(), torch.nn.Identity())),
+         "predict needs a model from load_model or build_model"),
+        (lambda: fc.predict(photo, model, top_k="3"), "must be an integer"),
+        (lambda: fc.predict(torch.zeros(3, 8, 8).numpy(), model), "an image must be a file path, the bytes"),
+        (lambda: fc.export_onnx(model, tmp_path / "m.onnx"), "export_onnx takes the checkpoint file's path"),
+        (lambda: fc.export_onnx(result.best_path, tmp_path / "m.bin"), "must end in .onnx"),
+    ]
+    for call, needle in cases:
+        with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")) as caught:
+            call()
+        assert "\n" not in str(caught.value)
