@@ -4,7 +4,9 @@
 
 The knobs live in the notebook's cell tagged `parameters`; the given values go into a new cell right
 after it (tagged `injected-parameters`), so the notebook's own defaults stay as they are. Values are
-Python literals (5, 0.01, [256], None) or else plain strings (paths, names).
+Python literals (5, 0.01, [256], None) or else plain strings (paths, names). The kernel runs in the
+caller's current folder, so relative paths (in `-p` values, the knobs' defaults, `--save_to`) all
+mean what they would for any other command run there.
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ def parse_value(text: str):
         return text
 
 
+def knob_names(source: str) -> list[str]:
+    """The names the parameters cell assigns (`NAME = value`), in order; comments and values do not count."""
+    return [target.id for statement in ast.parse(source).body if isinstance(statement, ast.Assign)
+            for target in statement.targets if isinstance(target, ast.Name)]
+
+
 def inject_parameters(nb, parameters: dict):
     """Insert `NAME = value` lines after the cell tagged `parameters`; returns the notebook."""
     import nbformat
@@ -32,10 +40,11 @@ def inject_parameters(nb, parameters: dict):
                  None)
     if index is None:
         raise ValueError(f"the notebook has no cell tagged {PARAMETERS_TAG!r}")
-    known = nb.cells[index].source
-    unknown = [name for name in parameters if f"{name} =" not in known]
+    # Whole names only: `UNITS` is not a knob just because `HIDDEN_UNITS` is.
+    known = knob_names(nb.cells[index].source)
+    unknown = [name for name in parameters if name not in known]
     if unknown:
-        raise ValueError(f"not knobs of this notebook: {', '.join(unknown)}")
+        raise ValueError(f"not knobs of this notebook: {', '.join(unknown)} (its knobs: {', '.join(known)})")
     source = "# Injected parameters\n" + "".join(f"{k} = {v!r}\n" for k, v in parameters.items())
     cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(index + 1, cell)
@@ -44,8 +53,9 @@ def inject_parameters(nb, parameters: dict):
 
 def execute_notebook(path: str | Path, parameters: dict | None = None, *, cwd: str | Path | None = None,
                      timeout: int = 600, save_to: str | Path | None = None):
-    """Execute the notebook (in `cwd`, default its folder); raises nbclient's CellExecutionError on
-    the first failing cell. Returns the executed notebook, also written to `save_to` if given."""
+    """Execute the notebook in `cwd` (default: the current folder, so that relative paths mean the
+    same in `parameters` as in `save_to`); raises nbclient's CellExecutionError on the first failing
+    cell. Returns the executed notebook, also written to `save_to` if given."""
     import nbformat
     from nbclient import NotebookClient
 
@@ -55,8 +65,10 @@ def execute_notebook(path: str | Path, parameters: dict | None = None, *, cwd: s
         inject_parameters(nb, parameters)
     # Let the kernel pick its own inline backend even when the caller forces a headless one.
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    # The notebook imports modules that sit next to it (workspace_utils), wherever the kernel runs.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path.resolve().parent), env.get("PYTHONPATH")]))
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(cwd or path.parent)}})
+                            resources={"metadata": {"path": str(cwd or Path.cwd())}})
     try:
         client.execute(env=env)
     finally:
@@ -70,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flower_classifier.notebook", description=__doc__.split("\n")[0])
     parser.add_argument("notebook", help="the .ipynb file to execute")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                        help="override a knob of the parameters cell (repeatable)")
+                        help="override a knob of the parameters cell (repeatable); "
+                             "relative paths are relative to the current folder")
     parser.add_argument("--save_to", default=None, help="write the executed notebook (with outputs) here")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per cell (default: 1800)")
     args = parser.parse_args(argv)
