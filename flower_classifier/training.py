@@ -7,7 +7,6 @@ exactly as the uninterrupted run would have: no random-number state needs saving
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -29,10 +28,10 @@ from .devices import check_device, select_device  # noqa: F401  (select_device: 
 from .data import find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
-from .names import as_category_names, describe_disagreement, disagreement, read_category_names
+from .names import as_category_names
+from .preflight import LAST_NAME, check_names, check_save_dir, load_resume
 
 BEST_NAME = "checkpoint.pth"  # the best epoch by validation accuracy: what predict.py loads
-LAST_NAME = "last.pth"  # the latest finished epoch
 STATE_NAME = "last.state.pth"  # optimizer state and history, to resume from LAST_NAME
 
 
@@ -188,21 +187,6 @@ class TrainResult:
     epochs_run: int = 0  # epochs trained by this call (0: a resumed run that had already finished)
 
 
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra")  # options that leave the run's results alone
-
-
-def _check_resumable(ckpt: Checkpoint, config: TrainConfig, classes: list[str], path: Path) -> None:
-    """A resumed run must be the same run: same categories and every option but --epochs/--workers."""
-    saved, now = ckpt.config.to_dict(), config.to_dict()
-    changed = [f"{k} {now.get(k)!r} (saved run: {v!r})" for k, v in saved.items()
-               if k not in RESUME_MAY_CHANGE and now.get(k) != v]
-    if ckpt.classes != classes:
-        changed.append(f"categories ({len(classes)} here, {len(ckpt.classes)} in the saved run)")
-    if changed:
-        raise UserError(f"cannot resume from {path}: this run differs in {'; '.join(changed)}; "
-                        f"use the saved run's options or a new --save_dir")
-
-
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
                  device: torch.device | str = "cpu", cat_to_name: dict[str, str] | str | Path | None = None,
                  resume: str | Path | bool | None = None, backbone: Backbone | None = None,
@@ -230,10 +214,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     classes = find_classes(split_dir(data_dir, "train"))
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
-        _check_names(cat_to_name, Path(data_dir), classes, log)
+        check_names(cat_to_name, Path(data_dir), classes, log)
     saved = None
     if resume is not None and resume is not False:
-        resume, saved = _load_resume(save_dir if resume is True else Path(resume), config, classes)
+        resume, saved = load_resume(save_dir if resume is True else Path(resume), config, classes)
         if saved["epoch"] >= config.epochs:
             log(f"{resume} already finished {saved['epoch']} of {config.epochs} epochs; nothing to train "
                 f"(raise --epochs to train more)")
@@ -290,45 +274,3 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
     return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, state, classes, state.epoch - first_epoch)
-
-
-def _check_names(names: dict[str, str], data_dir: Path, classes: list[str], log) -> None:
-    """Warn about categories without a name, and about names that contradict the data folder's own
-    cat_to_name.json (the 102 Oxford names given for other categories, say)."""
-    missing = [c for c in classes if c not in names]
-    if missing:
-        log(f"warning: the category names file has no name for {len(missing)} categories "
-            f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
-    own = data_dir / "cat_to_name.json"
-    if own.is_file():
-        reference = read_category_names(own)
-        differ = disagreement(names, reference, classes)
-        if differ:
-            log(describe_disagreement("the category names given", own, differ, names, reference, classes)
-                + f"; pass --category_names {own}")
-
-
-def check_save_dir(save_dir: Path) -> None:
-    """A --save_dir that cannot hold checkpoints is refused now, not after the first epoch's work."""
-    if save_dir.exists() and not save_dir.is_dir():
-        raise UserError(f"--save_dir {save_dir} is a file; pass a folder for the checkpoints")
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--save_dir {save_dir}: cannot create it ({e.strerror}); "
-                        f"pass a folder you can write to") from None
-    if not os.access(save_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--save_dir {save_dir} is not writable; pass a folder you can write to")
-
-
-def _load_resume(path: Path, config: TrainConfig, classes: list[str]) -> tuple[Path, dict]:
-    """The last checkpoint to continue from and its training state (head, optimizer, history), after
-    checking that this run's options match the saved run's."""
-    if path.is_dir() or not path.suffix:  # a --save_dir, even one that does not exist
-        path = path / LAST_NAME
-    if not path.is_file():
-        raise UserError(f"nothing to resume: {path} does not exist; train without --resume first, "
-                        f"or pass the {LAST_NAME} to continue from")
-    _check_resumable(ckpt_io.load_checkpoint(path), config, classes, path)
-    state_path = path.with_name(path.name.replace(".pth", ".state.pth"))
-    return path, ckpt_io.load_training_state(state_path)
