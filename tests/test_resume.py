@@ -14,8 +14,11 @@ from conftest import ROOT, make_dataset
 from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.cli import single_command_main
 
-# Three epochs of about a second each on a loaded 2-core machine (epochs are made slow by data size).
-ARGS = ["--arch", "tiny", "--epochs", "3", "--hidden_units", "16", "--batch_size", "8", "--seed", "3", "--quiet"]
+# The classic loop (images decoded and augmented every epoch), so that an epoch lasts about a second
+# and a signal sent once epoch 1 is saved lands inside epoch 2; on cached features an epoch takes
+# milliseconds and could end first. The cached path's resume is tested in test_features.py.
+ARGS = ["--arch", "tiny", "--epochs", "3", "--hidden_units", "16", "--batch_size", "8", "--seed", "3", "--quiet",
+        "--classic"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the in-process runs below use one thread too
 
 
