@@ -28,7 +28,8 @@ from flower_classifier.config import TrainConfig  # noqa: E402
 from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
 from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402
 from flower_classifier.features import centre_view, extract_features  # noqa: E402
-from flower_classifier.training import run_training, select_device  # noqa: E402
+from flower_classifier.devices import select_device  # noqa: E402
+from flower_classifier.training import run_training  # noqa: E402
 
 
 def timed(fn, repeat: int = 1):

@@ -61,7 +61,6 @@ class BackboneSpec:
     weights_status: Callable[[], str] = lambda: "random weights"  # are the weights here, or what to do
 
 
-
 def freeze(module: nn.Module) -> nn.Module:
     """No gradients and eval mode: BatchNorm statistics and dropout stay as pretrained."""
     module.requires_grad_(False)
@@ -82,13 +81,17 @@ def _tv_preprocessing(arch: str) -> Preprocessing:
                          std=tuple(t.std), interpolation=t.interpolation.value)
 
 
+def _tv_cache_dir() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints")  # where torchvision keeps downloaded weights
+
+
 def _tv_status(arch: str) -> str:
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(_tv_weights(arch).url))
+    cached = os.path.join(_tv_cache_dir(), os.path.basename(_tv_weights(arch).url))
     return "weights cached" if os.path.isfile(cached) else "weights download on first use (needs internet once)"
 
 
 def _download_failed(arch: str, url: str, exc: Exception) -> UserError:
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
+    cache = _tv_cache_dir()
     reason = getattr(exc, "reason", None) or exc
     return UserError(
         f"could not download the pretrained {arch} weights from {url} ({reason}). Connect to the "

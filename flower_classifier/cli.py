@@ -16,12 +16,11 @@ import sys
 from pathlib import Path
 
 from .cli_args import (EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, add_gpu_argument, add_workers_argument,
-                       non_negative_float, non_negative_int, number_type, positive_float, positive_int,
-                       read_category_names)
+                       non_negative_float, non_negative_int, number_type, positive_float, positive_int)
 from .cli_tools import TOOL_COMMANDS
 from .config import DEFAULTS_FILE, TrainConfig, load_defaults
 from .errors import Interrupted, UserError
-from .names import describe_disagreement, disagreement
+from .names import disagreement_warning, read_category_names
 
 
 # ---------------------------------------------------------------- train
@@ -110,7 +109,8 @@ def run_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .backbones import get_spec
 
-    get_spec(config.arch)  # an unknown --arch fails before any data is read
+    # run_training checks these too; here they come before the device note and torchrun's start-up.
+    get_spec(config.arch)
     if distributed.is_main():
         _say_saved_defaults(args)
     names = read_category_names(args.category_names) if args.category_names else None
@@ -217,10 +217,9 @@ def check_names_match(names: dict[str, str], classes: list[str], path: str,
         raise UserError(f"--category_names {path} names none of the model's categories "
                         f"({', '.join(classes[:5])}...); pass the names file the model was trained with")
     warnings = [f"warning: {path} has no name for categories {', '.join(missing[:5])}"] if missing else []
-    differ = disagreement(names, saved or {}, classes)
+    differ = disagreement_warning(names, saved or {}, classes, path, "the names the model was trained with")
     if differ:
-        warnings.append(describe_disagreement(path, "the names the model was trained with", differ, names, saved,
-                                              classes) + "; leave out --category_names to use the trained names")
+        warnings.append(f"{differ}; leave out --category_names to use the trained names")
     return warnings
 
 

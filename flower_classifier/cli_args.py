@@ -1,11 +1,9 @@
 """What every command-line face shares: a parser that reports a bad option in one line, checked
-number types, the common options, and reading a category-names file."""
+number types and the common options."""
 from __future__ import annotations
 
 import argparse
 import os
-
-from .names import read_category_names  # noqa: F401  (re-exported for the commands)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130

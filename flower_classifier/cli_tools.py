@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_args import (add_gpu_argument, add_workers_argument, number_type, positive_float, positive_int,
-                       read_category_names)
+from .cli_args import add_gpu_argument, add_workers_argument, number_type, positive_float, positive_int
 from .errors import UserError
+from .names import read_category_names
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

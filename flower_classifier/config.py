@@ -32,13 +32,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Types first: a string or a float here would otherwise fail deep inside training.
-        if isinstance(self.hidden_units, int) and not isinstance(self.hidden_units, bool):
+        if _is(self.hidden_units, numbers.Integral):
             self.hidden_units = (self.hidden_units,)  # `hidden_units=512` means one hidden layer
-        if isinstance(self.hidden_units, (str, bytes)) or not _all(self.hidden_units, int):
+        if isinstance(self.hidden_units, (str, bytes)) or not _all_are(self.hidden_units, numbers.Integral):
             raise UserError(f"hidden_units must be a list of integers, e.g. [512] (got {self.hidden_units!r})")
         self.hidden_units = tuple(int(h) for h in self.hidden_units)
-        wrong = [f"{name} must be {_KINDS[kind][1]} (got {getattr(self, name)!r})"
-                 for name, kind in _TYPES.items() if not _all([getattr(self, name)], kind)]
+        wrong = [f"{name} must be {what} (got {getattr(self, name)!r})"
+                 for name, (kind, what) in _TYPES.items() if not _is(getattr(self, name), kind)]
         if wrong:
             raise UserError("; ".join(wrong))
         problems = []
@@ -76,25 +76,23 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-class _Number:
-    """int or float (numpy's too), not bool."""
+def _is(value, kind) -> bool:
+    """isinstance, except that True and False count only as bool, not as numbers."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
-_KINDS = {int: (numbers.Integral, "an integer"), _Number: (numbers.Real, "a number"), bool: (bool, "True or False"),
-          str: (str, "a string"), dict: (dict, "a dict")}
-
-
-def _all(values, kind) -> bool:
+def _all_are(values, kind) -> bool:
     try:
-        values = list(values)
-    except TypeError:
+        return all(_is(v, kind) for v in values)
+    except TypeError:  # not iterable
         return False
-    return all(isinstance(v, _KINDS[kind][0]) and (kind is bool or not isinstance(v, bool)) for v in values)
 
 
-_TYPES = {"arch": str, "dropout": _Number, "learning_rate": _Number, "weight_decay": _Number, "epochs": int,
-          "batch_size": int, "seed": int, "num_workers": int, "label_smoothing": _Number, "augment": bool,
-          "feature_cache": bool, "augmented_views": int, "extra": dict}
+_INTEGER, _NUMBER = (numbers.Integral, "an integer"), (numbers.Real, "a number")  # numpy's too
+_TYPES = {"arch": (str, "a string"), "dropout": _NUMBER, "learning_rate": _NUMBER, "weight_decay": _NUMBER,
+          "epochs": _INTEGER, "batch_size": _INTEGER, "seed": _INTEGER, "num_workers": _INTEGER,
+          "label_smoothing": _NUMBER, "augment": (bool, "True or False"), "feature_cache": (bool, "True or False"),
+          "augmented_views": _INTEGER, "extra": (dict, "a dict")}
 
 
 def load_defaults(path: Path = DEFAULTS_FILE) -> dict:

@@ -35,12 +35,13 @@ def as_category_names(names: Mapping | str | Path | None) -> dict[str, str] | No
     return {str(k): str(v) for k, v in names.items()}
 
 
-def disagreement(names: Mapping[str, str], reference: Mapping[str, str], classes: list[str]) -> list[str]:
-    """The categories that both name, but differently: a names file meant for another data set."""
-    return [c for c in classes if c in names and c in reference and names[c] != reference[c]]
-
-
-def describe_disagreement(path, other: str, differ: list[str], names, reference, classes) -> str:
+def disagreement_warning(names: Mapping[str, str], reference: Mapping[str, str], classes: list[str],
+                         path, other: str) -> str | None:
+    """A warning when `names` (from `path`) and `reference` (`other`) both name some categories, but
+    differently: a names file meant for another data set. None when they agree."""
+    differ = [c for c in classes if c in names and c in reference and names[c] != reference[c]]
+    if not differ:
+        return None
     c = differ[0]
     return (f"warning: {path} names {len(differ)} of the {len(classes)} categories otherwise than {other} "
             f"(category {c}: {names[c]!r}, not {reference[c]!r})")

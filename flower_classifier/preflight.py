@@ -9,7 +9,7 @@ from . import checkpoint as ckpt_io
 from .checkpoint import Checkpoint
 from .config import TrainConfig
 from .errors import UserError
-from .names import describe_disagreement, disagreement, read_category_names
+from .names import disagreement_warning, read_category_names
 
 LAST_NAME = "last.pth"  # the latest finished epoch; its training state sits beside it
 
@@ -38,11 +38,9 @@ def check_names(names: dict[str, str], data_dir: Path, classes: list[str], log) 
             f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
     own = data_dir / "cat_to_name.json"
     if own.is_file():
-        reference = read_category_names(own)
-        differ = disagreement(names, reference, classes)
-        if differ:
-            log(describe_disagreement("the category names given", own, differ, names, reference, classes)
-                + f"; pass --category_names {own}")
+        warning = disagreement_warning(names, read_category_names(own), classes, "the category names given", own)
+        if warning:
+            log(f"{warning}; pass --category_names {own}")
 
 
 def check_save_dir(save_dir: Path) -> None:

@@ -24,7 +24,7 @@ from . import distributed
 from .backbones import Backbone, build_backbone, get_spec
 from .checkpoint import Checkpoint
 from .config import TrainConfig
-from .devices import check_device, select_device  # noqa: F401  (select_device: re-exported)
+from .devices import check_device
 from .data import find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
@@ -207,11 +207,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     seed_everything(config.seed)
     # Everything that can be refused is checked before weights are downloaded or features computed.
     get_spec(config.arch)
-    for split in ("train", "valid"):
-        split_dir(data_dir, split)
+    train_dir, _ = split_dir(data_dir, "train"), split_dir(data_dir, "valid")
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
-    classes = find_classes(split_dir(data_dir, "train"))
+    classes = find_classes(train_dir)
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)
