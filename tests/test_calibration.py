@@ -138,7 +138,7 @@ def test_round_trip_through_json_gives_the_same_answers(method):
     c = fitted(method, negatives=True)
     back = cal.Calibration.from_dict(json.loads(json.dumps(c.to_dict())), num_classes=4, feature_dim=32)
     assert (back.temperature, back.method, back.threshold, back.rule) == (c.temperature, method, c.threshold, c.rule)
-    assert "negatives" in back.rule
+    assert "negatives" in back.rule and back.summary() == c.summary() and method in c.summary()
     probe = np.random.default_rng(8).normal(size=(6, 32))
     logits = probe[:, :4]
     a, b = c.assess(logits, probe), back.assess(logits, probe)
