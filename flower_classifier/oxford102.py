@@ -63,7 +63,6 @@ TORCHVISION_SUBDIR = "flowers-102"
 _MEMBER = re.compile(r"(?:\./)?jpg/image_(\d{5})\.jpg")
 _MANUAL = (f"download {ARCHIVE}, {LABELS} and {SETID} from {BASE_URL} on a machine with internet, "
            f"copy them into one folder and pass it with --source DIR")
-_CLASSIC_SHARE = 10  # --split classic: one image in this many goes to valid, one to test
 
 
 def prepare_oxford102(out_dir: str | Path, *, source_dir: str | Path | None = None,
@@ -228,9 +227,9 @@ def _missing_files_message(source: Path, *, given: bool) -> str:
     best = max((source, source / TORCHVISION_SUBDIR), key=lambda d: len(_source_files(d)))
     have = _source_files(best)
     if not have and not given:
-        return (f"--no_download needs the Oxford 102 files: download {', '.join(BASE_URL + n for n in (ARCHIVE, LABELS, SETID))} "
-                f"on a machine with internet, put them in one folder and pass it with --source DIR "
-                f"(or drop --no_download)")
+        urls = ", ".join(BASE_URL + name for name in (ARCHIVE, LABELS, SETID))
+        return (f"--no_download needs the Oxford 102 files: download {urls} on a machine with internet, put "
+                f"them in one folder and pass it with --source DIR (or drop --no_download)")
     lacking = [n for n in (ARCHIVE, LABELS, SETID) if n not in have and not (n == ARCHIVE and "jpg/" in have)]
     if not have:
         return (f"--source {source}: holds none of {ARCHIVE}, {LABELS} and {SETID} (nor a torchvision "
@@ -302,11 +301,10 @@ def _read_metadata(source: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         path = source / SETID
         setid = loadmat(path)
         raw_ids = {s: setid[key].ravel() for s, key in SETID_KEYS.items()}
-        whole = lambda a: a.dtype.kind in "iu" or (a.dtype.kind == "f" and bool(np.all(np.isfinite(a) & (a == np.round(a)))))
-        if not whole(raw_labels):
+        if not _whole(raw_labels):
             raise UserError(f"{source / LABELS}: categories must be whole numbers from 1 to {CATEGORIES}; "
                             f"get a fresh copy from {BASE_URL}")
-        if not all(whole(ids) for ids in raw_ids.values()):
+        if not all(_whole(ids) for ids in raw_ids.values()):
             raise UserError(f"{source / SETID}: image ids must be whole numbers; get a fresh copy from {BASE_URL}")
         labels = raw_labels.astype(int)
         setids = {s: ids.astype(int) for s, ids in raw_ids.items()}
@@ -324,6 +322,18 @@ def _read_metadata(source: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     return labels, setids
 
 
+def _whole(numbers: np.ndarray) -> bool:
+    """Integers, or floats (MATLAB stores doubles) that are all finite whole numbers."""
+    if numbers.dtype.kind in "iu":
+        return True
+    return numbers.dtype.kind == "f" and bool(np.all(np.isfinite(numbers) & (numbers == np.round(numbers))))
+
+
+def _held_out(size: int) -> int:
+    """--split classic: how many of a category's `size` images go to valid, and as many to test."""
+    return (size + 5) // 10  # a tenth, rounded half up: none for a category of fewer than 5
+
+
 def _plan(labels: np.ndarray, setids: dict[str, np.ndarray], split: str) -> dict[int, tuple[str, str]]:
     """image id -> (split, category folder name)."""
     if split == "original":
@@ -336,7 +346,7 @@ def _plan(labels: np.ndarray, setids: dict[str, np.ndarray], split: str) -> dict
     for category in sorted(by_category):
         ids = by_category[category]
         rng.shuffle(ids)
-        tenth = (len(ids) + _CLASSIC_SHARE // 2) // _CLASSIC_SHARE  # a tenth, rounded half up
+        tenth = _held_out(len(ids))
         for n, image_id in enumerate(ids):
             s = "valid" if n < tenth else "test" if n < 2 * tenth else "train"
             plan[image_id] = (s, str(category))
@@ -346,11 +356,12 @@ def _plan(labels: np.ndarray, setids: dict[str, np.ndarray], split: str) -> dict
 def _warn_small_categories(labels: np.ndarray) -> None:
     """--split classic gives a category of fewer than 5 images no valid or test image: say which."""
     numbers, sizes = np.unique(labels, return_counts=True)
-    small = [(int(c), int(n)) for c, n in zip(numbers, sizes) if (n + _CLASSIC_SHARE // 2) // _CLASSIC_SHARE == 0]
+    small = [(int(c), int(n)) for c, n in zip(numbers, sizes) if _held_out(int(n)) == 0]
     if small:
-        shown = ", ".join(f"{c} ({n})" for c, n in small[:5]) + (f" and {len(small) - 5} more" if len(small) > 5 else "")
-        _warn(f"--split classic: {len(small)} {'category has' if len(small) == 1 else 'categories have'} fewer than "
-              f"{_CLASSIC_SHARE // 2} images, too few for a valid or test image, so they are in train only: "
+        shown = ", ".join(f"{c} ({n})" for c, n in small[:5])
+        shown += f" and {len(small) - 5} more" if len(small) > 5 else ""
+        _warn(f"--split classic: {len(small)} {'category has' if len(small) == 1 else 'categories have'} fewer "
+              f"than 5 images, too few for a valid or test image, so they are in train only: "
               f"{shown} (category (images))")
 
 
