@@ -128,12 +128,14 @@ def scan_category(folder: Path) -> tuple[list[Path], list[Path]]:
     """(photos, other files) in a category folder and its subfolders, each list sorted by path.
 
     A photo is a file with an image extension; hidden files and folders count as neither. Folder
-    links are followed, each real folder once (a link to a parent folder does not loop).
+    links are followed, each real folder once, except links back up to the folder or above it (a
+    loop, or another category's photos).
     """
     photos, others, seen = [], [], set()
+    top = Path(os.path.realpath(folder))
     for where, folders, names in os.walk(folder, followlinks=True):
         real = os.path.realpath(where)
-        if real in seen:
+        if real in seen or (seen and top.is_relative_to(real)):
             folders[:] = []
             continue
         seen.add(real)

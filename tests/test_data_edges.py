@@ -116,6 +116,7 @@ def test_a_category_with_photos_only_in_subfolders_is_not_empty(tmp_path):
 def test_a_folder_link_loop_is_followed_once(tmp_path):
     root = make_dataset(tmp_path / "d", ["1", "2"], per_split={"train": 1})
     os.symlink(root / "train" / "1", root / "train" / "1" / "again")  # a loop: 1/again -> 1
+    os.symlink(root / "train", root / "train" / "1" / "up")  # up to the split: category 2's photos
     linked = make_image(tmp_path / "elsewhere" / "e.jpg", (10, 10, 10)).parent
     os.symlink(linked, root / "train" / "2" / "linked")  # a link to another folder is looked into
     assert [p.name for p in data.list_photos(root / "train" / "1")] == ["train_1_0.jpg"]
