@@ -68,13 +68,9 @@ def check_data_dir(data_dir: str | Path) -> Path:
 
 def find_splits(data_dir: str | Path) -> dict[str, Path]:
     """The split folders DATA holds, by split ("train", "valid", "test"); `val` counts as `valid`."""
-    data_dir = Path(data_dir)
-    found = {}
-    for split, names in SPLIT_NAMES.items():
-        folder = next((data_dir / n for n in names if (data_dir / n).is_dir()), None)
-        if folder is not None:
-            found[split] = folder
-    return found
+    found = {split: next((Path(data_dir, n) for n in names if Path(data_dir, n).is_dir()), None)
+             for split, names in SPLIT_NAMES.items()}
+    return {split: folder for split, folder in found.items() if folder is not None}
 
 
 def split_dir(data_dir: str | Path, split: str) -> Path:
@@ -163,14 +159,12 @@ def refuse_unreadable_categories(root: Path, classes: list[str], readable: set[i
                         f"(`python -m flower_classifier check-data` names each file)")
 
 
-def _any_readable(paths: list[Path]) -> bool:
-    for path in paths:  # usually the first photo decodes: one decode per category
-        try:
-            load_image(path)
-            return True
-        except UserError:
-            continue
-    return False
+def _decodes(path: Path) -> bool:
+    try:
+        load_image(path)
+        return True
+    except UserError:
+        return False
 
 
 # ---------------------------------------------------------------- photos as tensors
@@ -250,7 +244,8 @@ class FlowerFolder(PhotoList):
         by_class: dict[int, list[Path]] = {}
         for path, label in self.samples:
             by_class.setdefault(label, []).append(path)
-        readable = {label for label, paths in by_class.items() if _any_readable(paths)}
+        # any() stops at the first photo that decodes: usually one decode per category.
+        readable = {label for label, paths in by_class.items() if any(map(_decodes, paths))}
         refuse_unreadable_categories(self.root, self.classes, readable)
 
 
