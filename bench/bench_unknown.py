@@ -32,7 +32,7 @@ from flower_classifier import calibration as cal  # noqa: E402
 from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
-from flower_classifier.data import FlowerFolder, list_images, split_dir  # noqa: E402
+from flower_classifier.data import FlowerFolder, list_photos, split_dir  # noqa: E402
 from flower_classifier.features import FeatureStore, cached_features, centre_view  # noqa: E402
 from flower_classifier.model import build_head  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
@@ -48,7 +48,7 @@ def split_features(backbone, data_dir: Path, negatives_dir: Path, cache_dir) -> 
     folders = {"train": train, "valid": FlowerFolder(split_dir(data_dir, "valid"), classes=train.classes),
                "test": FlowerFolder(split_dir(data_dir, "test"), classes=train.classes)}
     samples = {name: folder.samples for name, folder in folders.items()}
-    samples["negatives"] = [(p, -1) for p in list_images(negatives_dir)]
+    samples["negatives"] = [(p, -1) for p in list_photos(negatives_dir)]
     out = {}
     for name, pairs in samples.items():
         x, ok = cached_features(backbone, [p for p, _ in pairs], centre_view(backbone), store, progress=False)
