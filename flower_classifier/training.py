@@ -72,10 +72,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
+    # Under torchrun each process saw its share: the epoch's figures are those of all the shares.
+    total_loss, correct, count = distributed.sum_over_processes(total_loss, correct, count)
     if count == 0:
         raise UserError("no training image could be loaded; check the data with "
                         "`python -m flower_classifier check-data DATA`")
-    return {"loss": total_loss / count, "accuracy": correct / count, "count": count}
+    return {"loss": total_loss / count, "accuracy": correct / count, "count": int(count)}
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
