@@ -32,10 +32,13 @@ class Number:
         if not math.isfinite(value):
             return f"must be a finite number (got {value})"
         if value < self.lo or (self.lo_open and value == self.lo):
-            return f"must be {'>' if self.lo_open else '>='} {self.lo:g} (got {value})"
+            return f"must be {'>' if self.lo_open else '>='} {self._show(self.lo)} (got {value})"
         if value > self.hi:
-            return f"must be <= {self.hi:g} (got {value})"
+            return f"must be <= {self._show(self.hi)} (got {value})"
         return None
+
+    def _show(self, bound: float) -> str:
+        return str(int(bound)) if self.kind is int else f"{bound:g}"
 
     def parse(self, text: str):
         """argparse's `type=`: the value, or ArgumentTypeError naming what is wrong."""
