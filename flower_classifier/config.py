@@ -100,15 +100,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if _is(self.hidden_units, numbers.Integral):
             self.hidden_units = (self.hidden_units,)  # `hidden_units=512` means one hidden layer
-        problems = [f"{name} {problem}" for name, problem in
-                    ((f.name, field_problem(f.name, getattr(self, f.name))) for f in dataclasses.fields(self))
-                    if problem]
+        problems = [f"{name} {problem}" for name in FIELDS if (problem := field_problem(name, getattr(self, name)))]
         if problems:
             raise UserError("; ".join(problems))
         self.hidden_units = tuple(int(h) for h in self.hidden_units)
-        for f in dataclasses.fields(self):
-            if f.metadata["number"] and f.metadata["number"].kind is float:
-                setattr(self, f.name, float(getattr(self, f.name)))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -133,7 +128,7 @@ def field_problem(name: str, value) -> str | None:
     command line's parsed values and hyperparameters.json."""
     meta = FIELDS[name].metadata
     if name == "hidden_units":
-        if isinstance(value, (str, bytes)) or not _all_are(value, numbers.Integral) or not value:
+        if not isinstance(value, (list, tuple)) or not value or not all(_is(h, numbers.Integral) for h in value):
             return f"must be a list of integers, e.g. [512] (got {value!r})"
         if len(value) > MAX_HIDDEN_LAYERS:
             return f"must have at most {MAX_HIDDEN_LAYERS} layers (got {len(value)})"
@@ -153,13 +148,6 @@ def flag(name: str) -> str:
 def _is(value, kind) -> bool:
     """isinstance, except that True and False count only as bool, not as numbers."""
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-
-
-def _all_are(values, kind) -> bool:
-    try:
-        return all(_is(v, kind) for v in values)
-    except TypeError:  # not iterable
-        return False
 
 
 def load_defaults(path: Path = DEFAULTS_FILE) -> dict:

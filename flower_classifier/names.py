@@ -63,11 +63,12 @@ def names_warnings(names: Mapping[str, str], classes: list[str], path, *, every:
     warnings = []
     missing = [c for c in classes if c not in names]
     if missing:
-        warnings.append(f"{path}: no name for {_count(missing, 'category', 'categories')} ({_listing(missing)}); "
-                        f"their numbers are shown instead")
-    extra = sorted((c for c in names if every is not None and c not in every), key=_natural)
+        warnings.append(f"{path}: no name for {len(missing)} categor{'y' if len(missing) == 1 else 'ies'} "
+                        f"({_listing(missing)}); their numbers are shown instead")
+    extra = sorted((c for c in names if every is not None and c not in every), key=lambda c: (len(c), c))  # 2 < 10
     if extra:
-        warnings.append(f"{path}: {_count(extra, 'name', 'names')} for categories that no split has ({_listing(extra)})")
+        warnings.append(f"{path}: {len(extra)} name{'s' * (len(extra) != 1)} for categories that no split has "
+                        f"({_listing(extra)})")
     differ = [c for c in classes if c in names and c in (reference or {}) and names[c] != reference[c]]
     if differ:
         c = differ[0]
@@ -83,14 +84,6 @@ def check_names(names: dict[str, str], data_dir: Path, classes: list[str], log) 
     for warning in names_warnings(names, classes, "the category names given", reference=own_names, other=own,
                                   fix=f"pass --category_names {own}"):
         log(f"warning: {warning}")
-
-
-def _natural(c: str) -> tuple:
-    return (0, int(c), "") if c.isdigit() else (1, 0, c)
-
-
-def _count(items: list, one: str, many: str) -> str:
-    return f"{len(items)} {one if len(items) == 1 else many}"
 
 
 def _listing(items: list, limit: int = 5) -> str:

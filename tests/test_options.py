@@ -72,7 +72,7 @@ def test_every_bad_number_on_the_command_line_is_one_line_and_exit_2(command, op
 
 def test_the_same_bad_numbers_through_train_py(tmp_path):
     """train.py, a fresh process: the refusal comes before anything is created."""
-    for args, option in [(["--batch_size", "1e20"], "--batch_size"), (["--label_smoothing", "nan"], "--label_smoothing"),
+    for args, option in [(["--batch_size", "1e20"], "--batch_size"), (["--label-smoothing", "nan"], "--label_smoothing"),
                          (["--hidden_units", "100000000000"], "--hidden_units"), (["--seed", "1e20"], "--seed")]:
         result = subprocess.run([sys.executable, "train.py", str(tmp_path / "D"), "--save_dir", str(tmp_path / "ck"),
                                  *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -147,7 +147,8 @@ def test_every_option_has_one_range_that_the_cli_and_the_config_share():
         parse = options[name].type
         for value in (number.lo if not number.lo_open else number.lo * 1.5 or 1e-9, number.hi):
             value = number.kind(value)
-            assert parse(str(value)) == value and field_problem(name, value if name != "hidden_units" else [value]) is None
+            assert parse(str(value)) == value
+            assert field_problem(name, value if name != "hidden_units" else [value]) is None
         for value in (number.hi + 1, number.lo - 1) if number.kind is int else (number.hi * 2 + 1, number.lo - 1):
             with pytest.raises(Exception):
                 parse(str(value))

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import MAX_IMBALANCE
+from ..config import MAX_IMBALANCE, Number
 from ..names import names_for_run
-from .options import add_shared, number
+from .options import add_shared
 
 
 def add_download_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def run_download(args: argparse.Namespace) -> int:
 def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", help="folder with train/ and valid/ (and test/) split folders of category folders")
     # A ratio: >= 1 by definition; beyond a million no split could be balanced enough to pass anyway.
-    p.add_argument("--max_imbalance", type=number(float, 1, 1e6), default=MAX_IMBALANCE,
+    p.add_argument("--max_imbalance", type=Number(float, 1, 1e6).parse, default=MAX_IMBALANCE,
                    help=f"flag a split whose largest category is this many times its smallest "
                         f"(default: {MAX_IMBALANCE:g})")
     add_shared(p, "--category_names", "--workers", "--quiet", workers={"help": "processes reading images"},

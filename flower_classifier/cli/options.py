@@ -1,13 +1,12 @@
-"""What every command shares: a parser that reports a bad option in one line (with the nearest
-right one), TrainConfig's options built from its fields, and the command-line-only options used by
-several commands, each declared once. Torch-free."""
+"""What the commands share: a parser that reports a bad option in one line, TrainConfig's options
+built from its fields, and the command-line-only options that several commands take."""
 from __future__ import annotations
 
 import argparse
 import difflib
 import os
 
-from ..config import FIELDS, WORKERS, Number, TrainConfig, flag
+from ..config import FIELDS, WORKERS, TrainConfig, flag
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -75,8 +74,3 @@ def add_shared(p: argparse.ArgumentParser, *flags: str, **changes) -> None:
     """The shared options `flags`; `changes` (e.g. workers={"help": ...}) adjust one by its name."""
     for f in flags:
         p.add_argument(f, **{**SHARED[f], **changes.get(f[2:], {})})
-
-
-def number(kind: type, lo: float, hi: float, lo_open: bool = False):
-    """argparse's `type=` for a command-line-only number option."""
-    return Number(kind, lo, hi, lo_open).parse

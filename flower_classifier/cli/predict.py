@@ -6,12 +6,13 @@ import argparse
 import json
 import sys
 
+from ..config import Number
 from ..errors import UserError
 from ..names import names_warnings, read_category_names
-from .options import add_shared, number
+from .options import add_shared
 
 # More rows than any classifier here has categories; the model's own count is checked later.
-TOP_K = number(int, 1, 10_000)
+TOP_K = Number(int, 1, 10_000).parse
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,8 +88,10 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="report", help="folder for report.txt, per_class.csv and the figures "
                    "(default: report)")
     # A table or a gallery longer than this is unreadable anyway.
-    p.add_argument("--top", type=number(int, 1, 10_000), default=10, help="confused pairs to list (default: 10)")
-    p.add_argument("--mistakes", type=number(int, 1, 1_000), default=8, help="mistakes in the gallery (default: 8)")
+    p.add_argument("--top", type=Number(int, 1, 10_000).parse, default=10,
+                   help="confused pairs to list (default: 10)")
+    p.add_argument("--mistakes", type=Number(int, 1, 1_000).parse, default=8,
+                   help="mistakes in the gallery (default: 8)")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -121,12 +124,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="an exported .onnx model (no torch needed) or a checkpoint (.pth)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines "
                    "(default: 127.0.0.1)")
-    p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=Number(int, 1, 65535).parse, default=8000, help="port (default: 8000)")
     # A photo is a few MB; 1 GB is far past any camera, and the decoder has its own pixel budget.
-    p.add_argument("--max_upload_mb", type=number(float, 0, 1024, lo_open=True), default=10.0,
+    p.add_argument("--max_upload_mb", type=Number(float, 0, 1024, lo_open=True).parse, default=10.0,
                    help="largest photo accepted, in MB (default: 10)")
     # Each run already uses every core: more than 64 at once only queues for memory.
-    p.add_argument("--parallel", type=number(int, 1, 64), default=1,
+    p.add_argument("--parallel", type=Number(int, 1, 64).parse, default=1,
                    help="model runs at once; each already uses every CPU core (default: 1)")
 
 

@@ -5,19 +5,16 @@ import argparse
 import signal
 from pathlib import Path
 
-from ..config import DEFAULTS_FILE, FIELDS, TrainConfig, flag, load_defaults
+from ..config import DEFAULTS_FILE, FIELDS, Number, TrainConfig, flag, load_defaults
 from ..errors import UserError
 from ..names import names_for_run
-from .options import add_config_options, add_shared, number
-
-TRAIN_OPTIONS = ("arch", "learning_rate", "hidden_units", "epochs", "batch_size", "dropout", "weight_decay",
-                 "label_smoothing", "seed", "augment", "feature_cache", "augmented_views")
+from .options import add_config_options, add_shared
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", help="folder with train/ and valid/ (and test/) split folders of category folders")
     p.add_argument("--save_dir", default="checkpoints", help="where checkpoints go (default: checkpoints)")
-    add_config_options(p, *TRAIN_OPTIONS)
+    add_config_options(p, *(name for name, f in FIELDS.items() if f.metadata["flag"] != ""))  # all of them
     add_shared(p, "--gpu", "--workers", "--cache_dir", "--category_names", "--quiet", workers={"dest": "num_workers"},
                category_names={"help": "JSON file of category -> flower name to store in the checkpoint (default: "
                                "DATA_DIR/cat_to_name.json when there is one, else none)"})
@@ -89,7 +86,8 @@ def run_train(args: argparse.Namespace) -> int:
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", help="folder with train/ and valid/ split folders of category folders")
     # Each trial is one head training: 10,000 is days of work already on VGG's features.
-    p.add_argument("--trials", type=number(int, 1, 10_000), default=30, help="head trainings to try (default: 30)")
+    p.add_argument("--trials", type=Number(int, 1, 10_000).parse, default=30,
+                   help="head trainings to try (default: 30)")
     add_config_options(p, "arch", "augmented_views", "seed", seed="seeds the search and every trial",
                        augmented_views="augmented copies per training image, as in train.py")
     p.add_argument("--out", default=str(DEFAULTS_FILE),
