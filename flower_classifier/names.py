@@ -54,14 +54,18 @@ def names_for_run(given: str | Path | None, data_dir: str | Path) -> tuple[dict[
     return None, "Category names: none (category numbers are shown; --category_names FILE to name them)"
 
 
-def names_warnings(names: Mapping[str, str], classes: list[str], path, *, every: set[str] | None = None,
+def names_warnings(names: Mapping[str, str], classes: list[str], path, *, required: bool = False,
+                   every: set[str] | None = None,
                    reference: Mapping[str, str] | None = None, other: str = "", fix: str = "") -> list[str]:
     """The one check of a names file (`path`: how to call it) against the categories `classes`: what
     it misses, names for categories in none of `every`, and names that contradict `reference` (what
     `other` calls it: a names file meant for another data set; `fix` says what to do). Warnings
-    without the "warning: "."""
+    without the "warning: "; with `required`, naming none of them is an error."""
     warnings = []
     missing = [c for c in classes if c not in names]
+    if required and len(missing) == len(classes):
+        raise UserError(f"--category_names {path} names none of the model's categories "
+                        f"({_listing(classes)}); pass the names file the model was trained with")
     if missing:
         warnings.append(f"{path}: no name for {len(missing)} categor{'y' if len(missing) == 1 else 'ies'} "
                         f"({_listing(missing)}); their numbers are shown instead")

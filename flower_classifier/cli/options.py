@@ -65,8 +65,6 @@ SHARED = {
                         "$FLOWER_CLASSIFIER_CACHE, else ~/.cache/flower_classifier/features)"),
     "--quiet": dict(action="store_true", help="no progress bars"),
     "--category_names": dict(default=None, help="JSON file of category -> flower name"),
-    "--batch_size": dict(type=FIELDS["batch_size"].metadata["number"].parse, default=TrainConfig.batch_size,
-                         help=f"images per batch (default: {TrainConfig.batch_size})"),
 }
 
 
@@ -74,3 +72,8 @@ def add_shared(p: argparse.ArgumentParser, *flags: str, **changes) -> None:
     """The shared options `flags`; `changes` (e.g. workers={"help": ...}) adjust one by its name."""
     for f in flags:
         p.add_argument(f, **{**SHARED[f], **changes.get(f[2:], {})})
+
+
+def as_flags(values: dict) -> str:
+    """{"hidden_units": [512, 256], ...} as the flags that give them: "--hidden_units 512 256 ..."."""
+    return " ".join(f"{flag(k)} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in values.items())

@@ -9,17 +9,17 @@ import sys
 from ..config import Number
 from ..errors import UserError
 from ..names import names_warnings, read_category_names
-from .options import add_shared
+from .options import add_config_options, add_shared
 
-# More rows than any classifier here has categories; the model's own count is checked later.
-TOP_K = Number(int, 1, 10_000).parse
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", help="photo to classify")
     p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth), or a "
                    "model.onnx from `export` (runs without torch)")
-    p.add_argument("--top_k", type=TOP_K, default=5, help="how many classes to show (default: 5)")
+    # 10,000: more rows than any classifier here has categories; the model's own count is checked later.
+    p.add_argument("--top_k", type=Number(int, 1, 10_000).parse, default=5,
+                   help="how many classes to show (default: 5)")
     add_shared(p, "--category_names", "--gpu", category_names={
         "help": "JSON file of category -> flower name (default: the names saved in the checkpoint, else category "
                 "numbers)"})
@@ -44,10 +44,7 @@ def run_predict(args: argparse.Namespace) -> int:
     check_top_k(args.top_k, len(model.classes))
     if args.category_names:
         saved, model.cat_to_name = model.cat_to_name, read_category_names(args.category_names)
-        if not any(c in model.cat_to_name for c in model.classes):
-            raise UserError(f"--category_names {args.category_names} names none of the model's categories "
-                            f"({', '.join(model.classes[:5])}...); pass the names file the model was trained with")
-        for w in names_warnings(model.cat_to_name, model.classes, args.category_names, reference=saved,
+        for w in names_warnings(model.cat_to_name, model.classes, args.category_names, required=True, reference=saved,
                                 other="the names the model was trained with",
                                 fix="leave out --category_names to use the trained names"):
             print(f"warning: {w}", file=sys.stderr)
@@ -67,7 +64,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     """A checkpoint and a labelled split to run it on: shared by `evaluate` and `report`."""
     p.add_argument("checkpoint", help="checkpoint saved by train.py")
     p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
-    add_shared(p, "--batch_size", "--workers", "--gpu")
+    add_config_options(p, "batch_size", batch_size="images per batch")
+    add_shared(p, "--workers", "--gpu")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@ import argparse
 import signal
 from pathlib import Path
 
-from ..config import DEFAULTS_FILE, FIELDS, Number, TrainConfig, flag, load_defaults
+from ..config import DEFAULTS_FILE, FIELDS, Number, TrainConfig, load_defaults
 from ..errors import UserError
 from ..names import names_for_run
-from .options import add_config_options, add_shared
+from .options import add_config_options, add_shared, as_flags
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +42,7 @@ def _say_saved_defaults(args: argparse.Namespace) -> None:
     path, saved = getattr(args, "saved_defaults", None) or (None, {})
     used = {k: v for k, v in saved.items() if getattr(args, k, None) == v}
     if used:
-        flags = " ".join(f"{flag(k)} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in used.items())
-        print(f"Defaults from {path} (written by `search`): {flags}; flags given here win")
+        print(f"Defaults from {path} (written by `search`): {as_flags(used)}; flags given here win")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -122,8 +121,7 @@ def run_search(args: argparse.Namespace) -> int:
     trial0 = next(r["valid_accuracy"] for r in results if r["trial"] == 0)
     print(f"Best of {len(results)} trials: valid accuracy {100 * best['valid_accuracy']:.1f}% (trial "
           f"{best['trial']}; trial 0 = the built-in defaults, {100 * trial0:.1f}%)")
-    print("  " + "  ".join(f"{flag(k)} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                           for k, v in best["params"].items() if k in SEARCHED))
+    print("  " + as_flags({k: v for k, v in best["params"].items() if k in SEARCHED}))
     if out.resolve() == DEFAULTS_FILE.resolve():
         print(f"Saved to {out}: train.py run from this folder now uses these as its defaults (flags still win)")
     else:
