@@ -340,3 +340,23 @@ def test_the_scripts_outside_the_environment_say_how_to_set_up(script, data, tmp
     err = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(err) == 1, result.stderr
     assert "lacks torch" in err[0] and "./setup.sh" in err[0] and f".venv/bin/python {script} ..." in err[0]
+
+
+def test_module_predict_on_an_onnx_model_runs_without_torch(tmp_path):
+    """`python -m flower_classifier predict PHOTO model.onnx`, torch unimportable: the parser, the
+    names check and ONNX Runtime need none of it."""
+    from app_models import tiny_checkpoint
+    from conftest import make_image
+    from flower_classifier.export import export_onnx
+
+    onnx = export_onnx(tiny_checkpoint(tmp_path / "tiny.pth"), tmp_path / "tiny.onnx")
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({str(i): f"bloom {i}" for i in range(1, 7)}))
+    photo = make_image(tmp_path / "p.jpg", (200, 40, 40))
+    code = "from flower_classifier.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = _without_torch(code, "predict", str(photo), str(onnx), "--top-k", "2", "--category_names", str(names),
+                            "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert len(rows) == 2 and all(r["name"].startswith("bloom ") for r in rows)
+    assert "otherwise than the names the model was trained with" in result.stderr  # flower N vs bloom N
