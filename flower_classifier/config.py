@@ -64,7 +64,7 @@ WORKERS = Number(int, 0, 256)  # processes; more than any machine here has cores
 
 def option(default, help: str, number: Number | None = None, *, flag: str | None = None, search=None, **argparse_kw):
     """A TrainConfig field: its default, its help text (the default is added), its range, its flag
-    (`--name` unless given; "" for none) and, for `search`, the values it samples."""
+    (`--name` unless given; "" for none built from the field) and, for `search`, the values it samples."""
     meta = dict(help=help, number=number, flag=flag, search=search, argparse=argparse_kw)
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -141,7 +141,8 @@ def field_problem(name: str, value) -> str | None:
 
 
 def flag(name: str) -> str:
-    """The command-line flag of TrainConfig's `name`."""
+    """The command-line flag of TrainConfig's `name`. num_workers is the --workers that several
+    commands share, with a default that depends on the machine (`cli.options.SHARED`)."""
     return FIELDS[name].metadata["flag"] or {"num_workers": "--workers"}.get(name) or f"--{name}"
 
 

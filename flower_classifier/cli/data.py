@@ -31,12 +31,11 @@ def run_download(args: argparse.Namespace) -> int:
 
 
 def add_check_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", help="folder with train/ and valid/ (and test/) split folders of category folders")
     # A ratio: >= 1 by definition; beyond a million no split could be balanced enough to pass anyway.
     p.add_argument("--max_imbalance", type=Number(float, 1, 1e6).parse, default=MAX_IMBALANCE,
                    help=f"flag a split whose largest category is this many times its smallest "
                         f"(default: {MAX_IMBALANCE:g})")
-    add_shared(p, "--category_names", "--workers", "--quiet", workers={"help": "processes reading images"},
+    add_shared(p, "data_dir", "--category_names", "--workers", "--quiet", workers={"help": "processes reading images"},
                category_names={"help": "JSON file of category -> flower name to compare with the category folders "
                                        "and the folder's own cat_to_name.json (default: that file, if any)"})
 

@@ -56,8 +56,9 @@ def add_config_options(p: argparse.ArgumentParser, *names: str, **helps: str) ->
                        help=f"{text} (default: {shown})", **meta["argparse"])
 
 
-# Command-line-only options that several commands share.
+# Command-line-only arguments that several commands share.
 SHARED = {
+    "data_dir": dict(help="folder with train/ and valid/ (and test/) split folders of category folders"),
     "--workers": dict(type=WORKERS.parse, default=min(4, os.cpu_count() or 1),
                       help="data-loading worker processes (default: min(4, CPU count))"),
     "--gpu": dict(action="store_true", help="use CUDA or Apple MPS if present (default: CPU)"),
@@ -69,9 +70,9 @@ SHARED = {
 
 
 def add_shared(p: argparse.ArgumentParser, *flags: str, **changes) -> None:
-    """The shared options `flags`; `changes` (e.g. workers={"help": ...}) adjust one by its name."""
+    """The shared arguments `flags`; `changes` (e.g. workers={"help": ...}) adjust one by its name."""
     for f in flags:
-        p.add_argument(f, **{**SHARED[f], **changes.get(f[2:], {})})
+        p.add_argument(f, **{**SHARED[f], **changes.get(f.lstrip("-"), {})})
 
 
 def as_flags(values: dict) -> str:

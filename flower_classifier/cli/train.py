@@ -12,7 +12,7 @@ from .options import add_config_options, add_shared, as_flags
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", help="folder with train/ and valid/ (and test/) split folders of category folders")
+    add_shared(p, "data_dir")
     p.add_argument("--save_dir", default="checkpoints", help="where checkpoints go (default: checkpoints)")
     add_config_options(p, *(name for name, f in FIELDS.items() if f.metadata["flag"] != ""))  # all of them
     add_shared(p, "--gpu", "--workers", "--cache_dir", "--category_names", "--quiet", workers={"dest": "num_workers"},
@@ -83,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", help="folder with train/ and valid/ split folders of category folders")
+    add_shared(p, "data_dir")
     # Each trial is one head training: 10,000 is days of work already on VGG's features.
     p.add_argument("--trials", type=Number(int, 1, 10_000).parse, default=30,
                    help="head trainings to try (default: 30)")
