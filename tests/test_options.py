@@ -203,6 +203,13 @@ def test_train_with_a_bad_hyperparameters_file_is_one_line_before_any_work(text,
     assert not (tmp_path / "ck").exists()
 
 
+def test_values_are_said_as_the_flags_that_give_them():
+    from flower_classifier.cli.options import as_flags
+
+    assert as_flags({"hidden_units": [512, 256], "augment": False, "feature_cache": True, "num_workers": 3,
+                     "learning_rate": 0.01}) == "--hidden_units 512 256 --no_augment --workers 3 --learning_rate 0.01"
+
+
 def test_unknown_keys_of_a_hyperparameters_file_are_ignored(tmp_path):
     path = tmp_path / "hp.json"
     path.write_text(json.dumps({"hyperparameters": {"learning_rate": 0.01, "optimizer": "sgd", "extra": 3}}))

@@ -76,5 +76,7 @@ def add_shared(p: argparse.ArgumentParser, *flags: str, **changes) -> None:
 
 
 def as_flags(values: dict) -> str:
-    """{"hidden_units": [512, 256], ...} as the flags that give them: "--hidden_units 512 256 ..."."""
-    return " ".join(f"{flag(k)} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in values.items())
+    """{"hidden_units": [512, 256], "augment": False, ...} as the flags that give them: "--hidden_units
+    512 256 --no_augment ..." (a switch turns a True default off, so True needs no flag)."""
+    shown = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    return " ".join(flag(k) if isinstance(v, bool) else f"{flag(k)} {shown(v)}" for k, v in values.items() if v is not True)
