@@ -79,4 +79,5 @@ def as_flags(values: dict) -> str:
     """{"hidden_units": [512, 256], "augment": False, ...} as the flags that give them: "--hidden_units
     512 256 --no_augment ..." (a switch turns a True default off, so True needs no flag)."""
     shown = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
-    return " ".join(flag(k) if isinstance(v, bool) else f"{flag(k)} {shown(v)}" for k, v in values.items() if v is not True)
+    return " ".join(flag(k) if isinstance(v, bool) else f"{flag(k)} {shown(v)}"
+                    for k, v in values.items() if v is not True)
