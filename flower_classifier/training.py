@@ -28,8 +28,8 @@ from .devices import check_device
 from .data import epoch_seed, find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
-from .names import as_category_names
-from .preflight import LAST_NAME, check_names, check_save_dir, load_resume
+from .names import as_category_names, check_names
+from .preflight import LAST_NAME, check_save_dir, load_resume
 
 BEST_NAME = "checkpoint.pth"  # the best epoch by validation accuracy: what predict.py loads
 STATE_NAME = "last.state.pth"  # optimizer state and history, to resume from LAST_NAME
