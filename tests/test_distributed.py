@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -56,4 +57,6 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     assert "x 2 processes" in run.stdout
     assert run.stdout.count("Epoch 1/2") == 1 and run.stdout.count("Features:") == 1  # only rank 0 speaks
     assert load_checkpoint(tmp_path / "ck" / "checkpoint.pth").epoch in (1, 2)
-    assert len(list((tmp_path / "c").rglob("*.pt"))) == 1  # one cache file, written by one process
+    # Each process wrote its own share as its own shard: 12 + 12 centre crops.
+    shards = list((tmp_path / "c").rglob("*.npy"))
+    assert len(shards) == 2 and sum(len(np.load(s)) for s in shards) == 24
