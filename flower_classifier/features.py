@@ -336,8 +336,7 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
         rows, found = store.lookup(key, digests)
         found = _from_main(found)
     else:
-        rows, found = Rows([], np.full(len(paths), -1), np.zeros(len(paths), dtype=np.int64), backbone.feature_dim), \
-            torch.zeros(len(paths), dtype=torch.bool)
+        rows, found = _absent(len(paths), backbone.feature_dim), torch.zeros(len(paths), dtype=torch.bool)
     missing = [i for i in range(len(paths)) if not found[i]]
     if not missing:
         if stats is not None:
@@ -356,8 +355,10 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
         block = torch.cat([f for _, f in piece]).to(STORE_DTYPE)  # rounded now: a cached rerun trains identically
         piece.clear()
         finite = torch.isfinite(block).all(dim=1)  # a non-finite row is never stored (it would read as damage)
-        if not (store is not None and finite.all() and store.add(key, [digests[i] for i in where.tolist()],
-                                                                 block.numpy())):
+        if store is not None and finite.any() and store.add(key, [digests[i] for i in where[finite].tolist()],
+                                                            block[finite].numpy()):
+            where, block = where[~finite], block[~finite]
+        if len(where):
             in_memory.append((where, block))
 
     for where, batch in _extract(backbone, [paths[i] for i in share], view, device=device, seeds=seeds,
@@ -388,6 +389,10 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
     return rows, ok
 
 
+def _absent(n: int, dim: int) -> Rows:
+    return Rows([], np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64), dim)
+
+
 def _placed(rows: Rows, positions: list[int], n: int) -> Rows:
     """`rows` of `positions` as rows of an n-long list (absent elsewhere)."""
     source, row = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
@@ -414,13 +419,13 @@ def _union(store: FeatureStore | None, key: str, digests: list[str], missing: li
     if store is not None and not _all_max(torch.tensor([len(in_memory)])).item():
         return [store.lookup(key, digests)[0]], readable  # all rows: this process may have found fewer
     # Some process holds rows in memory: gather them all (as float16, in the order of `my_share`).
-    mine = _first_of_each(Rows.cat([_placed(store.lookup(key, [digests[i] for i in share])[0], share, len(digests))
-                                    if store is not None else _placed(Rows.of(np.zeros((0, dim), _numpy_dtype())),
-                                                                      [], len(digests)),
-                                    *_memory(in_memory, len(digests))]), len(digests))
-    local = torch.from_numpy(mine.take(np.asarray(share, dtype=np.int64)))
+    n = len(digests)
+    mine = [_absent(n, dim), *_memory(in_memory, n)]
+    if store is not None:
+        mine.append(_placed(store.lookup(key, [digests[i] for i in share])[0], share, n))
+    local = torch.from_numpy(_first_of_each(Rows.cat(mine), n).take(np.asarray(share, dtype=np.int64)))
     gathered = distributed.gather_shares(local, len(missing))  # (len(missing), D) in `missing` order
-    return [_placed(Rows.of(gathered), missing, len(digests))], readable
+    return [_placed(Rows.of(gathered), missing, n)], readable
 
 
 def _all_max(t: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,8 @@ class ShardStore:
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         if rows.shape != (len(digests), self.dim):
             raise ValueError(f"rows of shape {rows.shape} for {len(digests)} digests of width {self.dim}")
+        if not np.isfinite(rows).all():
+            raise ValueError("non-finite rows are not stored (they would read as damage)")
         self._written += 1
         self._commit(f"{self.writer}-{self._written:06d}", digests, lambda f: np.save(f, rows, allow_pickle=False))
 
@@ -178,7 +180,8 @@ class ShardStore:
             array_file.unlink(missing_ok=True)
             raise
         self._manifests[name] = list(digests)
-        self._arrays.pop(name, None)
+        # Written from verified rows and checksummed as read back: this process need not verify it again.
+        self._arrays[name] = np.load(array_file, mmap_mode="r", allow_pickle=False)
 
     def compact(self) -> int:
         """Merge small shards into ones of about TARGET_BYTES when there are COMPACT_AT or more of them;

@@ -275,3 +275,41 @@ def test_backbone_leaves_the_gpu_after_the_feature_pass(data, tmp_path):
     loaded = features.load_feature_data(data, backbone, device="cuda", cache_dir=tmp_path / "c", **QUIET)
     assert all(p.device.type == "cpu" for p in backbone.module.parameters())
     assert torch.cuda.memory_allocated() == 0 and len(loaded.train) == 16
+
+
+def _cached_in_process(rank, world, port, paths, cache, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        backbone = build_backbone("tiny")
+        view = features.centre_view(backbone)
+        store = features.FeatureStore(cache, backbone)
+        result = {"memory": features.cached_features(backbone, paths, view, None, progress=False),
+                  "store": features.cached_features(backbone, paths, view, store, progress=False)}
+        torch.save(result, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_write_their_own_shards_and_read_the_union(tmp_path):
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    data = make_dataset(tmp_path / "d", TWELVE[:3], per_split={"train": 3})  # 9 images: uneven shares
+    (data / "train" / "1" / "broken.jpg").write_text("not a photo")
+    paths = [p for p, _ in FlowerFolder(data / "train").samples]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp.spawn(_cached_in_process, args=(2, port, paths, tmp_path / "c", str(tmp_path / "f")), nprocs=2)
+    backbone = build_backbone("tiny")
+    alone, ok = features.cached_features(backbone, paths, features.centre_view(backbone), None, progress=False)
+    assert ok.sum() == 9 and not ok.all()
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"f.{rank}", weights_only=True)
+        for how in ("memory", "store"):
+            assert torch.equal(result[how][0], alone) and torch.equal(result[how][1], ok)
+    view_dir = _view_dir(tmp_path / "c", backbone)
+    assert len({p.name.split("-")[0] for p in view_dir.glob("*.npy")}) == 2  # one writer per process
