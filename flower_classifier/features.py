@@ -40,6 +40,7 @@ from .shards import ShardStore
 CACHE_ENV = "FLOWER_CLASSIFIER_CACHE"  # overrides the default cache folder (tests point it at a temp dir)
 CACHE_FORMAT = 2  # 2: memory-mapped shards with checksums. Bump when the stored layout changes: old entries then simply miss
 STORE_DTYPE = torch.float16  # on disk and in memory; the benchmark shows no accuracy cost
+ENGINES = ("torch", "onnx")  # what runs the frozen pass: PyTorch (CPU or CUDA), or ONNX Runtime (CPU)
 EXTRACT_BATCH = 32  # images per forward pass of the feature pass on the CPU (4x this on CUDA)
 
 
@@ -123,22 +124,60 @@ class _Images(Dataset):
             return self.transform(image), i
 
 
-def precision_on(device: torch.device) -> str:
-    """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere."""
+def precision_on(device: torch.device, engine: str = "torch") -> str:
+    """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere; part of
+    the cache key, so are ONNX Runtime's features (its float32 rounding differs from torch's)."""
+    if engine == "onnx":
+        return "onnx-fp32"
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+_onnx_sessions: dict[str, Callable] = {}  # backbone key -> its ONNX Runtime forward pass, exported once a process
+
+
+def _onnx_forward(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The frozen backbone exported to ONNX (in memory) and run by ONNX Runtime on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("--engine onnx needs the onnxruntime package: `pip install onnxruntime`, "
+                        "or use --engine torch") from None
+    key = backbone_key(backbone)
+    if key not in _onnx_sessions:
+        import io
+        import warnings
+
+        from .export import OPSET
+
+        size = backbone.preprocessing.input_size
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
+            torch.onnx.export(backbone.module.eval(), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+                              input_names=["image"], output_names=["features"], opset_version=OPSET,
+                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the thread count torch was given
+        session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        _onnx_sessions[key] = lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+    return _onnx_sessions[key]
+
+
 def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch.device, seeds: list[int | None],
-             batch_size: int | None, num_workers: int, progress: bool):
+             batch_size: int | None, num_workers: int, progress: bool, engine: str = "torch"):
     """Yields (positions (B,), features (B, D) float32 on the CPU) for the readable images of `paths`.
 
     Batched, without autograd, with worker processes decoding images; on CUDA also channels_last
-    and autocast. The backbone goes back to the CPU afterwards (and the GPU's cache is freed): the
+    and autocast. `engine="onnx"`: ONNX Runtime on the CPU instead of PyTorch. The backbone goes back to the CPU afterwards (and the GPU's cache is freed): the
     head trains on the stored features, so the backbone's weights need not hold GPU memory.
     """
     cuda = device.type == "cuda"
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+    if engine == "onnx" and cuda:
+        raise UserError("--engine onnx runs the feature pass on the CPU; drop --gpu, or use --engine torch")
     dataset = _Images(paths, view.transform, seeds)
     loader = DataLoader(dataset, batch_size=batch_size or EXTRACT_BATCH * (4 if cuda else 1), num_workers=num_workers,
                         collate_fn=skip_none_collate, pin_memory=cuda,
@@ -147,7 +186,8 @@ def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch
     amp = torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
     bar = tqdm(loader, desc=f"features ({view.name})", unit="batch", leave=False, file=sys.stderr,
                disable=not progress or not distributed.is_main())
-    module = backbone.module.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format)
+    module = backbone.module.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format) \
+        if engine == "torch" else _onnx_forward(backbone)
     try:
         with torch.inference_mode():
             for batch in bar:
@@ -174,7 +214,7 @@ def _seeds(view: View, paths: list[Path], digests: list[str] | None) -> list[int
 
 def extract_features(backbone: Backbone, paths: list[Path], view: View, *, device: torch.device | str = "cpu",
                      digests: list[str] | None = None, batch_size: int | None = None, num_workers: int = 0,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, engine: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Features (N, D) float32 of `paths` under `view`, and which images could be read (N,) bool, in
     memory. Under torchrun each process takes every world_size-th image and all get all rows
     (rounded to float16 on the way, as the cache stores them)."""
@@ -184,7 +224,7 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
     ok = torch.zeros(len(share), dtype=torch.bool)
     for where, rows in _extract(backbone, [paths[i] for i in share], view, device=torch.device(device),
                                 seeds=[seeds[i] for i in share], batch_size=batch_size,
-                                num_workers=num_workers, progress=progress):
+                                num_workers=num_workers, progress=progress, engine=engine):
         features[where], ok[where] = rows, True
     if distributed.world_size() == 1:
         return features, ok
@@ -324,14 +364,14 @@ def _from_main(mask: torch.Tensor) -> torch.Tensor:
 
 def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: FeatureStore | None, *,
                 device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
-                stats: CacheStats | None = None) -> tuple[Rows, torch.Tensor]:
+                stats: CacheStats | None = None, engine: str = "torch") -> tuple[Rows, torch.Tensor]:
     """Features of `paths` under `view` (float16 `Rows`: memory-mapped from `store` where stored) and
     a readable-image mask. Rows not in the store are computed and written to it in pieces as the pass
     goes; under torchrun each process computes and writes its share, then all read the union.
     `store=None` keeps them in memory only."""
     device = torch.device(device)
     digests = [file_digest(p) for p in paths]
-    key = view.key(precision_on(device))
+    key = view.key(precision_on(device, engine))
     if store is not None:
         rows, found = store.lookup(key, digests)
         found = _from_main(found)
@@ -362,7 +402,7 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
             in_memory.append((where, block))
 
     for where, batch in _extract(backbone, [paths[i] for i in share], view, device=device, seeds=seeds,
-                                 batch_size=None, num_workers=num_workers, progress=progress):
+                                 batch_size=None, num_workers=num_workers, progress=progress, engine=engine):
         positions = torch.as_tensor(share)[where]
         readable[positions] = True
         piece.append((positions, batch))
@@ -439,11 +479,11 @@ def _all_max(t: torch.Tensor) -> torch.Tensor:
 
 def cached_features(backbone: Backbone, paths: list[Path], view: View, store: FeatureStore | None, *,
                     device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
-                    stats: CacheStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    stats: CacheStats | None = None, engine: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) float16 features of `paths` under `view` in memory, and a readable-image mask (see
     `cached_rows`, which leaves stored rows memory-mapped)."""
     rows, ok = cached_rows(backbone, paths, view, store, device=device, num_workers=num_workers,
-                           progress=progress, stats=stats)
+                           progress=progress, stats=stats, engine=engine)
     return rows.tensor(), ok
 
 
@@ -506,16 +546,17 @@ class FeatureData:
 def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_views: int = 0,
                       cache_dir: str | Path | None = None, use_disk: bool = True,
                       device: torch.device | str = "cpu", num_workers: int = 0,
-                      log: Callable[[str], None] = print, progress: bool = True) -> FeatureData:
+                      log: Callable[[str], None] = print, progress: bool = True, engine: str = "torch") -> FeatureData:
     """Features of the train split (centre crop + `augmented_views` augmented copies per image) and of
-    the valid split (centre crop), computed once and cached on disk under `cache_dir`."""
+    the valid split (centre crop), computed once (by `engine`: "torch" or "onnx") and cached on disk
+    under `cache_dir`."""
     train_set = FlowerFolder(split_dir(data_dir, "train"))  # used only for its file list and labels
     valid_set = FlowerFolder(split_dir(data_dir, "valid"), classes=train_set.classes)
     store = FeatureStore(cache_dir, backbone) if use_disk else None
     stats = CacheStats()
     train_paths, train_labels = [p for p, _ in train_set.samples], torch.tensor([y for _, y in train_set.samples])
     valid_paths, valid_labels = [p for p, _ in valid_set.samples], torch.tensor([y for _, y in valid_set.samples])
-    common = dict(device=device, num_workers=num_workers, progress=progress, stats=stats)
+    common = dict(device=device, num_workers=num_workers, progress=progress, stats=stats, engine=engine)
     # One call for both splits' centre crops: one pass of the loader, one store to update.
     centre, ok = cached_rows(backbone, train_paths + valid_paths, centre_view(backbone), store, **common)
     n = len(train_paths)
@@ -548,7 +589,8 @@ def cached_training_data(config: TrainConfig, data_dir: str | Path, backbone: Ba
     if config.augmented_views and not config.augment:
         log(f"--no_augment: ignoring --augmented_views {config.augmented_views}")
     data = load_feature_data(data_dir, backbone, augmented_views=views, cache_dir=cache_dir, device=device,
-                             num_workers=config.num_workers, log=log, progress=progress)
+                             num_workers=config.num_workers, log=log, progress=progress,
+                             engine=getattr(config, "engine", "torch"))  # a TrainConfig field once the CLI has --engine
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     valid_loader = feature_loader(data.valid, batch_size=max(config.batch_size, 256), shuffle=False)
     return train_loader, valid_loader, data.classes

@@ -69,6 +69,8 @@ class ShardStore:
         self._manifests: dict[str, list[str]] = {}  # shard name -> digests, for shards not known damaged
         self._arrays: dict[str, np.ndarray] = {}  # verified shards, memory-mapped
         self._damaged: set[str] = set()
+        self._index: dict[str, tuple[str, int]] = {}  # digest -> (shard, row), over the shards in _index_of
+        self._index_of: set[str] = set()
 
     # ------------------------------------------------------------ reading
 
@@ -147,10 +149,13 @@ class ShardStore:
         Only verified shards are returned; a damaged one is dropped and the lookup redone without it."""
         while True:
             self._scan()
-            index: dict[str, tuple[str, int]] = {}
-            for name, known in self._manifests.items():
-                for row, d in enumerate(known):
-                    index.setdefault(d, (name, row))
+            if self._index_of != set(self._manifests):  # rebuilt only when shards came or went
+                self._index = {}
+                for name, known in self._manifests.items():
+                    for row, d in enumerate(known):
+                        self._index.setdefault(d, (name, row))
+                self._index_of = set(self._manifests)
+            index = self._index
             needed = sorted({index[d][0] for d in digests if d in index})
             if all(self._open(name) is not None for name in needed):
                 break

@@ -313,3 +313,36 @@ def test_two_processes_write_their_own_shards_and_read_the_union(tmp_path):
             assert torch.equal(result[how][0], alone) and torch.equal(result[how][1], ok)
     view_dir = _view_dir(tmp_path / "c", backbone)
     assert len({p.name.split("-")[0] for p in view_dir.glob("*.npy")}) == 2  # one writer per process
+
+
+@pytest.mark.parametrize("arch", ["tiny", "efficientnet_lite0"])
+def test_onnx_engine_matches_torch_and_is_cached_apart(arch, tmp_path):
+    pytest.importorskip("onnxruntime")
+    data = make_dataset(tmp_path / "d", TWELVE[:2], per_split={"train": 2, "valid": 1}, size=(300, 260))
+    backbone = build_backbone(arch)
+    torch_run = features.load_feature_data(data, backbone, augmented_views=1, cache_dir=tmp_path / "c", **QUIET)
+    onnx_run = features.load_feature_data(data, backbone, augmented_views=1, cache_dir=tmp_path / "c",
+                                          engine="onnx", **QUIET)
+    assert onnx_run.stats.computed == 10  # its own cache entries, not torch's
+    paths = [p for p, _ in FlowerFolder(data / "train").samples]
+    view = features.centre_view(backbone)
+    exact_torch, _ = features.extract_features(backbone, paths, view, progress=False)
+    exact_onnx, _ = features.extract_features(backbone, paths, view, progress=False, engine="onnx")
+    assert torch.allclose(exact_onnx, exact_torch, atol=1e-4, rtol=1e-4)
+    # Stored as float16 both ways: equal up to that rounding.
+    assert torch.allclose(onnx_run.train.features.float(), torch_run.train.features.float(), atol=2e-3, rtol=2e-3)
+    again = features.load_feature_data(data, backbone, augmented_views=1, cache_dir=tmp_path / "c",
+                                       engine="onnx", **QUIET)
+    assert again.stats.cached == 10 and torch.equal(again.train.features, onnx_run.train.features)
+
+
+def test_onnx_engine_refuses_the_gpu_and_unknown_engines(data, tiny):
+    from flower_classifier.errors import UserError
+
+    paths = sorted((data / "train").rglob("*.jpg"))
+    with pytest.raises(UserError, match="--engine"):
+        features.extract_features(tiny, paths, features.centre_view(tiny), engine="tensorrt", progress=False)
+    if torch.cuda.is_available():
+        with pytest.raises(UserError, match="--engine onnx"):
+            features.extract_features(tiny, paths, features.centre_view(tiny), engine="onnx", device="cuda",
+                                      progress=False)
