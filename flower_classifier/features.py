@@ -127,6 +127,10 @@ class _Images(Dataset):
 def precision_on(device: torch.device, engine: str = "torch") -> str:
     """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere; part of
     the cache key, so are ONNX Runtime's features (its float32 rounding differs from torch's)."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+    if engine == "onnx" and device.type == "cuda":
+        raise UserError("--engine onnx runs the feature pass on the CPU; drop --gpu, or use --engine torch")
     if engine == "onnx":
         return "onnx-fp32"
     if device.type != "cuda":
@@ -174,15 +178,12 @@ def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch
     head trains on the stored features, so the backbone's weights need not hold GPU memory.
     """
     cuda = device.type == "cuda"
-    if engine not in ENGINES:
-        raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
-    if engine == "onnx" and cuda:
-        raise UserError("--engine onnx runs the feature pass on the CPU; drop --gpu, or use --engine torch")
+    precision = precision_on(device, engine)  # also refuses an unknown engine, or ONNX on CUDA
     dataset = _Images(paths, view.transform, seeds)
     loader = DataLoader(dataset, batch_size=batch_size or EXTRACT_BATCH * (4 if cuda else 1), num_workers=num_workers,
                         collate_fn=skip_none_collate, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_on(device))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
     bar = tqdm(loader, desc=f"features ({view.name})", unit="batch", leave=False, file=sys.stderr,
                disable=not progress or not distributed.is_main())

@@ -336,12 +336,15 @@ def test_onnx_engine_matches_torch_and_is_cached_apart(arch, tmp_path):
     assert again.stats.cached == 10 and torch.equal(again.train.features, onnx_run.train.features)
 
 
-def test_onnx_engine_refuses_the_gpu_and_unknown_engines(data, tiny):
+def test_onnx_engine_refuses_the_gpu_and_unknown_engines(data, tiny, tmp_path):
     from flower_classifier.errors import UserError
 
     paths = sorted((data / "train").rglob("*.jpg"))
     with pytest.raises(UserError, match="--engine"):
         features.extract_features(tiny, paths, features.centre_view(tiny), engine="tensorrt", progress=False)
+    features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", **QUIET)
+    with pytest.raises(UserError, match="--engine tensorrt"):  # refused even when everything is cached
+        features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", engine="tensorrt", **QUIET)
     if torch.cuda.is_available():
         with pytest.raises(UserError, match="--engine onnx"):
             features.extract_features(tiny, paths, features.centre_view(tiny), engine="onnx", device="cuda",
