@@ -33,7 +33,8 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the Da
 from . import distributed
 from .backbones import Backbone
 from .config import TrainConfig
-from .data import EpochSampler, FlowerFolder, eval_transform, load_image, skip_none_collate, split_dir, train_transform
+from .data import (EpochSampler, FlowerFolder, PhotoList, eval_transform, refuse_unreadable_categories,
+                   skip_none_collate, split_dir, train_transform)
 from .errors import UserError
 from .shards import ShardStore
 
@@ -100,30 +101,6 @@ def augmented_view(backbone: Backbone, index: int) -> View:
 
 # ---------------------------------------------------------------- extraction
 
-class _Images(Dataset):
-    """(image tensor, position) pairs; an unreadable image yields None, with a warning naming it."""
-
-    def __init__(self, paths: list[Path], transform, seeds: list[int | None]):
-        self.paths, self.transform, self.seeds = paths, transform, seeds
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            image = load_image(self.paths[i])
-        except UserError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
-            return None
-        if self.seeds[i] is None:
-            return self.transform(image), i
-        # The random crop, rotation and flip draw from torch's RNG: seed it for this image, leaving the
-        # caller's RNG as it was (with num_workers=0 this runs in the training process itself).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
-            return self.transform(image), i
-
-
 def precision_on(device: torch.device, engine: str = "torch") -> str:
     """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere; part of
     the cache key, so are ONNX Runtime's features (its float32 rounding differs from torch's)."""
@@ -179,7 +156,8 @@ def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch
     """
     cuda = device.type == "cuda"
     precision = precision_on(device, engine)  # also refuses an unknown engine, or ONNX on CUDA
-    dataset = _Images(paths, view.transform, seeds)
+    # Targets are positions in `paths`; each photo's seed fixes its augmented view.
+    dataset = PhotoList([(p, k) for k, p in enumerate(paths)], view.transform, seeds)
     loader = DataLoader(dataset, batch_size=batch_size or EXTRACT_BATCH * (4 if cuda else 1), num_workers=num_workers,
                         collate_fn=skip_none_collate, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
@@ -569,6 +547,8 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
         ys.append(train_labels[aug_ok])
     train = FeatureSet(Rows.cat(xs), torch.cat(ys))
     valid = FeatureSet(centre.select(n + np.flatnonzero(valid_ok)), valid_labels[ok[n:]])
+    # The head must not train on a category none of whose photos could be read.
+    refuse_unreadable_categories(train_set.root, train_set.classes, set(train_labels[ok[:n]].tolist()))
     if len(train) == 0 or len(valid) == 0:
         raise UserError(f"no {'training' if len(train) == 0 else 'validation'} image of {data_dir} could be read")
     unreadable = int((~ok).sum())
