@@ -39,7 +39,7 @@ from .errors import UserError
 from .shards import ShardStore
 
 CACHE_ENV = "FLOWER_CLASSIFIER_CACHE"  # overrides the default cache folder (tests point it at a temp dir)
-CACHE_FORMAT = 2  # 2: memory-mapped shards with checksums. Bump when the stored layout changes: old entries then simply miss
+CACHE_FORMAT = 2  # 2: checksummed memory-mapped shards. Bump when the stored layout changes: old entries miss
 STORE_DTYPE = torch.float16  # on disk and in memory; the benchmark shows no accuracy cost
 ENGINES = ("torch", "onnx")  # what runs the frozen pass: PyTorch (CPU or CUDA), or ONNX Runtime (CPU)
 EXTRACT_BATCH = 32  # images per forward pass of the feature pass on the CPU (4x this on CUDA)
@@ -151,8 +151,9 @@ def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch
     """Yields (positions (B,), features (B, D) float32 on the CPU) for the readable images of `paths`.
 
     Batched, without autograd, with worker processes decoding images; on CUDA also channels_last
-    and autocast. `engine="onnx"`: ONNX Runtime on the CPU instead of PyTorch. The backbone goes back to the CPU afterwards (and the GPU's cache is freed): the
-    head trains on the stored features, so the backbone's weights need not hold GPU memory.
+    and autocast. `engine="onnx"`: ONNX Runtime on the CPU instead of PyTorch. The backbone goes
+    back to the CPU afterwards (and the GPU's cache is freed): the head trains on the stored
+    features, so the backbone's weights need not hold GPU memory.
     """
     cuda = device.type == "cuda"
     precision = precision_on(device, engine)  # also refuses an unknown engine, or ONNX on CUDA
