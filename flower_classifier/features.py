@@ -25,7 +25,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the Da
 
 from . import distributed
 from .backbones import Backbone
-from .checkpoint import atomic_save, safe_load
+from .files import atomic_save, safe_load
 from .config import TrainConfig
 from .data import EpochSampler, FlowerFolder, eval_transform, load_image, skip_none_collate, split_dir, train_transform
 from .errors import UserError

@@ -45,3 +45,17 @@ def disagreement_warning(names: Mapping[str, str], reference: Mapping[str, str],
     c = differ[0]
     return (f"warning: {path} names {len(differ)} of the {len(classes)} categories otherwise than {other} "
             f"(category {c}: {names[c]!r}, not {reference[c]!r})")
+
+
+def check_names(names: dict[str, str], data_dir: Path, classes: list[str], log) -> None:
+    """Warn about categories without a name, and about names that contradict the data folder's own
+    cat_to_name.json (the 102 Oxford names given for other categories, say)."""
+    missing = [c for c in classes if c not in names]
+    if missing:
+        log(f"warning: the category names file has no name for {len(missing)} categories "
+            f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
+    own = data_dir / "cat_to_name.json"
+    if own.is_file():
+        warning = disagreement_warning(names, read_category_names(own), classes, "the category names given", own)
+        if warning:
+            log(f"{warning}; pass --category_names {own}")

@@ -154,7 +154,8 @@ def save_state(path, epoch=1):
     head = build_head(16, (8,), 12, 0.0)
     optimizer = torch.optim.AdamW(head.parameters())
     ckpt_io.save_training_state(path, epoch=epoch, optimizer_state=optimizer.state_dict(),
-                                history=[{"epoch": epoch}], best_metric=0.5, head_state=head.state_dict())
+                                history=[{"epoch": epoch}], best_metric=0.5, head_state=head.state_dict(),
+                                run_id="0123abcd")
 
 
 @pytest.mark.parametrize("write", ["checkpoint", "state"])
