@@ -142,7 +142,7 @@ class RunFolder:
             resumed.last, head_state=heads[epoch], epoch=epoch, history=history[:epoch],
             metrics={k: v for k, v in history[epoch - 1].items() if k != "epoch"}), self.best)
         resumed.state["best_metric"] = accuracy(epoch)  # a later epoch that beats it replaces it
-        if epoch == best:
+        if accuracy(epoch) >= accuracy(best):
             log(f"note: {self.best} was missing; rebuilt it from epoch {epoch}, the best so far")
         else:
             log(f"note: {self.best} was missing and the weights of epoch {best}, the best so far, are gone; it now "
