@@ -135,7 +135,6 @@ class RunFolder:
         history = resumed.state["history"]
         accuracy = lambda epoch: history[epoch - 1].get("valid_accuracy", -1.0)  # noqa: E731
         heads = {resumed.last.epoch: resumed.last.head_state, resumed.state["epoch"]: resumed.state["head_state"]}
-        heads.pop(0, None)
         epoch = max(heads, key=lambda e: (accuracy(e), -e))
         best = max(range(1, len(history) + 1), key=lambda e: (accuracy(e), -e))
         save_checkpoint(dataclasses.replace(
@@ -162,7 +161,11 @@ class RunFolder:
             raise UserError(f"--save_dir {self.path}: cannot create it ({e.strerror}); "
                             f"pass a folder you can write to") from None
         try:
-            mine = self._acquire(log)
+            try:
+                mine = self._acquire(log)
+            except OSError as e:  # a full disk, say
+                raise UserError(f"--save_dir {self.path}: cannot write its lock file {self.lock.name} "
+                                f"({e.strerror or e}); free some space or pass another --save_dir") from None
             try:
                 yield self
             finally:
@@ -206,6 +209,14 @@ def _create_exclusive(path: Path, text: str) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # a filesystem without hard links: O_EXCL, written just after creation
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return True
     finally:
         tmp.unlink()
 

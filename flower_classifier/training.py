@@ -216,7 +216,6 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)
     run = RunFolder(save_dir)
-    run.check_writable()
     # Under torchrun only the main process writes, so it alone holds the lock.
     with run.locked(log) if distributed.is_main() else contextlib.nullcontext():
         resumed = None
