@@ -82,6 +82,18 @@ def test_the_lock_is_released_after_a_run_ends_well_or_badly(data, tmp_path, mon
     assert not (save / LOCK_NAME).exists()
 
 
+def test_a_lock_that_cannot_be_written_is_one_line(data, tmp_path, capsys, monkeypatch):
+    from flower_classifier import runfolder
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runfolder, "_create_exclusive", disk_full)
+    assert train(data, tmp_path / "ck", "--epochs", "1") == 2
+    assert f"cannot write its lock file {LOCK_NAME} (No space left on device)" in one_error_line(capsys)
+    assert not (tmp_path / "ck").exists()
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
