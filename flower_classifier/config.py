@@ -60,6 +60,8 @@ HIDDEN = Number(int, 1, 2**16)  # a 65536-wide layer on VGG's 25088 features is 
 MAX_HIDDEN_LAYERS = 16
 FRACTION = Number(float, 0, 0.99)  # dropout 1 or label smoothing 1 leaves nothing to learn from
 WORKERS = Number(int, 0, 256)  # processes; more than any machine here has cores
+THREADS = Number(int, 1, 1024)  # --threads: compute threads of a process
+ENGINES = ("auto", "torch", "onnx")
 
 
 def option(default, help: str, number: Number | None = None, *, flag: str | None = None, search=None, **argparse_kw):
@@ -95,6 +97,10 @@ class TrainConfig:
     # Each view is one more backbone pass over the training split.
     augmented_views: int = option(0, "cached path: augmented copies of each training image, computed once, besides "
                                   "its centre crop", Number(int, 0, 100))
+    # "auto" is resolved where the device is known (`features.resolve_engine`): the engine a run used
+    # is what its cache entries and its checkpoint's config record.
+    engine: str = option("auto", "what runs the frozen backbone for the feature pass: onnx (ONNX Runtime, CPU, "
+                         "fp32), torch, or auto: onnx on the CPU, torch on CUDA/MPS", choices=ENGINES)
     extra: dict = option({}, "free-form notes (e.g. where defaults came from)", flag="")
 
     def __post_init__(self) -> None:
@@ -135,6 +141,9 @@ def field_problem(name: str, value) -> str | None:
         return next(filter(None, map(HIDDEN.problem, value)), None)
     if meta["number"]:
         return meta["number"].problem(value)
+    choices = meta["argparse"].get("choices")
+    if choices and value not in choices:
+        return f"must be one of {', '.join(choices)} (got {value!r})"
     kind = dict if name == "extra" else type(FIELDS[name].default)  # extra's default is a factory
     what = {str: "a string", bool: "True or False", dict: "a dict"}[kind]
     return None if _is(value, kind) else f"must be {what} (got {value!r})"

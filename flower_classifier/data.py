@@ -47,10 +47,11 @@ def listing(names, limit: int = EXAMPLES) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def load_image(source: str | Path | bytes) -> Image.Image:
-    """An RGB image, turned upright as its EXIF orientation says. Raises UserError naming the file
+def load_image(source: str | Path | bytes, *, min_size: int | None = None) -> Image.Image:
+    """An RGB image, turned upright as its EXIF orientation says (a large JPEG decoded at reduced size,
+    its shorter side at least `min_size`, see `images.decode_image`). Raises UserError naming the file
     (`images.UnreadableImage`, whose `reason` says why without the name)."""
-    return decode_image(source, max_pixels=MAX_IMAGE_PIXELS)
+    return decode_image(source, max_pixels=MAX_IMAGE_PIXELS, min_size=min_size)
 
 
 # ---------------------------------------------------------------- splits
@@ -174,11 +175,13 @@ class PhotoList(Dataset):
 
     It is warned about once, whichever worker process meets it first, and recorded (`skipped`). An
     index may come with a seed, `photos[(i, seed)]`, or each photo may have its own (`seeds`): the
-    transform then draws its random numbers from that seed alone (see `EpochSampler`).
+    transform then draws its random numbers from that seed alone (see `EpochSampler`). `min_size`:
+    JPEGs are decoded at reduced size, never below it (for a transform that resizes to it).
     """
 
-    def __init__(self, samples: list[tuple[Path, int]], transform=None, seeds: list[int | None] | None = None):
-        self.samples, self.transform, self.seeds = samples, transform, seeds
+    def __init__(self, samples: list[tuple[Path, int]], transform=None, seeds: list[int | None] | None = None,
+                 *, min_size: int | None = None):
+        self.samples, self.transform, self.seeds, self.min_size = samples, transform, seeds, min_size
         # One flag per photo, in shared memory: worker processes mark what they skip, so that each
         # file is warned about once over all workers and epochs, and the main process can count.
         self._skipped = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
@@ -190,7 +193,7 @@ class PhotoList(Dataset):
         i, seed = key if isinstance(key, tuple) else (key, self.seeds[key] if self.seeds else None)
         path, target = self.samples[i]
         try:
-            image = load_image(path)
+            image = load_image(path, min_size=self.min_size)
         except UserError as e:
             if not self._skipped[i]:
                 self._skipped[i] = True

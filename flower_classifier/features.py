@@ -30,12 +30,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
-from . import distributed
+from . import devices, distributed
 from .backbones import Backbone
 from .config import TrainConfig
 from .data import (EpochSampler, FlowerFolder, PhotoList, eval_transform, refuse_unreadable_categories,
                    skip_none_collate, split_dir, train_transform)
 from .errors import UserError
+from .files import atomic_write
 from .shards import ShardStore
 
 CACHE_ENV = "FLOWER_CLASSIFIER_CACHE"  # overrides the default cache folder (tests point it at a temp dir)
@@ -43,6 +44,7 @@ CACHE_FORMAT = 2  # 2: checksummed memory-mapped shards. Bump when the stored la
 STORE_DTYPE = torch.float16  # on disk and in memory; the benchmark shows no accuracy cost
 ENGINES = ("torch", "onnx")  # what runs the frozen pass: PyTorch (CPU or CUDA), or ONNX Runtime (CPU)
 EXTRACT_BATCH = 32  # images per forward pass of the feature pass on the CPU (4x this on CUDA)
+CORES_PER_DECODER = 4  # JPEG decoding + resize costs about a quarter of EfficientNet-Lite0's pass per image
 
 
 def default_cache_dir() -> Path:
@@ -81,6 +83,7 @@ class View:
     name: str
     transform: Callable
     index: int = 0  # 0: deterministic centre crop; i > 0: random augmentation seeded by (i, image)
+    min_size: int | None = None  # JPEGs decoded at reduced size, never below this (the resize target)
 
     def seed(self, digest: str) -> int | None:
         # Seeded by the image's content, not the run's seed: view i is the same picture in every run,
@@ -88,11 +91,13 @@ class View:
         return None if self.index == 0 else int(_short_hash(f"{self.index}:{digest}"), 16)
 
     def key(self, precision: str) -> str:
-        return f"{self.name}-{precision}-{_short_hash(repr(self.transform))}"
+        return f"{self.name}-{precision}-{_short_hash(f'{self.transform!r} draft {self.min_size}')}"
 
 
 def centre_view(backbone: Backbone) -> View:
-    return View("centre", eval_transform(backbone.preprocessing))
+    # Resized to resize_size anyway: a large JPEG decodes at 1/2..1/8 scale, never below that size.
+    p = backbone.preprocessing
+    return View("centre", eval_transform(p), min_size=p.resize_size)
 
 
 def augmented_view(backbone: Backbone, index: int) -> View:
@@ -101,12 +106,28 @@ def augmented_view(backbone: Backbone, index: int) -> View:
 
 # ---------------------------------------------------------------- extraction
 
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def resolve_engine(engine: str, device: torch.device | str) -> str:
+    """"auto" as the engine it means on `device`: ONNX Runtime on the CPU (several times PyTorch
+    eager's speed there), PyTorch on CUDA/MPS (channels_last, bf16 autocast); others checked."""
+    device = torch.device(device)
+    if engine == "auto":
+        return "onnx" if device.type == "cpu" and _has_onnxruntime() else "torch"
+    precision_on(device, engine)  # refuses an unknown engine, or ONNX on a GPU
+    return engine
+
+
 def precision_on(device: torch.device, engine: str = "torch") -> str:
     """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere; part of
     the cache key, so are ONNX Runtime's features (its float32 rounding differs from torch's)."""
     if engine not in ENGINES:
         raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
-    if engine == "onnx" and device.type == "cuda":
+    if engine == "onnx" and device.type != "cpu":
         raise UserError("--engine onnx runs the feature pass on the CPU; drop --gpu, or use --engine torch")
     if engine == "onnx":
         return "onnx-fp32"
@@ -115,50 +136,118 @@ def precision_on(device: torch.device, engine: str = "torch") -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-_onnx_sessions: dict[str, Callable] = {}  # backbone key -> its ONNX Runtime forward pass, exported once a process
+def share_cores(num_workers: int, device: torch.device) -> tuple[int, int | None]:
+    """(decode worker processes, engine threads) for a feature pass on `device` given at most
+    `num_workers` workers. On the CPU the two share the cores instead of fighting over them: one
+    decoder per CORES_PER_DECODER cores keeps up with the engine, which takes the other cores (or
+    the user's --threads). On 2 cores: 1 decoder and 1 engine thread, measured fastest
+    (bench/bench_training.py). On a GPU, None: torch's threads are left alone."""
+    if device.type != "cpu":
+        return num_workers, None
+    cores = devices.cpu_cores()
+    workers = min(num_workers, max(1, cores // CORES_PER_DECODER))
+    return workers, devices.chosen_threads() or max(1, cores - workers)
 
 
-def _onnx_forward(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The frozen backbone exported to ONNX (in memory) and run by ONNX Runtime on the CPU."""
+_onnx_sessions: dict[tuple[str, int], Callable] = {}  # (backbone key, threads) -> ONNX Runtime's forward pass
+_not_exportable: set[str] = set()  # backbone keys whose export failed (said once a process)
+ONNX_TOLERANCE = 1e-4  # a fresh export must give PyTorch's features to this (absolute, on random images)
+
+
+def _export(backbone: Backbone) -> bytes:
+    """The frozen backbone as an ONNX model: fp32, any batch size."""
+    import io
+    import warnings
+
+    from .export import OPSET
+
+    size = backbone.preprocessing.input_size
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
+        torch.onnx.export(backbone.module.eval(), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+                          input_names=["image"], output_names=["features"], opset_version=OPSET,
+                          dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
+    return buffer.getvalue()
+
+
+def _model_digest(model: bytes) -> str:
+    return hashlib.blake2b(model, digest_size=8).hexdigest()
+
+
+def _stored_model(folder: Path | None) -> bytes | None:
+    """An export kept in the backbone's cache folder (named by the digest of its bytes), if intact."""
+    for path in sorted(folder.glob("backbone-*.onnx")) if folder is not None else []:
+        with contextlib.suppress(OSError):
+            model = path.read_bytes()
+            if path.stem == f"backbone-{_model_digest(model)}":
+                return model
+            path.unlink()  # damaged: exported again
+    return None
+
+
+def _check_export(backbone: Backbone, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    size = backbone.preprocessing.input_size
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = backbone.module.eval()(images)
+    error = (run(images) - expected).abs().max().item()
+    if not error <= ONNX_TOLERANCE * max(1.0, expected.abs().max().item()):
+        raise ValueError(f"its features differ from PyTorch's by up to {error:.2g}")
+
+
+def _onnx_forward(backbone: Backbone, threads: int, folder: Path | None) -> Callable | None:
+    """The frozen backbone run by ONNX Runtime on the CPU with `threads` threads, or None when it
+    cannot be exported (said in one line; the caller runs PyTorch instead). Exported once and kept
+    in `folder` (the backbone's cache folder, keyed like its features), checked against PyTorch."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise UserError("--engine onnx needs the onnxruntime package: `pip install onnxruntime`, "
                         "or use --engine torch") from None
     key = backbone_key(backbone)
-    if key not in _onnx_sessions:
-        import io
-        import warnings
-
-        from .export import OPSET
-
-        size = backbone.preprocessing.input_size
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
-            torch.onnx.export(backbone.module.eval(), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
-                              input_names=["image"], output_names=["features"], opset_version=OPSET,
-                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # the thread count torch was given
-        session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-        _onnx_sessions[key] = lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
-    return _onnx_sessions[key]
+    if key in _not_exportable:
+        return None
+    if (key, threads) not in _onnx_sessions:
+        try:
+            model = _stored_model(folder)
+            fresh = model is None
+            model = _export(backbone) if fresh else model
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+            run = lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])  # noqa: E731
+            if fresh:
+                _check_export(backbone, run)
+                if folder is not None:
+                    with contextlib.suppress(OSError):  # not kept: exported again next time
+                        atomic_write(folder / f"backbone-{_model_digest(model)}.onnx", lambda f: f.write(model))
+        except Exception as e:  # the exporter and ONNX Runtime raise many kinds on an unsupported layer
+            _not_exportable.add(key)
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            _warn(f"warning: {backbone.name} could not be exported to ONNX ({type(e).__name__}: {reason}); "
+                  f"its features are computed by PyTorch")
+            return None
+        _onnx_sessions[(key, threads)] = run
+    return _onnx_sessions[(key, threads)]
 
 
 def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch.device, seeds: list[int | None],
-             batch_size: int | None, num_workers: int, progress: bool, engine: str = "torch"):
+             batch_size: int | None, num_workers: int, progress: bool, engine: str = "torch",
+             cache_folder: Path | None = None):
     """Yields (positions (B,), features (B, D) float32 on the CPU) for the readable images of `paths`.
 
-    Batched, without autograd, with worker processes decoding images; on CUDA also channels_last
-    and autocast. `engine="onnx"`: ONNX Runtime on the CPU instead of PyTorch. The backbone goes
-    back to the CPU afterwards (and the GPU's cache is freed): the head trains on the stored
-    features, so the backbone's weights need not hold GPU memory.
+    Batched, without autograd, with worker processes decoding images while the engine runs (on the
+    CPU, the two share the cores: `share_cores`); on CUDA also channels_last and autocast.
+    `engine="onnx"`: ONNX Runtime on the CPU instead of PyTorch (the caller has checked that the
+    backbone exports). The backbone goes back to the CPU afterwards (and the GPU's cache is freed):
+    the head trains on the stored features, so the backbone's weights need not hold GPU memory.
     """
     cuda = device.type == "cuda"
-    precision = precision_on(device, engine)  # also refuses an unknown engine, or ONNX on CUDA
+    precision = precision_on(device, engine)  # also refuses an unknown engine, or ONNX on a GPU
+    num_workers, threads = share_cores(num_workers, device)
     # Targets are positions in `paths`; each photo's seed fixes its augmented view.
-    dataset = PhotoList([(p, k) for k, p in enumerate(paths)], view.transform, seeds)
+    dataset = PhotoList([(p, k) for k, p in enumerate(paths)], view.transform, seeds, min_size=view.min_size)
     loader = DataLoader(dataset, batch_size=batch_size or EXTRACT_BATCH * (4 if cuda else 1), num_workers=num_workers,
                         collate_fn=skip_none_collate, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
@@ -167,9 +256,9 @@ def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch
     bar = tqdm(loader, desc=f"features ({view.name})", unit="batch", leave=False, file=sys.stderr,
                disable=not progress or not distributed.is_main())
     module = backbone.module.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format) \
-        if engine == "torch" else _onnx_forward(backbone)
+        if engine == "torch" else _onnx_forward(backbone, threads, cache_folder)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), devices.threads(threads if engine == "torch" else None):
             for batch in bar:
                 if batch is None:
                     continue
@@ -184,6 +273,14 @@ def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch
         if cuda:
             backbone.module.to("cpu", memory_format=torch.contiguous_format)
             torch.cuda.empty_cache()
+
+
+def usable_engine(backbone: Backbone, engine: str, device: torch.device, num_workers: int,
+                  cache_folder: Path | None = None) -> str:
+    """`engine`, or "torch" when it is ONNX and the backbone cannot be exported (said in one line)."""
+    if engine == "onnx" and _onnx_forward(backbone, share_cores(num_workers, device)[1] or 1, cache_folder) is None:
+        return "torch"
+    return engine
 
 
 def _seeds(view: View, paths: list[Path], digests: list[str] | None) -> list[int | None]:
@@ -202,7 +299,10 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
     share = distributed.my_share(len(paths))
     features = torch.zeros(len(share), backbone.feature_dim)
     ok = torch.zeros(len(share), dtype=torch.bool)
-    for where, rows in _extract(backbone, [paths[i] for i in share], view, device=torch.device(device),
+    device = torch.device(device)
+    precision_on(device, engine)  # an unknown engine, or ONNX on a GPU, refused before any export
+    engine = usable_engine(backbone, engine, device, num_workers)
+    for where, rows in _extract(backbone, [paths[i] for i in share], view, device=device,
                                 seeds=[seeds[i] for i in share], batch_size=batch_size,
                                 num_workers=num_workers, progress=progress, engine=engine):
         features[where], ok[where] = rows, True
@@ -323,6 +423,7 @@ class CacheStats:
     cached: int = 0
     computed: int = 0  # readable images run through the backbone
     seconds: float = 0.0  # spent computing (unreadable images included)
+    engine: str = ""  # what computed (or had computed) the features: "onnx" or "torch"
 
 
 def _comm_device() -> torch.device:
@@ -351,13 +452,19 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
     `store=None` keeps them in memory only."""
     device = torch.device(device)
     digests = [file_digest(p) for p in paths]
-    key = view.key(precision_on(device, engine))
-    if store is not None:
-        rows, found = store.lookup(key, digests)
-        found = _from_main(found)
-    else:
-        rows, found = _absent(len(paths), backbone.feature_dim), torch.zeros(len(paths), dtype=torch.bool)
-    missing = [i for i in range(len(paths)) if not found[i]]
+    for attempt in dict.fromkeys([engine, "torch"]):  # ONNX, unless the backbone does not export
+        key = view.key(precision_on(device, attempt))
+        if store is not None:
+            rows, found = store.lookup(key, digests)
+            found = _from_main(found)
+        else:
+            rows, found = _absent(len(paths), backbone.feature_dim), torch.zeros(len(paths), dtype=torch.bool)
+        missing = [i for i in range(len(paths)) if not found[i]]
+        engine = attempt
+        if not missing or usable_engine(backbone, attempt, device, num_workers, store and store.dir) == attempt:
+            break
+    if stats is not None:  # torch if it computed any of them (a backbone that does not export)
+        stats.engine = "torch" if "torch" in (engine, stats.engine) else engine
     if not missing:
         if stats is not None:
             stats.cached += len(paths)
@@ -382,7 +489,8 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
             in_memory.append((where, block))
 
     for where, batch in _extract(backbone, [paths[i] for i in share], view, device=device, seeds=seeds,
-                                 batch_size=None, num_workers=num_workers, progress=progress, engine=engine):
+                                 batch_size=None, num_workers=num_workers, progress=progress, engine=engine,
+                                 cache_folder=store and store.dir):
         positions = torch.as_tensor(share)[where]
         readable[positions] = True
         piece.append((positions, batch))
@@ -520,16 +628,17 @@ class FeatureData:
     train: FeatureSet
     valid: FeatureSet
     classes: list[str]
-    stats: CacheStats
+    stats: CacheStats  # stats.engine: what computed the features
 
 
 def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_views: int = 0,
                       cache_dir: str | Path | None = None, use_disk: bool = True,
                       device: torch.device | str = "cpu", num_workers: int = 0,
-                      log: Callable[[str], None] = print, progress: bool = True, engine: str = "torch") -> FeatureData:
+                      log: Callable[[str], None] = print, progress: bool = True, engine: str = "auto") -> FeatureData:
     """Features of the train split (centre crop + `augmented_views` augmented copies per image) and of
-    the valid split (centre crop), computed once (by `engine`: "torch" or "onnx") and cached on disk
-    under `cache_dir`."""
+    the valid split (centre crop), computed once (by `engine`: "torch", "onnx", or "auto": see
+    `resolve_engine`) and cached on disk under `cache_dir`."""
+    engine = resolve_engine(engine, device)
     train_set = FlowerFolder(split_dir(data_dir, "train"))  # used only for its file list and labels
     valid_set = FlowerFolder(split_dir(data_dir, "valid"), classes=train_set.classes)
     store = FeatureStore(cache_dir, backbone) if use_disk else None
@@ -556,7 +665,7 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
     if unreadable:
         log(f"skipped {unreadable} unreadable images (each named in a warning above)")
     where = f" (cache: {store.dir})" if store else ""
-    rate = f", {stats.computed / stats.seconds:.1f} images/s" if stats.seconds else ""
+    rate = f", {stats.computed / stats.seconds:.1f} images/s on {stats.engine}" if stats.seconds else ""
     log(f"Features: {stats.computed} computed in {stats.seconds:.1f} s{rate}, {stats.cached} from the "
         f"cache{where}; {len(train)} training rows (centre crop + {augmented_views} augmented views per image), "
         f"{len(valid)} validation rows")
@@ -566,13 +675,13 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
 def cached_training_data(config: TrainConfig, data_dir: str | Path, backbone: Backbone, *,
                          device: torch.device | str = "cpu", log: Callable[[str], None] = print,
                          progress: bool = True, cache_dir: str | Path | None = None):
-    """What `training.run_training` needs on the cached path: (train_loader, valid_loader, classes)."""
+    """What `training.run_training` needs on the cached path: (train_loader, valid_loader, classes,
+    the engine that computed the features)."""
     views = config.augmented_views if config.augment else 0  # --no_augment: centre crops only
     if config.augmented_views and not config.augment:
         log(f"--no_augment: ignoring --augmented_views {config.augmented_views}")
     data = load_feature_data(data_dir, backbone, augmented_views=views, cache_dir=cache_dir, device=device,
-                             num_workers=config.num_workers, log=log, progress=progress,
-                             engine=getattr(config, "engine", "torch"))  # a TrainConfig field once the CLI has --engine
+                             num_workers=config.num_workers, log=log, progress=progress, engine=config.engine)
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     valid_loader = feature_loader(data.valid, batch_size=max(config.batch_size, 256), shuffle=False)
-    return train_loader, valid_loader, data.classes
+    return train_loader, valid_loader, data.classes, data.stats.engine

@@ -25,7 +25,8 @@ from .config import FIELDS, TrainConfig
 from .files import atomic_write
 from .features import FeatureData, feature_loader
 from .model import build_head
-from .training import fit, make_optimizer, seed_everything
+from .devices import threads
+from .training import fit, head_threads, make_optimizer, seed_everything
 
 # The order the values are drawn in (so that a seed gives the same trials); each field's values are
 # declared with the field, in `config.TrainConfig`, inside the field's range.
@@ -50,11 +51,13 @@ def run_trial(data: FeatureData, config: TrainConfig, *, device: torch.device | 
     folder); the metrics of its last epoch."""
     device = torch.device(device)
     seed_everything(config.seed)
-    head = build_head(data.train.features.shape[1], config.hidden_units, len(data.classes), config.dropout).to(device)
+    head = build_head(data.train.dim, config.hidden_units, len(data.classes), config.dropout).to(device)
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     valid_loader = feature_loader(data.valid, batch_size=max(config.batch_size, 256), shuffle=False)
-    state = fit(head, head, train_loader, valid_loader, make_optimizer(head, config), config, device=device,
-                log=lambda message: None, progress=False)
+    dims = [data.train.dim, *config.hidden_units, len(data.classes)]
+    with threads(head_threads(dims, config.batch_size) if device.type == "cpu" else None):  # small work, few threads
+        state = fit(head, head, train_loader, valid_loader, make_optimizer(head, config), config, device=device,
+                    log=lambda message: None, progress=False)
     # Scored on the last epoch (not the best one): the epoch count is one of the searched values.
     last = state.history[-1]
     return {"valid_accuracy": last["valid_accuracy"], "valid_loss": last["valid_loss"], "valid_top5": last["valid_top5"]}

@@ -175,19 +175,20 @@ class _StopsAfter(nn.Module):
 
 
 def test_killed_pass_keeps_the_pieces_it_wrote(data, tiny, tmp_path, small_pieces):
+    # PyTorch runs the module (an export would call it while tracing).
     stopping = _StopsAfter(tiny.module, calls=5)  # 4 batches of 4 done, in pieces of 8: 2 pieces written
     backbone = Backbone(tiny.name, stopping, tiny.feature_dim, tiny.preprocessing)
     with pytest.raises(KeyboardInterrupt):
-        features.load_feature_data(data, backbone, cache_dir=tmp_path / "c", **QUIET)
+        features.load_feature_data(data, backbone, cache_dir=tmp_path / "c", engine="torch", **QUIET)
     train = FlowerFolder(data / "train")
     paths = [p for p, _ in train.samples + FlowerFolder(data / "valid", classes=train.classes).samples]
     store = features.FeatureStore(tmp_path / "c", backbone)
     _, found = store.lookup(features.centre_view(backbone).key("fp32"), [features.file_digest(p) for p in paths])
     assert found.tolist() == [True] * 16 + [False] * 8  # the pass's first rows, in its order
     stopping.calls = -1  # never again
-    again = features.load_feature_data(data, backbone, cache_dir=tmp_path / "c", **QUIET)
+    again = features.load_feature_data(data, backbone, cache_dir=tmp_path / "c", engine="torch", **QUIET)
     assert (again.stats.cached, again.stats.computed) == (16, 8)
-    fresh = features.load_feature_data(data, tiny, use_disk=False, **QUIET)
+    fresh = features.load_feature_data(data, tiny, use_disk=False, engine="torch", **QUIET)
     assert torch.equal(again.train.features, fresh.train.features)
     assert torch.equal(again.valid.features, fresh.valid.features)
 
@@ -320,7 +321,8 @@ def test_onnx_engine_matches_torch_and_is_cached_apart(arch, tmp_path):
     pytest.importorskip("onnxruntime")
     data = make_dataset(tmp_path / "d", TWELVE[:2], per_split={"train": 2, "valid": 1}, size=(300, 260))
     backbone = build_backbone(arch)
-    torch_run = features.load_feature_data(data, backbone, augmented_views=1, cache_dir=tmp_path / "c", **QUIET)
+    torch_run = features.load_feature_data(data, backbone, augmented_views=1, cache_dir=tmp_path / "c",
+                                           engine="torch", **QUIET)
     onnx_run = features.load_feature_data(data, backbone, augmented_views=1, cache_dir=tmp_path / "c",
                                           engine="onnx", **QUIET)
     assert onnx_run.stats.computed == 10  # its own cache entries, not torch's

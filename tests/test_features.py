@@ -105,7 +105,7 @@ def test_augmented_views_are_cached_once_and_fixed_per_image(data, tiny, tmp_pat
 
 def test_no_augment_means_no_augmented_views(data, tiny, tmp_path):
     messages = []
-    loader, _, _ = features.cached_training_data(_config(augment=False, augmented_views=2), data, tiny,
+    loader, _, _, _ = features.cached_training_data(_config(augment=False, augmented_views=2), data, tiny,
                                                  cache_dir=tmp_path / "c", progress=False, log=messages.append)
     assert len(loader.dataset) == 16 and any("ignoring --augmented_views 2" in m for m in messages)
 

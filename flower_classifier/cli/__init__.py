@@ -59,6 +59,16 @@ def single_command_main(command: str, prog: str, argv: list[str] | None = None) 
     return parse_and_run(parser, argv, command, parser, skip=0)
 
 
+def _run_with_threads(run, args) -> int:
+    """The command, with --threads applied to all it computes (and torch's own setting back after)."""
+    if getattr(args, "threads", None) is None:
+        return run(args)
+    from ..devices import threads  # imports torch: only for the commands that compute with it
+
+    with threads(args.threads, chosen=True):
+        return run(args)
+
+
 def parse_and_run(parser: Parser, argv: list[str], name: str | None, own: Parser | None, skip: int) -> int:
     """Parse `argv`, whose first `skip` name the command `name` and the rest are the options of its
     parser `own` (spelled with hyphens or not), run the command, and turn what a user can get wrong
@@ -71,7 +81,7 @@ def parse_and_run(parser: Parser, argv: list[str], name: str | None, own: Parser
         args, extras = parser.parse_known_args(argv)
         if extras:
             (own or parser).refuse_unknown(extras)
-        code = run(args)  # known: without a command, parsing has already exited
+        code = _run_with_threads(run, args)  # known: without a command, parsing has already exited
         sys.stdout.flush()  # here, so that a closed pipe is met inside this try
         return code
     except BrokenPipeError:  # the reader stopped early (`| head`): nothing went wrong here

@@ -6,7 +6,7 @@ import argparse
 import difflib
 import os
 
-from ..config import FIELDS, WORKERS, TrainConfig, flag
+from ..config import FIELDS, THREADS, WORKERS, TrainConfig, flag
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -61,6 +61,10 @@ SHARED = {
     "data_dir": dict(help="folder with train/ and valid/ (and test/) split folders of category folders"),
     "--workers": dict(type=WORKERS.parse, default=min(4, os.cpu_count() or 1),
                       help="data-loading worker processes (default: min(4, CPU count))"),
+    # None: each stage picks its own (the feature pass shares the cores with the decoders, a small
+    # head trains on one thread); applied by `parse_and_run` around the whole command.
+    "--threads": dict(type=THREADS.parse, default=None, help="compute threads (torch and ONNX Runtime) for "
+                      "everything this command runs (default: chosen per stage by the size of its work)"),
     "--gpu": dict(action="store_true", help="use CUDA or Apple MPS if present (default: CPU)"),
     "--cache_dir": dict(default=None, help="where computed features are kept for later runs (default: "
                         "$FLOWER_CLASSIFIER_CACHE, else ~/.cache/flower_classifier/features)"),

@@ -65,7 +65,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint saved by train.py")
     p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
     add_config_options(p, "batch_size", batch_size="images per batch")
-    add_shared(p, "--workers", "--gpu")
+    add_shared(p, "--workers", "--threads", "--gpu")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     add_shared(p, "data_dir")
     p.add_argument("--save_dir", default="checkpoints", help="where checkpoints go (default: checkpoints)")
     add_config_options(p, *(name for name, f in FIELDS.items() if f.metadata["flag"] != ""))  # all of them
-    add_shared(p, "--gpu", "--workers", "--cache_dir", "--category_names", "--quiet", workers={"dest": "num_workers"},
+    add_shared(p, "--gpu", "--workers", "--threads", "--cache_dir", "--category_names", "--quiet",
+               workers={"dest": "num_workers"},
                category_names={"help": "JSON file of category -> flower name to store in the checkpoint (default: "
                                "DATA_DIR/cat_to_name.json when there is one, else none)"})
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
@@ -87,11 +88,11 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     # Each trial is one head training: 10,000 is days of work already on VGG's features.
     p.add_argument("--trials", type=Number(int, 1, 10_000).parse, default=30,
                    help="head trainings to try (default: 30)")
-    add_config_options(p, "arch", "augmented_views", "seed", seed="seeds the search and every trial",
+    add_config_options(p, "arch", "augmented_views", "seed", "engine", seed="seeds the search and every trial",
                        augmented_views="augmented copies per training image, as in train.py")
     p.add_argument("--out", default=str(DEFAULTS_FILE),
                    help=f"where the best values go; train.py reads them as defaults (default: {DEFAULTS_FILE})")
-    add_shared(p, "--cache_dir", "--workers", "--gpu", "--quiet",
+    add_shared(p, "--cache_dir", "--workers", "--threads", "--gpu", "--quiet",
                workers={"help": "data-loading worker processes for feature extraction (default: min(4, CPU count))"})
 
 
@@ -99,7 +100,7 @@ def run_search(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone, get_spec
     from ..data import split_dir
     from ..devices import select_device
-    from ..features import load_feature_data
+    from ..features import load_feature_data, resolve_engine
     from ..search import SEARCHED, random_search, save_best
 
     get_spec(args.arch)
@@ -109,11 +110,11 @@ def run_search(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     device = select_device(args.gpu)
-    base = TrainConfig(arch=args.arch, seed=args.seed, augmented_views=args.augmented_views,
-                       num_workers=args.workers)
     data = load_feature_data(args.data_dir, build_backbone(args.arch), augmented_views=args.augmented_views,
                              cache_dir=args.cache_dir, device=device, num_workers=args.workers,
-                             progress=not args.quiet)
+                             progress=not args.quiet, engine=resolve_engine(args.engine, device))
+    base = TrainConfig(arch=args.arch, seed=args.seed, augmented_views=args.augmented_views,
+                       num_workers=args.workers, engine=data.stats.engine or resolve_engine(args.engine, device))
     results = random_search(data, base, trials=args.trials, seed=args.seed, device=device,
                             progress=not args.quiet)
     best = results[0]
