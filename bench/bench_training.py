@@ -1,24 +1,29 @@
-"""How much the feature cache saves: one run prints the floor, the classic loop and the cached path.
+"""How fast training is against the floors: one run prints the forward-pass floors, the classic loop and
+the cached path.
 
-    python bench/bench_training.py DATA_DIR --arch efficientnet_lite0 --epochs 10 [--views 4]
+    python bench/bench_training.py DATA_DIR --arch efficientnet_lite0 --epochs 10 [--views 4] [--repeat 2]
 
-- floor: one bare forward pass of the backbone over the train + valid images (no training at all);
+- floors: one bare forward pass of the backbone over the train + valid images (no training at all),
+  by PyTorch eager (`--engine torch`) and by ONNX Runtime (`--engine onnx`, exported beforehand);
 - classic: `train.py --classic --no_augment` (backbone on the same centre crops every epoch), then
   `train.py --classic` (backbone on freshly augmented images every epoch);
-- cached: `train.py` as it runs by default (features computed once, cold cache; centre crops only,
-  so no augmentation, as with --no_augment), then again with a warm cache (a second run or a
-  search), then with `--views` augmented copies per training image.
+- cached: `train.py` as it runs by default (features computed once, cold cache: the ONNX export
+  included; centre crops only, so no augmentation, as with --no_augment), the same with `--engine
+  torch`, then again with a warm cache (a second run or a search), then with `--views` augmented
+  copies per training image.
 Like is compared with like: the classic loop without augmentation sees the cached path's inputs in
 the same order (its accuracy should match), and the augmented classic loop stands beside the cached
-path with augmented views. Every run trains the same head for the same epochs with the same seed and
-is timed `--repeat` times (the fastest kept); accuracy is the best epoch's on the valid split. The
-cached checkpoint is also re-evaluated end to end from the images, which checks that the float16
-features cost nothing.
+path with augmented views. Every run trains the same head for the same epochs with the same seed.
+The machine may be shared: the runs are interleaved, `--repeat` rounds of all of them, and each
+keeps its fastest (other jobs only ever add time), so the ratios compare runs made side by side.
+Accuracy is the best epoch's on the valid split. The cached checkpoint is also re-evaluated end to
+end from the images, which checks that the float16 features cost nothing.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -32,27 +37,26 @@ from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
 from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
 from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402
-from flower_classifier.features import centre_view, extract_features  # noqa: E402
-from flower_classifier.devices import select_device  # noqa: E402
+from flower_classifier import features  # noqa: E402
+from flower_classifier.devices import cpu_cores, select_device  # noqa: E402
+from flower_classifier.features import centre_view, extract_features, share_cores  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
 
 
+FLOOR = {"torch": "floor: one PyTorch eager pass (train+valid)", "onnx": "floor: one ONNX Runtime pass (train+valid)"}
 CLASSIC = "classic loop, no augmentation (the cached inputs)"
-COLD = "cached, first run (cold cache; centre crops)"
+CLASSIC_AUG = "classic loop, augmented every epoch"
+COLD = "default: cached, first run (cold cache, export included)"
+COLD_TORCH = "cached, first run, --engine torch (cold cache)"
+WARM = "cached, second run (warm cache)"
 
 
-def timed(fn, repeat: int = 1):
-    """(result, wall seconds, CPU seconds of this process): the fastest of `repeat` runs, since on a
-    shared machine other jobs only ever add time. CPU time (all threads of this process, not the
-    image-decoding workers) is what contention disturbs least."""
-    best = None
-    for _ in range(repeat):
-        start, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        if best is None or wall < best[1]:
-            best = (out, wall, cpu)
-    return best
+def timed(fn):
+    """(result, wall seconds, CPU seconds of this process: all its threads, not the image-decoding
+    workers; what contention disturbs least)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv=None) -> int:
@@ -65,9 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden_units", type=int, nargs="+", default=[512])
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--skip_classic", action="store_true", help="for very slow backbones")
-    p.add_argument("--repeat", type=int, default=1, help="time every run N times (floor, classic and cached "
-                   "alike) and keep the fastest")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of every run, interleaved; the fastest of each kept")
     args = p.parse_args(argv)
+    views_row = f"cached + {args.views} augmented views (centre crops cached)"
 
     device = select_device(args.gpu)
     backbone = build_backbone(args.arch)
@@ -75,71 +79,86 @@ def main(argv=None) -> int:
     valid = FlowerFolder(split_dir(args.data_dir, "valid"), classes=train.classes)
     paths = [s[0] for s in train.samples + valid.samples]
     n = len(paths)
-    threads = torch.get_num_threads()
-    print(f"{args.arch} on {device} ({os.cpu_count()} CPUs, {threads} torch threads, {args.workers} workers); "
-          f"{len(train)} train + {len(valid)} valid images; {args.epochs} epochs, head {args.hidden_units}")
+    on_cpu = device.type == "cpu"
+    decoders, engine_threads = share_cores(args.workers, device)
+    print(f"{args.arch} on {device} ({cpu_cores()} cores; feature pass: {decoders} decode workers + "
+          f"{engine_threads or torch.get_num_threads()} engine threads); {len(train)} train + {len(valid)} valid "
+          f"images; {args.epochs} epochs, head {args.hidden_units}, {args.repeat} interleaved rounds")
 
-    extract_features(backbone, paths[:8], centre_view(backbone), device=device, progress=False)  # warm-up
-    _, floor, floor_cpu = timed(lambda: extract_features(backbone, paths, centre_view(backbone), device=device,
-                                                         num_workers=args.workers, progress=False), args.repeat)
-    rows = []
-
-    def report(name, seconds, cpu, acc, images):
-        rows.append((name, seconds, cpu))
-        if len(rows) == 1:
-            print(f"\n{'run':<52} {'seconds':>8} {'x floor':>8} {'CPU s':>7} {'x floor':>8} {'valid acc':>10} "
-                  f"{'images/s':>9}")
-        print(f"{name:<52} {seconds:>8.1f} {seconds / floor:>8.2f} {cpu:>7.1f} {cpu / floor_cpu:>8.2f} "
-              f"{'' if acc is None else f'{100 * acc:.1f}%':>10} {'' if not images else f'{images / seconds:.1f}':>9}",
-              flush=True)
-
-    report("floor: one forward pass (train+valid)", floor, floor_cpu, None, n)
-
+    engines = ["torch", "onnx"] if on_cpu else ["torch"]
+    for engine in engines:  # warm-up, and the ONNX floor's export made beforehand
+        extract_features(backbone, paths[:8], centre_view(backbone), device=device, progress=False, engine=engine)
     base = TrainConfig(arch=args.arch, epochs=args.epochs, hidden_units=tuple(args.hidden_units),
                        num_workers=args.workers)
     quiet = dict(device=device, backbone=backbone, progress=False, log=lambda m: None)
+    runs = {}  # name: (what to time, images it runs the backbone on)
+    for engine in engines:
+        runs[FLOOR[engine]] = (lambda engine=engine: extract_features(
+            backbone, paths, centre_view(backbone), device=device, num_workers=args.workers, progress=False,
+            engine=engine), n)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-
         caches = iter(range(10**6))
 
-        def run(name, config, repeat=1, fresh_cache=False, **kw):
+        def train_run(name, config, fresh_cache=False):
             def once():
+                if fresh_cache:  # cold: nothing cached on disk, nothing exported in this process
+                    features._onnx_sessions.clear()
                 cache = tmp / (f"cache{next(caches)}" if fresh_cache else "cache0")
-                return run_training(config, args.data_dir, save_dir=tmp / name, cache_dir=cache, **quiet, **kw)
-            result, seconds, cpu = timed(once, repeat)
-            return result, seconds, cpu, max(h["valid_accuracy"] for h in result.state.history)
+                return run_training(config, args.data_dir, save_dir=tmp / f"{name}{next(caches)}", cache_dir=cache,
+                                    **quiet)
+            return once
 
-        accuracy = {}
         if not args.skip_classic:
-            _, t, cpu, accuracy["classic"] = run("classic", base.replace(feature_cache=False, augment=False),
-                                                 repeat=args.repeat)
-            report(CLASSIC, t, cpu, accuracy["classic"], n * args.epochs)
-            _, t, cpu, accuracy["classic_aug"] = run("classic_aug", base.replace(feature_cache=False),
-                                                     repeat=args.repeat)
-            report("classic loop, augmented every epoch", t, cpu, accuracy["classic_aug"], n * args.epochs)
-        cold, t, cpu, accuracy["cached"] = run("cold", base, repeat=args.repeat, fresh_cache=True)
-        report(COLD, t, cpu, accuracy["cached"], n)
-        end_to_end = evaluate_checkpoint(cold.best_path, split_dir(args.data_dir, "valid"), device=device,
-                                         num_workers=args.workers, progress=False)["accuracy"]
-        _, t, cpu, acc = run("warm", base, repeat=args.repeat)
-        report("cached, second run (warm cache)", t, cpu, acc, None)
+            runs[CLASSIC] = (train_run("classic", base.replace(feature_cache=False, augment=False)), n * args.epochs)
+            runs[CLASSIC_AUG] = (train_run("classic_aug", base.replace(feature_cache=False)), n * args.epochs)
+        runs[COLD] = (train_run("cold", base, fresh_cache=True), n)
+        if on_cpu:
+            runs[COLD_TORCH] = (train_run("cold_torch", base.replace(engine="torch"), fresh_cache=True), n)
+        train_run("warm", base)()  # fills cache0
+        runs[WARM] = (train_run("warm", base), None)
         if args.views:
-            _, t, cpu, accuracy["views"] = run("views", base.replace(augmented_views=args.views), repeat=args.repeat)
-            report(f"cached + {args.views} augmented views (centre crops cached)", t, cpu, accuracy["views"],
-                   len(train) * args.views)
+            runs[views_row] = (train_run("views", base.replace(augmented_views=args.views)), len(train) * args.views)
 
-    wall = {name: seconds for name, seconds, _ in rows}
-    cpu = {name: c for name, _, c in rows}
+        best = {}  # name: (result, wall, cpu), the fastest round
+        for round_ in range(args.repeat):
+            for name, (fn, _) in runs.items():
+                if name == views_row:  # its augmented views must be computed again each round
+                    for view_dir in (tmp / "cache0").glob("*/aug*"):
+                        shutil.rmtree(view_dir)
+                got = timed(fn)
+                if name not in best or got[1] < best[name][1]:
+                    best[name] = got
+            print(f"round {round_ + 1}/{args.repeat} done; fastest so far (s, in the table's order): "
+                  + " ".join(f"{b[1]:.1f}" for b in best.values()), flush=True)
+        end_to_end = evaluate_checkpoint(best[COLD][0].best_path, split_dir(args.data_dir, "valid"), device=device,
+                                         num_workers=args.workers, progress=False)["accuracy"]
+
+    floor, floor_cpu = best[FLOOR["torch"]][1:]
+    wall = {name: b[1] for name, b in best.items()}
+    cpu = {name: b[2] for name, b in best.items()}
+    accuracy = {name: max(h["valid_accuracy"] for h in b[0].state.history)
+                for name, b in best.items() if hasattr(b[0], "state")}
+    print(f"\n{'run':<58} {'seconds':>8} {'x torch floor':>13} {'x onnx floor':>12} {'CPU s':>7} {'valid acc':>10} "
+          f"{'images/s':>9}")
+    for name, (_, images) in runs.items():
+        onnx_ratio = f"{wall[name] / wall[FLOOR['onnx']]:.2f}" if FLOOR["onnx"] in wall else ""
+        acc = f"{100 * accuracy[name]:.1f}%" if name in accuracy else ""
+        print(f"{name:<58} {wall[name]:>8.1f} {wall[name] / floor:>13.2f} {onnx_ratio:>12} {cpu[name]:>7.1f} "
+              f"{acc:>10} {'' if not images else f'{images / wall[name]:.1f}':>9}")
     print()
     if not args.skip_classic:
-        print(f"no augmentation, same inputs in the same order: classic loop {100 * accuracy['classic']:.1f}% vs "
-              f"cached {100 * accuracy['cached']:.1f}% valid accuracy; cached is "
+        print(f"no augmentation, same inputs in the same order: classic loop {100 * accuracy[CLASSIC]:.1f}% vs "
+              f"cached {100 * accuracy[COLD]:.1f}% valid accuracy; cached is "
               f"{wall[CLASSIC] / wall[COLD]:.1f}x faster ({cpu[CLASSIC] / cpu[COLD]:.1f}x in CPU time)")
         if args.views:
-            print(f"augmented: classic loop (fresh every epoch) {100 * accuracy['classic_aug']:.1f}% vs cached + "
-                  f"{args.views} augmented views {100 * accuracy['views']:.1f}% valid accuracy")
-    print(f"cached (cold) / floor: {wall[COLD] / floor:.2f}x ({cpu[COLD] / floor_cpu:.2f}x in CPU time)")
+            print(f"augmented: classic loop (fresh every epoch) {100 * accuracy[CLASSIC_AUG]:.1f}% vs cached + "
+                  f"{args.views} augmented views {100 * accuracy[views_row]:.1f}% valid accuracy")
+    print(f"cached (cold) / PyTorch eager floor: {wall[COLD] / floor:.2f}x ({cpu[COLD] / floor_cpu:.2f}x in CPU time)"
+          + (f"; / ONNX Runtime floor: {wall[COLD] / wall[FLOOR['onnx']]:.2f}x" if FLOOR["onnx"] in wall else ""))
+    if COLD_TORCH in accuracy:
+        print(f"engines: default (onnx) {100 * accuracy[COLD]:.1f}% vs --engine torch {100 * accuracy[COLD_TORCH]:.1f}% "
+              f"valid accuracy")
     print(f"cached checkpoint re-evaluated from the images (float32 features): valid acc {100 * end_to_end:.1f}%")
     return 0
 
