@@ -1,0 +1,259 @@
+"""The feature pass's engine and threads: ONNX Runtime on the CPU by default (features equal to
+PyTorch's), a backbone that does not export falls back to PyTorch in one line, the export is kept
+in the cache, large JPEGs decode at reduced size, and threads fit the work (--threads wins)."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import TWELVE, make_dataset
+from flower_classifier import backbones, devices, features, training
+from flower_classifier.backbones import Backbone, build_backbone
+from flower_classifier.checkpoint import load_checkpoint
+from flower_classifier.cli import main
+from flower_classifier.config import TrainConfig
+from flower_classifier.data import PhotoList, eval_transform, load_image
+from flower_classifier.errors import UserError
+
+pytest.importorskip("onnxruntime")
+
+QUIET = dict(progress=False, log=lambda message: None)
+PHOTOS = sorted((Path(__file__).parent / "data").glob("*.jpg"))  # real photos (daisy, rose, sunflower)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_dataset(tmp_path / "flowers", TWELVE[:3], per_split={"train": 3, "valid": 1})
+
+
+@pytest.fixture(autouse=True)
+def fresh_sessions(monkeypatch):
+    """Each test exports afresh: no ONNX session or failed export carried over from another test."""
+    monkeypatch.setattr(features, "_onnx_sessions", {})
+    monkeypatch.setattr(features, "_not_exportable", set())
+
+
+def _with_weights(name: str) -> bool:
+    status = backbones.get_spec(name).weights_status()
+    return "installed" in status or "cached" in status
+
+
+# Pretrained where the weights are here (offline), random weights for the rest: the export must hold
+# for every architecture, and the pretrained ones are the features users get.
+BACKBONES = [(name, _with_weights(name)) for name in backbones.BACKBONES
+             if _with_weights(name) or not name.startswith("efficientnet_lite")]  # lite1/2 need their package
+
+
+@pytest.mark.parametrize("name, pretrained", BACKBONES, ids=[f"{n}-{'pretrained' if p else 'random'}"
+                                                              for n, p in BACKBONES])
+def test_onnx_features_match_pytorch_on_real_photos(name, pretrained):
+    """Every backbone, on real photos, through the feature pass itself (decode, draft, transform)."""
+    backbone = build_backbone(name, pretrained=pretrained)
+    view = features.centre_view(backbone)
+    exact, ok = features.extract_features(backbone, PHOTOS, view, engine="torch", progress=False)
+    onnx, onnx_ok = features.extract_features(backbone, PHOTOS, view, engine="onnx", progress=False)
+    assert ok.all() and onnx_ok.all() and exact.abs().max() > 0
+    assert torch.allclose(onnx, exact, atol=1e-4, rtol=1e-4), (onnx - exact).abs().max()
+
+
+def test_auto_is_onnx_on_the_cpu_torch_on_a_gpu_and_the_run_records_what_ran(data, tmp_path):
+    assert features.resolve_engine("auto", "cpu") == "onnx"
+    assert features.resolve_engine("auto", "cuda") == features.resolve_engine("auto", "mps") == "torch"
+    assert features.resolve_engine("torch", "cpu") == "torch"
+    for device in ("cuda", "mps"):  # checked without the device: only the name is looked at
+        with pytest.raises(UserError, match="--engine onnx runs the feature pass on the CPU"):
+            features.resolve_engine("onnx", device)
+    messages = []
+    config = TrainConfig(arch="tiny", epochs=1, hidden_units=(8,), num_workers=0)
+    assert config.engine == "auto"
+    result = training.run_training(config, data, save_dir=tmp_path / "run", cache_dir=tmp_path / "c",
+                                   progress=False, log=messages.append)
+    assert load_checkpoint(result.best_path).config.engine == "onnx"
+    assert any("images/s on onnx" in m for m in messages)
+    classic = training.run_training(config.replace(feature_cache=False), data, save_dir=tmp_path / "classic",
+                                    **QUIET)
+    assert load_checkpoint(classic.best_path).config.engine == "torch"  # the classic loop runs PyTorch
+
+
+class _NoExport(nn.Module):
+    """The tiny backbone, with a layer the ONNX exporter cannot handle (it raises while exporting)."""
+
+    def __init__(self, inner, wrong=False):
+        super().__init__()
+        self.inner, self.wrong = inner, wrong
+
+    def forward(self, x):
+        if torch.onnx.is_in_onnx_export():
+            if not self.wrong:
+                raise RuntimeError("Exporting the operator 'aten::mystery' to ONNX is not supported\nmore detail")
+            return self.inner(x) * 2  # exports, but computes something else
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["export-raises", "export-differs"])
+def test_a_backbone_that_does_not_export_falls_back_to_torch_in_one_line(wrong, data, tmp_path, capsys):
+    tiny = build_backbone("tiny")
+    backbone = Backbone("oddnet", _NoExport(tiny.module, wrong), tiny.feature_dim, tiny.preprocessing)
+    config = TrainConfig(arch="tiny", epochs=1, hidden_units=(8,), num_workers=0)
+    result = training.run_training(config, data, save_dir=tmp_path / "run", cache_dir=tmp_path / "c", backbone=backbone,
+                                   **QUIET)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "oddnet could not be exported to ONNX" in warnings[0], warnings
+    assert ("differ from PyTorch's" if wrong else "aten::mystery") in warnings[0]
+    assert load_checkpoint(result.best_path).config.engine == "torch"
+    fallback = features.load_feature_data(data, backbone, cache_dir=tmp_path / "c", engine="onnx", **QUIET)
+    assert fallback.stats.engine == "torch" and fallback.stats.computed == 0  # torch's rows, cached
+    exact = features.load_feature_data(data, tiny, use_disk=False, engine="torch", **QUIET)
+    assert torch.equal(fallback.train.features, exact.train.features)
+    assert not list((tmp_path / "c").rglob("*.onnx"))  # nothing kept that failed
+
+
+def test_the_export_is_kept_in_the_cache_and_a_damaged_copy_is_made_again(data, tmp_path, monkeypatch):
+    tiny = build_backbone("tiny")
+    first = features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", engine="onnx", **QUIET)
+    (kept,) = (tmp_path / "c").rglob("backbone-*.onnx")
+    exports = []
+    real_export = features._export
+    monkeypatch.setattr(features, "_export", lambda b: exports.append(b) or real_export(b))
+
+    def rerun():  # as a new process would: no session in memory, the rows of one view gone
+        features._onnx_sessions.clear()
+        for view_dir in kept.parent.glob("centre-*"):
+            for f in view_dir.iterdir():
+                f.unlink()
+        return features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", engine="onnx", **QUIET)
+
+    assert torch.equal(rerun().train.features, first.train.features) and exports == []  # read, not exported
+    kept.write_bytes(kept.read_bytes()[:-100] + bytes(100))  # damaged on disk
+    assert torch.equal(rerun().train.features, first.train.features) and len(exports) == 1
+    assert [p.name for p in kept.parent.glob("backbone-*.onnx")] == [kept.name]  # the same bytes again
+
+
+# ---------------------------------------------------------------- decoding at reduced size
+
+def _smooth_photo(path: Path, size: tuple[int, int]) -> Path:
+    """A photo-like JPEG: smooth gradients and shapes (a JPEG's own scaling is exact on no real photo)."""
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    pixels = np.stack([128 + 100 * np.sin(6 * x + 2 * y), 128 + 100 * np.cos(5 * y), 255 * x * (1 - y)], axis=-1)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=92)
+    return path
+
+
+@pytest.mark.parametrize("size", [(1600, 1200), (1200, 1600), (700, 520), (520, 300)])
+def test_large_jpegs_decode_at_reduced_size_never_below_the_resize_target(size, tmp_path):
+    p = build_backbone("efficientnet_lite0", pretrained=False).preprocessing  # resize 256, crop 224
+    path = _smooth_photo(tmp_path / "photo.jpg", size)
+    drafted = load_image(path, min_size=p.resize_size)
+    assert min(drafted.size) >= p.resize_size
+    if min(size) >= 2 * p.resize_size:
+        assert drafted.width < size[0]  # decoded at 1/2, 1/4 or 1/8: a fraction of the pixels
+    else:
+        assert drafted.size == size
+    full = PhotoList([(path, 0)], eval_transform(p))[0][0]
+    reduced = PhotoList([(path, 0)], eval_transform(p), min_size=p.resize_size)[0][0]
+    assert reduced.shape == full.shape
+    # The tolerance, in normalized units (std 0.5: 1.0 is half the pixel range): DCT scaling differs
+    # from an antialiased resize only at the level of fine detail.
+    assert (reduced - full).abs().mean() < 0.01 and (reduced - full).abs().max() < 0.25
+
+
+def test_the_centre_view_decodes_at_reduced_size_and_is_cached_apart(tmp_path):
+    tiny = build_backbone("tiny")
+    view = features.centre_view(tiny)
+    assert view.min_size == tiny.preprocessing.resize_size
+    assert features.augmented_view(tiny, 1).min_size is None  # a random crop may enlarge a small part
+    assert view.key("fp32") != features.View(view.name, view.transform).key("fp32")
+
+
+# ---------------------------------------------------------------- threads
+
+def test_decoders_and_engine_threads_share_the_cores(monkeypatch):
+    cpu = torch.device("cpu")
+    for cores, workers, expected in [(2, 4, (1, 1)), (1, 2, (1, 1)), (16, 4, (4, 12)), (16, 2, (2, 14)),
+                                     (8, 0, (0, 8))]:
+        monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
+        assert features.share_cores(workers, cpu) == expected
+    with devices.threads(3, chosen=True):
+        assert features.share_cores(4, cpu) == (2, 3)  # --threads wins; decoders still by the cores
+    assert features.share_cores(4, torch.device("cuda")) == (4, None)
+
+
+def test_small_heads_train_on_one_thread_large_ones_on_more(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_cores", lambda: 8)
+    assert training.head_threads([1280, 512, 102], 32) == 1  # EfficientNet's head
+    assert training.head_threads([25088, 4096, 4096, 102], 64) == 8  # capped by the cores
+    with devices.threads(2, chosen=True):
+        assert training.head_threads([1280, 512, 102], 32) == 2
+
+
+def _record_threads(monkeypatch, module):
+    seen = []
+    real_fit = module.fit
+
+    def fit(*args, **kwargs):
+        seen.append((torch.get_num_threads(), devices.chosen_threads()))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(module, "fit", fit)
+    return seen
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_threads_option_applies_to_the_whole_command_and_is_given_back(command, data, tmp_path, monkeypatch,
+                                                                       capsys):
+    from flower_classifier import search
+
+    monkeypatch.chdir(tmp_path)
+    seen = _record_threads(monkeypatch, training if command == "train" else search)
+    sessions = []
+    monkeypatch.setattr(features, "_onnx_sessions", _Recording(sessions))
+    before = torch.get_num_threads()
+    extra = ["--save_dir", "ck", "--epochs", "1"] if command == "train" else ["--trials", "2"]
+    common = [command, str(data), "--arch", "tiny", "--workers", "0", "--quiet", "--cache_dir", "c", *extra]
+    assert main(common) == 0
+    assert seen and all(s == (1, None) for s in seen)  # by default a tiny head trains on one thread
+    seen.clear()
+    assert main(common + ["--threads", "3", "--cache_dir", "c2"]) == 0
+    assert seen and all(s == (3, 3) for s in seen)
+    assert [threads for _, threads in sessions][-1] == 3  # ONNX Runtime was given them too
+    assert torch.get_num_threads() == before and devices.chosen_threads() is None
+    capsys.readouterr()
+    for bad in (["--threads", "0"], ["--engine", "tensorrt"]):
+        with pytest.raises(SystemExit) as refused:  # argparse refuses from inside parse_args
+            main(common + bad)
+        assert refused.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+class _Recording(dict):
+    """features._onnx_sessions, noting each (backbone key, threads) a session is made for."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def __setitem__(self, key, value):
+        self.log.append(key)
+        super().__setitem__(key, value)
+
+
+def test_engine_is_checked_like_every_option(tmp_path):
+    with pytest.raises(UserError, match="engine must be one of auto, torch, onnx"):
+        TrainConfig(engine="tensorrt")
+    from flower_classifier.config import load_defaults
+
+    (tmp_path / "h.json").write_text('{"engine": "gpu"}')
+    with pytest.raises(UserError, match="h.json: engine must be one of"):
+        load_defaults(tmp_path / "h.json")
+
+
+def test_threads_context_gives_the_callers_setting_back():
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with devices.threads(1, chosen=True):
+            assert torch.get_num_threads() == 1 and devices.chosen_threads() == 1
+            raise RuntimeError("a failing command")
+    assert torch.get_num_threads() == before and devices.chosen_threads() is None
