@@ -215,6 +215,8 @@ def _onnx_forward(backbone: Backbone, threads: int, folder: Path | None) -> Call
             model = _export(backbone) if fresh else model
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            # Idle threads sleep rather than spin: the decoders need those cores (as in `runtime`).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             run = lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])  # noqa: E731
             if fresh:
