@@ -59,6 +59,29 @@ def timed(fn):
     return out, time.perf_counter() - start, time.process_time() - cpu
 
 
+def time_splits(backbone, paths, repeat: int) -> int:
+    """The ONNX Runtime pass over `paths` with each (decode workers, engine threads) on this machine's
+    cores, interleaved rounds, the fastest of each: what `features.share_cores` chooses from."""
+    cores = cpu_cores()
+    splits = [(w, t) for w in sorted({0, 1, 2, max(1, cores // 4), cores}) for t in sorted({1, 2, cores})]
+    chosen = features.share_cores(cores, torch.device("cpu"))
+    best = {}
+    real = features.share_cores
+    try:
+        for _ in range(repeat):
+            for split in splits:
+                features.share_cores = lambda n, device, split=split: split
+                _, wall, _ = timed(lambda: extract_features(backbone, paths, centre_view(backbone), progress=False,
+                                                            num_workers=split[0], engine="onnx"))
+                best[split] = min(best.get(split, wall), wall)
+    finally:
+        features.share_cores = real
+    print(f"\n{'decode workers':>14} {'engine threads':>14} {'seconds':>8} {'images/s':>9}")
+    for (w, t), wall in best.items():
+        print(f"{w:>14} {t:>14} {wall:>8.1f} {len(paths) / wall:>9.1f}{'  <- chosen' if (w, t) == chosen else ''}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data_dir")
@@ -70,6 +93,8 @@ def main(argv=None) -> int:
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--skip_classic", action="store_true", help="for very slow backbones")
     p.add_argument("--repeat", type=int, default=1, help="rounds of every run, interleaved; the fastest of each kept")
+    p.add_argument("--splits", action="store_true", help="only time the ONNX feature pass with each split of the "
+                   "cores between decode workers and engine threads")
     args = p.parse_args(argv)
     views_row = f"cached + {args.views} augmented views (centre crops cached)"
 
@@ -85,6 +110,8 @@ def main(argv=None) -> int:
           f"{engine_threads or torch.get_num_threads()} engine threads); {len(train)} train + {len(valid)} valid "
           f"images; {args.epochs} epochs, head {args.hidden_units}, {args.repeat} interleaved rounds")
 
+    if args.splits:
+        return time_splits(backbone, paths, args.repeat)
     engines = ["torch", "onnx"] if on_cpu else ["torch"]
     for engine in engines:  # warm-up, and the ONNX floor's export made beforehand
         extract_features(backbone, paths[:8], centre_view(backbone), device=device, progress=False, engine=engine)

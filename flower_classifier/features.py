@@ -302,7 +302,7 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
     features = torch.zeros(len(share), backbone.feature_dim)
     ok = torch.zeros(len(share), dtype=torch.bool)
     device = torch.device(device)
-    precision_on(device, engine)  # an unknown engine, or ONNX on a GPU, refused before any export
+    engine = resolve_engine(engine, device)  # an unknown engine, or ONNX on a GPU, refused before any export
     engine = usable_engine(backbone, engine, device, num_workers)
     for where, rows in _extract(backbone, [paths[i] for i in share], view, device=device,
                                 seeds=[seeds[i] for i in share], batch_size=batch_size,
@@ -453,6 +453,7 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
     goes; under torchrun each process computes and writes its share, then all read the union.
     `store=None` keeps them in memory only."""
     device = torch.device(device)
+    engine = resolve_engine(engine, device)
     digests = [file_digest(p) for p in paths]
     for attempt in dict.fromkeys([engine, "torch"]):  # ONNX, unless the backbone does not export
         key = view.key(precision_on(device, attempt))
