@@ -151,7 +151,7 @@ def share_cores(num_workers: int, device: torch.device) -> tuple[int, int | None
 
 _onnx_sessions: dict[tuple[str, int], Callable] = {}  # (backbone key, threads) -> ONNX Runtime's forward pass
 _not_exportable: set[str] = set()  # backbone keys whose export failed (said once a process)
-ONNX_TOLERANCE = 1e-4  # a fresh export must give PyTorch's features to this (absolute, on random images)
+ONNX_TOLERANCE = 1e-4  # a fresh export must give PyTorch's features to this, relative to the largest (random images)
 
 
 def _export(backbone: Backbone) -> bytes:
