@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from flower_classifier.checkpoint import load_model  # noqa: E402
 from flower_classifier.export import export_onnx  # noqa: E402
-from flower_classifier.prediction import predict  # noqa: E402
-from flower_classifier.runtime import OnnxClassifier, decode_image  # noqa: E402
+from flower_classifier.images import decode_image  # noqa: E402
+from flower_classifier.predictor import OnnxPredictor, predict  # noqa: E402
 
 
 def timings_ms(fns: dict, runs: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         model, ckpt = load_model(args.checkpoint)
         if args.threads:
             torch.set_num_threads(args.threads)
-        session = OnnxClassifier(onnx_path, threads=args.threads)
+        session = OnnxPredictor(onnx_path, threads=args.threads)
         ms = timings_ms({"torch": lambda: predict(image, model, 5), "onnx": lambda: session.predict(image, 5)},
                         args.runs)
         torch_ms, onnx_ms = ms["torch"], ms["onnx"]

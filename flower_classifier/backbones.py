@@ -17,30 +17,9 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .images import Preprocessing  # torch-free, so that ONNX prediction reads it too
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFLINE_CHOICE = "efficientnet_lite0"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image must be prepared for a backbone: resize shorter side, centre crop, normalize."""
-
-    input_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"  # name of a torchvision InterpolationMode
-
-    def to_dict(self) -> dict:
-        return {"input_size": self.input_size, "resize_size": self.resize_size,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["input_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   str(d.get("interpolation", "bilinear")))
 
 
 @dataclass
