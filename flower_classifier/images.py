@@ -122,7 +122,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGB", im.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def decode_image(source: str | Path | bytes, *, label: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -146,7 +146,9 @@ def decode_image(source: str | Path | bytes, *, label: str | None = None, max_pi
                 if im.width * im.height > max_pixels:
                     raise ImageTooLarge(f"{label}: too large to read ({im.width}x{im.height} pixels; the limit "
                                         f"is {max_pixels:,})")
-                return to_rgb(ImageOps.exif_transpose(im))
+                im.load()  # the decoder runs here, and only here
+                ImageOps.exif_transpose(im, in_place=True)  # in place: one copy of a large photo, not three
+                return to_rgb(im)
     except UserError:
         raise
     except FileNotFoundError:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
-from .images import Preprocessing, decode_image, preprocess
+from .images import Preprocessing, decode_image, preprocess, to_rgb
 
 ONNX_FORMAT = "flower_classifier.onnx"
 ONNX_FORMAT_VERSION = 1
@@ -72,7 +72,7 @@ class Predictor:
         are decoded at reduced size, never below the resize target."""
         if not isinstance(image, Image.Image):
             image = decode_image(image, label=label, min_size=self.preprocessing.resize_size)
-        return preprocess(image.convert("RGB"), self.preprocessing)
+        return preprocess(to_rgb(image), self.preprocessing)
 
     def top_k(self, probabilities: np.ndarray, top_k: int | None = None) -> Prediction:
         """The most likely rows of one probability vector (num_classes,)."""
@@ -225,7 +225,7 @@ def process_image(image: str | Path | Image.Image, preprocessing: Preprocessing)
 
     if not isinstance(image, Image.Image):
         image = decode_image(image, min_size=preprocessing.resize_size)
-    return torch.from_numpy(preprocess(image.convert("RGB"), preprocessing))
+    return torch.from_numpy(preprocess(to_rgb(image), preprocessing))
 
 
 def predict(image_path: str | Path | Image.Image, model, top_k: int | None = None) -> Prediction:

@@ -12,6 +12,7 @@ the multipart parser spools into the system's temporary folder.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import socket
 import threading
@@ -167,6 +168,17 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
     return app
 
 
+def give_freed_memory_back() -> None:
+    """glibc keeps what a thread frees in that thread's arena for reuse, so the decoded photos of the
+    request threads (up to 200 MB each) stayed in the server after their requests (2 GB after ten
+    7000x7000 PNGs). With a fixed mmap threshold, every allocation of 1 MB or more is a mapping of its
+    own, returned to the system when freed. Other C libraries (macOS, musl) behave otherwise: no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3 in malloc.h
+    except (OSError, AttributeError):
+        pass
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to host:port, or one line saying why not (a busy port, an unknown address)."""
     try:
@@ -188,6 +200,7 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, parallel: int = 1) -> None:
     import uvicorn
 
+    give_freed_memory_back()
     predictor = load_predictor(model)
     app = create_app(predictor, max_upload_mb=max_upload_mb, parallel=parallel)
     sock = listen(host, port)  # before saying "Serving": a busy port is one line, not a false start
