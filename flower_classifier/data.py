@@ -1,16 +1,23 @@
-"""Photo folders in the Oxford 102 layout: DATA/{train,valid,test}/<category>/<image>.
+"""Photo folders in the Oxford 102 layout: DATA/{train,valid,test}/<category>/<image>.jpg.
+
+This module alone knows such a folder: where its splits are (`split_dir`, `find_splits`), its
+categories (`list_categories`, `find_classes`), which files count as photos (`list_photos`, the one
+rule), and how a photo becomes a tensor (`PhotoList`). A category's photos may sit in subfolders, as
+torchvision's ImageFolder allows. Hidden files and folders (a name starting with ".", macOS's
+`._x.jpg` and `.DS_Store`, and `__MACOSX`) are never photos nor categories.
 
 Class order is natural (numeric folder names sort as numbers: "1", "2", ..., "10", "100"), and
 every split uses the training split's order, so output index -> category folder is one fixed list
-that the checkpoint stores.
+that the checkpoint stores. A classifier needs two categories, each with a readable photo.
 
 An image that cannot be read is skipped, not fatal: it is warned about once (whichever process
-meets it first) and counted, see `FlowerFolder.skipped`. The training sampler gives each image
+meets it first) and counted, see `PhotoList.skipped`. The training sampler gives each image
 of each epoch its own seed, so augmentation depends on (seed, epoch, index) alone: the same with
 0 or N workers, and the same after `--resume`.
 """
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -27,83 +34,161 @@ from .images import MAX_IMAGE_PIXELS, decode_image
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
 GET_DATA_HINT = "for Oxford 102 run `python -m flower_classifier download flowers`"
+EXAMPLES = 5  # how many names a message lists before "and N more"
 
 
 def natural_key(name: str) -> tuple:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image, turned upright as its EXIF orientation says. Raises UserError naming the file."""
-    return decode_image(path, max_pixels=MAX_IMAGE_PIXELS)
+def listing(names, limit: int = EXAMPLES) -> str:
+    """'a, b, c and 4 more'."""
+    names = [str(n) for n in names]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def split_dir(data_dir: str | Path, split: str) -> Path:
-    """DATA/<split>, accepting `val` for `valid`; a UserError when the data or split is missing."""
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """An RGB image, turned upright as its EXIF orientation says. Raises UserError naming the file
+    (`images.UnreadableImage`, whose `reason` says why without the name)."""
+    return decode_image(source, max_pixels=MAX_IMAGE_PIXELS)
+
+
+# ---------------------------------------------------------------- splits
+
+def check_data_dir(data_dir: str | Path) -> Path:
+    """DATA as a Path; a UserError when it is a file or missing."""
     data_dir = Path(data_dir)
     if data_dir.is_file():
         raise UserError(f"data directory {data_dir} is a file; pass the folder that holds train/ and valid/")
     if not data_dir.is_dir():
         raise UserError(f"data directory {data_dir} does not exist; expected {data_dir}/train/<category>/"
                         f"*.jpg ({GET_DATA_HINT})")
-    for name in SPLIT_NAMES[split]:
-        if (data_dir / name).is_dir():
-            return data_dir / name
-    raise UserError(f"{data_dir}/{split} not found: expected {data_dir}/{split}/<category>/*.jpg "
-                    f"({GET_DATA_HINT})")
+    return data_dir
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
-                  key=lambda p: p.name)
+def find_splits(data_dir: str | Path) -> dict[str, Path]:
+    """The split folders DATA holds, by split ("train", "valid", "test"); `val` counts as `valid`."""
+    found = {split: next((Path(data_dir, n) for n in names if Path(data_dir, n).is_dir()), None)
+             for split, names in SPLIT_NAMES.items()}
+    return {split: folder for split, folder in found.items() if folder is not None}
+
+
+def split_dir(data_dir: str | Path, split: str) -> Path:
+    """DATA/<split>, accepting `val` for `valid`; a UserError when the data or split is missing."""
+    data_dir = check_data_dir(data_dir)
+    folder = find_splits(data_dir).get(split)
+    if folder is None:
+        raise UserError(f"{data_dir}/{split} not found: expected {data_dir}/{split}/<category>/*.jpg "
+                        f"({GET_DATA_HINT})")
+    return folder
+
+
+def one_split(path: str | Path) -> Path:
+    """A folder given as one split (DATA/test, say); a UserError for the data folder itself."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such directory; expected a split folder such as DATA/test")
+    held = [folder.name for folder in find_splits(path).values()]
+    if held:
+        raise UserError(f"{path} holds the splits {', '.join(held)}; pass one of them, "
+                        f"e.g. {path / ('test' if 'test' in held else held[0])}")
+    return path
+
+
+# ---------------------------------------------------------------- categories and photos
+
+def is_hidden(name: str) -> bool:
+    """Dot files (`.DS_Store`, macOS's `._x.jpg` twins) and folders, and macOS zip leftovers."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def list_categories(root: Path) -> list[str]:
+    """Category folder names of one split, in natural order (none when `root` has none)."""
+    return sorted((p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)), key=natural_key)
 
 
 def find_classes(root: Path) -> list[str]:
-    """Category folder names of one split, in natural order."""
+    """The categories a model learns: those of a training split, at least two."""
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
-    classes = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=natural_key)
+    classes = list_categories(root)
     if not classes:
         raise UserError(f"{root} has no category folders: expected {root}/<category>/*.jpg")
+    if len(classes) == 1:
+        raise UserError(f"{root} has one category folder ({classes[0]}): a classifier needs at least two; "
+                        f"add a folder of photos of another category")
     return classes
 
 
-class FlowerFolder(Dataset):
-    """(image tensor, class index) pairs from one split; an unreadable image yields None (skipped).
+def scan_category(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(photos, other files) in a category folder and its subfolders, each list sorted by path.
 
-    An index may come with a seed, `dataset[(i, seed)]`: the transform then draws its random
-    numbers from that seed alone (see `EpochSampler`).
+    A photo is a file with an image extension; hidden files and folders count as neither. Folder
+    links are followed, each real folder once, except links back up to the folder or above it (a
+    loop, or another category's photos).
+    """
+    photos, others, seen = [], [], set()
+    top = Path(os.path.realpath(folder))
+    for where, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen or (seen and top.is_relative_to(real)):
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [f for f in folders if not is_hidden(f)]
+        for name in names:
+            path = Path(where) / name
+            if is_hidden(name) or not path.is_file():  # is_file: no broken links, pipes or devices
+                continue
+            (photos if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    key = lambda p: p.relative_to(folder).parts
+    return sorted(photos, key=key), sorted(others, key=key)
+
+
+def list_photos(folder: Path) -> list[Path]:
+    """The photos of a category folder, its subfolders included (see `scan_category`)."""
+    return scan_category(folder)[0]
+
+
+def refuse_unreadable_categories(root: Path, classes: list[str], readable: set[int]) -> None:
+    """A training category without a single readable photo cannot be learnt: refused in one line."""
+    empty = [c for i, c in enumerate(classes) if i not in readable]
+    if empty:
+        raise UserError(f"{root}: {len(empty)} training {'category has' if len(empty) == 1 else 'categories have'} "
+                        f"no readable photo ({listing(empty)}): add photos or remove the folders "
+                        f"(`python -m flower_classifier check-data` names each file)")
+
+
+def _decodes(path: Path) -> bool:
+    try:
+        load_image(path)
+        return True
+    except UserError:
+        return False
+
+
+# ---------------------------------------------------------------- photos as tensors
+
+class PhotoList(Dataset):
+    """(image tensor, target) pairs of `samples`, (path, target) pairs; an unreadable photo yields None.
+
+    It is warned about once, whichever worker process meets it first, and recorded (`skipped`). An
+    index may come with a seed, `photos[(i, seed)]`, or each photo may have its own (`seeds`): the
+    transform then draws its random numbers from that seed alone (see `EpochSampler`).
     """
 
-    def __init__(self, root: str | Path, *, transform=None, classes: list[str] | None = None):
-        self.root = Path(root)
-        self.classes = list(classes) if classes is not None else find_classes(self.root)
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.transform = transform
-        self.samples: list[tuple[Path, int]] = []
-        present = find_classes(self.root)
-        unknown = [c for c in present if c not in self.class_to_idx]
-        if unknown:
-            raise UserError(f"{self.root} has categories that the training split lacks: {', '.join(unknown)}; "
-                            f"add training photos for them or remove those folders")
-        for c in present:
-            images = list_images(self.root / c)
-            if not images and classes is None:
-                raise UserError(f"category folder {self.root / c} has no images; add photos or remove it")
-            self.samples += [(p, self.class_to_idx[c]) for p in images]
-        if not self.samples:
-            raise UserError(f"{self.root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        # One flag per image, in shared memory: worker processes mark what they skip, so that each
+    def __init__(self, samples: list[tuple[Path, int]], transform=None, seeds: list[int | None] | None = None):
+        self.samples, self.transform, self.seeds = samples, transform, seeds
+        # One flag per photo, in shared memory: worker processes mark what they skip, so that each
         # file is warned about once over all workers and epochs, and the main process can count.
-        self._skipped = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+        self._skipped = torch.zeros(len(samples), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        i, seed = key if isinstance(key, tuple) else (key, None)
-        path, label = self.samples[i]
+        i, seed = key if isinstance(key, tuple) else (key, self.seeds[key] if self.seeds else None)
+        path, target = self.samples[i]
         try:
             image = load_image(path)
         except UserError as e:
@@ -112,16 +197,61 @@ class FlowerFolder(Dataset):
                 print(f"warning: skipping {e}", file=sys.stderr)
             return None
         if self.transform is None:
-            return image, label
+            return image, target
         if seed is None:
-            return self.transform(image), label
+            return self.transform(image), target
         with torch.random.fork_rng(devices=[]):  # leave the caller's random state (dropout) alone
             torch.manual_seed(seed)
-            return self.transform(image), label
+            return self.transform(image), target
 
     def skipped(self) -> list[Path]:
-        """The images that could not be read so far (each was warned about once)."""
+        """The photos that could not be read so far (each was warned about once)."""
         return [self.samples[i][0] for i in self._skipped.nonzero().flatten().tolist()]
+
+
+class FlowerFolder(PhotoList):
+    """(image tensor, class index) pairs from one split folder (see `PhotoList`).
+
+    Without `classes` this is a training split: its categories are the classes, each must hold photos.
+    """
+
+    def __init__(self, root: str | Path, *, transform=None, classes: list[str] | None = None):
+        self.root = Path(root)
+        self.classes = list(classes) if classes is not None else find_classes(self.root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        if not self.root.is_dir():
+            raise UserError(f"{self.root}: no such directory")
+        present = list_categories(self.root)
+        if not present:
+            raise UserError(f"{self.root} has no category folders: expected {self.root}/<category>/*.jpg")
+        unknown = [c for c in present if c not in self.class_to_idx]
+        if unknown:
+            raise UserError(f"{self.root} has categories that the training split lacks: {', '.join(unknown)}; "
+                            f"add training photos for them or remove those folders")
+        samples = []
+        for c in present:
+            photos = list_photos(self.root / c)
+            if not photos and classes is None:
+                raise UserError(f"category folder {self.root / c} has no images; add photos or remove it")
+            samples += [(p, self.class_to_idx[c]) for p in photos]
+        if not samples:
+            raise UserError(f"{self.root} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        super().__init__(samples, transform)
+
+    def require_readable_categories(self) -> None:
+        """Refuse a category none of whose photos decodes, before any epoch: one decode per category
+        when all is well (the classic loop; the cached path learns it from the feature pass)."""
+        by_class: dict[int, list[Path]] = {}
+        for path, label in self.samples:
+            by_class.setdefault(label, []).append(path)
+        # any() stops at the first photo that decodes: usually one decode per category.
+        readable = {label for label, paths in by_class.items() if any(map(_decodes, paths))}
+        refuse_unreadable_categories(self.root, self.classes, readable)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch` of a run seeded `seed`: its order, augmentation and dropout."""
+    return seed * 1_000_003 + epoch
 
 
 class EpochSampler(Sampler):
@@ -142,7 +272,7 @@ class EpochSampler(Sampler):
         return self.size
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         seeds = torch.randint(0, 2**62, (self.size,), generator=g).tolist()  # by index, not by position
         order = torch.randperm(self.size, generator=g).tolist()
         return iter([(i, seeds[i]) for i in order] if self.sample_seeds else order)
@@ -178,17 +308,21 @@ def train_transform(p: Preprocessing) -> T.Compose:
 
 def load_split(data_dir: str | Path, split: str, preprocessing: Preprocessing, *,
                classes: list[str] | None = None, augment: bool = False) -> FlowerFolder:
-    """One split as a dataset; valid/test take the training split's `classes`."""
+    """One split as a dataset; valid/test take the training split's `classes`. Without `classes`
+    (the training split), a category without a readable photo is refused here."""
     transform = train_transform(preprocessing) if augment else eval_transform(preprocessing)
-    return FlowerFolder(split_dir(data_dir, split), transform=transform, classes=classes)
+    dataset = FlowerFolder(split_dir(data_dir, split), transform=transform, classes=classes)
+    if classes is None:  # the training split, which defines the classes
+        dataset.require_readable_categories()
+    return dataset
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, num_workers: int,
                 seed: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Batches of `dataset`; when shuffled, the order (and a FlowerFolder's augmentation) of each
+    """Batches of `dataset`; when shuffled, the order (and a PhotoList's augmentation) of each
     epoch comes from `loader.sampler.set_epoch(epoch)` and `seed`, not from the worker processes."""
     generator = torch.Generator().manual_seed(seed)
-    sampler = EpochSampler(len(dataset), seed, sample_seeds=isinstance(dataset, FlowerFolder)) if shuffle else None
+    sampler = EpochSampler(len(dataset), seed, sample_seeds=isinstance(dataset, PhotoList)) if shuffle else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "this DataLoader will create N workers" on small machines
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

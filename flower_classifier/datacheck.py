@@ -1,8 +1,10 @@
 """Look over a photo folder before training: `python -m flower_classifier check-data DATA`.
 
-A *problem* breaks or poisons training: a missing split, a training category with no readable
-image, a validation or test category that training lacks, the same photo in two splits (test
-accuracy would be measured on training photos) or in two categories (two labels for one photo).
+It sees the folder as training does (`data`: the same splits, categories and photos, subfolders
+included, hidden files never). A *problem* breaks or poisons training: a missing split, fewer than
+two training categories, a training category with no readable image, a validation or test category
+that training lacks, the same photo in two splits (test accuracy would be measured on training
+photos) or in two categories (two labels for one photo), an Oxford 102 download that did not finish.
 A *warning* is worth knowing but training copes: unreadable files (skipped), non-image files
 (ignored), categories missing from valid/test, a names file that misses or adds categories,
 duplicates within a category, and class imbalance above a ratio.
@@ -19,11 +21,12 @@ from pathlib import Path
 
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
-from .data import IMAGE_EXTENSIONS, SPLIT_NAMES, load_image, natural_key
-from .errors import UserError
+from .data import (EXAMPLES, SPLIT_NAMES, check_data_dir, find_splits, list_categories, listing, load_image,
+                   natural_key, scan_category)
+from .images import UnreadableImage
+from .oxford102 import unfinished_download
 
 MAX_IMBALANCE = 10.0  # largest / smallest category of a split above this is flagged
-EXAMPLES = 5  # how many names a finding lists before "..."
 
 
 @dataclass
@@ -37,11 +40,6 @@ class Report:
         return not self.problems
 
 
-def _listing(names: list, limit: int = EXAMPLES) -> str:
-    names = [str(n) for n in names]
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _count(n: int, word: str) -> str:
     """'1 photo', '2 photos'; '1 category', '2 categories'."""
     plural = word[:-1] + "ies" if word.endswith("y") else word + "s"
@@ -51,34 +49,23 @@ def _count(n: int, word: str) -> str:
 def inspect_file(path: Path) -> tuple[str, str | None]:
     """sha256 of the file's bytes, and why it cannot be read as an image (None if it can)."""
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        content = path.read_bytes()  # read once: hashed, then decoded from memory
     except OSError as e:
         return "", f"cannot be read ({e.strerror})"
     try:
-        load_image(path)
-    except UserError as e:
-        return digest, str(e).split(": ", 1)[-1]
-    return digest, None
-
-
-def find_splits(data_dir: Path) -> dict[str, Path]:
-    found = {}
-    for split, names in SPLIT_NAMES.items():
-        for name in names:
-            if (data_dir / name).is_dir():
-                found[split] = data_dir / name
-                break
-    return found
+        load_image(content)
+    except UnreadableImage as e:
+        return hashlib.sha256(content).hexdigest(), e.reason
+    return hashlib.sha256(content).hexdigest(), None
 
 
 def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = None,
                max_imbalance: float = MAX_IMBALANCE, workers: int = 0, progress: bool = False) -> Report:
-    data_dir = Path(data_dir)
-    if data_dir.is_file():
-        raise UserError(f"{data_dir} is a file; pass the folder that holds train/ and valid/")
-    if not data_dir.is_dir():
-        raise UserError(f"data directory {data_dir} does not exist")
+    data_dir = check_data_dir(data_dir)
     report = Report()
+    unfinished = unfinished_download(data_dir)
+    if unfinished:
+        report.problems.append(unfinished)
     splits = find_splits(data_dir)
     for split in ("train", "valid"):
         if split not in splits:
@@ -86,20 +73,15 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
     if "test" not in splits:
         report.warnings.append(f"no test/ folder in {data_dir}: nothing to measure the final accuracy on")
 
-    # Every file of every category folder: (split, category, path).
+    # Every photo of every category folder: (split, category, path).
     files, others = [], defaultdict(list)
     categories: dict[str, list[str]] = {}
     for split, root in splits.items():
-        categories[split] = sorted((p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                                   key=natural_key)
+        categories[split] = list_categories(root)
         for c in categories[split]:
-            for p in sorted((root / c).iterdir()):
-                if not p.is_file() or p.name.startswith("."):
-                    continue
-                if p.suffix.lower() in IMAGE_EXTENSIONS:
-                    files.append((split, c, p))
-                else:
-                    others[split].append(p)
+            photos, other = scan_category(root / c)
+            files += [(split, c, p) for p in photos]
+            others[split] += other
     paths = [p for _, _, p in files]
     bar = dict(total=len(paths), desc="checking images", unit="image", disable=not progress, file=sys.stderr,
                leave=False)
@@ -121,27 +103,32 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
         by_hash[digest].append((split, c, p))
     report.counts = counts
     for split, paths_ in others.items():
+        if not paths_:
+            continue
         report.warnings.append(f"{split}: {_count(len(paths_), 'file')} without an image extension, ignored "
-                               f"({_listing([rel(p) for p in paths_])})")
+                               f"({listing([rel(p) for p in paths_])})")
 
     train = categories.get("train", [])
+    if "train" in splits and len(train) < 2:
+        report.problems.append(f"train: {_count(len(train), 'category')}{f' ({train[0]})' if train else ''}: "
+                               f"a classifier needs at least two; add category folders of photos")
     for split in splits:
         empty = [c for c in categories[split] if counts[split][c] == 0]
         if empty and split == "train":
             report.problems.append(f"train: {_count(len(empty), 'category')} without a readable image "
-                                   f"({_listing(empty)}): add photos or remove the folders")
+                                   f"({listing(empty)}): add photos or remove the folders")
         elif empty:
             report.warnings.append(f"{split}: {_count(len(empty), 'category')} without a readable image "
-                                   f"({_listing(empty)})")
+                                   f"({listing(empty)})")
         if split != "train" and "train" in splits:
             unknown = [c for c in categories[split] if c not in train]
             if unknown:
                 report.problems.append(f"{split}: {_count(len(unknown), 'category')} not in train/ "
-                                       f"({_listing(unknown)}): the model cannot predict them")
+                                       f"({listing(unknown)}): the model cannot predict them")
             absent = [c for c in train if c not in categories[split]]
             if absent:
                 report.warnings.append(f"{split}: no photos of {_count(len(absent), 'training category')} "
-                                       f"({_listing(absent)})")
+                                       f"({listing(absent)})")
         nonzero = {c: n for c, n in counts[split].items() if n}
         if len(nonzero) > 1:
             most, fewest = max(nonzero, key=nonzero.get), min(nonzero, key=nonzero.get)
@@ -168,10 +155,10 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
         extra = sorted((c for c in cat_to_name if c not in every), key=natural_key)
         if missing:
             report.warnings.append(f"names file: no name for {_count(len(missing), 'category')} "
-                                   f"({_listing(missing)}); their numbers are shown instead")
+                                   f"({listing(missing)}); their numbers are shown instead")
         if extra:
             report.warnings.append(f"names file: {_count(len(extra), 'name')} for categories that no split has "
-                                   f"({_listing(extra)})")
+                                   f"({listing(extra)})")
     return report
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import SPLIT_NAMES, FlowerFolder, eval_transform, make_loader
+from .data import FlowerFolder, eval_transform, make_loader, one_split
 from .errors import UserError
 from .predictor import load_predictor
 from .training import evaluate
@@ -32,14 +32,8 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, 
 
 def _split_dataset(split_path: str | Path, ckpt) -> FlowerFolder:
     """The split's photos in the model's class order (`ckpt`: anything with classes and preprocessing)."""
-    split_path = Path(split_path)
-    if not split_path.is_dir():
-        raise UserError(f"{split_path}: no such directory; expected a split folder such as DATA/test")
-    splits = [name for names in SPLIT_NAMES.values() for name in names if (split_path / name).is_dir()]
-    if splits:  # the data folder itself, not one of its splits
-        raise UserError(f"{split_path} holds the splits {', '.join(splits)}; pass one of them, "
-                        f"e.g. {split_path / ('test' if 'test' in splits else splits[0])}")
-    return FlowerFolder(split_path, transform=eval_transform(ckpt.preprocessing), classes=ckpt.classes)
+    # The checkpoint's classes, not the split's own folders: a split may lack categories.
+    return FlowerFolder(one_split(split_path), transform=eval_transform(ckpt.preprocessing), classes=ckpt.classes)
 
 
 # ---------------------------------------------------------------- the report

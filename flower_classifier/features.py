@@ -27,7 +27,8 @@ from . import distributed
 from .backbones import Backbone
 from .checkpoint import atomic_save, safe_load
 from .config import TrainConfig
-from .data import EpochSampler, FlowerFolder, eval_transform, load_image, skip_none_collate, split_dir, train_transform
+from .data import (EpochSampler, FlowerFolder, PhotoList, eval_transform, refuse_unreadable_categories,
+                   skip_none_collate, split_dir, train_transform)
 from .errors import UserError
 
 CACHE_ENV = "FLOWER_CLASSIFIER_CACHE"  # overrides the default cache folder (tests point it at a temp dir)
@@ -91,30 +92,6 @@ def augmented_view(backbone: Backbone, index: int) -> View:
 
 # ---------------------------------------------------------------- extraction
 
-class _Images(Dataset):
-    """(image tensor, position) pairs; an unreadable image yields None, with a warning naming it."""
-
-    def __init__(self, paths: list[Path], transform, seeds: list[int | None]):
-        self.paths, self.transform, self.seeds = paths, transform, seeds
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            image = load_image(self.paths[i])
-        except UserError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
-            return None
-        if self.seeds[i] is None:
-            return self.transform(image), i
-        # The random crop, rotation and flip draw from torch's RNG: seed it for this image, leaving the
-        # caller's RNG as it was (with num_workers=0 this runs in the training process itself).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seeds[i])
-            return self.transform(image), i
-
-
 def precision_on(device: torch.device) -> str:
     """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere."""
     if device.type != "cuda":
@@ -138,7 +115,8 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
         digests = [file_digest(p) for p in paths]
     seeds = [view.seed(d) for d in digests] if view.index else [None] * len(paths)
     share = distributed.my_share(len(paths))
-    dataset = _Images([paths[i] for i in share], view.transform, [seeds[i] for i in share])
+    # Targets are positions in this share; each photo's seed fixes its augmented view.
+    dataset = PhotoList([(paths[i], k) for k, i in enumerate(share)], view.transform, [seeds[i] for i in share])
     loader = DataLoader(dataset, batch_size=batch_size or (128 if cuda else 32), num_workers=num_workers,
                         collate_fn=skip_none_collate, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
@@ -331,6 +309,8 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
         ys.append(train_labels[aug_ok])
     train = FeatureSet(torch.cat(xs), torch.cat(ys))
     valid = FeatureSet(centre[n:][ok[n:]], valid_labels[ok[n:]])
+    # The head must not train on a category none of whose photos could be read.
+    refuse_unreadable_categories(train_set.root, train_set.classes, set(train_labels[ok[:n]].tolist()))
     if len(train) == 0 or len(valid) == 0:
         raise UserError(f"no {'training' if len(train) == 0 else 'validation'} image of {data_dir} could be read")
     unreadable = int((~ok).sum())

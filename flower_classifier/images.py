@@ -28,7 +28,16 @@ FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Imag
            "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}  # torchvision's names
 
 
-class ImageTooLarge(UserError):
+class UnreadableImage(UserError):
+    """A file or upload that is not a usable image; `reason` says why without naming it (for a
+    caller that names it its own way, as check-data does with paths inside the data folder)."""
+
+    def __init__(self, label: str, reason: str):
+        super().__init__(f"{label}: {reason}")
+        self.reason = reason
+
+
+class ImageTooLarge(UnreadableImage):
     """An image with more pixels than allowed."""
 
 
@@ -144,22 +153,22 @@ def decode_image(source: str | Path | bytes, *, label: str | None = None, max_pi
                 if min_size:
                     im.draft("RGB", (min_size, min_size))  # JPEG only; sets the size it will decode at
                 if im.width * im.height > max_pixels:
-                    raise ImageTooLarge(f"{label}: too large to read ({im.width}x{im.height} pixels; the limit "
-                                        f"is {max_pixels:,})")
+                    raise ImageTooLarge(label, f"too large to read ({im.width}x{im.height} pixels; the limit "
+                                               f"is {max_pixels:,})")
                 im.load()  # the decoder runs here, and only here
                 ImageOps.exif_transpose(im, in_place=True)  # in place: one copy of a large photo, not three
                 return to_rgb(im)
     except UserError:
         raise
     except FileNotFoundError:
-        raise UserError(f"{label}: no such file") from None
+        raise UnreadableImage(label, "no such file") from None
     except IsADirectoryError:
-        raise UserError(f"{label}: is a directory, not an image") from None
+        raise UnreadableImage(label, "is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise UserError(f"{label}: not a readable image (not a format Pillow reads: JPEG, PNG, WebP, GIF, BMP, "
-                        f"TIFF...)") from None
+        raise UnreadableImage(label, "not a readable image (not a format Pillow reads: JPEG, PNG, WebP, GIF, "
+                                     "BMP, TIFF...)") from None
     except Image.DecompressionBombError:  # beyond twice Pillow's own limit: refused by Image.open itself
-        raise ImageTooLarge(f"{label}: too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; the limit "
-                            f"is {max_pixels:,})") from None
+        raise ImageTooLarge(label, f"too large to read (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; the "
+                                   f"limit is {max_pixels:,})") from None
     except Exception as e:  # decoders raise many kinds on a damaged file (OSError, SyntaxError, struct.error...)
-        raise UserError(f"{label}: not a readable image ({type(e).__name__}: {e})") from None
+        raise UnreadableImage(label, f"not a readable image ({type(e).__name__}: {e})") from None

@@ -15,14 +15,14 @@ Splits:
             course never published which image went where, so this is a fixed shuffle (same on every
             machine) with those proportions, not the course's exact split.
 
-`link=True` hard-links the images of an unpacked `jpg/` folder instead of copying them (copies where
-the filesystem cannot link); with only the archive, images are extracted either way.
+`link=True` hard-links the images of an unpacked `jpg/` folder instead of copying them (copies, and
+says so, where the filesystem cannot link); with only the archive, images are extracted either way.
 
 Only archive members named jpg/image_NNNNN.jpg that are plain files are read, and every output path
 is built from the image id, so a crafted archive cannot write outside OUT. Each image is written to a
 temporary name and renamed, and OUT/.oxford102.json records the split and whether the layout is
-complete: an interrupted run can simply be rerun (finished images are kept), and a rerun over a
-complete layout does nothing.
+complete: an interrupted run can simply be rerun (finished images are kept), a rerun over a
+complete layout does nothing, and `check-data` reports a layout left incomplete (`unfinished_download`).
 """
 from __future__ import annotations
 
@@ -42,8 +42,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from scipy.io import loadmat
-from scipy.io.matlab import MatReadError
 
 from .errors import UserError
 
@@ -55,6 +53,7 @@ MD5 = {
     LABELS: "e0620be6f572b9609742df49c70aed4d",
     SETID: "a5357ecc9cb78c4bef273ce3793fc85c",
 }
+CATEGORIES = 102
 SPLITS = ("train", "valid", "test")
 SETID_KEYS = {"train": "trnid", "valid": "valid", "test": "tstid"}
 SPLIT_CHOICES = ("original", "classic")
@@ -88,16 +87,24 @@ def prepare_oxford102(out_dir: str | Path, *, source_dir: str | Path | None = No
             f"nothing to do")
         return state["counts"]
 
-    source = Path(source_dir) if source_dir is not None else out / DEFAULT_SOURCE
+    if source_dir is not None:
+        source = Path(source_dir)
+        if not source.is_dir():
+            raise UserError(f"--source {source}: {'is a file' if source.exists() else 'no such folder'}; pass "
+                            f"the folder that holds {ARCHIVE}, {LABELS} and {SETID} (or a torchvision "
+                            f"Flowers102 root)")
+    else:
+        source = out / DEFAULT_SOURCE
     found = _find_source(source)
     if found is None:
         if not download:
-            raise UserError(f"{source}: does not hold {ARCHIVE}, {LABELS} and {SETID} (or a torchvision "
-                            f"Flowers102 root); pass --source DIR with them, or allow downloading")
+            raise UserError(_missing_files_message(source, given=source_dir is not None))
         _download_missing(source, say, progress)
         found = source
     labels, setids = _read_metadata(found)
     plan = _plan(labels, setids, split)
+    if split == "classic":
+        _warn_small_categories(labels)
 
     try:
         _write_state(out, {"split": split, "complete": False})
@@ -133,6 +140,10 @@ def _printer(enabled: bool):
     return say
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)  # even with --quiet: the result is not what was asked
+
+
 def _describe(counts: dict[str, int]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in SPLITS)
 
@@ -154,6 +165,21 @@ def _read_state(out: Path) -> dict | None:
     except (OSError, ValueError):
         pass
     raise UserError(f"{path}: unreadable; delete {out} and run again")
+
+
+def unfinished_download(data_dir: str | Path) -> str | None:
+    """Why DATA is not a finished Oxford 102 layout, when this module's marker file says so (or is
+    damaged); None for a finished layout and for any folder this module did not make."""
+    data_dir = Path(data_dir)
+    try:
+        state = _read_state(data_dir)
+    except UserError as e:
+        return str(e)
+    if state is None or state.get("complete"):
+        return None
+    return (f"{data_dir / STATE_FILE} says the Oxford 102 download into {data_dir} did not finish: run "
+            f"`python -m flower_classifier download {data_dir} --split {state['split']}` again (finished "
+            f"images are kept)")
 
 
 def _write_state(out: Path, state: dict) -> None:
@@ -194,6 +220,28 @@ def _find_source(directory: Path) -> Path | None:
                 (d / ARCHIVE).is_file() or (d / "jpg").is_dir()):
             return d
     return None
+
+
+def _missing_files_message(source: Path, *, given: bool) -> str:
+    """What to do when the three files are not all in SOURCE and downloading is not allowed."""
+    best = max((source, source / TORCHVISION_SUBDIR), key=lambda d: len(_source_files(d)))
+    have = _source_files(best)
+    if not have and not given:
+        urls = ", ".join(BASE_URL + name for name in (ARCHIVE, LABELS, SETID))
+        return (f"--no_download needs the Oxford 102 files: download {urls} on a machine with internet, put "
+                f"them in one folder and pass it with --source DIR (or drop --no_download)")
+    lacking = [n for n in (ARCHIVE, LABELS, SETID) if n not in have and not (n == ARCHIVE and "jpg/" in have)]
+    if not have:
+        return (f"--source {source}: holds none of {ARCHIVE}, {LABELS} and {SETID} (nor a torchvision "
+                f"Flowers102 root); {_MANUAL}, or drop --no_download")
+    # Named in the folder that holds most of the files (DIR or a torchvision root's DIR/flowers-102).
+    return (f"{'--source ' if given else ''}{best}: lacks {' and '.join(lacking)}; get "
+            f"{'it' if len(lacking) == 1 else 'them'} from {BASE_URL} into {best}, or drop --no_download")
+
+
+def _source_files(directory: Path) -> set[str]:
+    names = {n for n in (ARCHIVE, LABELS, SETID) if (directory / n).is_file()}
+    return names | ({"jpg/"} if (directory / "jpg").is_dir() else set())
 
 
 def _download_missing(directory: Path, say, progress: bool) -> None:
@@ -244,22 +292,46 @@ def _md5(path: Path) -> str:
 
 def _read_metadata(source: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Category per image (labels[i] for image id i+1) and the 1-based image ids of each split."""
+    from scipy.io import loadmat  # here: check-data reads this module's marker without needing scipy
+    from scipy.io.matlab import MatReadError
+
     path = source / LABELS
     try:
-        labels = loadmat(path)["labels"].ravel().astype(int)
+        raw_labels = loadmat(path)["labels"].ravel()
         path = source / SETID
         setid = loadmat(path)
-        setids = {s: setid[key].ravel().astype(int) for s, key in SETID_KEYS.items()}
+        raw_ids = {s: setid[key].ravel() for s, key in SETID_KEYS.items()}
+        if not _whole(raw_labels):
+            raise UserError(f"{source / LABELS}: categories must be whole numbers from 1 to {CATEGORIES}; "
+                            f"get a fresh copy from {BASE_URL}")
+        if not all(_whole(ids) for ids in raw_ids.values()):
+            raise UserError(f"{source / SETID}: image ids must be whole numbers; get a fresh copy from {BASE_URL}")
+        labels = raw_labels.astype(int)
+        setids = {s: ids.astype(int) for s, ids in raw_ids.items()}
     except (OSError, KeyError, ValueError, TypeError, MatReadError) as e:
         raise UserError(f"{path}: not the Oxford 102 file ({type(e).__name__}: {e}); "
                         f"get a fresh copy from {BASE_URL}") from None
-    if labels.size == 0 or labels.min() < 1:
-        raise UserError(f"{source / LABELS}: categories must be numbers from 1; get a fresh copy from {BASE_URL}")
+    if labels.size == 0 or labels.min() < 1 or labels.max() > CATEGORIES:
+        raise UserError(f"{source / LABELS}: categories must be whole numbers from 1 to {CATEGORIES} (found "
+                        f"{labels.min() if labels.size else 'none'}..{labels.max() if labels.size else ''}); "
+                        f"get a fresh copy from {BASE_URL}")
     ids = np.concatenate(list(setids.values()))
     if ids.size and (ids.min() < 1 or ids.max() > labels.size or np.unique(ids).size != ids.size):
         raise UserError(f"{source / SETID}: image ids out of range or repeated across splits; "
                         f"get a fresh copy from {BASE_URL}")
     return labels, setids
+
+
+def _whole(numbers: np.ndarray) -> bool:
+    """Integers, or floats (MATLAB stores doubles) that are all finite whole numbers."""
+    if numbers.dtype.kind in "iu":
+        return True
+    return numbers.dtype.kind == "f" and bool(np.all(np.isfinite(numbers) & (numbers == np.round(numbers))))
+
+
+def _held_out(size: int) -> int:
+    """--split classic: how many of a category's `size` images go to valid, and as many to test."""
+    return (size + 5) // 10  # a tenth, rounded half up: none for a category of fewer than 5
 
 
 def _plan(labels: np.ndarray, setids: dict[str, np.ndarray], split: str) -> dict[int, tuple[str, str]]:
@@ -274,11 +346,23 @@ def _plan(labels: np.ndarray, setids: dict[str, np.ndarray], split: str) -> dict
     for category in sorted(by_category):
         ids = by_category[category]
         rng.shuffle(ids)
-        tenth = (len(ids) + 5) // 10  # a tenth, rounded half up
+        tenth = _held_out(len(ids))
         for n, image_id in enumerate(ids):
             s = "valid" if n < tenth else "test" if n < 2 * tenth else "train"
             plan[image_id] = (s, str(category))
     return plan
+
+
+def _warn_small_categories(labels: np.ndarray) -> None:
+    """--split classic gives a category of fewer than 5 images no valid or test image: say which."""
+    numbers, sizes = np.unique(labels, return_counts=True)
+    small = [(int(c), int(n)) for c, n in zip(numbers, sizes) if _held_out(int(n)) == 0]
+    if small:
+        shown = ", ".join(f"{c} ({n})" for c, n in small[:5])
+        shown += f" and {len(small) - 5} more" if len(small) > 5 else ""
+        _warn(f"--split classic: {len(small)} {'category has' if len(small) == 1 else 'categories have'} fewer "
+              f"than 5 images, too few for a valid or test image, so they are in train only: "
+              f"{shown} (category (images))")
 
 
 # --- writing images -------------------------------------------------------------------------------
@@ -311,7 +395,9 @@ def _place_from_folder(jpg_dir: Path, plan: dict[int, tuple[str, str]], out: Pat
                 if link:
                     try:
                         os.link(src, part)
-                    except OSError:  # another filesystem, or one without hard links
+                    except OSError as e:  # another filesystem, or one without hard links
+                        _warn(f"--link: cannot hard-link {src} into {out} ({e.strerror or e}; another "
+                              f"filesystem?), so the images are copied instead (they take space twice)")
                         link = False
                 if not link:
                     shutil.copyfile(src, part)

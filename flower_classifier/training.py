@@ -25,7 +25,7 @@ from .backbones import Backbone, build_backbone, get_spec
 from .checkpoint import Checkpoint
 from .config import TrainConfig
 from .devices import check_device
-from .data import find_classes, load_split, make_loader, skipped_images, split_dir
+from .data import epoch_seed, find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
 from .names import as_category_names
@@ -39,10 +39,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 1_000_003 + epoch
 
 
 def seed_epoch(train_loader, seed: int, epoch: int) -> None:

@@ -41,7 +41,8 @@ def test_transforms_give_backbone_size_and_normalization(twelve_class_data):
     (lambda root: None, "does not exist"),
     (lambda root: (root / "valid").mkdir(parents=True), "train not found"),
     (lambda root: (root / "train").mkdir(parents=True), "no category folders"),
-    (lambda root: (root / "train" / "1").mkdir(parents=True), "has no images"),
+    (lambda root: (root / "train" / "1").mkdir(parents=True), "one category folder \\(1\\): a classifier needs at least two"),
+    (lambda root: [(root / "train" / c).mkdir(parents=True) for c in ("1", "2")], "has no images"),
 ])
 def test_bad_layouts_name_the_path(tmp_path, setup, message):
     root = tmp_path / "data"

@@ -116,3 +116,20 @@ def test_cli_exit_status_and_output(clean, tmp_path, capsys):
     assert lines[2].startswith("warning: train/3/empty.jpg: not a readable image")
     assert lines[-1] == "1 problem, 2 warnings: fix the problems before training"
     assert lines == format_report(check_data(clean, cat_to_name={c: f"flower {c}" for c in CLASSES[:2]}), clean)
+
+
+def test_findings_name_paths_that_hold_colons_and_the_decoder_s_reason(clean):
+    """The reason comes from the decoder apart from the file's name (`UnreadableImage.reason`), so a
+    folder named 'a: b' is not cut at its colon, as splitting the message at ': ' once did."""
+    from flower_classifier.images import UnreadableImage, decode_image
+
+    odd = clean / "train" / "2" / "day: 1"
+    write_corpus(odd)
+    report = check_data(clean)
+    for item in CORPUS:
+        if item.usable:
+            continue
+        with pytest.raises(UnreadableImage) as caught:
+            decode_image(odd / item.name)
+        assert str(caught.value) == f"{odd / item.name}: {caught.value.reason}"
+        one(report.warnings, f"train/2/day: 1/{item.name}: {caught.value.reason}; training skips it")

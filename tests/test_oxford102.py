@@ -170,10 +170,150 @@ def test_refuses_other_data_and_other_split(tmp_path):
         prepare_oxford102(out, source_dir=source, split="udacity", progress=False)
 
 
-def test_missing_source_without_download(tmp_path):
-    with pytest.raises(UserError, match="--source DIR"):
-        prepare_oxford102(tmp_path / "flowers", source_dir=tmp_path / "nothing", download=False,
-                          progress=False)
+def test_no_download_without_source_names_the_three_urls(tmp_path, capsys):
+    with pytest.raises(UserError) as caught:
+        prepare_oxford102(tmp_path / "flowers", download=False, progress=False)
+    message = str(caught.value)
+    for name in ("102flowers.tgz", "imagelabels.mat", "setid.mat"):
+        assert oxford102.BASE_URL + name in message
+    assert "--no_download" in message and "--source DIR" in message and "\n" not in message
+    # The same through the command line: one line, exit 2.
+    from flower_classifier.cli import main
+    assert main(["download", str(tmp_path / "flowers"), "--no_download", "--quiet"]) == 2
+    assert oxford102.BASE_URL + "setid.mat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_mistyped_source_says_the_folder_does_not_exist(tmp_path, monkeypatch, download):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("no download for a mistyped --source"))
+    with pytest.raises(UserError, match="--source .*nothing: no such folder") as caught:
+        prepare_oxford102(tmp_path / "flowers", source_dir=tmp_path / "nothing", download=download, progress=False)
+    assert "offline" not in str(caught.value)
+    assert not (tmp_path / "nothing").exists()  # not created either
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="--source .*a_file: is a file"):
+        prepare_oxford102(tmp_path / "flowers", source_dir=tmp_path / "a_file", download=download, progress=False)
+
+
+@pytest.mark.parametrize("missing", ["102flowers.tgz", "imagelabels.mat", "setid.mat"])
+@pytest.mark.parametrize("torchvision_root", [False, True])
+def test_source_missing_one_file_names_that_file(tmp_path, missing, torchvision_root):
+    root = tmp_path / "src"
+    files = make_source(root / "flowers-102" if torchvision_root else root)
+    (files / missing).unlink()
+    with pytest.raises(UserError) as caught:
+        prepare_oxford102(tmp_path / "flowers", source_dir=root, download=False, progress=False)
+    message = str(caught.value)
+    assert f"{files}: lacks {missing};" in message
+    assert not any(other in message.split("lacks", 1)[1].split(";")[0] for other in
+                   {"102flowers.tgz", "imagelabels.mat", "setid.mat"} - {missing})
+
+
+def test_empty_source_says_what_it_needs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: holds none of 102flowers.tgz, imagelabels.mat and setid.mat"):
+        prepare_oxford102(tmp_path / "flowers", source_dir=tmp_path / "empty", download=False, progress=False)
+
+
+@pytest.mark.parametrize("labels, found", [
+    ([1, 2, 1, 2, 103, 1], "1..103"),  # above 102
+    ([1, 2, 1, 2, 250, 1], "1..250"),
+    ([0, 2, 1, 2, 102, 1], "0..102"),  # below 1, as before
+    ([1, 2.5, 1, 2, 102, 1], None),  # not whole numbers
+    ([1, 2, 1, 2, float("nan"), 1], None),
+    ([1, 2, 1, 2, float("inf"), 1], None),
+])
+def test_labels_outside_1_to_102_or_not_whole_are_refused_in_one_line(tmp_path, labels, found):
+    source = make_source(tmp_path / "src", labels=labels)
+    with pytest.raises(UserError) as caught:
+        prepare_oxford102(tmp_path / "flowers", source_dir=source, progress=False)
+    message = str(caught.value)
+    assert message.startswith(f"{source / 'imagelabels.mat'}: categories must be whole numbers from 1 to 102")
+    assert "\n" not in message and (found is None or f"(found {found})" in message)
+    assert not (tmp_path / "flowers" / "train").exists()
+
+
+def test_image_ids_that_are_not_whole_numbers_are_refused(tmp_path):
+    source = make_source(tmp_path / "src", setid={"trnid": [1, 2.5], "valid": [3, 4], "tstid": [5, 6]})
+    with pytest.raises(UserError, match="setid.mat: image ids must be whole numbers"):
+        prepare_oxford102(tmp_path / "flowers", source_dir=source, progress=False)
+
+
+def test_classic_split_warns_about_categories_too_small_for_valid_and_test(tmp_path, capsys):
+    labels = [7] * 20 + [8] * 4 + [9] * 2 + [10] * 5  # 8 and 9: fewer than 5 images; 10: exactly enough
+    source = make_source(tmp_path / "src", labels=labels, setid={"trnid": [1], "valid": [2], "tstid": [3]})
+    counts = prepare_oxford102(tmp_path / "flowers", source_dir=source, split="classic", progress=False)
+    err = capsys.readouterr().err
+    (line,) = [l for l in err.splitlines() if l.startswith("warning:")]
+    assert "--split classic: 2 categories have fewer than 5 images" in line and "8 (4), 9 (2)" in line
+    assert "10 (" not in line
+    assert not (tmp_path / "flowers/valid/8").exists() and not (tmp_path / "flowers/test/9").exists()
+    assert counts == {"train": 16 + 4 + 2 + 3, "valid": 2 + 1, "test": 2 + 1}
+    # Nothing to say when every category is big enough, nor for the original split.
+    prepare_oxford102(tmp_path / "big", source_dir=make_source(tmp_path / "src2", labels=[7] * 5 + [9] * 10),
+                      split="classic", progress=False)
+    prepare_oxford102(tmp_path / "orig", source_dir=source, progress=False)
+    assert "warning" not in capsys.readouterr().err
+
+
+def unpacked_source(base):
+    write_metadata(base)
+    (base / "jpg").mkdir()
+    for image_id in range(1, 7):
+        (base / "jpg" / f"image_{image_id:05d}.jpg").write_bytes(jpeg_bytes(image_id))
+    return base
+
+
+def test_link_says_when_it_had_to_copy(tmp_path, monkeypatch, capsys):
+    import errno
+
+    base = unpacked_source(tmp_path / "src")
+    calls = []
+
+    def other_filesystem(src, dst, *args, **kwargs):
+        calls.append(src)
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+
+    monkeypatch.setattr(oxford102.os, "link", other_filesystem)
+    out = tmp_path / "flowers"
+    assert prepare_oxford102(out, source_dir=base, link=True, progress=False) == {"train": 2, "valid": 2, "test": 2}
+    assert layout(out) == EXPECTED and len(calls) == 1  # tried once, then copied
+    assert not os.path.samefile(out / "valid/2/image_00004.jpg", base / "jpg/image_00004.jpg")
+    (line,) = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert "--link: cannot hard-link" in line and "Invalid cross-device link" in line and "copied instead" in line
+
+
+def test_link_that_works_says_nothing(tmp_path, capsys):
+    base = unpacked_source(tmp_path / "src")
+    prepare_oxford102(tmp_path / "flowers", source_dir=base, link=True, progress=False)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_check_data_reports_an_unfinished_download(tmp_path, monkeypatch):
+    from flower_classifier.datacheck import check_data
+
+    source = make_source(tmp_path / "src")
+    out = tmp_path / "flowers"
+    real_copy, calls = oxford102.shutil.copyfileobj, []
+
+    def copy_then_die(src, dst, *args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real_copy(src, dst, *args)
+
+    monkeypatch.setattr(oxford102.shutil, "copyfileobj", copy_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_oxford102(out, source_dir=source, progress=False)
+    monkeypatch.undo()
+    report = check_data(out)
+    (problem,) = [p for p in report.problems if oxford102.STATE_FILE in p]
+    assert "did not finish" in problem and f"download {out} --split original" in problem
+    prepare_oxford102(out, source_dir=source, progress=False)  # the rerun the message asks for
+    assert not [p for p in check_data(out).problems if oxford102.STATE_FILE in p]
+    (out / oxford102.STATE_FILE).write_text("{not json")
+    (problem,) = [p for p in check_data(out).problems if oxford102.STATE_FILE in p]
+    assert "unreadable" in problem
 
 
 def test_offline_download_names_the_url_and_the_source_option(tmp_path, monkeypatch):
