@@ -1,0 +1,210 @@
+"""Temperature scaling, calibration error, unknown scores, thresholds and the stored calibration state,
+on synthetic logits and features whose right answers are known."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flower_classifier import calibration as cal
+from flower_classifier.errors import UserError
+
+
+def sampled_labels(logits: np.ndarray, temperature: float, rng) -> np.ndarray:
+    """Labels drawn from softmax(logits / temperature): the model is calibrated at that temperature."""
+    p = cal.softmax(logits, temperature)
+    return (rng.random(len(p))[:, None] > p.cumsum(1)).sum(1).clip(0, p.shape[1] - 1)
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.0])  # logits under- and over-confident by this factor
+def test_fit_temperature_recovers_a_known_temperature(true_t):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6000, 5)) * 3
+    labels = sampled_labels(logits, true_t, rng)
+    t = cal.fit_temperature(logits, labels)
+    assert t == pytest.approx(true_t, rel=0.1)
+    assert cal.nll(logits, labels, t) <= cal.nll(logits, labels, 1.0)
+
+
+def test_ece_near_zero_when_calibrated_large_when_overconfident_and_fixed_by_temperature():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(20000, 4)) * 2
+    labels = sampled_labels(logits, 1.0, rng)
+    assert cal.expected_calibration_error(cal.softmax(logits), labels) < 0.015
+    overconfident = logits * 3
+    assert cal.expected_calibration_error(cal.softmax(overconfident), labels) > 0.1
+    t = cal.fit_temperature(overconfident, labels)
+    assert cal.expected_calibration_error(cal.softmax(overconfident, t), labels) < 0.015
+
+
+def test_reliability_bins_hold_every_photo_and_put_certainty_in_the_top_bin():
+    probs = np.array([[1.0, 0.0], [0.5, 0.5], [0.96, 0.04], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 1])
+    bins = cal.reliability(probs, labels)
+    assert bins.counts.sum() == 4 and len(bins.counts) == cal.ECE_BINS
+    assert bins.counts[-1] == 2 and bins.accuracy[-1] == 0.5  # 1.0 and 0.96: one right, one wrong
+    # By hand: top bin |0.5 - 0.98| * 2/4, bin of 0.5 |0 - 0.5| * 1/4 (argmax picks 0), of 0.7 |1 - 0.7| * 1/4.
+    assert bins.ece == pytest.approx(0.48 * 0.5 + 0.5 * 0.25 + 0.3 * 0.25)
+
+
+def test_ece_noise_floor_is_large_for_few_photos_and_small_for_many():
+    probs = cal.softmax(np.random.default_rng(2).normal(size=(2000, 5)) * 2)
+    assert cal.ece_noise_floor(probs[:50], draws=200) > 3 * cal.ece_noise_floor(probs, draws=50)
+
+
+def test_auroc_by_hand_with_ties():
+    # Pairs (known, unknown): 1<2, 2=2 (half), 3>2, 1<4, 2<4, 3<4 -> 4.5 of 6.
+    assert cal.auroc([1, 2, 3], [2, 4]) == pytest.approx(0.75)
+    assert cal.auroc([0, 1], [2, 3]) == 1.0
+    assert cal.auroc([2, 3], [0, 1]) == 0.0
+    assert cal.auroc([5, 5, 5], [5, 5]) == 0.5
+
+
+def shifted_clusters(rng, *, classes=4, dim=32, per_class=40):
+    """Known classes around their own directions; unknown photos around directions of their own."""
+    centres = rng.normal(size=(classes + 3, dim)) * 3
+    def draw(which, n):
+        return centres[which] + rng.normal(size=(n, dim))
+    labels = np.repeat(np.arange(classes), per_class)
+    train = draw(labels, len(labels))
+    test_labels = np.repeat(np.arange(classes), 10)
+    test = draw(test_labels, len(test_labels))
+    unknown = draw(rng.integers(classes, classes + 3, 40), 40)
+    # Logits of a head that knows the classes: its class means as weights.
+    weights = np.stack([train[labels == c].mean(0) for c in range(classes)]) / 10
+    return train, labels, test, test_labels, unknown, weights
+
+
+@pytest.mark.parametrize("method", cal.METHODS)
+def test_each_score_separates_a_shifted_cluster(method):
+    train, labels, test, _, unknown, w = shifted_clusters(np.random.default_rng(3))
+    c = cal.Calibration(method=method, arrays=cal.fit_feature_arrays(method, train, labels)
+                        if method in cal.FEATURE_METHODS else {})
+    known_scores, unknown_scores = c.scores(test @ w.T, test), c.scores(unknown @ w.T, unknown)
+    assert known_scores.shape == (len(test),)
+    assert cal.auroc(known_scores, unknown_scores) > 0.95
+
+
+def test_low_rank_mahalanobis_equals_the_dense_ledoit_wolf_computation():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(60, 8)) * np.linspace(0.2, 3, 8) + 1, np.repeat([0, 1, 2], 20)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    means = np.stack([u[y == c].mean(0) for c in range(3)])
+    r = u - means[y]
+    s = r.T @ r / len(r)
+    mu = np.trace(s) / 8
+    beta = sum(np.linalg.norm(np.outer(v, v) - s) ** 2 for v in r) / len(r) ** 2
+    alpha = min(beta, np.linalg.norm(s - mu * np.eye(8)) ** 2) / np.linalg.norm(s - mu * np.eye(8)) ** 2
+    precision = np.linalg.inv(alpha * mu * np.eye(8) + (1 - alpha) * s)
+    probe = rng.normal(size=(5, 8)) + 1
+    pu = probe / np.linalg.norm(probe, axis=1, keepdims=True)
+    dense = np.sqrt(np.min([np.einsum("nd,de,ne->n", pu - m, precision, pu - m) for m in means], axis=0))
+    arrays = cal.fit_feature_arrays("mahalanobis", x, y, max_rank=8)
+    assert cal.feature_score("mahalanobis", probe, arrays) == pytest.approx(dense, rel=5e-3)
+
+
+def test_validation_threshold_keeps_the_asked_share():
+    valid = np.random.default_rng(5).normal(size=200)
+    threshold, rule = cal.choose_threshold(valid, keep=0.95)
+    assert (valid <= threshold).mean() >= 0.95
+    assert (valid < threshold).mean() < 0.95  # the lowest such threshold: no looser than needed
+    assert "95%" in rule and "200 validation" in rule
+
+
+def test_negatives_put_the_threshold_in_the_gap_and_never_keep_fewer():
+    rng = np.random.default_rng(6)
+    valid, negatives = rng.uniform(0, 1, 100), rng.uniform(3, 4, 50)
+    threshold, rule = cal.choose_threshold(valid, negatives, keep=0.95)
+    assert threshold == pytest.approx((valid.max() + negatives.min()) / 2)
+    assert "negatives" in rule and "100%" in rule
+    overlapping = rng.normal(0.5, 1, 50)
+    threshold, _ = cal.choose_threshold(valid, overlapping, keep=0.9)
+    assert (valid <= threshold).mean() >= 0.9
+
+
+def fitted(method: str, negatives: bool = False) -> cal.Calibration:
+    train, labels, test, test_labels, unknown, w = shifted_clusters(np.random.default_rng(7))
+    extra = dict(negative_logits=unknown @ w.T, negative_features=unknown) if negatives else {}
+    return cal.fit_calibration(test @ w.T, test_labels, method=method, valid_features=test,
+                               train_features=train, train_labels=labels, **extra)
+
+
+@pytest.mark.parametrize("method", cal.METHODS)
+def test_round_trip_through_json_gives_the_same_answers(method):
+    c = fitted(method, negatives=True)
+    back = cal.Calibration.from_dict(json.loads(json.dumps(c.to_dict())), num_classes=4, feature_dim=32)
+    assert (back.temperature, back.method, back.threshold, back.rule) == (c.temperature, method, c.threshold, c.rule)
+    assert "negatives" in back.rule and back.summary() == c.summary() and method in c.summary()
+    probe = np.random.default_rng(8).normal(size=(6, 32))
+    logits = probe[:, :4]
+    a, b = c.assess(logits, probe), back.assess(logits, probe)
+    np.testing.assert_array_equal(a.scores, b.scores)  # arrays are stored as fitted (float16 values)
+    np.testing.assert_array_equal(a.unknown, b.unknown)
+    np.testing.assert_allclose(b.probabilities.sum(1), 1.0)
+    assert back.storage_bytes() == c.storage_bytes()
+
+
+def damaged(d: dict, change) -> dict:
+    d = copy.deepcopy(d)
+    change(d)
+    return d
+
+
+def _set_array(name, key, value):
+    def change(d):
+        d["arrays"][name][key] = value
+    return change
+
+
+def _nan_means(d):
+    means = cal._decode(d["arrays"]["means"]).copy()
+    means[0, 0] = np.nan
+    d["arrays"]["means"] = cal._encode(means)
+
+
+DAMAGE = {
+    "temperature": lambda d: d.update(temperature=float("nan")),
+    "threshold": lambda d: d.update(threshold="0.5"),
+    "method": lambda d: d.update(method="guess"),
+    "version": lambda d: d.update(version=99),
+    "arrays": lambda d: d["arrays"].pop("basis"),
+    "arrays.means": _nan_means,
+    "arrays.basis": _set_array("basis", "shape", [3, 31]),
+    "arrays.variances": _set_array("variances", "data", "not base64!"),
+    "arrays.rest": _set_array("rest", "dtype", "float64"),
+}
+
+
+@pytest.mark.parametrize("field", DAMAGE)
+def test_from_dict_refuses_damaged_data_naming_the_field(field):
+    good = fitted("mahalanobis").to_dict()
+    with pytest.raises(UserError, match=rf"model.pth: calibration field '{field}'"):
+        cal.Calibration.from_dict(damaged(good, DAMAGE[field]), where="model.pth")
+
+
+def test_from_dict_refuses_arrays_of_another_model():
+    d = fitted("cosine").to_dict()
+    cal.Calibration.from_dict(d, num_classes=4, feature_dim=32)
+    with pytest.raises(UserError, match="arrays.directions.*C = 5"):
+        cal.Calibration.from_dict(d, num_classes=5)
+    with pytest.raises(UserError, match="'\\(all\\)'"):
+        cal.Calibration.from_dict([d])
+
+
+def test_figures_are_written(tmp_path):
+    probs = cal.softmax(np.random.default_rng(9).normal(size=(100, 3)))
+    labels = probs.argmax(1)
+    before, after = cal.reliability(probs, labels), cal.reliability(probs ** 0.5, labels)
+    cal.plot_reliability(before, after, save_to=tmp_path / "calibration.png")
+    cal.plot_score_histograms(np.arange(10.0), np.arange(5.0, 15), 9.5, method="knn", save_to=tmp_path / "h.png")
+    assert (tmp_path / "calibration.png").stat().st_size > 1000 and (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_the_module_imports_without_torch():
+    code = "import sys, flower_classifier.calibration; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
