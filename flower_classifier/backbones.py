@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .images import Preprocessing  # torch-free, so that ONNX prediction reads it too
+from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (torch-free: ONNX prediction reads them too)
 
 OFFLINE_CHOICE = "efficientnet_lite0"
 
