@@ -178,8 +178,21 @@ class TinyCNN(nn.Module):
 
 
 def _tiny(pretrained: bool) -> nn.Module:
-    torch.manual_seed(0)  # the same "weights" every time, so a checkpoint's head still fits them
-    return TinyCNN()
+    # The same "weights" every time, so that a checkpoint's head still fits them; drawn from a local
+    # generator (PyTorch's default uniform init bounds), so that building it leaves the global RNG alone.
+    generator = torch.Generator().manual_seed(0)
+    with torch.device("meta"):  # built without drawing any number; initialised below
+        net = TinyCNN()
+    net = net.to_empty(device="cpu")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                bound = m.weight[0].numel() ** -0.5  # 1 / sqrt(fan_in)
+                nn.init.uniform_(m.weight, -bound, bound, generator=generator)
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()  # ones, zeros and fresh running statistics: no randomness
+    return net
 
 
 BACKBONES: dict[str, BackboneSpec] = {}

@@ -6,7 +6,6 @@ Any file or upload Pillow reads becomes an upright 8-bit RGB image, or a UserErr
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from .errors import UserError
 MAX_IMAGE_PIXELS = 64_000_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_SIDE = 2048  # largest input_size / resize_size a model may ask for (the backbones here use <= 292)
+MAX_SIDE = 1024  # pixels per side of input_size / resize_size: above every backbone's (518 at most), far below what fills memory
 FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
            "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}  # torchvision's names
 
@@ -49,13 +48,11 @@ def _check_preprocessing(where: str | None, input_size, resize_size, mean, std, 
     for field, value in (("input_size", input_size), ("resize_size", resize_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_SIDE:
             raise UserError(f"{where} {field} must be an integer from 1 to {MAX_SIDE} (got {value!r})")
-    for field, values, low in (("mean", mean, 0.0), ("std", std, 1e-6)):
-        ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
-            not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and low <= v <= 1e3
-            for v in values)
-        if not ok:
-            raise UserError(f"{where} {field} must be 3 finite numbers (one per colour), "
-                            f"each at least {low:g} (got {values!r})")
+    for field, values, allowed, ok in (("mean", mean, "[0, 1]", lambda v: 0 <= v <= 1),
+                                       ("std", std, "(0, 1]", lambda v: 0 < v <= 1)):  # nan fails both
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and ok(v) for v in values)):
+            raise UserError(f"{where} {field} must be 3 numbers in {allowed}, one per colour (got {values!r:.60})")
     if interpolation not in FILTERS:
         raise UserError(f"{where} interpolation must be one of {', '.join(FILTERS)} "
                         f"(got {interpolation!r})")

@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -66,7 +67,9 @@ def test_torchrun_trains_with_two_processes_as_one_process_does(tmp_path):
                  "--nproc_per_node", "2")
     assert "x 2 processes" in out
     assert out.count("Epoch 1/3") == 1 and out.count("Features:") == 1  # only rank 0 speaks
-    assert len(list((tmp_path / "c").rglob("*.pt"))) == 1  # one cache file, written by one process
+    # Each process wrote its own share as its own shard: 16 + 8 centre crops in all.
+    shards = list((tmp_path / "c").rglob("*.npy"))
+    assert len(shards) == 2 and sum(len(np.load(s)) for s in shards) == 24
     _train(data, tmp_path / "alone", tmp_path / "c2")
     two, one = (load_checkpoint(tmp_path / folder / "last.pth") for folder in ("ck", "alone"))
     assert two.epoch == one.epoch == 3
