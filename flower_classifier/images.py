@@ -46,8 +46,8 @@ def _check_preprocessing(where: str | None, input_size, resize_size, mean, std, 
     """Type and range of each field, so an edited file is refused before anything is allocated."""
     where = f"{where}: preprocessing" if where else "preprocessing"
     for field, value in (("input_size", input_size), ("resize_size", resize_size)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_SIDE:
-            raise UserError(f"{where} {field} must be an integer from 1 to {MAX_SIDE} (got {value!r})")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 8 <= value <= MAX_SIDE:
+            raise UserError(f"{where} {field} must be a whole number of pixels from 8 to {MAX_SIDE} (got {value!r})")
     for field, values, allowed, ok in (("mean", mean, "[0, 1]", lambda v: 0 <= v <= 1),
                                        ("std", std, "(0, 1]", lambda v: 0 < v <= 1)):  # nan fails both
         if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(
@@ -81,12 +81,9 @@ class Preprocessing:
         """From data read off disk (a checkpoint, ONNX metadata): every field checked, `where` named."""
         prefix = f"{where}: " if where else ""
         if not isinstance(d, dict):
-            raise UserError(f"{prefix}preprocessing must be a mapping of input_size, resize_size, mean, std "
+            raise UserError(f"{prefix}preprocessing must be a dict of input_size, resize_size, mean, std "
                             f"(got {type(d).__name__})")
-        missing = [k for k in ("input_size", "resize_size", "mean", "std") if k not in d]
-        if missing:
-            raise UserError(f"{prefix}preprocessing lacks {', '.join(missing)}")
-        fields = (d["input_size"], d["resize_size"], d["mean"], d["std"], d.get("interpolation", "bilinear"))
+        fields = (d.get("input_size"), d.get("resize_size"), d.get("mean"), d.get("std"), d.get("interpolation", "bilinear"))
         _check_preprocessing(where, *fields)
         return cls(int(fields[0]), int(fields[1]), tuple(map(float, fields[2])), tuple(map(float, fields[3])),
                    fields[4])
