@@ -77,7 +77,7 @@ class BackboneSpec:
     def split_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per image at the input size, what the frozen bottom outputs when the top n blocks are
         fine-tuned, for n = 0 (the features) to `num_blocks`: the activation a cache would hold."""
-        stack = self.stack(_meta_model(self))
+        stack = self.stack(_meta_model(self).eval())
         size = self.preprocessing().input_size
         x = torch.empty(1, 3, size, size, device="meta")  # shapes only: no weights, no arithmetic
         for layer in stack.stem:
@@ -105,8 +105,8 @@ def freeze(module: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------- torchvision backbones
 
 # The weights each torchvision backbone loads, named once: they also decide its preprocessing.
-# SWAG linear: weakly supervised on 3.6 billion Instagram images, then only a linear layer trained
-# on ImageNet at 224 px, i.e. features made for a linear head like ours.
+# SWAG linear: the SWAG trunk (weakly supervised on Instagram hashtags, arXiv 2201.08371) kept frozen
+# under a linear ImageNet classifier at 224 px: features meant to be used as they are, like ours.
 _TV_WEIGHTS = {"vgg16": "IMAGENET1K_V1", "vgg13": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2",
                "densenet121": "IMAGENET1K_V1", "efficientnet_b0": "IMAGENET1K_V1",
                "vit_b_16": "IMAGENET1K_SWAG_LINEAR_V1", "regnet_y_16gf": "IMAGENET1K_SWAG_LINEAR_V1",
