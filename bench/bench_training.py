@@ -3,12 +3,17 @@
     python bench/bench_training.py DATA_DIR --arch efficientnet_lite0 --epochs 10 [--views 4]
 
 - floor: one bare forward pass of the backbone over the train + valid images (no training at all);
-- classic: `train.py --classic` (backbone on freshly augmented images every epoch);
-- cached: `train.py` as it runs by default (features computed once, cold cache), then again with a
-  warm cache (a second run or a search), then with `--views` augmented copies per training image.
-Every run trains the same head for the same epochs with the same seed; accuracy is the best
-epoch's on the valid split. The cached checkpoint is also re-evaluated end to end from the images,
-which checks that the float16 features cost nothing.
+- classic: `train.py --classic --no_augment` (backbone on the same centre crops every epoch), then
+  `train.py --classic` (backbone on freshly augmented images every epoch);
+- cached: `train.py` as it runs by default (features computed once, cold cache; centre crops only,
+  so no augmentation, as with --no_augment), then again with a warm cache (a second run or a
+  search), then with `--views` augmented copies per training image.
+Like is compared with like: the classic loop without augmentation sees the cached path's inputs in
+the same order (its accuracy should match), and the augmented classic loop stands beside the cached
+path with augmented views. Every run trains the same head for the same epochs with the same seed and
+is timed `--repeat` times (the fastest kept); accuracy is the best epoch's on the valid split. The
+cached checkpoint is also re-evaluated end to end from the images, which checks that the float16
+features cost nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402
 from flower_classifier.features import centre_view, extract_features  # noqa: E402
 from flower_classifier.devices import select_device  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
+
+
+CLASSIC = "classic loop, no augmentation (the cached inputs)"
+COLD = "cached, first run (cold cache; centre crops)"
 
 
 def timed(fn, repeat: int = 1):
@@ -56,8 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--hidden_units", type=int, nargs="+", default=[512])
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--skip_classic", action="store_true", help="for very slow backbones")
-    p.add_argument("--repeat", type=int, default=1, help="time the floor and the cached runs N times, keep the "
-                   "fastest (the classic loop runs once)")
+    p.add_argument("--repeat", type=int, default=1, help="time every run N times (floor, classic and cached "
+                   "alike) and keep the fastest")
     args = p.parse_args(argv)
 
     device = select_device(args.gpu)
@@ -101,27 +110,36 @@ def main(argv=None) -> int:
             result, seconds, cpu = timed(once, repeat)
             return result, seconds, cpu, max(h["valid_accuracy"] for h in result.state.history)
 
+        accuracy = {}
         if not args.skip_classic:
-            _, t, cpu, acc = run("classic", base.replace(feature_cache=False))
-            report("classic loop (augmented every epoch)", t, cpu, acc, n * args.epochs)
-        cold, t, cpu, acc = run("cold", base, repeat=args.repeat, fresh_cache=True)
-        report("cached, first run (cold cache)", t, cpu, acc, n)
+            _, t, cpu, accuracy["classic"] = run("classic", base.replace(feature_cache=False, augment=False),
+                                                 repeat=args.repeat)
+            report(CLASSIC, t, cpu, accuracy["classic"], n * args.epochs)
+            _, t, cpu, accuracy["classic_aug"] = run("classic_aug", base.replace(feature_cache=False),
+                                                     repeat=args.repeat)
+            report("classic loop, augmented every epoch", t, cpu, accuracy["classic_aug"], n * args.epochs)
+        cold, t, cpu, accuracy["cached"] = run("cold", base, repeat=args.repeat, fresh_cache=True)
+        report(COLD, t, cpu, accuracy["cached"], n)
         end_to_end = evaluate_checkpoint(cold.best_path, split_dir(args.data_dir, "valid"), device=device,
                                          num_workers=args.workers, progress=False)["accuracy"]
         _, t, cpu, acc = run("warm", base, repeat=args.repeat)
         report("cached, second run (warm cache)", t, cpu, acc, None)
         if args.views:
-            _, t, cpu, acc = run("views", base.replace(augmented_views=args.views))
-            report(f"cached + {args.views} augmented views (centre crops cached)", t, cpu, acc,
+            _, t, cpu, accuracy["views"] = run("views", base.replace(augmented_views=args.views), repeat=args.repeat)
+            report(f"cached + {args.views} augmented views (centre crops cached)", t, cpu, accuracy["views"],
                    len(train) * args.views)
 
     wall = {name: seconds for name, seconds, _ in rows}
     cpu = {name: c for name, _, c in rows}
-    cold_name, classic_name = "cached, first run (cold cache)", "classic loop (augmented every epoch)"
+    print()
     if not args.skip_classic:
-        print(f"\nclassic / cached (cold): {wall[classic_name] / wall[cold_name]:.1f}x faster "
-              f"({cpu[classic_name] / cpu[cold_name]:.1f}x in CPU time)")
-    print(f"cached (cold) / floor: {wall[cold_name] / floor:.2f}x ({cpu[cold_name] / floor_cpu:.2f}x in CPU time)")
+        print(f"no augmentation, same inputs in the same order: classic loop {100 * accuracy['classic']:.1f}% vs "
+              f"cached {100 * accuracy['cached']:.1f}% valid accuracy; cached is "
+              f"{wall[CLASSIC] / wall[COLD]:.1f}x faster ({cpu[CLASSIC] / cpu[COLD]:.1f}x in CPU time)")
+        if args.views:
+            print(f"augmented: classic loop (fresh every epoch) {100 * accuracy['classic_aug']:.1f}% vs cached + "
+                  f"{args.views} augmented views {100 * accuracy['views']:.1f}% valid accuracy")
+    print(f"cached (cold) / floor: {wall[COLD] / floor:.2f}x ({cpu[COLD] / floor_cpu:.2f}x in CPU time)")
     print(f"cached checkpoint re-evaluated from the images (float32 features): valid acc {100 * end_to_end:.1f}%")
     return 0
 

@@ -1,8 +1,11 @@
-"""Hyperparameters of one training run, as one dataclass that travels inside the checkpoint."""
+"""Every option a user gives, declared once: TrainConfig's fields carry their flag, help text, type
+and range, and the command line, TrainConfig's own checks and hyperparameters.json's checks are all
+built from them. Torch-free, so that building the command line imports no torch."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,55 +14,96 @@ from .errors import UserError
 
 # `search` writes its best values here; training's defaults read them (see `load_defaults`).
 DEFAULTS_FILE = Path("hyperparameters.json")
+MAX_IMBALANCE = 10.0  # check-data: largest / smallest category of a split above this is flagged
+
+
+@dataclass(frozen=True)
+class Number:
+    """An option's type and range: parses command-line text and checks values from anywhere."""
+    kind: type  # int or float
+    lo: float
+    hi: float
+    lo_open: bool = False  # lo itself excluded (a learning rate of 0 trains nothing)
+
+    def problem(self, value) -> str | None:
+        """Why `value` is not acceptable, or None."""
+        if not _is(value, numbers.Integral if self.kind is int else numbers.Real):
+            return f"must be {'an integer' if self.kind is int else 'a number'} (got {value!r})"
+        if not math.isfinite(value):
+            return f"must be a finite number (got {value})"
+        if value < self.lo or (self.lo_open and value == self.lo):
+            return f"must be {'>' if self.lo_open else '>='} {self._show(self.lo)} (got {value})"
+        if value > self.hi:
+            return f"must be <= {self._show(self.hi)} (got {value})"
+        return None
+
+    def _show(self, bound: float) -> str:
+        return str(int(bound)) if self.kind is int else f"{bound:g}"
+
+    def parse(self, text: str):
+        """argparse's `type=`: the value, or ArgumentTypeError naming what is wrong."""
+        import argparse
+
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {self.kind.__name__}") from None
+        problem = self.problem(value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+
+# The upper bounds are far beyond any useful run; they are there so that a typo (1e20, an extra
+# zero or six) is refused in one line instead of allocating terabytes or running for years.
+HIDDEN = Number(int, 1, 2**16)  # a 65536-wide layer on VGG's 25088 features is already 6.6 GB
+MAX_HIDDEN_LAYERS = 16
+FRACTION = Number(float, 0, 0.99)  # dropout 1 or label smoothing 1 leaves nothing to learn from
+WORKERS = Number(int, 0, 256)  # processes; more than any machine here has cores
+
+
+def option(default, help: str, number: Number | None = None, *, flag: str | None = None, search=None, **argparse_kw):
+    """A TrainConfig field: its default, its help text (the default is added), its range, its flag
+    (`--name` unless given; "" for none built from the field) and, for `search`, the values it samples."""
+    meta = dict(help=help, number=number, flag=flag, search=search, argparse=argparse_kw)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    arch: str = "vgg16"  # backbone name, see `backbones.BACKBONES`
-    hidden_units: tuple[int, ...] = (512,)  # hidden layer sizes of the new head
-    dropout: float = 0.2  # dropout before each hidden and the output layer
-    learning_rate: float = 1e-3  # AdamW step size for the head
-    weight_decay: float = 0.0  # L2 penalty (AdamW-style, decoupled)
-    epochs: int = 5  # passes over the training split
-    batch_size: int = 32  # images per step
-    seed: int = 0  # seeds Python, NumPy and torch for repeatable runs
-    num_workers: int = 2  # data-loading worker processes (0 = in the main process)
-    label_smoothing: float = 0.0  # cross-entropy label smoothing
-    augment: bool = True  # random crop / rotation / flip: every epoch (classic) or augmented views (cached)
-    feature_cache: bool = True  # train the head on backbone features computed once (False: --classic)
-    augmented_views: int = 0  # cached path: augmented copies per training image, besides the centre crop
-    extra: dict = field(default_factory=dict)  # free-form notes (e.g. where defaults came from)
+    arch: str = option("vgg16", "backbone; see `python -m flower_classifier backbones`")
+    hidden_units: tuple[int, ...] = option((512,), "hidden layer size(s) of the head, e.g. 1024 256", HIDDEN,
+                                           nargs="+", search=[[256], [512], [1024], [512, 256]])
+    dropout: float = option(0.2, "dropout in the head", FRACTION, search=[0.0, 0.1, 0.2, 0.3, 0.5])
+    learning_rate: float = option(1e-3, "head learning rate (AdamW)", Number(float, 0, 10, lo_open=True),
+                                  search=(1e-4, 1e-2))  # a (low, high) pair: sampled log-uniformly
+    weight_decay: float = option(0.0, "AdamW weight decay (decoupled)", Number(float, 0, 10),
+                                 search=[0.0, 1e-4, 1e-3, 1e-2, 1e-1])
+    epochs: int = option(5, "epochs", Number(int, 1, 100_000), search=[5, 10, 15, 20, 30])
+    batch_size: int = option(32, "images per step", Number(int, 1, 2**16), search=[16, 32, 64, 128])
+    # numpy's seeds are 32-bit: a larger one would be folded silently, or overflow in torch.
+    seed: int = option(0, "random seed; the same seed gives the same run", Number(int, 0, 2**32 - 1))
+    num_workers: int = option(2, "data-loading worker processes (0 = in the main process)", WORKERS, flag="")
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", FRACTION, search=[0.0, 0.05, 0.1, 0.2])
+    augment: bool = option(True, "centre crops only: no random crop, rotation, flip (classic loop) and no augmented "
+                           "views (cached path)", flag="--no_augment", action="store_false")
+    feature_cache: bool = option(True, "run the backbone on every image in every epoch, augmenting afresh each time: "
+                                 "the slow reference loop (default: compute each image's features once and train on "
+                                 "them)", flag="--classic", action="store_false")
+    # Each view is one more backbone pass over the training split.
+    augmented_views: int = option(0, "cached path: augmented copies of each training image, computed once, besides "
+                                  "its centre crop", Number(int, 0, 100))
+    extra: dict = option({}, "free-form notes (e.g. where defaults came from)", flag="")
 
     def __post_init__(self) -> None:
-        # Types first: a string or a float here would otherwise fail deep inside training.
         if _is(self.hidden_units, numbers.Integral):
             self.hidden_units = (self.hidden_units,)  # `hidden_units=512` means one hidden layer
-        if isinstance(self.hidden_units, (str, bytes)) or not _all_are(self.hidden_units, numbers.Integral):
-            raise UserError(f"hidden_units must be a list of integers, e.g. [512] (got {self.hidden_units!r})")
-        self.hidden_units = tuple(int(h) for h in self.hidden_units)
-        wrong = [f"{name} must be {what} (got {getattr(self, name)!r})"
-                 for name, (kind, what) in _TYPES.items() if not _is(getattr(self, name), kind)]
-        if wrong:
-            raise UserError("; ".join(wrong))
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"--epochs must be at least 1 (got {self.epochs})")
-        if self.learning_rate <= 0:
-            problems.append(f"--learning_rate must be positive (got {self.learning_rate})")
-        if self.batch_size < 1:
-            problems.append(f"--batch_size must be at least 1 (got {self.batch_size})")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if any(h < 1 for h in self.hidden_units):
-            problems.append(f"--hidden_units must be positive integers (got {list(self.hidden_units)})")
-        if self.weight_decay < 0:
-            problems.append(f"--weight_decay must be >= 0 (got {self.weight_decay})")
-        if self.num_workers < 0:
-            problems.append(f"--workers must be >= 0 (got {self.num_workers})")
-        if self.augmented_views < 0:
-            problems.append(f"--augmented_views must be >= 0 (got {self.augmented_views})")
+        problems = [f"{name} {problem}" for name in FIELDS if (problem := field_problem(name, getattr(self, name)))]
         if problems:
             raise UserError("; ".join(problems))
+        self.hidden_units = tuple(int(h) for h in self.hidden_units)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -76,33 +120,54 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def field_problem(name: str, value) -> str | None:
+    """Why `value` cannot be TrainConfig's `name`, or None: the one check behind the config, the
+    command line's parsed values and hyperparameters.json."""
+    meta = FIELDS[name].metadata
+    if name == "hidden_units":
+        if not isinstance(value, (list, tuple)) or not value or not all(_is(h, numbers.Integral) for h in value):
+            return f"must be a list of integers, e.g. [512] (got {value!r})"
+        if len(value) > MAX_HIDDEN_LAYERS:
+            return f"must have at most {MAX_HIDDEN_LAYERS} layers (got {len(value)})"
+        return next(filter(None, map(HIDDEN.problem, value)), None)
+    if meta["number"]:
+        return meta["number"].problem(value)
+    kind = dict if name == "extra" else type(FIELDS[name].default)  # extra's default is a factory
+    what = {str: "a string", bool: "True or False", dict: "a dict"}[kind]
+    return None if _is(value, kind) else f"must be {what} (got {value!r})"
+
+
+def flag(name: str) -> str:
+    """The command-line flag of TrainConfig's `name`. num_workers is the --workers that several
+    commands share, with a default that depends on the machine (`cli.options.SHARED`)."""
+    return FIELDS[name].metadata["flag"] or {"num_workers": "--workers"}.get(name) or f"--{name}"
+
+
 def _is(value, kind) -> bool:
     """isinstance, except that True and False count only as bool, not as numbers."""
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
-def _all_are(values, kind) -> bool:
-    try:
-        return all(_is(v, kind) for v in values)
-    except TypeError:  # not iterable
-        return False
-
-
-_INTEGER, _NUMBER = (numbers.Integral, "an integer"), (numbers.Real, "a number")  # numpy's too
-_TYPES = {"arch": (str, "a string"), "dropout": _NUMBER, "learning_rate": _NUMBER, "weight_decay": _NUMBER,
-          "epochs": _INTEGER, "batch_size": _INTEGER, "seed": _INTEGER, "num_workers": _INTEGER,
-          "label_smoothing": _NUMBER, "augment": (bool, "True or False"), "feature_cache": (bool, "True or False"),
-          "augmented_views": _INTEGER, "extra": (dict, "a dict")}
-
-
 def load_defaults(path: Path = DEFAULTS_FILE) -> dict:
-    """Hyperparameters saved by `search`, or {} when there are none."""
+    """Hyperparameters saved by `search`, or {} when there are none; every value checked as the
+    command line checks it, and refused in one line naming the file and the key."""
     path = Path(path)
     if not path.is_file():
         return {}
     try:
         values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: not a readable hyperparameters file ({e}); fix or delete it") from None
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in values.get("hyperparameters", values).items() if k in known}
+    values = values.get("hyperparameters", values) if isinstance(values, dict) else values
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a JSON object of hyperparameters, e.g. {{\"learning_rate\": 0.001}}; "
+                        f"fix or delete it")
+    saved = {k: v for k, v in values.items() if k in FIELDS and k != "extra"}
+    for name, value in saved.items():
+        problem = field_problem(name, value)
+        if problem:
+            raise UserError(f"{path}: {name} {problem}; fix or delete it")
+    return saved

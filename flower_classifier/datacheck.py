@@ -21,12 +21,12 @@ from pathlib import Path
 
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
+from .config import MAX_IMBALANCE  # declared with the other options, so that the CLI needs no torch
 from .data import (EXAMPLES, SPLIT_NAMES, check_data_dir, find_splits, list_categories, listing, load_image,
-                   natural_key, scan_category)
+                   scan_category)
 from .images import UnreadableImage
+from .names import folder_names, names_warnings
 from .oxford102 import unfinished_download
-
-MAX_IMBALANCE = 10.0  # largest / smallest category of a split above this is flagged
 
 
 @dataclass
@@ -150,15 +150,10 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
             report.warnings.append(f"identical images: {names}")
 
     if cat_to_name is not None:
+        own_names, own = folder_names(data_dir)
         every = set().union(*map(set, categories.values())) if categories else set()
-        missing = [c for c in train if c not in cat_to_name]
-        extra = sorted((c for c in cat_to_name if c not in every), key=natural_key)
-        if missing:
-            report.warnings.append(f"names file: no name for {_count(len(missing), 'category')} "
-                                   f"({listing(missing)}); their numbers are shown instead")
-        if extra:
-            report.warnings.append(f"names file: {_count(len(extra), 'name')} for categories that no split has "
-                                   f"({listing(extra)})")
+        report.warnings += names_warnings(cat_to_name, train, "names file", every=every, reference=own_names,
+                                          other=own, fix="drop --category_names to use the folder's own")
     return report
 
 

@@ -60,6 +60,16 @@ def my_share(n: int) -> list[int]:
     return list(range(rank(), n, world_size()))
 
 
+def sum_over_processes(*values: float) -> list[float]:
+    """Each value summed over every process (as it is, in one process): totals of the shares."""
+    if world_size() == 1:
+        return list(values)
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    totals = torch.tensor(values, dtype=torch.float64, device=comm)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
 def gather_shares(local: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `my_share`: every process's rows (in share order) back into one (n, ...) tensor."""
     world = world_size()

@@ -1,11 +1,17 @@
 """Backbone features computed once: the frozen backbone never changes, so training the head on its
 stored outputs gives the same model as running it every epoch, at a fraction of the cost.
 
-Features live in memory for the run and on disk between runs, in one folder per backbone (its
-name, weights and preprocessing) and one file per view (centre crop, or augmented view i) keyed by
-each image file's content hash. A second run, a resumed run or a hyperparameter search reuses them;
-a changed photo, backbone or preprocessing misses the cache and is recomputed. On disk and in memory
-they are float16 (half the size; VGG's are 25,088 numbers per image), and batches are float32.
+Features are stored on disk between runs, in one folder per backbone (its name, weights and
+preprocessing) and one append-only store per view (centre crop, or augmented view i), keyed by
+each image file's content hash (see `shards`: memory-mapped shards, a checksum per shard, verified
+before use; a damaged one is a cache miss). A second run, a resumed run or a hyperparameter search
+reuses them; a changed photo, backbone or preprocessing misses the cache and is recomputed. They
+are float16 (half the size; VGG's are 25,088 numbers per image), and batches are float32.
+
+Past RAM: the feature pass holds one piece (a few batches) in memory and writes it as a new shard,
+so a killed pass keeps what it computed. Training reads a `FeatureSet` over the memory-mapped
+shards: each batch reads only its own rows from disk (through the page cache), so a data set whose
+features exceed RAM still trains. Without a disk store (or on a full disk) they stay in memory.
 """
 from __future__ import annotations
 
@@ -19,21 +25,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
 from . import distributed
 from .backbones import Backbone
-from .checkpoint import atomic_save, safe_load
 from .config import TrainConfig
 from .data import (EpochSampler, FlowerFolder, PhotoList, eval_transform, refuse_unreadable_categories,
                    skip_none_collate, split_dir, train_transform)
 from .errors import UserError
+from .shards import ShardStore
 
 CACHE_ENV = "FLOWER_CLASSIFIER_CACHE"  # overrides the default cache folder (tests point it at a temp dir)
-CACHE_FORMAT = 1  # bump when the stored layout changes: old entries then simply miss
+CACHE_FORMAT = 2  # 2: checksummed memory-mapped shards. Bump when the stored layout changes: old entries miss
 STORE_DTYPE = torch.float16  # on disk and in memory; the benchmark shows no accuracy cost
+ENGINES = ("torch", "onnx")  # what runs the frozen pass: PyTorch (CPU or CUDA), or ONNX Runtime (CPU)
+EXTRACT_BATCH = 32  # images per forward pass of the feature pass on the CPU (4x this on CUDA)
 
 
 def default_cache_dir() -> Path:
@@ -92,53 +101,111 @@ def augmented_view(backbone: Backbone, index: int) -> View:
 
 # ---------------------------------------------------------------- extraction
 
-def precision_on(device: torch.device) -> str:
-    """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere."""
+def precision_on(device: torch.device, engine: str = "torch") -> str:
+    """What the forward pass computes in: bf16 (or fp16) autocast on CUDA, float32 elsewhere; part of
+    the cache key, so are ONNX Runtime's features (its float32 rounding differs from torch's)."""
+    if engine not in ENGINES:
+        raise UserError(f"--engine {engine}: choose one of {', '.join(ENGINES)}")
+    if engine == "onnx" and device.type == "cuda":
+        raise UserError("--engine onnx runs the feature pass on the CPU; drop --gpu, or use --engine torch")
+    if engine == "onnx":
+        return "onnx-fp32"
     if device.type != "cuda":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-@torch.inference_mode()
-def extract_features(backbone: Backbone, paths: list[Path], view: View, *, device: torch.device | str = "cpu",
-                     digests: list[str] | None = None, batch_size: int | None = None, num_workers: int = 0,
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) float32 of `paths` under `view`, and which images could be read (N,) bool.
+_onnx_sessions: dict[str, Callable] = {}  # backbone key -> its ONNX Runtime forward pass, exported once a process
+
+
+def _onnx_forward(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The frozen backbone exported to ONNX (in memory) and run by ONNX Runtime on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("--engine onnx needs the onnxruntime package: `pip install onnxruntime`, "
+                        "or use --engine torch") from None
+    key = backbone_key(backbone)
+    if key not in _onnx_sessions:
+        import io
+        import warnings
+
+        from .export import OPSET
+
+        size = backbone.preprocessing.input_size
+        buffer = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
+            torch.onnx.export(backbone.module.eval(), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+                              input_names=["image"], output_names=["features"], opset_version=OPSET,
+                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # the thread count torch was given
+        session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+        _onnx_sessions[key] = lambda images: torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+    return _onnx_sessions[key]
+
+
+def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch.device, seeds: list[int | None],
+             batch_size: int | None, num_workers: int, progress: bool, engine: str = "torch"):
+    """Yields (positions (B,), features (B, D) float32 on the CPU) for the readable images of `paths`.
 
     Batched, without autograd, with worker processes decoding images; on CUDA also channels_last
-    and autocast. Under torchrun each process takes every world_size-th image and all get all rows
-    (rounded to float16 on the way, as the cache stores them).
+    and autocast. `engine="onnx"`: ONNX Runtime on the CPU instead of PyTorch. The backbone goes
+    back to the CPU afterwards (and the GPU's cache is freed): the head trains on the stored
+    features, so the backbone's weights need not hold GPU memory.
     """
-    device = torch.device(device)
     cuda = device.type == "cuda"
-    if view.index and digests is None:
-        digests = [file_digest(p) for p in paths]
-    seeds = [view.seed(d) for d in digests] if view.index else [None] * len(paths)
-    share = distributed.my_share(len(paths))
-    # Targets are positions in this share; each photo's seed fixes its augmented view.
-    dataset = PhotoList([(paths[i], k) for k, i in enumerate(share)], view.transform, [seeds[i] for i in share])
-    loader = DataLoader(dataset, batch_size=batch_size or (128 if cuda else 32), num_workers=num_workers,
+    precision = precision_on(device, engine)  # also refuses an unknown engine, or ONNX on CUDA
+    # Targets are positions in `paths`; each photo's seed fixes its augmented view.
+    dataset = PhotoList([(p, k) for k, p in enumerate(paths)], view.transform, seeds)
+    loader = DataLoader(dataset, batch_size=batch_size or EXTRACT_BATCH * (4 if cuda else 1), num_workers=num_workers,
                         collate_fn=skip_none_collate, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-    module = backbone.module.to(device)
-    if cuda:
-        module = module.to(memory_format=torch.channels_last)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_on(device))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
-    features = torch.zeros(len(share), backbone.feature_dim)
-    ok = torch.zeros(len(share), dtype=torch.bool)
     bar = tqdm(loader, desc=f"features ({view.name})", unit="batch", leave=False, file=sys.stderr,
                disable=not progress or not distributed.is_main())
-    for batch in bar:
-        if batch is None:
-            continue
-        images, where = batch  # (B, 3, S, S), (B,) positions in this process's share
-        images = images.to(device, non_blocking=True)
+    module = backbone.module.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format) \
+        if engine == "torch" else _onnx_forward(backbone)
+    try:
+        with torch.inference_mode():
+            for batch in bar:
+                if batch is None:
+                    continue
+                images, where = batch  # (B, 3, S, S), (B,) positions in `paths`
+                images = images.to(device, non_blocking=True)
+                if cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with amp:
+                    yield where, module(images).float().cpu()  # (B, D)
+    finally:
+        bar.close()
         if cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with amp:
-            features[where] = module(images).float().cpu()  # (B, D)
-        ok[where] = True
+            backbone.module.to("cpu", memory_format=torch.contiguous_format)
+            torch.cuda.empty_cache()
+
+
+def _seeds(view: View, paths: list[Path], digests: list[str] | None) -> list[int | None]:
+    if not view.index:
+        return [None] * len(paths)
+    return [view.seed(d) for d in (digests if digests is not None else [file_digest(p) for p in paths])]
+
+
+def extract_features(backbone: Backbone, paths: list[Path], view: View, *, device: torch.device | str = "cpu",
+                     digests: list[str] | None = None, batch_size: int | None = None, num_workers: int = 0,
+                     progress: bool = True, engine: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) float32 of `paths` under `view`, and which images could be read (N,) bool, in
+    memory. Under torchrun each process takes every world_size-th image and all get all rows
+    (rounded to float16 on the way, as the cache stores them)."""
+    seeds = _seeds(view, paths, digests)
+    share = distributed.my_share(len(paths))
+    features = torch.zeros(len(share), backbone.feature_dim)
+    ok = torch.zeros(len(share), dtype=torch.bool)
+    for where, rows in _extract(backbone, [paths[i] for i in share], view, device=torch.device(device),
+                                seeds=[seeds[i] for i in share], batch_size=batch_size,
+                                num_workers=num_workers, progress=progress, engine=engine):
+        features[where], ok[where] = rows, True
     if distributed.world_size() == 1:
         return features, ok
     # Gathered as stored (float16: half the traffic) and as uint8 (gloo has no bool).
@@ -146,14 +213,72 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
     return features, distributed.gather_shares(ok.to(torch.uint8), len(paths)).bool()
 
 
+# ---------------------------------------------------------------- rows in memory or memory-mapped
+
+def _numpy_dtype() -> np.dtype:
+    return torch.empty(0, dtype=STORE_DTYPE).numpy().dtype
+
+
+class Rows:
+    """N feature rows, each row `row[i]` of `arrays[source[i]]` (source -1: none, read as zeros). The
+    arrays are memory-mapped shards or in-memory blocks: nothing is copied until rows are taken."""
+
+    def __init__(self, arrays: list[np.ndarray], source: np.ndarray, row: np.ndarray, dim: int):
+        self.arrays, self.source, self.row, self.dim = arrays, source, row, dim
+
+    @classmethod
+    def of(cls, features: torch.Tensor | np.ndarray) -> "Rows":
+        array = features.numpy() if isinstance(features, torch.Tensor) else features
+        return cls([array], np.zeros(len(array), dtype=np.int64), np.arange(len(array)), array.shape[1])
+
+    @classmethod
+    def cat(cls, parts: list["Rows"]) -> "Rows":
+        arrays, sources, offset = [], [], 0
+        for p in parts:
+            arrays += p.arrays
+            sources.append(np.where(p.source < 0, -1, p.source + offset))
+            offset += len(p.arrays)
+        return cls(arrays, np.concatenate(sources), np.concatenate([p.row for p in parts]), parts[0].dim)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def select(self, index) -> "Rows":
+        return Rows(self.arrays, self.source[index], self.row[index], self.dim)
+
+    def take(self, index) -> np.ndarray:
+        """(B, D) rows at `index`, read shard by shard (from a memory map, only the pages they touch)."""
+        source, row = self.source[index], self.row[index]
+        out = np.zeros((len(source), self.dim), dtype=self.arrays[0].dtype if self.arrays else _numpy_dtype())
+        for s in np.unique(source[source >= 0]):
+            mine = source == s
+            out[mine] = self.arrays[s][row[mine]]
+        return out
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.take(np.arange(len(self))))
+
+
 # ---------------------------------------------------------------- the disk cache
 
+PIECE_BYTES = 32 << 20  # a feature pass writes a shard every this many bytes of rows...
+PIECE_ROWS = 2048  # ...or rows, whichever comes first: a killed pass keeps all but the last piece
+
+
+def _warn(message: str) -> None:
+    if distributed.is_main():  # every process sees the same store; one says so
+        print(message, file=sys.stderr)
+
+
 class FeatureStore:
-    """CACHE_DIR/<backbone key>/<view key>.pt, each {"digests": [...], "features": (N, D) float16}."""
+    """CACHE_DIR/<backbone key>/<view key>/: one append-only store of memory-mapped shards per view
+    (see `shards`). A write that fails (a full disk) warns once; the run then keeps its features in
+    memory."""
 
     def __init__(self, cache_dir: str | Path | None, backbone: Backbone):
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.dir = root.expanduser() / backbone_key(backbone)
+        self.dim, self.writable, self._views = backbone.feature_dim, True, {}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".probe-{os.getpid()}"
@@ -163,39 +288,34 @@ class FeatureStore:
             raise UserError(f"--cache_dir {root}: cannot store features there ({e.strerror or e}); "
                             f"pass a writable folder") from None
 
-    def path(self, view_key: str) -> Path:
-        return self.dir / f"{view_key}.pt"
+    def view(self, view_key: str) -> ShardStore:
+        if view_key not in self._views:
+            self._views[view_key] = ShardStore(self.dir / view_key, self.dim, _numpy_dtype(),
+                                               format_version=CACHE_FORMAT, warn=_warn)
+        return self._views[view_key]
 
-    def _read(self, view_key: str) -> tuple[list[str], torch.Tensor | None]:
-        path = self.path(view_key)
-        if not path.is_file():
-            return [], None
+    def lookup(self, view_key: str, digests: list[str]) -> tuple[Rows, torch.Tensor]:
+        """The stored rows of `digests` (memory-mapped) and an (N,) mask of those found."""
+        arrays, source, row = self.view(view_key).lookup(digests)
+        return Rows(arrays, source, row, self.dim), torch.from_numpy(source >= 0)
+
+    def add(self, view_key: str, digests: list[str], features: np.ndarray) -> bool:
+        """Store new rows as a new shard; False (after one warning for the whole run) if it cannot."""
+        if not self.writable:
+            return False
         try:
-            d = safe_load(path, what="feature cache")
-            return list(d["digests"]), d["features"]
-        except (UserError, KeyError, TypeError):
-            return [], None  # a damaged cache file is only a cache miss; it is rewritten below
+            self.view(view_key).append(digests, features)
+            return True
+        except OSError as e:
+            self.writable = False
+            _warn(f"warning: cannot write the feature cache in {self.dir} ({e.strerror or e}); "
+                  f"keeping this run's features in memory")
+            return False
 
-    def lookup(self, view_key: str, digests: list[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, dim) float16 features and an (N,) mask of the digests found."""
-        known, stored = self._read(view_key)
-        row = {d: i for i, d in enumerate(known)}
-        found = torch.tensor([d in row for d in digests], dtype=torch.bool)
-        out = torch.zeros(len(digests), dim, dtype=STORE_DTYPE)
-        if found.any() and stored is not None:
-            out[found] = stored.to(STORE_DTYPE)[[row[d] for d, f in zip(digests, found) if f]]
-        return out, found
-
-    def add(self, view_key: str, digests: list[str], features: torch.Tensor) -> None:
-        """Merge new rows into the view's file (written atomically; a concurrent writer may win)."""
-        known, stored = self._read(view_key)
-        seen = set(known)
-        new = [i for i, d in enumerate(digests) if d not in seen]
-        if not new:
-            return
-        parts = ([stored] if stored is not None else []) + [features[new].to(STORE_DTYPE)]
-        atomic_save({"digests": known + [digests[i] for i in new], "features": torch.cat(parts)},
-                    self.path(view_key))
+    def compact(self, view_key: str) -> None:
+        if self.writable:
+            with contextlib.suppress(OSError):  # compaction is only tidying: failing to do it loses nothing
+                self.view(view_key).compact()
 
 
 @dataclass
@@ -205,59 +325,176 @@ class CacheStats:
     seconds: float = 0.0  # spent computing (unreadable images included)
 
 
-def cached_features(backbone: Backbone, paths: list[Path], view: View, store: FeatureStore | None, *,
-                    device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
-                    stats: CacheStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) float16 features of `paths` under `view` and a readable-image mask: from `store` where
-    present, computed (and stored) where not. `store=None` keeps them in memory only."""
+def _comm_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _from_main(mask: torch.Tensor) -> torch.Tensor:
+    """Process 0's copy of a bool mask, so that every process splits the same work."""
+    if distributed.world_size() == 1:
+        return mask
+    import torch.distributed as dist
+
+    shared = mask.to(_comm_device(), torch.uint8)
+    dist.broadcast(shared, 0)
+    return shared.cpu().bool()
+
+
+def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: FeatureStore | None, *,
+                device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
+                stats: CacheStats | None = None, engine: str = "torch") -> tuple[Rows, torch.Tensor]:
+    """Features of `paths` under `view` (float16 `Rows`: memory-mapped from `store` where stored) and
+    a readable-image mask. Rows not in the store are computed and written to it in pieces as the pass
+    goes; under torchrun each process computes and writes its share, then all read the union.
+    `store=None` keeps them in memory only."""
     device = torch.device(device)
     digests = [file_digest(p) for p in paths]
-    key = view.key(precision_on(device))
+    key = view.key(precision_on(device, engine))
     if store is not None:
-        features, found = store.lookup(key, digests, backbone.feature_dim)
+        rows, found = store.lookup(key, digests)
+        found = _from_main(found)
     else:
-        features, found = torch.zeros(len(paths), backbone.feature_dim, dtype=STORE_DTYPE), \
-            torch.zeros(len(paths), dtype=torch.bool)
-    ok = found.clone()
+        rows, found = _absent(len(paths), backbone.feature_dim), torch.zeros(len(paths), dtype=torch.bool)
     missing = [i for i in range(len(paths)) if not found[i]]
-    if missing:
-        start = time.perf_counter()
-        new, readable = extract_features(backbone, [paths[i] for i in missing], view, device=device,
-                                         digests=[digests[i] for i in missing], num_workers=num_workers,
-                                         progress=progress)
-        # Rounded to float16 now, not only on disk: the first run and a cached rerun train identically.
-        features[missing] = new.to(STORE_DTYPE)
-        ok[missing] = readable
-        if store is not None and distributed.is_main():
-            keep = [i for i, r in zip(missing, readable.tolist()) if r]
-            store.add(key, [digests[i] for i in keep], features[keep])
-        distributed.barrier()  # every process sees the stored file before reading the next view
+    if not missing:
         if stats is not None:
-            stats.seconds += time.perf_counter() - start
+            stats.cached += len(paths)
+        return rows, found
+    start = time.perf_counter()
+    share = [missing[j] for j in distributed.my_share(len(missing))]
+    seeds = _seeds(view, [paths[i] for i in share], [digests[i] for i in share])
+    in_memory = []  # (positions, float16 rows) that are not in the store
+    readable = torch.zeros(len(paths), dtype=torch.bool)
+    piece_rows = max(1, min(PIECE_ROWS, PIECE_BYTES // (backbone.feature_dim * 2)))
+    piece: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def flush():
+        where = torch.cat([w for w, _ in piece])
+        block = torch.cat([f for _, f in piece]).to(STORE_DTYPE)  # rounded now: a cached rerun trains identically
+        piece.clear()
+        finite = torch.isfinite(block).all(dim=1)  # a non-finite row is never stored (it would read as damage)
+        if store is not None and finite.any() and store.add(key, [digests[i] for i in where[finite].tolist()],
+                                                            block[finite].numpy()):
+            where, block = where[~finite], block[~finite]
+        if len(where):
+            in_memory.append((where, block))
+
+    for where, batch in _extract(backbone, [paths[i] for i in share], view, device=device, seeds=seeds,
+                                 batch_size=None, num_workers=num_workers, progress=progress, engine=engine):
+        positions = torch.as_tensor(share)[where]
+        readable[positions] = True
+        piece.append((positions, batch))
+        if sum(len(w) for w, _ in piece) >= piece_rows:
+            flush()
+    if piece:
+        flush()
+    if distributed.world_size() > 1:
+        new, readable = _union(store, key, digests, missing, share, readable, in_memory, backbone.feature_dim)
+    else:
+        if store is not None:
+            store.compact(key)
+        new = _memory(in_memory, len(paths))  # rows not stored come first: the store may hold an older copy
+        if store is not None:
+            new.append(_placed(store.lookup(key, [digests[i] for i in missing])[0], missing, len(paths)))
+    rows = _first_of_each(Rows.cat([rows, *new]), len(paths))
+    ok = found | readable
     if stats is not None:
+        stats.seconds += time.perf_counter() - start
         stats.cached += int(found.sum())
         stats.computed += int(ok.sum()) - int(found.sum())  # unreadable images yield no features
-    return features, ok
+    if distributed.world_size() > 1 and store is not None and distributed.is_main():
+        store.compact(key)  # one process tidies, after all have read
+    return rows, ok
+
+
+def _absent(n: int, dim: int) -> Rows:
+    return Rows([], np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64), dim)
+
+
+def _placed(rows: Rows, positions: list[int], n: int) -> Rows:
+    """`rows` of `positions` as rows of an n-long list (absent elsewhere)."""
+    source, row = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    source[positions], row[positions] = rows.source, rows.row
+    return Rows(rows.arrays, source, row, rows.dim)
+
+
+def _memory(blocks: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> list[Rows]:
+    return [_placed(Rows.of(block), where.tolist(), n) for where, block in blocks]
+
+
+def _first_of_each(parts: Rows, n: int) -> Rows:
+    """Rows.cat of k n-long parts -> n rows, taking for each position the first part that has it."""
+    source, row = parts.source.reshape(-1, n), parts.row.reshape(-1, n)
+    first = np.argmax(source >= 0, axis=0)
+    return Rows(parts.arrays, source[first, np.arange(n)], row[first, np.arange(n)], parts.dim)
+
+
+def _union(store: FeatureStore | None, key: str, digests: list[str], missing: list[int], share: list[int],
+           readable: torch.Tensor, in_memory: list, dim: int) -> tuple[list[Rows], torch.Tensor]:
+    """Under torchrun, once every process has computed (and written) its share of `missing`: every
+    row for every process, from the store's union, or gathered where some process could not write."""
+    readable = _all_max(readable.to(torch.uint8)).bool()  # also waits for every process's writes
+    if store is not None and not _all_max(torch.tensor([len(in_memory)])).item():
+        return [store.lookup(key, digests)[0]], readable  # all rows: this process may have found fewer
+    # Some process holds rows in memory: gather them all (as float16, in the order of `my_share`).
+    n = len(digests)
+    mine = [_absent(n, dim), *_memory(in_memory, n)]
+    if store is not None:
+        mine.append(_placed(store.lookup(key, [digests[i] for i in share])[0], share, n))
+    local = torch.from_numpy(_first_of_each(Rows.cat(mine), n).take(np.asarray(share, dtype=np.int64)))
+    gathered = distributed.gather_shares(local, len(missing))  # (len(missing), D) in `missing` order
+    return [_placed(Rows.of(gathered), missing, n)], readable
+
+
+def _all_max(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum over all processes (also a point every process must reach)."""
+    import torch.distributed as dist
+
+    shared = t.to(_comm_device())
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return shared.cpu()
+
+
+def cached_features(backbone: Backbone, paths: list[Path], view: View, store: FeatureStore | None, *,
+                    device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
+                    stats: CacheStats | None = None, engine: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float16 features of `paths` under `view` in memory, and a readable-image mask (see
+    `cached_rows`, which leaves stored rows memory-mapped)."""
+    rows, ok = cached_rows(backbone, paths, view, store, device=device, num_workers=num_workers,
+                           progress=progress, stats=stats, engine=engine)
+    return rows.tensor(), ok
 
 
 # ---------------------------------------------------------------- what training consumes
 
 class FeatureSet(Dataset):
-    """(features, label) rows held in memory as float16; handed out as float32 batches."""
+    """(features, label) rows: float16 `Rows` (memory-mapped shards or memory), handed out as float32 batches."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
-        self.features, self.labels = features, labels  # (N, D) float16, (N,) int64
+    def __init__(self, features: Rows | torch.Tensor, labels: torch.Tensor):
+        self.rows = features if isinstance(features, Rows) else Rows.of(features)  # N rows of D
+        self.labels = labels  # (N,) int64
+
+    @property
+    def dim(self) -> int:
+        return self.rows.dim
+
+    @property
+    def features(self) -> torch.Tensor:
+        """All rows in memory, (N, D) float16: for inspection; training reads batches (`__getitems__`)."""
+        return self.rows.tensor()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        return self.features[i].float(), self.labels[i]
+        return torch.from_numpy(self.rows.take([i])[0]).float(), self.labels[i]
 
     def __getitems__(self, indices: list[int]):
-        # The DataLoader asks for a whole batch at once: one indexing op instead of N small ones.
-        idx = torch.as_tensor(indices)
-        return self.features[idx].float(), self.labels[idx]
+        # The DataLoader asks for a whole batch at once: one read per shard instead of N small ones.
+        idx = np.asarray(indices, dtype=np.int64)
+        return torch.from_numpy(self.rows.take(idx)).float(), self.labels[torch.from_numpy(idx)]
 
 
 def _whole_batch(batch):
@@ -289,26 +526,28 @@ class FeatureData:
 def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_views: int = 0,
                       cache_dir: str | Path | None = None, use_disk: bool = True,
                       device: torch.device | str = "cpu", num_workers: int = 0,
-                      log: Callable[[str], None] = print, progress: bool = True) -> FeatureData:
+                      log: Callable[[str], None] = print, progress: bool = True, engine: str = "torch") -> FeatureData:
     """Features of the train split (centre crop + `augmented_views` augmented copies per image) and of
-    the valid split (centre crop), computed once and cached on disk under `cache_dir`."""
+    the valid split (centre crop), computed once (by `engine`: "torch" or "onnx") and cached on disk
+    under `cache_dir`."""
     train_set = FlowerFolder(split_dir(data_dir, "train"))  # used only for its file list and labels
     valid_set = FlowerFolder(split_dir(data_dir, "valid"), classes=train_set.classes)
     store = FeatureStore(cache_dir, backbone) if use_disk else None
     stats = CacheStats()
     train_paths, train_labels = [p for p, _ in train_set.samples], torch.tensor([y for _, y in train_set.samples])
     valid_paths, valid_labels = [p for p, _ in valid_set.samples], torch.tensor([y for _, y in valid_set.samples])
-    common = dict(device=device, num_workers=num_workers, progress=progress, stats=stats)
-    # One call for both splits' centre crops: one pass of the loader, one cache file to update.
-    centre, ok = cached_features(backbone, train_paths + valid_paths, centre_view(backbone), store, **common)
+    common = dict(device=device, num_workers=num_workers, progress=progress, stats=stats, engine=engine)
+    # One call for both splits' centre crops: one pass of the loader, one store to update.
+    centre, ok = cached_rows(backbone, train_paths + valid_paths, centre_view(backbone), store, **common)
     n = len(train_paths)
-    xs, ys = [centre[:n][ok[:n]]], [train_labels[ok[:n]]]
+    train_ok, valid_ok = ok[:n].numpy(), ok[n:].numpy()
+    xs, ys = [centre.select(np.flatnonzero(train_ok))], [train_labels[ok[:n]]]
     for i in range(1, augmented_views + 1):
-        aug, aug_ok = cached_features(backbone, train_paths, augmented_view(backbone, i), store, **common)
-        xs.append(aug[aug_ok])
+        aug, aug_ok = cached_rows(backbone, train_paths, augmented_view(backbone, i), store, **common)
+        xs.append(aug.select(np.flatnonzero(aug_ok.numpy())))
         ys.append(train_labels[aug_ok])
-    train = FeatureSet(torch.cat(xs), torch.cat(ys))
-    valid = FeatureSet(centre[n:][ok[n:]], valid_labels[ok[n:]])
+    train = FeatureSet(Rows.cat(xs), torch.cat(ys))
+    valid = FeatureSet(centre.select(n + np.flatnonzero(valid_ok)), valid_labels[ok[n:]])
     # The head must not train on a category none of whose photos could be read.
     refuse_unreadable_categories(train_set.root, train_set.classes, set(train_labels[ok[:n]].tolist()))
     if len(train) == 0 or len(valid) == 0:
@@ -332,7 +571,8 @@ def cached_training_data(config: TrainConfig, data_dir: str | Path, backbone: Ba
     if config.augmented_views and not config.augment:
         log(f"--no_augment: ignoring --augmented_views {config.augmented_views}")
     data = load_feature_data(data_dir, backbone, augmented_views=views, cache_dir=cache_dir, device=device,
-                             num_workers=config.num_workers, log=log, progress=progress)
+                             num_workers=config.num_workers, log=log, progress=progress,
+                             engine=getattr(config, "engine", "torch"))  # a TrainConfig field once the CLI has --engine
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     valid_loader = feature_loader(data.valid, batch_size=max(config.batch_size, 256), shuffle=False)
     return train_loader, valid_loader, data.classes

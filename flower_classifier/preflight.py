@@ -1,5 +1,5 @@
 """What `training.run_training` checks before any work (weights downloaded, features computed):
-the save folder, the category names, and that a resumed run is the run that was started."""
+the save folder and that a resumed run is the run that was started."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,6 @@ from . import checkpoint as ckpt_io
 from .checkpoint import Checkpoint
 from .config import TrainConfig
 from .errors import UserError
-from .names import disagreement_warning, read_category_names
 
 LAST_NAME = "last.pth"  # the latest finished epoch; its training state sits beside it
 
@@ -27,20 +26,6 @@ def check_resumable(ckpt: Checkpoint, config: TrainConfig, classes: list[str], p
     if changed:
         raise UserError(f"cannot resume from {path}: this run differs in {'; '.join(changed)}; "
                         f"use the saved run's options or a new --save_dir")
-
-
-def check_names(names: dict[str, str], data_dir: Path, classes: list[str], log) -> None:
-    """Warn about categories without a name, and about names that contradict the data folder's own
-    cat_to_name.json (the 102 Oxford names given for other categories, say)."""
-    missing = [c for c in classes if c not in names]
-    if missing:
-        log(f"warning: the category names file has no name for {len(missing)} categories "
-            f"({', '.join(missing[:5])}{'...' if len(missing) > 5 else ''}); their numbers are shown instead")
-    own = data_dir / "cat_to_name.json"
-    if own.is_file():
-        warning = disagreement_warning(names, read_category_names(own), classes, "the category names given", own)
-        if warning:
-            log(f"{warning}; pass --category_names {own}")
 
 
 def check_save_dir(save_dir: Path) -> None:

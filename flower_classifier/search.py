@@ -11,6 +11,7 @@ try N distinct values of each (Bergstra & Bengio, 2012), and there is no extra d
 from __future__ import annotations
 
 import json
+import math
 import random
 import sys
 import time
@@ -21,26 +22,28 @@ import torch
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
-from .config import TrainConfig
+from .config import FIELDS, TrainConfig
 from .files import atomic_write
 from .features import FeatureData, feature_loader
 from .model import build_head
 from .training import evaluate, make_optimizer, seed_epoch, seed_everything, train_one_epoch
 
+# The order the values are drawn in (so that a seed gives the same trials); each field's values are
+# declared with the field, in `config.TrainConfig`, inside the field's range.
 SEARCHED = ("learning_rate", "hidden_units", "dropout", "epochs", "weight_decay", "label_smoothing", "batch_size")
 
 
 def sample_params(rng: random.Random) -> dict:
-    """One point of the search space."""
-    return {
-        "learning_rate": float(f"{10 ** rng.uniform(-4, -2):.3g}"),  # log-uniform 1e-4 .. 1e-2
-        "hidden_units": rng.choice([[256], [512], [1024], [512, 256]]),
-        "dropout": rng.choice([0.0, 0.1, 0.2, 0.3, 0.5]),
-        "epochs": rng.choice([5, 10, 15, 20, 30]),
-        "weight_decay": rng.choice([0.0, 1e-4, 1e-3, 1e-2, 1e-1]),
-        "label_smoothing": rng.choice([0.0, 0.05, 0.1, 0.2]),
-        "batch_size": rng.choice([16, 32, 64, 128]),
-    }
+    """One point of the search space: a choice from a list, or log-uniform in a (low, high) pair."""
+    params = {}
+    for name in SEARCHED:
+        space = FIELDS[name].metadata["search"]
+        if isinstance(space, tuple):
+            low, high = math.log10(space[0]), math.log10(space[1])
+            params[name] = min(max(float(f"{10 ** rng.uniform(low, high):.3g}"), space[0]), space[1])
+        else:
+            params[name] = list(rng.choice(space)) if name == "hidden_units" else rng.choice(space)
+    return params
 
 
 def run_trial(data: FeatureData, config: TrainConfig, *, device: torch.device | str = "cpu") -> dict:

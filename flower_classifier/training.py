@@ -28,8 +28,8 @@ from .devices import check_device
 from .data import epoch_seed, find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
-from .names import as_category_names
-from .preflight import LAST_NAME, check_names, check_save_dir, load_resume
+from .names import as_category_names, check_names
+from .preflight import LAST_NAME, check_save_dir, load_resume
 
 BEST_NAME = "checkpoint.pth"  # the best epoch by validation accuracy: what predict.py loads
 STATE_NAME = "last.state.pth"  # optimizer state and history, to resume from LAST_NAME
@@ -72,10 +72,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         total_loss += loss.item() * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
+    # Under torchrun each process saw its share: the epoch's figures are those of all the shares.
+    total_loss, correct, count = distributed.sum_over_processes(total_loss, correct, count)
     if count == 0:
         raise UserError("no training image could be loaded; check the data with "
                         "`python -m flower_classifier check-data DATA`")
-    return {"loss": total_loss / count, "accuracy": correct / count, "count": count}
+    return {"loss": total_loss / count, "accuracy": correct / count, "count": int(count)}
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:

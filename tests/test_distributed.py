@@ -3,6 +3,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -46,14 +47,36 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path):
             assert torch.allclose(gathered[view.name][0], alone.half().float(), atol=1e-6)
 
 
-def test_torchrun_trains_with_two_processes(tmp_path):
-    data = make_dataset(tmp_path / "d", TWELVE[:4], per_split={"train": 4, "valid": 2})
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "train.py", str(data), "--arch", "tiny", "--workers", "0", "--quiet", "--epochs", "2",
-                          "--save_dir", str(tmp_path / "ck"), "--cache_dir", str(tmp_path / "c")],
+def _train(data, save_dir, cache_dir, *launcher):
+    """train.py on the tiny backbone, alone or under a launcher; returns its stdout."""
+    # Dropout off: each process would draw its own mask for its half of the batch, so the two
+    # processes could not give the one process's result (nor should they have to).
+    run = subprocess.run([sys.executable, *launcher, "train.py", str(data), "--arch", "tiny", "--workers", "0",
+                          "--quiet", "--epochs", "3", "--dropout", "0", "--learning_rate", "0.01",
+                          "--save_dir", str(save_dir), "--cache_dir", str(cache_dir)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "x 2 processes" in run.stdout
-    assert run.stdout.count("Epoch 1/2") == 1 and run.stdout.count("Features:") == 1  # only rank 0 speaks
-    assert load_checkpoint(tmp_path / "ck" / "checkpoint.pth").epoch in (1, 2)
-    assert len(list((tmp_path / "c").rglob("*.pt"))) == 1  # one cache file, written by one process
+    return run.stdout
+
+
+def test_torchrun_trains_with_two_processes_as_one_process_does(tmp_path):
+    """16 training rows, in one batch (the default 32): one process takes the mean gradient over all
+    16; two take it over 8 each and DistributedDataParallel averages the two. Same seed, same head."""
+    data = make_dataset(tmp_path / "d", TWELVE[:4], per_split={"train": 4, "valid": 2})
+    out = _train(data, tmp_path / "ck", tmp_path / "c", "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", "2")
+    assert "x 2 processes" in out
+    assert out.count("Epoch 1/3") == 1 and out.count("Features:") == 1  # only rank 0 speaks
+    # Each process wrote its own share as its own shard: 16 + 8 centre crops in all.
+    shards = list((tmp_path / "c").rglob("*.npy"))
+    assert len(shards) == 2 and sum(len(np.load(s)) for s in shards) == 24
+    _train(data, tmp_path / "alone", tmp_path / "c2")
+    two, one = (load_checkpoint(tmp_path / folder / "last.pth") for folder in ("ck", "alone"))
+    assert two.epoch == one.epoch == 3
+    # Not bit-identical: the two halves' means averaged by all_reduce round differently from one mean
+    # over 16 rows (float32 sums in another order), ~1e-7 per step; three AdamW steps keep it ~1e-6.
+    for key, weight in one.head_state.items():
+        assert torch.allclose(two.head_state[key], weight, rtol=0, atol=1e-5), key
+    for mine, theirs in zip(two.history, one.history):
+        for metric in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_top5"):
+            assert abs(mine[metric] - theirs[metric]) < 1e-5, (metric, mine, theirs)

@@ -1,0 +1,93 @@
+"""Command line: `python -m flower_classifier COMMAND` and the classic `train.py` / `predict.py`,
+thin layers over the library. One module per group of commands (`train`: train, search; `predict`:
+what uses a trained model; `data`: around a photo folder), `options` for what they share, and here
+the one parse-and-run wrapper: a user's mistake is one line on stderr and exit status 2. Building
+a parser imports no torch: each command imports what it needs when it runs."""
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import Interrupted, UserError
+from . import data, predict, train
+from .options import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser
+
+
+# name: (add its arguments, run it, help, what to do with (parser, argv) before parsing or None)
+COMMANDS = {
+    "train": (train.add_train_arguments, train.run_train, "train a head on a photo folder", train.apply_saved_defaults),
+    "predict": (predict.add_predict_arguments, predict.run_predict, "name the flower in a photo", None),
+    "search": (train.add_search_arguments, train.run_search, "search head hyperparameters on cached features", None),
+    "evaluate": (predict.add_evaluate_arguments, predict.run_evaluate, "top-1/top-5 accuracy of a checkpoint on a "
+                 "split", None),
+    "report": (predict.add_report_arguments, predict.run_report, "per-class accuracy, confusion matrix, confused "
+               "pairs and worst mistakes on a split", None),
+    "download": (data.add_download_arguments, data.run_download, "get Oxford 102 in the train/valid/test layout", None),
+    "check-data": (data.add_check_data_arguments, data.run_check_data, "find unreadable, missing, duplicate or "
+                   "unbalanced photos before training", None),
+    "backbones": (lambda p: None, data.run_backbones, "list the available backbones", None),
+    "export": (predict.add_export_arguments, predict.run_export, "checkpoint -> one ONNX file for apps (runs without "
+               "torch)", None),
+    "serve": (predict.add_serve_arguments, predict.run_serve, "web page and JSON API that name the flower in a "
+              "photo", None),
+}
+
+
+def build_parser(prog: str = "flower_classifier") -> tuple[Parser, dict[str, Parser]]:
+    """The top-level parser and its subcommand parsers by name."""
+    parser = Parser(prog=prog, description="Flower species classifier by transfer learning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    subparsers = {}
+    for name, (add_arguments, _, help_text, _) in COMMANDS.items():
+        subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(subparsers[name])
+    return parser, subparsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, subparsers = build_parser()
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    return parse_and_run(parser, argv, name, subparsers.get(name), skip=1)
+
+
+def single_command_main(command: str, prog: str, argv: list[str] | None = None) -> int:
+    """`train.py` / `predict.py`: one subcommand as its own program."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = Parser(prog=prog, description=COMMANDS[command][2])
+    COMMANDS[command][0](parser)
+    return parse_and_run(parser, argv, command, parser, skip=0)
+
+
+def parse_and_run(parser: Parser, argv: list[str], name: str | None, own: Parser | None, skip: int) -> int:
+    """Parse `argv`, whose first `skip` name the command `name` and the rest are the options of its
+    parser `own` (spelled with hyphens or not), run the command, and turn what a user can get wrong
+    into one line and an exit status."""
+    _, run, _, prepare = COMMANDS.get(name, (None,) * 4)
+    argv = argv[:skip] + (own.respell(argv[skip:]) if own else argv[skip:])
+    try:
+        if prepare:
+            prepare(own, argv[skip:])
+        args, extras = parser.parse_known_args(argv)
+        if extras:
+            (own or parser).refuse_unknown(extras)
+        code = run(args)  # known: without a command, parsing has already exited
+        sys.stdout.flush()  # here, so that a closed pipe is met inside this try
+        return code
+    except BrokenPipeError:  # the reader stopped early (`| head`): nothing went wrong here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush has somewhere to go
+        return 1
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ModuleNotFoundError as e:  # run outside the project's environment (a system python, say)
+        if not e.name or e.name.split(".")[0] == __package__.split(".")[0]:
+            raise  # our own module missing is a bug, not a set-up step
+        how = parser.prog if parser.prog.endswith(".py") else "-m flower_classifier"
+        print(f"error: this Python ({sys.executable}) lacks {e.name.split('.')[0]}: set up with `./setup.sh`, then "
+              f"run `.venv/bin/python {how} ...`", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as e:
+        if not isinstance(e, Interrupted):  # else what was saved has been said already
+            print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

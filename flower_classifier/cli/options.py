@@ -1,0 +1,83 @@
+"""What the commands share: a parser that reports a bad option in one line, TrainConfig's options
+built from its fields, and the command-line-only options that several commands take."""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+
+from ..config import FIELDS, WORKERS, TrainConfig, flag
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line naming it, not a usage dump; `--learning-rate` is
+    `--learning_rate`; an unknown option gets the nearest known one."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+    def respell(self, argv: list[str]) -> list[str]:
+        """Options spelled with hyphens, as their underscore form when that is one of ours."""
+        flags, out = self.flags(), list(argv)
+        for i, arg in enumerate(argv):
+            if arg == "--":
+                break
+            name, eq, value = arg.partition("=")
+            underscored = "--" + name[2:].replace("-", "_")
+            if name.startswith("--") and underscored != name and any(f.startswith(underscored) for f in flags):
+                out[i] = underscored + eq + value
+        return out
+
+    def refuse_unknown(self, extras: list[str]):
+        options = [a.partition("=")[0] for a in extras if a.startswith("-")]
+        near = difflib.get_close_matches(options[0], self.flags(), n=1) if options else []
+        self.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean {near[0]}?" if near else ""))
+
+    def flags(self) -> list[str]:
+        return [s for s in self._option_string_actions if s.startswith("--")]
+
+
+def add_config_options(p: argparse.ArgumentParser, *names: str, **helps: str) -> None:
+    """TrainConfig's fields `names` as options: flag, type, range and help from the field, the
+    default from TrainConfig (or from `search`'s file, see `train`); `helps` replace a help text."""
+    defaults = TrainConfig()
+    for name in names:
+        meta, default = FIELDS[name].metadata, getattr(defaults, name)
+        text = helps.get(name, meta["help"])
+        if meta["argparse"].get("action"):  # an on/off switch
+            p.add_argument(flag(name), dest=name, help=text, **meta["argparse"])
+            continue
+        shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        p.add_argument(flag(name), dest=name, type=meta["number"].parse if meta["number"] else None,
+                       default=list(default) if isinstance(default, tuple) else default,
+                       help=f"{text} (default: {shown})", **meta["argparse"])
+
+
+# Command-line-only arguments that several commands share.
+SHARED = {
+    "data_dir": dict(help="folder with train/ and valid/ (and test/) split folders of category folders"),
+    "--workers": dict(type=WORKERS.parse, default=min(4, os.cpu_count() or 1),
+                      help="data-loading worker processes (default: min(4, CPU count))"),
+    "--gpu": dict(action="store_true", help="use CUDA or Apple MPS if present (default: CPU)"),
+    "--cache_dir": dict(default=None, help="where computed features are kept for later runs (default: "
+                        "$FLOWER_CLASSIFIER_CACHE, else ~/.cache/flower_classifier/features)"),
+    "--quiet": dict(action="store_true", help="no progress bars"),
+    "--category_names": dict(default=None, help="JSON file of category -> flower name"),
+}
+
+
+def add_shared(p: argparse.ArgumentParser, *flags: str, **changes) -> None:
+    """The shared arguments `flags`; `changes` (e.g. workers={"help": ...}) adjust one by its name."""
+    for f in flags:
+        p.add_argument(f, **{**SHARED[f], **changes.get(f.lstrip("-"), {})})
+
+
+def as_flags(values: dict) -> str:
+    """{"hidden_units": [512, 256], "augment": False, ...} as the flags that give them: "--hidden_units
+    512 256 --no_augment ..." (a switch turns a True default off, so True needs no flag)."""
+    shown = lambda v: " ".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    return " ".join(flag(k) if isinstance(v, bool) else f"{flag(k)} {shown(v)}"
+                    for k, v in values.items() if v is not True)

@@ -1,0 +1,141 @@
+"""The commands that use a trained model: predict (predict.py), evaluate, report, export, serve.
+An .onnx model is predicted and served without importing torch."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..config import Number
+from ..errors import UserError
+from ..names import names_warnings, read_category_names
+from .options import add_config_options, add_shared
+
+
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="photo to classify")
+    p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth), or a "
+                   "model.onnx from `export` (runs without torch)")
+    # 10,000: more rows than any classifier here has categories; the model's own count is checked later.
+    p.add_argument("--top_k", type=Number(int, 1, 10_000).parse, default=5,
+                   help="how many classes to show (default: 5)")
+    add_shared(p, "--category_names", "--gpu", category_names={
+        "help": "JSON file of category -> flower name (default: the names saved in the checkpoint, else category "
+                "numbers)"})
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    if args.checkpoint.lower().endswith(".onnx"):  # an exported model: onnxruntime, torch never imported
+        from ..runtime import OnnxClassifier, check_top_k
+
+        if args.gpu:
+            print("note: .onnx models run on the CPU here; --gpu ignored", file=sys.stderr)
+        model = OnnxClassifier(args.checkpoint)
+        predict = lambda image, m, k: m.predict(image, k)  # noqa: E731
+    else:
+        from ..checkpoint import load_model
+        from ..devices import select_device
+        from ..prediction import check_top_k, predict
+
+        device = select_device(args.gpu, log=lambda m: print(m, file=sys.stderr))
+        model, ckpt = load_model(args.checkpoint, device)
+    check_top_k(args.top_k, len(model.classes))
+    if args.category_names:
+        saved, model.cat_to_name = model.cat_to_name, read_category_names(args.category_names)
+        for w in names_warnings(model.cat_to_name, model.classes, args.category_names, required=True, reference=saved,
+                                other="the names the model was trained with",
+                                fix="leave out --category_names to use the trained names"):
+            print(f"warning: {w}", file=sys.stderr)
+    result = predict(args.image, model, args.top_k)
+    if args.json:
+        print(json.dumps([{"name": n, "category": c, "probability": p} for n, c, p in result.rows()], indent=2))
+        return 0
+    width = max(len(n) for n in result.names)
+    print(f"Top {args.top_k} for {args.image}:")
+    for rank, (name, category, prob) in enumerate(result.rows(), 1):
+        label = f"{name:<{width}}  (category {category})" if name != category else f"category {category:<{width}}"
+        print(f"{rank:>3}. {label}  {100 * prob:6.2f}%")
+    return 0
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """A checkpoint and a labelled split to run it on: shared by `evaluate` and `report`."""
+    p.add_argument("checkpoint", help="checkpoint saved by train.py")
+    p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
+    add_config_options(p, "batch_size", batch_size="images per batch")
+    add_shared(p, "--workers", "--gpu")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from ..devices import select_device
+    from ..evaluation import evaluate_checkpoint
+
+    m = evaluate_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
+                            batch_size=args.batch_size, num_workers=args.workers)
+    print(f"top-1 accuracy: {100 * m['accuracy']:.1f}%  top-5 accuracy: {100 * m['top5']:.1f}%  "
+          f"images: {m['count']}  (loss {m['loss']:.4f})")
+    if m.get("skipped"):
+        print(f"skipped {m['skipped']} unreadable images (each named in a warning above)")
+    return 0
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    add_evaluate_arguments(p)
+    p.add_argument("--out", default="report", help="folder for report.txt, per_class.csv and the figures "
+                   "(default: report)")
+    # A table or a gallery longer than this is unreadable anyway.
+    p.add_argument("--top", type=Number(int, 1, 10_000).parse, default=10,
+                   help="confused pairs to list (default: 10)")
+    p.add_argument("--mistakes", type=Number(int, 1, 1_000).parse, default=8,
+                   help="mistakes in the gallery (default: 8)")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from ..devices import select_device
+    from ..evaluation import report_checkpoint, write_report
+
+    report = report_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
+                               batch_size=args.batch_size, num_workers=args.workers)
+    files = write_report(report, args.out, mistakes=args.mistakes)
+    print(report.table(args.top))
+    print(f"\nWrote {', '.join(p.name for p in files.values())} to {args.out}")
+    return 0
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint saved by train.py")
+    p.add_argument("out", help="ONNX file to write, e.g. model.onnx")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out)
+    print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): try `python predict.py PHOTO {path}` "
+          f"or `python -m flower_classifier serve {path}`")
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="an exported .onnx model (no torch needed) or a checkpoint (.pth)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines "
+                   "(default: 127.0.0.1)")
+    p.add_argument("--port", type=Number(int, 1, 65535).parse, default=8000, help="port (default: 8000)")
+    # A photo is a few MB; 1 GB is far past any camera, and the decoder has its own pixel budget.
+    p.add_argument("--max_upload_mb", type=Number(float, 0, 1024, lo_open=True).parse, default=10.0,
+                   help="largest photo accepted, in MB (default: 10)")
+    # Each run already uses every core: more than 64 at once only queues for memory.
+    p.add_argument("--parallel", type=Number(int, 1, 64).parse, default=1,
+                   help="model runs at once; each already uses every CPU core (default: 1)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        from ..serving import serve
+    except ImportError as e:
+        raise UserError(f"serving needs the app packages ({e.name} is missing): "
+                        f"`pip install -r requirements.txt`") from None
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, parallel=args.parallel)
+    return 0

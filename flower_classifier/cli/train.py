@@ -1,0 +1,129 @@
+"""`train` (train.py) and `search`: the commands that fit a head."""
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+
+from ..config import DEFAULTS_FILE, FIELDS, Number, TrainConfig, load_defaults
+from ..errors import UserError
+from ..names import names_for_run
+from .options import add_config_options, add_shared, as_flags
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    add_shared(p, "data_dir")
+    p.add_argument("--save_dir", default="checkpoints", help="where checkpoints go (default: checkpoints)")
+    add_config_options(p, *(name for name, f in FIELDS.items() if f.metadata["flag"] != ""))  # all of them
+    add_shared(p, "--gpu", "--workers", "--cache_dir", "--category_names", "--quiet", workers={"dest": "num_workers"},
+               category_names={"help": "JSON file of category -> flower name to store in the checkpoint (default: "
+                               "DATA_DIR/cat_to_name.json when there is one, else none)"})
+    p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
+                   help="continue from --save_dir's last checkpoint, or from the given last.pth")
+    p.add_argument("--defaults", default=str(DEFAULTS_FILE),
+                   help=f"hyperparameters file written by `search`, read for defaults (default: {DEFAULTS_FILE})")
+
+
+def apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Let `search`'s best values replace the built-in defaults; flags on the command line still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--defaults", default=None)
+    known, _ = pre.parse_known_args(argv)
+    path = Path(known.defaults or DEFAULTS_FILE)
+    if known.defaults and not path.is_file():
+        raise UserError(f"--defaults {path}: no such file; run `search` to write one, or drop --defaults")
+    saved = load_defaults(path)
+    if saved:
+        parser.set_defaults(**saved, saved_defaults=(path, saved))
+
+
+def _say_saved_defaults(args: argparse.Namespace) -> None:
+    """Name the values a hyperparameters file supplied, so that a run never changes unannounced."""
+    path, saved = getattr(args, "saved_defaults", None) or (None, {})
+    used = {k: v for k, v in saved.items() if getattr(args, k, None) == v}
+    if used:
+        print(f"Defaults from {path} (written by `search`): {as_flags(used)}; flags given here win")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..backbones import get_spec
+    from ..devices import select_device
+    from ..training import run_training
+
+    config = TrainConfig(**{name: getattr(args, name) for name in FIELDS if hasattr(args, name)})
+    # run_training checks these too; here they come before the device note and torchrun's start-up.
+    get_spec(config.arch)
+    names, said = names_for_run(args.category_names, args.data_dir)
+    if distributed.is_main():
+        _say_saved_defaults(args)
+        print(said)
+    device = select_device(args.gpu)
+    if distributed.launched():  # started by torchrun: join the other processes
+        device = distributed.init(device)
+    main_process = distributed.is_main()
+    resume = args.save_dir if args.resume == "__save_dir__" else args.resume
+    # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: finished epochs are already saved. The caller's
+    # handler comes back afterwards, for those who call main() in-process.
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
+                              resume=resume, cache_dir=args.cache_dir, progress=not args.quiet and main_process,
+                              log=print if main_process else (lambda message: None))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        distributed.cleanup()
+    best = max(result.state.history, key=lambda h: h["valid_accuracy"]) if result.state.history else None
+    if best and main_process:
+        size_mb = result.best_path.stat().st_size / 1e6
+        saved = "Saved" if result.epochs_run else "Kept in"
+        print(f"Best epoch {best['epoch']}: valid accuracy {100 * best['valid_accuracy']:.1f}%. "
+              f"{saved} {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
+    return 0
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    add_shared(p, "data_dir")
+    # Each trial is one head training: 10,000 is days of work already on VGG's features.
+    p.add_argument("--trials", type=Number(int, 1, 10_000).parse, default=30,
+                   help="head trainings to try (default: 30)")
+    add_config_options(p, "arch", "augmented_views", "seed", seed="seeds the search and every trial",
+                       augmented_views="augmented copies per training image, as in train.py")
+    p.add_argument("--out", default=str(DEFAULTS_FILE),
+                   help=f"where the best values go; train.py reads them as defaults (default: {DEFAULTS_FILE})")
+    add_shared(p, "--cache_dir", "--workers", "--gpu", "--quiet",
+               workers={"help": "data-loading worker processes for feature extraction (default: min(4, CPU count))"})
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from ..backbones import build_backbone, get_spec
+    from ..data import split_dir
+    from ..devices import select_device
+    from ..features import load_feature_data
+    from ..search import SEARCHED, random_search, save_best
+
+    get_spec(args.arch)
+    for split in ("train", "valid"):
+        split_dir(args.data_dir, split)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    device = select_device(args.gpu)
+    base = TrainConfig(arch=args.arch, seed=args.seed, augmented_views=args.augmented_views,
+                       num_workers=args.workers)
+    data = load_feature_data(args.data_dir, build_backbone(args.arch), augmented_views=args.augmented_views,
+                             cache_dir=args.cache_dir, device=device, num_workers=args.workers,
+                             progress=not args.quiet)
+    results = random_search(data, base, trials=args.trials, seed=args.seed, device=device,
+                            progress=not args.quiet)
+    best = results[0]
+    save_best(results, base, out, data_dir=args.data_dir)
+    trial0 = next(r["valid_accuracy"] for r in results if r["trial"] == 0)
+    print(f"Best of {len(results)} trials: valid accuracy {100 * best['valid_accuracy']:.1f}% (trial "
+          f"{best['trial']}; trial 0 = the built-in defaults, {100 * trial0:.1f}%)")
+    print("  " + as_flags({k: v for k, v in best["params"].items() if k in SEARCHED}))
+    if out.resolve() == DEFAULTS_FILE.resolve():
+        print(f"Saved to {out}: train.py run from this folder now uses these as its defaults (flags still win)")
+    else:
+        print(f"Saved to {out}: pass `--defaults {out}` to train.py to use them as its defaults")
+    return 0
