@@ -390,7 +390,7 @@ for _arch, _title, _dim, _last, _stack in (
         ("resnet50", "ResNet-50 (ImageNet)", 2048, "fc", _resnet_stack),
         ("densenet121", "DenseNet-121 (ImageNet)", 1024, "classifier", _densenet_stack),
         ("efficientnet_b0", "EfficientNet-B0 (ImageNet)", 1280, "classifier", _efficientnet_stack),
-        ("efficientnet_v2_s", "EfficientNetV2-S (ImageNet), 384 px", 1280, "classifier", _efficientnet_stack),
+        ("efficientnet_v2_s", "EfficientNetV2-S (ImageNet)", 1280, "classifier", _efficientnet_stack),
         ("convnext_tiny", "ConvNeXt-Tiny (ImageNet)", 768, "classifier.2", _convnext_stack),
         ("regnet_y_16gf", "RegNetY-16GF (SWAG, linear probe on ImageNet)", 3024, "fc", _regnet_stack),
         ("vit_b_16", "ViT-B/16 (SWAG, linear probe on ImageNet)", 768, "heads", _vit_stack)):
