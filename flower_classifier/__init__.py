@@ -3,7 +3,7 @@
 The pieces, one module per stage: `data`, `backbones`, `features` (backbone outputs computed once
 and cached), `model` (the head), `training`, `search` (hyperparameters), `distributed` (torchrun),
 `checkpoint`, `prediction`, `evaluation`, `export` and `runtime` (ONNX, torch-free), `serving`,
-`plots`, `names`, `devices`, `preflight` (checks before training), `cli`.
+`runfolder` (a run's save folder: its files, saving, resuming, the lock), `plots`, `names`, `devices`, `cli`.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.

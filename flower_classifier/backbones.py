@@ -25,6 +25,8 @@ from .errors import UserError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFLINE_CHOICE = "efficientnet_lite0"
+MAX_INPUT_SIZE = 1024  # pixels per side: above every backbone's (518 at most), far below what fills memory
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's and Pillow's
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,27 @@ class Preprocessing:
                 "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        return cls(int(d["input_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]),
-                   str(d.get("interpolation", "bilinear")))
+    def from_dict(cls, d, *, where: str = "preprocessing") -> "Preprocessing":
+        """From `to_dict()`'s form, as read from a file: every value checked for type and range
+        first (an edited input_size of 100000 would allocate tens of GB per image)."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where} must be a dict of input_size, resize_size, mean, std (got {type(d).__name__})")
+
+        def checked(key, ok, expected, default=None):
+            value = d.get(key, default)
+            if not ok(value):
+                raise UserError(f"{where}: {key} must be {expected} (got {value!r:.60})")
+            return value
+
+        size = lambda v: isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_INPUT_SIZE  # noqa: E731
+        triple = lambda ok: lambda v: (isinstance(v, (list, tuple)) and len(v) == 3 and all(  # noqa: E731
+            isinstance(x, (int, float)) and not isinstance(x, bool) and ok(x) for x in v))  # nan fails `ok`
+        return cls(checked("input_size", size, f"a whole number of pixels from 8 to {MAX_INPUT_SIZE}"),
+                   checked("resize_size", size, f"a whole number of pixels from 8 to {MAX_INPUT_SIZE}"),
+                   tuple(float(x) for x in checked("mean", triple(lambda x: 0 <= x <= 1), "3 numbers in [0, 1]")),
+                   tuple(float(x) for x in checked("std", triple(lambda x: 0 < x <= 1), "3 numbers in (0, 1]")),
+                   checked("interpolation", lambda v: v in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}",
+                           "bilinear"))
 
 
 @dataclass
@@ -372,8 +392,21 @@ class TinyCNN(nn.Module):
 
 
 def _tiny(pretrained: bool) -> nn.Module:
-    torch.manual_seed(0)  # the same "weights" every time, so a checkpoint's head still fits them
-    return TinyCNN()
+    # The same "weights" every time, so that a checkpoint's head still fits them; drawn from a local
+    # generator (PyTorch's default uniform init bounds), so that building it leaves the global RNG alone.
+    generator = torch.Generator().manual_seed(0)
+    with torch.device("meta"):  # built without drawing any number; initialised below
+        net = TinyCNN()
+    net = net.to_empty(device="cpu")
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                bound = m.weight[0].numel() ** -0.5  # 1 / sqrt(fan_in)
+                nn.init.uniform_(m.weight, -bound, bound, generator=generator)
+                nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_parameters()  # ones, zeros and fresh running statistics: no randomness
+    return net
 
 
 BACKBONES: dict[str, BackboneSpec] = {}

@@ -7,8 +7,7 @@ temporary file and renamed, and read with `torch.load(weights_only=True)`, which
 """
 from __future__ import annotations
 
-import pickle
-import re
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from .backbones import BACKBONES, Preprocessing, build_backbone
 from .config import TrainConfig
 from .devices import check_device
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_save, safe_load
 from .model import FlowerClassifier, build_head
 
 FORMAT = "flower_classifier.checkpoint"
@@ -37,40 +36,10 @@ class Checkpoint:
     epoch: int = 0  # epochs finished when saved
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    run_id: str | None = None  # the training run that wrote it (`runfolder`): one per run, kept on --resume
 
     def name_of(self, category: str) -> str:
         return (self.cat_to_name or {}).get(category, category)
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def safe_load(path: str | Path, what: str = "checkpoint"):
-    """torch.load with weights_only=True, turning every failure into one clear UserError."""
-    path = Path(path)
-    if path.is_dir():
-        inside = path / "checkpoint.pth"
-        raise UserError(f"{what} {path} is a folder; pass a file" +
-                        (f" such as {inside}" if inside.is_file() and what == "checkpoint" else " in it"))
-    if not path.is_file():
-        raise UserError(f"{what} {path} not found" + ("" if path.parent.is_dir() else
-                        f" (folder {path.parent} does not exist)") + "; train first or pass the right path")
-    if path.suffix.lower() == ".onnx":
-        raise UserError(f"{path} is an exported ONNX model; this command needs the .pth {what} it was exported "
-                        f"from (predict.py and serve take .onnx files)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
-        if found:  # the file names a Python callable: loading it without weights_only could run code
-            raise UserError(f"{path}: refused to load: it refers to {found.group(1)}, beyond plain data and "
-                            f"tensors; only load checkpoints you trust, saved by this project") from None
-        raise UserError(f"{path}: not a {what} of this project (not a PyTorch file of plain data)") from None
-    except Exception as e:  # torch.load raises many kinds on a foreign file: all mean "not ours"
-        raise UserError(f"{path}: not a {what} of this project (not a file torch.save wrote: "
-                        f"{type(e).__name__})") from None
 
 
 def _to_plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,17 +53,43 @@ def head_layer_sizes(head_state: dict[str, torch.Tensor]) -> list[int]:
     return [w.shape[0] for _, w in weights]
 
 
-def check_head_matches(ckpt: Checkpoint, where: str) -> None:
-    """The head's weights must have the shape its config and classes describe, or loading would fail."""
-    sizes, expected = head_layer_sizes(ckpt.head_state), [*ckpt.config.hidden_units, len(ckpt.classes)]
-    if sizes != expected:
+def check_head(head_state, *, arch: str, hidden_units, num_classes: int, where: str) -> None:
+    """The head's weights are finite tensors of exactly the shapes that the backbone's feature size,
+    `hidden_units` and the class count give; else loading them would fail or predict garbage."""
+    if not isinstance(head_state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in head_state.items()):
+        raise UserError(f"{where}: head_state must be a dict of named tensors (got {_show(head_state)})")
+    sizes, described = head_layer_sizes(head_state), [*hidden_units, num_classes]
+    if sizes != described:
         raise UserError(f"{where}: the head's layer sizes {sizes} differ from what its config and classes "
-                        f"describe ({expected}: hidden_units {list(ckpt.config.hidden_units)} + "
-                        f"{len(ckpt.classes)} categories); build the head and the config from the same values")
+                        f"describe ({described}: hidden_units {list(hidden_units)} + {num_classes} categories); "
+                        f"build the head and the config from the same values")
+    feature_dim = BACKBONES[arch].feature_dim
+    with torch.device("meta"):  # shapes only: nothing is allocated, however large the config says
+        expected = build_head(feature_dim, hidden_units, num_classes, 0.0).state_dict()
+    for key, want in expected.items():
+        got = head_state.get(key)
+        if got is None or got.shape != want.shape:
+            raise UserError(f"{where}: head_state {key!r} has shape {None if got is None else list(got.shape)}, "
+                            f"but backbone {arch} ({feature_dim} features), hidden_units {list(hidden_units)} and "
+                            f"{num_classes} categories need {list(want.shape)}")
+    extra = sorted(set(head_state) - set(expected))
+    if extra:
+        raise UserError(f"{where}: head_state holds {extra[0]!r}, which the head has not")
+    for key, value in head_state.items():
+        if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
+            raise UserError(f"{where}: the head's weights {key!r} are not all finite numbers (nan or inf): the "
+                            f"training that made them diverged; train again with a lower --learning_rate")
+
+
+def _show(value) -> str:
+    text = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
-    check_head_matches(ckpt, f"not saving {path}")
+    check_head(ckpt.head_state, arch=ckpt.arch, hidden_units=ckpt.config.hidden_units,
+               num_classes=len(ckpt.classes), where=f"not saving {path}")
     atomic_save({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -107,31 +102,101 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         "epoch": int(ckpt.epoch),
         "metrics": dict(ckpt.metrics),
         "history": list(ckpt.history),
+        "run_id": ckpt.run_id,
     }, path)
     return Path(path)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    d = safe_load(path)
+    """A checkpoint file, every field checked for type and range before use: UserError naming the
+    file and the field otherwise (an edited or damaged file must not allocate, crash or mispredict)."""
+    from .runfolder import BEST_NAME  # runfolder imports this module
+
+    d = safe_load(path, example=BEST_NAME)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker); "
                         f"pass a file saved by train.py")
-    version = d.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UserError(f"{path}: checkpoint format version {version} is newer than this code reads "
-                        f"({FORMAT_VERSION}); update flower_classifier")
-    if d["arch"] not in BACKBONES:
-        raise UserError(f"{path}: made with backbone {d['arch']!r}, which this version does not know "
+    _check_version(d, path, "checkpoint")
+    field_of = _FieldChecker(d, path, "checkpoint")
+    arch = field_of("arch", lambda v: isinstance(v, str), "a backbone name")
+    if arch not in BACKBONES:
+        raise UserError(f"{path}: made with backbone {arch!r}, which this version does not know "
                         f"(known: {', '.join(BACKBONES)})")
-    return Checkpoint(arch=d["arch"], preprocessing=Preprocessing.from_dict(d["preprocessing"]),
-                      head_state=d["head_state"], classes=list(d["classes"]),
-                      config=TrainConfig.from_dict(d["config"]), cat_to_name=d.get("cat_to_name"),
-                      epoch=d.get("epoch", 0), metrics=d.get("metrics", {}), history=d.get("history", []))
+    preprocessing = Preprocessing.from_dict(d.get("preprocessing"), where=f"{path}: field 'preprocessing'")
+    config = _config(field_of("config", lambda v: isinstance(v, dict), "a dict of training options"), path)
+    if config.arch != arch:
+        raise UserError(f"{path}: field 'config' names backbone {config.arch!r}, field 'arch' {arch!r}; "
+                        f"the file was edited: use one train.py saved")
+    classes = field_of("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v)
+                       and len(set(v)) == len(v), "a non-empty list of unique category names")
+    names = field_of("cat_to_name", lambda v: v is None or isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(n, str) for k, n in v.items()), "None or a {category: name} dict of strings")
+    check_head(d.get("head_state"), arch=arch, hidden_units=config.hidden_units, num_classes=len(classes),
+               where=f"{path}")
+    return Checkpoint(arch=arch, preprocessing=preprocessing, head_state=d["head_state"], classes=classes,
+                      config=config, cat_to_name=names,
+                      epoch=field_of("epoch", _is_count, "a whole number >= 0", default=0),
+                      metrics=field_of("metrics", _is_plain_record, "a dict of plain values", default={}),
+                      history=field_of("history", lambda v: isinstance(v, list) and all(map(_is_plain_record, v)),
+                                       "a list of dicts of plain values", default=[]),
+                      run_id=field_of("run_id", _is_run_id, "None or a short string", default=None))
+
+
+class _FieldChecker:
+    """`check(name, ok, what)`: the field's value if `ok(value)`, else one UserError naming file and field."""
+
+    def __init__(self, d: dict, path, what: str):
+        self.d, self.path, self.what = d, path, what
+
+    def __call__(self, name: str, ok, expected: str, **default):
+        if name not in self.d and default:
+            return default["default"]
+        value = self.d.get(name)
+        if not ok(value):
+            missing = "is missing" if name not in self.d else f"must be {expected} (got {_show(value)})"
+            raise UserError(f"{self.path}: {self.what} field {name!r} {missing}; the file was edited or damaged: "
+                            f"use one train.py saved")
+        return value
+
+
+def _check_version(d: dict, path, what: str) -> None:
+    version = d.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise UserError(f"{path}: {what} field 'format_version' must be a positive integer (got {_show(version)}); "
+                        f"the file was edited or damaged")
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path}: {what} format version {version} is newer than this code reads "
+                        f"(version {FORMAT_VERSION}); update flower_classifier")
+
+
+def _config(values: dict, path) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(values)
+    except UserError as e:
+        raise UserError(f"{path}: field 'config': {e}") from None
+    except TypeError as e:  # a key of the wrong kind (not a string)
+        raise UserError(f"{path}: field 'config' is not a dict of training options ({e})") from None
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_plain_record(v) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, _PLAIN) for k, x in v.items())
+
+
+def _is_run_id(v) -> bool:
+    return v is None or isinstance(v, str) and 0 < len(v) <= 64
 
 
 def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
     """Backbone (rebuilt from its name, or the one given) + head with the saved weights."""
-    check_head_matches(ckpt, "cannot build the model")
+    check_head(ckpt.head_state, arch=ckpt.arch, hidden_units=ckpt.config.hidden_units,
+               num_classes=len(ckpt.classes), where="cannot build the model")
     backbone = backbone or build_backbone(ckpt.arch)
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
     head.load_state_dict(ckpt.head_state)
@@ -152,19 +217,31 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
 # ---------------------------------------------------------------- resume state (beside the checkpoint)
 
 def save_training_state(path: str | Path, *, epoch: int, optimizer_state: dict, history: list[dict],
-                        best_metric: float, head_state: dict) -> None:
+                        best_metric: float, head_state: dict, run_id: str | None) -> None:
     """All that `--resume` needs: no random-number state, since each epoch is seeded from (seed, epoch)."""
+    if not all(bool(torch.isfinite(v).all()) for v in head_state.values()):
+        raise UserError(f"not saving {path}: the head's weights are not all finite numbers (nan or inf)")
     atomic_save({"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch,
                  "optimizer": optimizer_state, "history": history, "best_metric": best_metric,
-                 "head_state": _to_plain(head_state)}, path)
+                 "head_state": _to_plain(head_state), "run_id": run_id}, path)
 
 
 def load_training_state(path: str | Path) -> dict:
+    """The training-state file's fields, each checked for type; the head's shape is checked against
+    its checkpoint by `runfolder.load_resume`."""
     d = safe_load(path, what="training state")
     if not isinstance(d, dict) or d.get("format") != STATE_FORMAT or "head_state" not in d:
         raise UserError(f"{path}: not a training-state file of this project")
-    version = d.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise UserError(f"{path}: training-state format version {version} is newer than this code reads "
-                        f"({FORMAT_VERSION}); update flower_classifier")
+    _check_version(d, path, "training-state")
+    field_of = _FieldChecker(d, path, "training-state")
+    field_of("epoch", lambda v: _is_count(v) and v >= 1, "a whole number >= 1")
+    field_of("optimizer", lambda v: isinstance(v, dict), "a dict (the optimizer's state)")
+    field_of("history", lambda v: isinstance(v, list) and all(map(_is_plain_record, v)),
+             "a list of dicts of plain values")
+    field_of("best_metric", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+             "a finite number")
+    field_of("head_state", lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+             "a dict of tensors")
+    d.setdefault("run_id", None)
+    field_of("run_id", _is_run_id, "None or a short string")
     return d

@@ -1,10 +1,15 @@
-"""Writing a file so that readers see the old version or the new one, never half of the new one."""
+"""Writing a file so that readers see the old version or the new one, never half of the new one
+(`atomic_write`, `atomic_save`), and reading a torch file as plain data only (`safe_load`)."""
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from .errors import UserError
 
 
 def _umask() -> int:
@@ -13,7 +18,8 @@ def _umask() -> int:
     return mask
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
@@ -29,7 +35,7 @@ def remove_stale_temp_files(path: Path) -> list[Path]:
     removed = []
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -58,3 +64,39 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
         raise
     remove_stale_temp_files(path)
     return path
+
+
+def atomic_save(obj, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    import torch  # here, so that the torch-free modules can use atomic_write
+
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def safe_load(path: str | Path, what: str = "checkpoint", *, example: str | None = None):
+    """torch.load with weights_only=True, turning every failure into one clear UserError.
+    `example`: the file to suggest when `path` is a folder (a run folder's checkpoint, say)."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        inside = path / example if example else None
+        raise UserError(f"{what} {path} is a folder; pass a file" +
+                        (f" such as {inside}" if inside and inside.is_file() else " in it"))
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found" + ("" if path.parent.is_dir() else
+                        f" (folder {path.parent} does not exist)") + "; train first or pass the right path")
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path} is an exported ONNX model; this command needs the .pth {what} it was exported "
+                        f"from (predict.py and serve take .onnx files)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:unsupported )?GLOBAL ([\w.]+)", str(e), re.IGNORECASE)
+        if found:  # the file names a Python callable: loading it without weights_only could run code
+            raise UserError(f"{path}: refused to load: it refers to {found.group(1)}, beyond plain data and "
+                            f"tensors; only load checkpoints you trust, saved by this project") from None
+        raise UserError(f"{path}: not a {what} of this project (not a PyTorch file of plain data)") from None
+    except Exception as e:  # torch.load raises many kinds on a foreign file: all mean "not ours"
+        raise UserError(f"{path}: not a {what} of this project (not a file torch.save wrote: "
+                        f"{type(e).__name__})") from None

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
 from .config import FIELDS, TrainConfig
 from .files import atomic_write
 from .features import FeatureData, feature_loader
 from .model import build_head
-from .training import evaluate, make_optimizer, seed_epoch, seed_everything, train_one_epoch
+from .training import fit, make_optimizer, seed_everything
 
 # The order the values are drawn in (so that a seed gives the same trials); each field's values are
 # declared with the field, in `config.TrainConfig`, inside the field's range.
@@ -47,20 +46,18 @@ def sample_params(rng: random.Random) -> dict:
 
 
 def run_trial(data: FeatureData, config: TrainConfig, *, device: torch.device | str = "cpu") -> dict:
-    """Train a fresh head on the cached features as train.py would; metrics of its last epoch."""
+    """Train a fresh head on the cached features with train.py's own loop (`training.fit`, no run
+    folder); the metrics of its last epoch."""
     device = torch.device(device)
     seed_everything(config.seed)
     head = build_head(data.train.features.shape[1], config.hidden_units, len(data.classes), config.dropout).to(device)
-    optimizer = make_optimizer(head, config)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-    valid_loader = feature_loader(data.valid, batch_size=256, shuffle=False)
-    for epoch in range(1, config.epochs + 1):
-        seed_epoch(train_loader, config.seed, epoch)  # the same per-epoch seeding as `training.fit`
-        train_one_epoch(head, train_loader, optimizer, loss_fn, device, progress=False)
+    valid_loader = feature_loader(data.valid, batch_size=max(config.batch_size, 256), shuffle=False)
+    state = fit(head, head, train_loader, valid_loader, make_optimizer(head, config), config, device=device,
+                log=lambda message: None, progress=False)
     # Scored on the last epoch (not the best one): the epoch count is one of the searched values.
-    va = evaluate(head, valid_loader, device, progress=False)
-    return {"valid_accuracy": va["accuracy"], "valid_loss": va["loss"], "valid_top5": va["top5"]}
+    last = state.history[-1]
+    return {"valid_accuracy": last["valid_accuracy"], "valid_loss": last["valid_loss"], "valid_top5": last["valid_top5"]}
 
 
 def _score(result: dict) -> tuple:

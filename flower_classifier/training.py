@@ -7,6 +7,9 @@ exactly as the uninterrupted run would have: no random-number state needs saving
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 import random
 import sys
 import time
@@ -19,7 +22,6 @@ import torch
 from torch import nn
 from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
-from . import checkpoint as ckpt_io
 from . import distributed
 from .backbones import Backbone, build_backbone, get_spec
 from .checkpoint import Checkpoint
@@ -29,10 +31,7 @@ from .data import epoch_seed, find_classes, load_split, make_loader, skipped_ima
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
 from .names import as_category_names, check_names
-from .preflight import LAST_NAME, check_save_dir, load_resume
-
-BEST_NAME = "checkpoint.pth"  # the best epoch by validation accuracy: what predict.py loads
-STATE_NAME = "last.state.pth"  # optimizer state and history, to resume from LAST_NAME
+from .runfolder import Resumed, RunFolder, load_resume, new_run_id
 
 
 def seed_everything(seed: int) -> None:
@@ -66,10 +65,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         inputs, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         logits = model(inputs)  # (N, num_classes)
         loss = loss_fn(logits, targets)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):  # stop before the step spreads nan into the weights
+            raise diverged(desc, loss_value, optimizer)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(targets)
+        total_loss += loss_value * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
     # Under torchrun each process saw its share: the epoch's figures are those of all the shares.
@@ -78,6 +80,14 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         raise UserError("no training image could be loaded; check the data with "
                         "`python -m flower_classifier check-data DATA`")
     return {"loss": total_loss / count, "accuracy": correct / count, "count": int(count)}
+
+
+def diverged(desc: str, loss: float, optimizer: torch.optim.Optimizer) -> UserError:
+    """The one line for a loss that is no longer a finite number, naming the likely causes."""
+    lr = optimizer.param_groups[0]["lr"]
+    return UserError(f"{desc}: the loss became {loss} (not a finite number), so training stopped, leaving the saved "
+                     f"checkpoints as they were; the learning rate {lr:g} is likely too high (try --learning_rate "
+                     f"{lr / 10:g}), or the data holds broken values (`python -m flower_classifier check-data DATA`)")
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
@@ -128,24 +138,25 @@ class FitState:
 
 
 def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
-        template: Checkpoint, save_dir: Path, device: torch.device, state: FitState | None = None,
-        log: Callable[[str], None] = print, progress: bool = True) -> FitState:
-    """Train for the remaining epochs of `config.epochs`; after each, save `last` and (if better) `best`.
+        device: torch.device, state: FitState | None = None, run: RunFolder | None = None,
+        template: Checkpoint | None = None, log: Callable[[str], None] = print, progress: bool = True) -> FitState:
+    """Train for the remaining epochs of `config.epochs`, validating after each; with a `run` folder,
+    save each epoch there as `last` and (if better) `best`. The one loop of train.py and `search`.
 
     `model` maps the loaders' inputs to logits (backbone+head on images, or the head on cached
     features); `head` is the part that is saved. `template` carries what the checkpoint needs
     besides the head's weights.
     """
     state = state or FitState()
-    save_dir = Path(save_dir)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         seed_epoch(train_loader, config.seed, epoch)
-        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device,
-                             desc=f"epoch {epoch}/{config.epochs} train", progress=progress)
-        va = evaluate(model, valid_loader, device, loss_fn=loss_fn,
-                      desc=f"epoch {epoch}/{config.epochs} valid", progress=progress)
+        desc = f"epoch {epoch}/{config.epochs}"
+        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device, desc=f"{desc} train", progress=progress)
+        va = evaluate(model, valid_loader, device, loss_fn=loss_fn, desc=f"{desc} valid", progress=progress)
+        if not math.isfinite(va["loss"]):  # the last step broke the weights: nothing of it is saved
+            raise diverged(f"{desc} valid", va["loss"], optimizer)
         seconds = time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                   "valid_loss": va["loss"], "valid_accuracy": va["accuracy"], "valid_top5": va["top5"],
@@ -156,23 +167,13 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
             state.best_accuracy = va["accuracy"]
         log(f"Epoch {epoch}/{config.epochs}  train loss {tr['loss']:.4f}  valid loss {va['loss']:.4f}  "
             f"valid accuracy {100 * va['accuracy']:.1f}%  ({seconds:.1f} s){'  *best' if improved else ''}")
-
-        metrics = {k: v for k, v in record.items() if k != "epoch"}
-        snapshot = Checkpoint(arch=template.arch, preprocessing=template.preprocessing,
-                              head_state=head.state_dict(), classes=template.classes, config=config,
-                              cat_to_name=template.cat_to_name, epoch=epoch, metrics=metrics,
-                              history=list(state.history))
-        if not distributed.is_main():
-            state.epoch = epoch
-            continue  # under torchrun every process holds the same head; one writes it
-        # The state file holds the head too, so that a stop between these saves still resumes.
-        if improved:
-            ckpt_io.save_checkpoint(snapshot, save_dir / BEST_NAME)
-        ckpt_io.save_training_state(save_dir / STATE_NAME, epoch=epoch, optimizer_state=optimizer.state_dict(),
-                                    history=state.history, best_metric=state.best_accuracy,
-                                    head_state=head.state_dict())
-        ckpt_io.save_checkpoint(snapshot, save_dir / LAST_NAME)
-        state.epoch = epoch  # only now is the epoch saved
+        if run is not None and distributed.is_main():  # under torchrun every process holds the same head
+            snapshot = dataclasses.replace(template, head_state=head.state_dict(), epoch=epoch,
+                                           metrics={k: v for k, v in record.items() if k != "epoch"},
+                                           history=list(state.history))
+            run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
+                           best_accuracy=state.best_accuracy)
+        state.epoch = epoch  # only now is the epoch done (and saved)
     return state
 
 
@@ -198,10 +199,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     `distributed`) the cached path splits the work between the processes.
 
     `device`: one this machine has (`select_device(gpu=True)` picks one, or the CPU). `cat_to_name`:
-    a dict or a JSON file's path. `resume`: a last.pth or its folder, or True for `save_dir`.
+    a dict or a JSON file's path. `resume`: a last.pth or its folder, or True for `save_dir`. The run
+    holds `save_dir`'s lock throughout (see `runfolder`): a second run into it is refused.
     """
     device = check_device(device)
-    save_dir = Path(save_dir)
     seed_everything(config.seed)
     # Everything that can be refused is checked before weights are downloaded or features computed.
     get_spec(config.arch)
@@ -212,15 +213,27 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)
-    saved = None
-    if resume is not None and resume is not False:
-        resume, saved = load_resume(save_dir if resume is True else Path(resume), config, classes)
-        if saved["epoch"] >= config.epochs:
-            log(f"{resume} already finished {saved['epoch']} of {config.epochs} epochs; nothing to train "
-                f"(raise --epochs to train more)")
-            return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, FitState.restored(saved), classes)
-        log(f"Resuming from {resume} after epoch {saved['epoch']}")
-    check_save_dir(save_dir)  # the last check: it creates the folder
+    run = RunFolder(save_dir)
+    # Under torchrun only the main process writes, so it alone holds the lock.
+    with run.locked(log) if distributed.is_main() else contextlib.nullcontext():
+        resumed = None
+        if resume is not None and resume is not False:
+            resumed = load_resume(save_dir if resume is True else resume, config, classes)
+            if distributed.is_main():
+                run.restore_best(resumed, log)
+            done = resumed.state["epoch"]
+            if done >= config.epochs:
+                log(f"{resumed.path} already finished {done} of {config.epochs} epochs; nothing to train "
+                    f"(raise --epochs to train more)")
+                return TrainResult(run.best, run.last, FitState.restored(resumed.state), classes)
+            log(f"Resuming from {resumed.path} after epoch {done}")
+        return _train(config, data_dir, run, resumed, device=device, cat_to_name=cat_to_name, backbone=backbone,
+                      cache_dir=cache_dir, log=log, progress=progress)
+
+
+def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | None, *, device, cat_to_name,
+           backbone, cache_dir, log, progress) -> TrainResult:
+    """run_training's work once every check has passed and the run folder is locked."""
     backbone = backbone or build_backbone(config.arch)
     if config.feature_cache:
         from .features import cached_training_data  # only the cached path needs it
@@ -243,12 +256,17 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     model.to(device)  # before the optimizer, so that resumed optimizer state lands on the same device
     optimizer = make_optimizer(head, config)
     template = Checkpoint(arch=config.arch, preprocessing=backbone.preprocessing, head_state={},
-                          classes=classes, config=config, cat_to_name=cat_to_name)
+                          classes=classes, config=config, cat_to_name=cat_to_name,
+                          run_id=resumed.last.run_id if resumed else new_run_id())
     state = FitState()
-    if saved is not None:
-        head.load_state_dict(saved["head_state"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = FitState.restored(saved)
+    if resumed is not None:
+        head.load_state_dict(resumed.state["head_state"])  # its shapes were checked by load_resume
+        try:
+            optimizer.load_state_dict(resumed.state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise UserError(f"cannot resume: the optimizer state in {run.state.name} beside {resumed.path} does not "
+                            f"fit this head ({type(e).__name__}); train again without --resume") from None
+        state = FitState.restored(resumed.state)
     first_epoch = state.epoch
     model = distributed.wrap(model, device)  # after resume: every process starts from the same weights
     how = "cached features" if config.feature_cache else "images (classic loop)"
@@ -257,11 +275,11 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation {how}, "
         f"on {device}{procs}")
     try:
-        state = fit(model, head, train_loader, valid_loader, optimizer, config, template=template,
-                    save_dir=save_dir, device=device, state=state, log=log, progress=progress)
+        state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, state=state,
+                    run=run, template=template, log=log, progress=progress)
     except KeyboardInterrupt:
         if state.epoch:
-            log(f"interrupted: epochs 1-{state.epoch} are saved in {save_dir}; continue with the same command "
+            log(f"interrupted: epochs 1-{state.epoch} are saved in {run.path}; continue with the same command "
                 f"plus --resume")
         else:
             log("interrupted: no epoch had finished, so nothing is saved; run the same command again")
@@ -270,4 +288,4 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
-    return TrainResult(save_dir / BEST_NAME, save_dir / LAST_NAME, state, classes, state.epoch - first_epoch)
+    return TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)

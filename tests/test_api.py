@@ -94,7 +94,7 @@ def test_a_head_that_does_not_match_its_config_is_refused_at_save(data, tmp_path
     assert not (tmp_path / "bad.pth").exists()
     torch.save({**torch.load(result.best_path, weights_only=True), "head_state": ckpt.head_state},
                tmp_path / "old.pth")  # such a file written some other way still loads as one clear line
-    with pytest.raises(UserError, match="cannot build the model: the head's layer sizes"):
+    with pytest.raises(UserError, match="old.pth: the head's layer sizes"):  # refused at load, naming the file
         fc.load_model(tmp_path / "old.pth")
 
 

@@ -150,11 +150,12 @@ def test_predict_returns_names_when_known(tmp_path):
 
 # ---------------------------------------------------------------- the training-state file (--resume)
 
-def save_state(path, epoch=1):
+def save_state(path, epoch=1, head_state=None):
     head = build_head(16, (8,), 12, 0.0)
     optimizer = torch.optim.AdamW(head.parameters())
     ckpt_io.save_training_state(path, epoch=epoch, optimizer_state=optimizer.state_dict(),
-                                history=[{"epoch": epoch}], best_metric=0.5, head_state=head.state_dict())
+                                history=[{"epoch": epoch}], best_metric=0.5, head_state=head_state or head.state_dict(),
+                                run_id="0123abcd")
 
 
 @pytest.mark.parametrize("write", ["checkpoint", "state"])
@@ -213,3 +214,174 @@ def test_every_torch_load_in_the_code_is_weights_only():
     lines = [(p.name, line.strip()) for p in (ROOT / "flower_classifier").glob("*.py")
              for line in p.read_text().splitlines() if "torch.load(" in line]
     assert len(lines) >= 2 and all("weights_only=True" in line for _, line in lines), lines
+
+
+# ---------------------------------------------------------------- edited checkpoints: validated as data
+
+def _without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+def _edits(raw: dict) -> list[tuple[str, dict, list[str]]]:
+    """(case, edited checkpoint, words its one-line refusal must hold): every field wrong in several ways."""
+    head = raw["head_state"]
+    pre, config = raw["preprocessing"], raw["config"]
+    nan_head = {k: v.clone() for k, v in head.items()}
+    nan_head["0.weight"][0, 0] = float("nan")
+    inf_head = {k: v.clone() for k, v in head.items()}
+    inf_head["3.bias"][3] = float("inf")
+    cases = [
+        ("top level a list", [1, 2], ["not a checkpoint of this project"]),
+        ("no marker", _without(raw, "format"), ["not a checkpoint of this project"]),
+        ("version 0", {**raw, "format_version": 0}, ["'format_version'", "positive integer", "got 0"]),
+        ("version -1", {**raw, "format_version": -1}, ["'format_version'", "positive integer"]),
+        ("version text", {**raw, "format_version": "1"}, ["'format_version'", "got '1'"]),
+        ("version float", {**raw, "format_version": 1.5}, ["'format_version'", "got 1.5"]),
+        ("version bool", {**raw, "format_version": True}, ["'format_version'", "got True"]),
+        ("version missing", _without(raw, "format_version"), ["'format_version'", "got None"]),
+        ("version newer", {**raw, "format_version": 7}, ["format version 7 is newer", "(version 1)"]),
+        ("arch unknown", {**raw, "arch": "vit_giant"}, ["'vit_giant', which this version does not know"]),
+        ("arch a number", {**raw, "arch": 5}, ["'arch'", "got 5"]),
+        ("arch missing", _without(raw, "arch"), ["'arch' is missing"]),
+        ("arch other than config's", {**raw, "arch": "efficientnet_lite0"}, ["'config' names backbone 'tiny'"]),
+        ("arch and config edited", {**raw, "arch": "efficientnet_lite0",
+                                    "config": {**config, "arch": "efficientnet_lite0"}},
+         ["'0.weight' has shape [8, 16]", "efficientnet_lite0 (1280 features)", "need [8, 1280]"]),
+        ("preprocessing missing", _without(raw, "preprocessing"), ["'preprocessing'", "must be a dict"]),
+        ("preprocessing text", {**raw, "preprocessing": "224"}, ["'preprocessing'", "must be a dict"]),
+        ("input_size huge", {**raw, "preprocessing": {**pre, "input_size": 100000}},
+         ["'preprocessing'", "input_size", "from 8 to 1024", "got 100000"]),
+        ("input_size zero", {**raw, "preprocessing": {**pre, "input_size": 0}}, ["input_size", "got 0"]),
+        ("input_size text", {**raw, "preprocessing": {**pre, "input_size": "224"}}, ["input_size", "got '224'"]),
+        ("input_size float", {**raw, "preprocessing": {**pre, "input_size": 32.5}}, ["input_size", "got 32.5"]),
+        ("input_size missing", {**raw, "preprocessing": _without(pre, "input_size")}, ["input_size", "got None"]),
+        ("resize_size negative", {**raw, "preprocessing": {**pre, "resize_size": -5}}, ["resize_size", "got -5"]),
+        ("resize_size huge", {**raw, "preprocessing": {**pre, "resize_size": 10 ** 9}}, ["resize_size"]),
+        ("mean nan", {**raw, "preprocessing": {**pre, "mean": [0.5, float("nan"), 0.5]}}, ["mean", "[0, 1]"]),
+        ("mean two values", {**raw, "preprocessing": {**pre, "mean": [0.5, 0.5]}}, ["mean", "3 numbers"]),
+        ("std zero", {**raw, "preprocessing": {**pre, "std": [0.2, 0.0, 0.2]}}, ["std", "(0, 1]"]),
+        ("std text", {**raw, "preprocessing": {**pre, "std": "0.2"}}, ["std"]),
+        ("interpolation unknown", {**raw, "preprocessing": {**pre, "interpolation": "cubic"}},
+         ["interpolation", "one of nearest, bilinear"]),
+        ("head missing", _without(raw, "head_state"), ["head_state must be a dict of named tensors"]),
+        ("head a list", {**raw, "head_state": [1, 2]}, ["head_state must be a dict"]),
+        ("head of numbers", {**raw, "head_state": {"0.weight": 1.0}}, ["head_state must be a dict"]),
+        ("head empty", {**raw, "head_state": {}}, ["layer sizes [] differ", "[8, 12]"]),
+        ("head wider", {**raw, "head_state": build_head(16, (9,), 12, 0.0).state_dict()},
+         ["layer sizes [9, 12] differ", "[8, 12]"]),
+        ("head input other", {**raw, "head_state": build_head(20, (8,), 12, 0.0).state_dict()},
+         ["'0.weight' has shape [8, 20]", "need [8, 16]"]),
+        ("head extra key", {**raw, "head_state": {**head, "9.bias": torch.zeros(3)}}, ["'9.bias'", "has not"]),
+        ("head integers", {**raw, "head_state": {**head, "0.bias": torch.zeros(8, dtype=torch.int64)}},
+         ["'0.bias'", "not all finite"]),
+        ("head nan", {**raw, "head_state": nan_head}, ["'0.weight'", "not all finite", "lower --learning_rate"]),
+        ("head inf", {**raw, "head_state": inf_head}, ["'3.bias'", "not all finite"]),
+        ("classes missing", _without(raw, "classes"), ["'classes' is missing"]),
+        ("classes empty", {**raw, "classes": []}, ["'classes'", "non-empty list"]),
+        ("classes text", {**raw, "classes": "123"}, ["'classes'", "got '123'"]),
+        ("classes numbers", {**raw, "classes": list(range(12))}, ["'classes'", "category names"]),
+        ("classes repeated", {**raw, "classes": ["1"] * 12}, ["'classes'", "unique"]),
+        ("classes one too many", {**raw, "classes": TWELVE + ["13"]}, ["layer sizes [8, 12]", "13 categories"]),
+        ("classes one too few", {**raw, "classes": TWELVE[:-1]}, ["layer sizes [8, 12]", "11 categories"]),
+        ("names a list", {**raw, "cat_to_name": ["rose"]}, ["'cat_to_name'", "got ['rose']"]),
+        ("names not strings", {**raw, "cat_to_name": {"1": 5}}, ["'cat_to_name'", "{'1': 5}"]),
+        ("names text", {**raw, "cat_to_name": "rose"}, ["'cat_to_name'"]),
+        ("config missing", _without(raw, "config"), ["'config' is missing"]),
+        ("config text", {**raw, "config": "lr=1"}, ["'config'", "dict of training options"]),
+        ("config hidden text", {**raw, "config": {**config, "hidden_units": "big"}}, ["'config'", "hidden_units"]),
+        ("config epochs zero", {**raw, "config": {**config, "epochs": 0}}, ["'config'", "epochs must be >= 1"]),
+        ("config dropout 2", {**raw, "config": {**config, "dropout": 2.0}}, ["'config'", "dropout must be <= 0.99"]),
+        ("config hidden other", {**raw, "config": {**config, "hidden_units": [64]}}, ["layer sizes [8, 12]", "[64, 12]"]),
+        ("config hidden absurd", {**raw, "config": {**config, "hidden_units": [10 ** 11]}}, ["'config'", "hidden_units"]),
+        ("epoch negative", {**raw, "epoch": -1}, ["'epoch'", "got -1"]),
+        ("epoch text", {**raw, "epoch": "3"}, ["'epoch'", "got '3'"]),
+        ("epoch float", {**raw, "epoch": 2.5}, ["'epoch'", "got 2.5"]),
+        ("epoch tensor", {**raw, "epoch": torch.tensor(3)}, ["'epoch'", "a tensor"]),
+        ("metrics text", {**raw, "metrics": "good"}, ["'metrics'"]),
+        ("metrics nested", {**raw, "metrics": {"valid_accuracy": [0.5]}}, ["'metrics'"]),
+        ("metrics tensor", {**raw, "metrics": {"valid_accuracy": torch.tensor(0.5)}}, ["'metrics'"]),
+        ("history text", {**raw, "history": "none"}, ["'history'"]),
+        ("history of numbers", {**raw, "history": [1, 2]}, ["'history'"]),
+        ("run id number", {**raw, "run_id": 5}, ["'run_id'", "got 5"]),
+        ("run id long", {**raw, "run_id": "x" * 500}, ["'run_id'"]),
+    ]
+    return cases
+
+
+def test_every_edited_field_is_refused_in_one_line_naming_it(tmp_path):
+    save_checkpoint(tiny_checkpoint(), tmp_path / "good.pth")
+    raw = torch.load(tmp_path / "good.pth", weights_only=True)
+    assert load_checkpoint(tmp_path / "good.pth").classes == TWELVE  # the unedited file loads
+    cases = _edits(raw)
+    assert len(cases) >= 60
+    for case, edited, needles in cases:
+        path = tmp_path / f"{case.replace(' ', '_')}.pth"
+        torch.save(edited, path)
+        with pytest.raises(UserError) as refused:
+            load_checkpoint(path)
+        message = str(refused.value)
+        assert "\n" not in message and str(path) in message, (case, message)
+        assert all(n in message for n in needles), (case, message)
+        assert "version 1 is newer" not in message
+
+
+def test_edited_checkpoints_through_the_command_line(tmp_path, capsys):
+    from flower_classifier.cli import main
+
+    save_checkpoint(tiny_checkpoint(), tmp_path / "good.pth")
+    raw = torch.load(tmp_path / "good.pth", weights_only=True)
+    photo = make_image(tmp_path / "p.jpg", (200, 40, 90), size=(64, 48))
+    assert main(["predict", str(photo), str(tmp_path / "good.pth")]) == 0
+    capsys.readouterr()
+    for case, edited, needles in _edits(raw):
+        path = tmp_path / f"{case.replace(' ', '_')}.pth"
+        torch.save(edited, path)
+        for command in (["predict", str(photo), str(path)], ["export", str(path), str(tmp_path / "m.onnx")]):
+            assert main(command) == 2, (case, command)
+            captured = capsys.readouterr()
+            err = [line for line in captured.err.splitlines() if line.strip()]
+            assert len(err) == 1 and err[0].startswith("error: ") and str(path) in err[0], (case, err)
+            assert all(n in err[0] for n in needles) and "Traceback" not in captured.err, (case, err)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_absurd_input_size_is_refused_by_a_real_process_before_any_allocation(tmp_path):
+    save_checkpoint(tiny_checkpoint(), tmp_path / "good.pth")
+    raw = torch.load(tmp_path / "good.pth", weights_only=True)
+    torch.save({**raw, "preprocessing": {**raw["preprocessing"], "input_size": 100000}}, tmp_path / "big.pth")
+    photo = make_image(tmp_path / "p.jpg", (200, 40, 90))
+    run = subprocess.run([sys.executable, "predict.py", str(photo), str(tmp_path / "big.pth")],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "input_size" in run.stderr and "got 100000" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+
+
+def test_a_head_with_non_finite_weights_is_refused_at_save(tmp_path):
+    ckpt = tiny_checkpoint()
+    ckpt.head_state["0.weight"][1, 2] = float("nan")
+    with pytest.raises(UserError, match=r"not saving .*c.pth: the head's weights '0.weight' are not all finite"):
+        save_checkpoint(ckpt, tmp_path / "c.pth")
+    with pytest.raises(UserError, match="not all finite"):
+        save_state(tmp_path / "s.pth", head_state=ckpt.head_state)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_preprocessing_from_a_dict_checks_every_value():
+    good = Preprocessing(224, 256).to_dict()
+    assert Preprocessing.from_dict(good) == Preprocessing(224, 256)
+    assert Preprocessing.from_dict({k: v for k, v in good.items() if k != "interpolation"}).interpolation == "bilinear"
+    for bad in ({**good, "input_size": 5000}, {**good, "resize_size": True}, {**good, "std": [0.1, 0.1, float("inf")]},
+                {**good, "mean": None}, {**good, "interpolation": 3}):
+        with pytest.raises(UserError, match="^model.onnx: "):
+            Preprocessing.from_dict(bad, where="model.onnx")
+
+
+def test_building_the_tiny_backbone_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    first = build_backbone("tiny")
+    assert torch.equal(torch.rand(5), expected)  # the same draws as if it had not been built
+    second = build_backbone("tiny")
+    assert all(torch.equal(a, b) for a, b in zip(first.module.state_dict().values(),
+                                                 second.module.state_dict().values()))  # fixed weights
