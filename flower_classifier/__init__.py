@@ -1,9 +1,12 @@
 """Name a flower's species from a photo: a frozen pretrained CNN with a new trainable head.
 
-The pieces, one module per stage: `data`, `backbones`, `features` (backbone outputs computed once
-and cached), `model` (the head), `training`, `search` (hyperparameters), `distributed` (torchrun),
-`checkpoint`, `prediction`, `evaluation`, `export` and `runtime` (ONNX, torch-free), `serving`,
-`runfolder` (a run's save folder: its files, saving, resuming, the lock), `plots`, `names`, `devices`, `cli`.
+Modules in the order data flows through them (README *Code map*): `config` (every option, once)
+-> `data` / `images` (photo folders, decoding, preprocessing) -> `backbones` -> `features` /
+`shards` (the frozen pass, computed once, and its store) -> `model` (the head) -> `training` /
+`search` / `distributed` -> `runfolder` (a save folder: files, saving, resuming, the lock) ->
+`checkpoint` / `files` -> `calibration` -> `predictor` (a checkpoint or an ONNX file, one
+interface) -> `export` / `serving`; `evaluation` and `plots` measure; `cli` and `notebook` are the
+faces; `names`, `devices`, `errors`, `datacheck`, `oxford102` serve them.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.
@@ -13,17 +16,18 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BACKBONES": "backbones", "Backbone": "backbones", "Preprocessing": "backbones", "build_backbone": "backbones",
+    "BACKBONES": "backbones", "Backbone": "backbones", "Preprocessing": "images", "build_backbone": "backbones",
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_model": "checkpoint",
     "save_checkpoint": "checkpoint",
     "TrainConfig": "config",
     "extract_features": "features", "load_feature_data": "features",
     "UserError": "errors",
     "FlowerClassifier": "model", "build_head": "model", "count_parameters": "model",
-    "Prediction": "prediction", "imshow": "prediction", "predict": "prediction", "process_image": "prediction",
+    "Prediction": "predictor", "imshow": "predictor", "predict": "predictor", "process_image": "predictor",
+    "load_predictor": "predictor", "Predictor": "predictor",
     "read_category_names": "names", "select_device": "devices",
     "run_training": "training", "TrainResult": "training",
-    "evaluate_checkpoint": "evaluation", "export_onnx": "export", "OnnxClassifier": "runtime",
+    "evaluate_checkpoint": "evaluation", "export_onnx": "export",
 }
 __all__ = sorted(_EXPORTS)
 

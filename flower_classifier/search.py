@@ -26,7 +26,7 @@ from .files import atomic_write
 from .features import FeatureData, feature_loader
 from .model import build_head
 from .devices import threads
-from .training import fit, head_threads, make_optimizer, seed_everything
+from .training import fit, head_threads, loss_weights, make_optimizer, seed_everything
 
 # The order the values are drawn in (so that a seed gives the same trials); each field's values are
 # declared with the field, in `config.TrainConfig`, inside the field's range.
@@ -57,6 +57,7 @@ def run_trial(data: FeatureData, config: TrainConfig, *, device: torch.device | 
     dims = [data.train.dim, *config.hidden_units, len(data.classes)]
     with threads(head_threads(dims, config.batch_size) if device.type == "cpu" else None):  # small work, few threads
         state = fit(head, head, train_loader, valid_loader, make_optimizer(head, config), config, device=device,
+                    class_weights=loss_weights(config, data.train.labels, len(data.classes)),
                     log=lambda message: None, progress=False)
     # Scored on the last epoch (not the best one): the epoch count is one of the searched values.
     last = state.history[-1]

@@ -31,7 +31,7 @@ from .data import epoch_seed, find_classes, load_split, make_loader, skipped_ima
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
 from .names import as_category_names, check_names
-from .runfolder import Resumed, RunFolder, load_resume, new_run_id
+from .runfolder import Resumed, RunFolder, interrupts_deferred, load_resume, new_run_id
 
 
 def seed_everything(seed: int) -> None:
@@ -129,6 +129,18 @@ def head_threads(dims: list[int], batch_size: int) -> int:
     return devices.chosen_threads() or max(1, min(devices.cpu_cores(), int(work // WORK_PER_THREAD)))
 
 
+def loss_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The training loss's weight per class for `config.class_weights`: None for "none"; for "balanced",
+    n / (C * n_c) from the training `labels` (n of them, C classes, n_c of class c), scikit-learn's
+    "balanced" rule: each class then weighs the same in the loss, however many images it has. A
+    function of the data alone, so a resumed run recomputes the same weights."""
+    if config.class_weights == "none":
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    # A training split has every class (empty categories are refused); clamp keeps a stray 0 finite.
+    return (len(labels) / (num_classes * counts.clamp(min=1))).float()
+
+
 def make_optimizer(head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     # Only the head's parameters: the backbone is frozen and must not even be seen by the optimizer.
     return torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -150,22 +162,27 @@ class FitState:
 
 def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
         device: torch.device, state: FitState | None = None, run: RunFolder | None = None,
-        template: Checkpoint | None = None, log: Callable[[str], None] = print, progress: bool = True) -> FitState:
+        template: Checkpoint | None = None, class_weights: torch.Tensor | None = None,
+        log: Callable[[str], None] = print, progress: bool = True) -> FitState:
     """Train for the remaining epochs of `config.epochs`, validating after each; with a `run` folder,
     save each epoch there as `last` and (if better) `best`. The one loop of train.py and `search`.
 
     `model` maps the loaders' inputs to logits (backbone+head on images, or the head on cached
     features); `head` is the part that is saved. `template` carries what the checkpoint needs
-    besides the head's weights.
+    besides the head's weights. `class_weights` (see `loss_weights`) weigh the training loss only.
     """
     state = state or FitState()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    weights = None if class_weights is None else class_weights.to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    # The validation loss stays unweighted: the loss on the validation split as it is, so that runs
+    # with and without class weights (and search's trials) are compared on the same measure.
+    valid_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         seed_epoch(train_loader, config.seed, epoch)
         desc = f"epoch {epoch}/{config.epochs}"
         tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device, desc=f"{desc} train", progress=progress)
-        va = evaluate(model, valid_loader, device, loss_fn=loss_fn, desc=f"{desc} valid", progress=progress)
+        va = evaluate(model, valid_loader, device, loss_fn=valid_loss_fn, desc=f"{desc} valid", progress=progress)
         if not math.isfinite(va["loss"]):  # the last step broke the weights: nothing of it is saved
             raise diverged(f"{desc} valid", va["loss"], optimizer)
         seconds = time.perf_counter() - start
@@ -178,13 +195,14 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
             state.best_accuracy = va["accuracy"]
         log(f"Epoch {epoch}/{config.epochs}  train loss {tr['loss']:.4f}  valid loss {va['loss']:.4f}  "
             f"valid accuracy {100 * va['accuracy']:.1f}%  ({seconds:.1f} s){'  *best' if improved else ''}")
-        if run is not None and distributed.is_main():  # under torchrun every process holds the same head
-            snapshot = dataclasses.replace(template, head_state=head.state_dict(), epoch=epoch,
-                                           metrics={k: v for k, v in record.items() if k != "epoch"},
-                                           history=list(state.history))
-            run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
-                           best_accuracy=state.best_accuracy)
-        state.epoch = epoch  # only now is the epoch done (and saved)
+        with interrupts_deferred():  # the epoch's files and `state.epoch` change together
+            if run is not None and distributed.is_main():  # under torchrun every process holds the same head
+                snapshot = dataclasses.replace(template, head_state=head.state_dict(), epoch=epoch,
+                                               metrics={k: v for k, v in record.items() if k != "epoch"},
+                                               history=list(state.history))
+                run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
+                               best_accuracy=state.best_accuracy)
+            state.epoch = epoch  # only now is the epoch done (and saved)
     return state
 
 
@@ -256,9 +274,11 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
                                                                            log=log, progress=progress,
                                                                            cache_dir=cache_dir)
         config = config.replace(engine=engine)  # torch where the backbone could not be exported
+        train_labels = train_loader.dataset.labels  # the images that decoded, each view counted
     else:
         train_set = load_split(data_dir, "train", backbone.preprocessing, augment=config.augment)
         classes = train_set.classes
+        train_labels = torch.tensor([label for _, label in train_set.samples])
         valid_set = load_split(data_dir, "valid", backbone.preprocessing, classes=classes)
         pin = device.type == "cuda"
         train_loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True,
@@ -295,7 +315,8 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         with devices.threads(head_threads([backbone.feature_dim, *config.hidden_units, len(classes)],
                                           config.batch_size) if small else None):
             state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, state=state,
-                        run=run, template=template, log=log, progress=progress)
+                        run=run, template=template, class_weights=loss_weights(config, train_labels, len(classes)),
+                        log=log, progress=progress)
     except KeyboardInterrupt:
         if state.epoch:
             log(f"interrupted: epochs 1-{state.epoch} are saved in {run.path}; continue with the same command "
