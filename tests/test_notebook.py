@@ -111,7 +111,7 @@ def _probes(nb, tmp) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """The notebook run from another folder than its own, relative paths and the default SAVE_DIR."""
+    """The notebook copied into another folder and run there, with relative paths and the default SAVE_DIR."""
     tmp = tmp_path_factory.mktemp("notebook")
     make_dataset(tmp / "flowers", CLASSES, per_split={"train": 4, "valid": 2, "test": 2})
     knobs = {"DATA_DIR": "flowers", "CATEGORY_NAMES": str(ROOT / "cat_to_name.json"), "ARCH": "tiny",
@@ -123,9 +123,13 @@ def executed(tmp_path_factory):
         nb.cells.append(nbformat.v4.new_code_cell(source, metadata={"tags": tags}))
     path = tmp / "with_probes.ipynb"
     nbformat.write(nb, path)
+    # A copy run in another folder, with the package importable and nothing else of the project's
+    # (a top-level module such as workspace_utils would not be, from a copy in runs/).
+    (tmp / "site").mkdir()
+    (tmp / "site" / "flower_classifier").symlink_to(ROOT / "flower_classifier")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp)
-        patch.setenv("PYTHONPATH", str(ROOT))  # workspace_utils, which sits next to the real notebook
+        patch.setenv("PYTHONPATH", str(tmp / "site"))  # this checkout's package, ahead of the installed one
         nb = execute_notebook(path, timeout=120)
     return nb, tmp
 
