@@ -140,8 +140,8 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
              "## Data", "",
              f"Folder `{data_dir}`: " + ", ".join(f"{split} {n} photos in {c} categories"
                                                   for split, (n, c) in counts.items()) + ".",
-             f"Names: {len(cat_to_name or {})} stored in the checkpoint" + ("" if cat_to_name else
-                                                                            " (category numbers are shown)") + ".",
+             f"Names: stored in the checkpoint for {sum(c in (cat_to_name or {}) for c in classes)} of the "
+             f"{len(classes)} categories" + ("" if cat_to_name else " (category numbers are shown instead)") + ".",
              f"Categories: {', '.join(f'{name(c)} ({c})' if name(c) != c else c for c in classes)}.", "",
              "## Model", "",
              f"- Backbone `{config.arch}`, frozen (its weights never change; {feature_dim} features per photo), "
@@ -182,9 +182,9 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
     lines += ["## Limits", "",
               f"- It knows only these {len(classes)} categories: any photo, a flower of another species or no "
               f"flower at all, gets one of their names. Read a low top-1 probability as \"not sure\".",
-              f"- The backbone is frozen ({config.arch}, pretrained on ImageNet-style photos): only the head learnt "
-              f"from these photos, so pictures far from ordinary photos (drawings, microscope images, night "
-              f"shots) are out of its range.",
+              f"- The backbone ({config.arch}) is frozen: it learnt its features from other photos (ImageNet for "
+              f"the pretrained ones), and only the head learnt from these, so pictures far from ordinary photos "
+              f"(drawings, microscope images, night shots) are out of its range.",
               "- Photos are centre-cropped: a flower at the edge of a wide shot may be cut off."]
     if few < FEW_PHOTOS:
         lines.append(f"- Few training photos ({few:.0f} per category on average): each test or validation photo "
