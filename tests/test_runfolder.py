@@ -262,8 +262,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_epochs(data, tmp_pa
 def test_a_diverging_learning_rate_is_caught_by_the_python_api_too(data, tmp_path):
     from flower_classifier.config import TrainConfig
 
-    config = TrainConfig(arch="tiny", hidden_units=(8,), batch_size=4, epochs=30, num_workers=0, dropout=0.0,
-                         learning_rate=1e37)
+    config = TrainConfig(arch="tiny", hidden_units=(8,), batch_size=4, epochs=30, num_workers=0, dropout=0.0)
+    # Past the option's range (10), which the config refuses at construction: set afterwards, it stands
+    # for anything that makes the loss blow up, and the loop's own check must still stop the run.
+    config.learning_rate = 1e37
     with pytest.raises(UserError, match="the loss became (nan|inf)"):
         training.run_training(config, data, save_dir=tmp_path / "ck", log=lambda m: None, progress=False)
     saved = [p for p in (tmp_path / "ck").iterdir()] if (tmp_path / "ck").exists() else []
