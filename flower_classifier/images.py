@@ -1,8 +1,10 @@
 """Photo decoding shared by training (data.py) and torch-free inference (runtime.py): any file or
-upload Pillow reads becomes an upright 8-bit RGB image, or a UserError naming it."""
+upload Pillow reads becomes an upright 8-bit RGB image, or a UserError naming it; and the one rule
+for which files in a folder are photos (`list_photos`)."""
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Far above any camera photo, far below what would fill memory: a small file can hold a vast PNG.
 MAX_IMAGE_PIXELS = 64_000_000
 
@@ -69,3 +72,40 @@ def decode_image(source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXE
                                    f"limit is {max_pixels:,})") from None
     except Exception as e:  # decoders raise many kinds on a damaged file (OSError, SyntaxError, struct.error...)
         raise UnreadableImage(label, f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------- which files are photos
+
+def is_hidden(name: str) -> bool:
+    """Dot files (`.DS_Store`, macOS's `._x.jpg` twins) and folders, and macOS zip leftovers."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def scan_category(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(photos, other files) in a category folder and its subfolders, each list sorted by path.
+
+    A photo is a file with an image extension; hidden files and folders count as neither. Folder
+    links are followed, each real folder once, except links back up to the folder or above it (a
+    loop, or another category's photos).
+    """
+    photos, others, seen = [], [], set()
+    top = Path(os.path.realpath(folder))
+    for where, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen or (seen and top.is_relative_to(real)):
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [f for f in folders if not is_hidden(f)]
+        for name in names:
+            path = Path(where) / name
+            if is_hidden(name) or not path.is_file():  # is_file: no broken links, pipes or devices
+                continue
+            (photos if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    key = lambda p: p.relative_to(folder).parts
+    return sorted(photos, key=key), sorted(others, key=key)
+
+
+def list_photos(folder: Path) -> list[Path]:
+    """The photos of a category folder, its subfolders included (see `scan_category`)."""
+    return scan_category(folder)[0]
