@@ -23,8 +23,8 @@ import torch  # noqa: E402
 
 from flower_classifier.checkpoint import load_model  # noqa: E402
 from flower_classifier.export import export_onnx  # noqa: E402
-from flower_classifier.prediction import predict  # noqa: E402
-from flower_classifier.runtime import OnnxClassifier, decode_image  # noqa: E402
+from flower_classifier.images import decode_image  # noqa: E402
+from flower_classifier.predictor import OnnxPredictor, predict  # noqa: E402
 
 
 def timings_ms(fns: dict, runs: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -60,7 +60,7 @@ def fresh_torch_threads() -> int:
     return int(out.stdout)
 
 
-def onnx_threads(session: OnnxClassifier) -> int:
+def onnx_threads(session: OnnxPredictor) -> int:
     return session.session.get_session_options().intra_op_num_threads
 
 
@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         model, ckpt = load_model(args.checkpoint)
         if args.threads:
             torch.set_num_threads(args.threads)
-        session = OnnxClassifier(onnx_path, threads=args.threads)
+        session = OnnxPredictor(onnx_path, threads=args.threads)
         ms = timings_ms({"torch": lambda: predict(image, model, 5), "onnx": lambda: session.predict(image, 5)},
                         args.runs)
         torch_ms, onnx_ms = ms["torch"], ms["onnx"]
         threads = {"torch": torch.get_num_threads(), "onnx": onnx_threads(session)}  # what the latency used
         # predict.py, as a user runs it, takes each library's default: label the cold starts with those.
-        cold_threads = {"torch": fresh_torch_threads(), "onnx": onnx_threads(OnnxClassifier(onnx_path))}
+        cold_threads = {"torch": fresh_torch_threads(), "onnx": onnx_threads(OnnxPredictor(onnx_path))}
         torch_cold = cold_start_s(Path(args.photo), Path(args.checkpoint))
         onnx_cold = cold_start_s(Path(args.photo), onnx_path)
         ckpt_mb = os.path.getsize(args.checkpoint) / 1e6

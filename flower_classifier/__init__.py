@@ -2,7 +2,7 @@
 
 The pieces, one module per stage: `data`, `backbones`, `features` (backbone outputs computed once
 and cached), `model` (the head), `training`, `search` (hyperparameters), `distributed` (torchrun),
-`checkpoint`, `prediction`, `evaluation`, `export` and `runtime` (ONNX, torch-free), `serving`,
+`checkpoint`, `predictor` (a checkpoint or an ONNX file, one interface), `evaluation`, `export`, `serving`,
 `runfolder` (a run's save folder: its files, saving, resuming, the lock), `plots`, `names`, `devices`, `cli`.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
@@ -13,17 +13,18 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BACKBONES": "backbones", "Backbone": "backbones", "Preprocessing": "backbones", "build_backbone": "backbones",
+    "BACKBONES": "backbones", "Backbone": "backbones", "Preprocessing": "images", "build_backbone": "backbones",
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_model": "checkpoint",
     "save_checkpoint": "checkpoint",
     "TrainConfig": "config",
     "extract_features": "features", "load_feature_data": "features",
     "UserError": "errors",
     "FlowerClassifier": "model", "build_head": "model", "count_parameters": "model",
-    "Prediction": "prediction", "imshow": "prediction", "predict": "prediction", "process_image": "prediction",
+    "Prediction": "predictor", "imshow": "predictor", "predict": "predictor", "process_image": "predictor",
+    "load_predictor": "predictor", "Predictor": "predictor",
     "read_category_names": "names", "select_device": "devices",
     "run_training": "training", "TrainResult": "training",
-    "evaluate_checkpoint": "evaluation", "export_onnx": "export", "OnnxClassifier": "runtime",
+    "evaluate_checkpoint": "evaluation", "export_onnx": "export",
 }
 __all__ = sorted(_EXPORTS)
 

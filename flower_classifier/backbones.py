@@ -17,50 +17,9 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (torch-free: ONNX prediction reads them too)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFLINE_CHOICE = "efficientnet_lite0"
-MAX_INPUT_SIZE = 1024  # pixels per side: above every backbone's (518 at most), far below what fills memory
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's and Pillow's
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an image must be prepared for a backbone: resize shorter side, centre crop, normalize."""
-
-    input_size: int = 224
-    resize_size: int = 256
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"  # name of a torchvision InterpolationMode
-
-    def to_dict(self) -> dict:
-        return {"input_size": self.input_size, "resize_size": self.resize_size,
-                "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
-
-    @classmethod
-    def from_dict(cls, d, *, where: str = "preprocessing") -> "Preprocessing":
-        """From `to_dict()`'s form, as read from a file: every value checked for type and range
-        first (an edited input_size of 100000 would allocate tens of GB per image)."""
-        if not isinstance(d, dict):
-            raise UserError(f"{where} must be a dict of input_size, resize_size, mean, std (got {type(d).__name__})")
-
-        def checked(key, ok, expected, default=None):
-            value = d.get(key, default)
-            if not ok(value):
-                raise UserError(f"{where}: {key} must be {expected} (got {value!r:.60})")
-            return value
-
-        size = lambda v: isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_INPUT_SIZE  # noqa: E731
-        triple = lambda ok: lambda v: (isinstance(v, (list, tuple)) and len(v) == 3 and all(  # noqa: E731
-            isinstance(x, (int, float)) and not isinstance(x, bool) and ok(x) for x in v))  # nan fails `ok`
-        return cls(checked("input_size", size, f"a whole number of pixels from 8 to {MAX_INPUT_SIZE}"),
-                   checked("resize_size", size, f"a whole number of pixels from 8 to {MAX_INPUT_SIZE}"),
-                   tuple(float(x) for x in checked("mean", triple(lambda x: 0 <= x <= 1), "3 numbers in [0, 1]")),
-                   tuple(float(x) for x in checked("std", triple(lambda x: 0 < x <= 1), "3 numbers in (0, 1]")),
-                   checked("interpolation", lambda v: v in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}",
-                           "bilinear"))
 
 
 @dataclass

@@ -200,11 +200,8 @@ def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
     backbone = backbone or build_backbone(ckpt.arch)
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
     head.load_state_dict(ckpt.head_state)
-    model = FlowerClassifier(backbone.module, head)
-    model.classes = list(ckpt.classes)
-    model.preprocessing = ckpt.preprocessing
-    model.cat_to_name = ckpt.cat_to_name
-    return model.eval()
+    return FlowerClassifier(backbone.module, head, classes=ckpt.classes, cat_to_name=ckpt.cat_to_name,
+                            preprocessing=ckpt.preprocessing).eval()
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowerClassifier, Checkpoint]:

@@ -14,23 +14,24 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .checkpoint import load_model
 from .data import FlowerFolder, eval_transform, make_loader, one_split
 from .errors import UserError
+from .predictor import load_predictor
 from .training import evaluate
 
 
 def evaluate_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, device="cpu",
                         batch_size: int = 32, num_workers: int = 0, progress: bool = True) -> dict:
     """Top-1 / top-5 accuracy, image count and unreadable (skipped) images of a checkpoint on a split."""
-    model, ckpt = load_model(checkpoint_path, device)
-    dataset = _split_dataset(split_path, ckpt)
+    predictor = load_predictor(checkpoint_path, device=device, onnx=False)
+    dataset = _split_dataset(split_path, predictor)
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    metrics = evaluate(model, loader, torch.device(device), desc="evaluate", progress=progress)
+    metrics = evaluate(predictor.model, loader, torch.device(device), desc="evaluate", progress=progress)
     return {**metrics, "skipped": len(dataset.skipped())}
 
 
 def _split_dataset(split_path: str | Path, ckpt) -> FlowerFolder:
+    """The split's photos in the model's class order (`ckpt`: anything with classes and preprocessing)."""
     # The checkpoint's classes, not the split's own folders: a split may lack categories.
     return FlowerFolder(one_split(split_path), transform=eval_transform(ckpt.preprocessing), classes=ckpt.classes)
 
@@ -149,8 +150,8 @@ def report_for_model(model, dataset: FlowerFolder, *, cat_to_name: dict[str, str
 def report_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, device="cpu",
                       batch_size: int = 32, num_workers: int = 0) -> EvaluationReport:
     """The report of a saved checkpoint on `split_path/<category>/*.jpg`."""
-    model, ckpt = load_model(checkpoint_path, device)
-    return report_for_model(model, _split_dataset(split_path, ckpt), cat_to_name=ckpt.cat_to_name,
+    predictor = load_predictor(checkpoint_path, device=device, onnx=False)
+    return report_for_model(predictor.model, _split_dataset(split_path, predictor), cat_to_name=predictor.cat_to_name,
                             device=device, batch_size=batch_size, num_workers=num_workers)
 
 

@@ -1,5 +1,5 @@
 """Checkpoint -> one self-contained ONNX file: backbone + head + softmax, with the category list,
-flower names and preprocessing in its metadata, so that `runtime.OnnxClassifier` needs nothing else.
+flower names and preprocessing in its metadata, so that `predictor.OnnxPredictor` needs nothing else.
 
 Uses torch's TorchScript-based exporter (`dynamo=False`): it works offline with no extra package,
 and handles every backbone here. The file is written beside the target and renamed into place
@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_model
 from .errors import UserError
 from .files import atomic_write
-from .runtime import ONNX_FORMAT, ONNX_FORMAT_VERSION
+from .predictor import ONNX_FORMAT, ONNX_FORMAT_VERSION, load_predictor
 
 OPSET = 17
 
@@ -49,22 +48,22 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
         raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
     if out.suffix.lower() != ".onnx":  # predict.py and serve tell ONNX files by this suffix
         raise UserError(f"{out}: an exported model's name must end in .onnx, e.g. {out.with_suffix('.onnx')}")
-    model, ckpt = load_model(checkpoint)
-    size = ckpt.preprocessing.input_size
+    predictor = load_predictor(checkpoint, onnx=False)  # refuses a checkpoint with broken weights
+    size = predictor.preprocessing.input_size
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
-        torch.onnx.export(WithSoftmax(model.eval()), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+        torch.onnx.export(WithSoftmax(predictor.model), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
                           input_names=["image"], output_names=["probabilities"], opset_version=opset,
                           dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
     proto = onnx.load_from_string(buffer.getvalue())
     metadata = {
         "format": ONNX_FORMAT,
         "format_version": str(ONNX_FORMAT_VERSION),
-        "arch": ckpt.arch,
-        "classes": json.dumps(list(ckpt.classes)),
-        "cat_to_name": json.dumps(ckpt.cat_to_name),
-        "preprocessing": json.dumps(ckpt.preprocessing.to_dict()),
+        "arch": predictor.arch,
+        "classes": json.dumps(predictor.classes),
+        "cat_to_name": json.dumps(predictor.cat_to_name),
+        "preprocessing": json.dumps(predictor.preprocessing.to_dict()),
     }
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .images import Preprocessing
+
 
 def build_head(in_features: int, hidden_units: Sequence[int], num_classes: int, dropout: float) -> nn.Sequential:
     """Feed-forward head: [Linear -> ReLU -> Dropout] per hidden size, then Linear to class logits."""
@@ -19,12 +21,20 @@ def build_head(in_features: int, hidden_units: Sequence[int], num_classes: int, 
 
 
 class FlowerClassifier(nn.Module):
-    """Frozen backbone, trainable head. Outputs logits (N, num_classes)."""
+    """Frozen backbone, trainable head. Outputs logits (N, num_classes).
 
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    A model built from a checkpoint also knows what prediction needs: `classes` (output index ->
+    category folder), `cat_to_name` (category -> flower name) and the backbone's `preprocessing`.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, classes: Sequence[str] | None = None,
+                 cat_to_name: dict[str, str] | None = None, preprocessing: Preprocessing | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.classes = list(classes) if classes is not None else None
+        self.cat_to_name = cat_to_name
+        self.preprocessing = preprocessing
 
     def train(self, mode: bool = True) -> "FlowerClassifier":
         super().train(mode)

@@ -10,7 +10,7 @@ import io
 import math
 from pathlib import Path
 
-from .prediction import Prediction, imshow
+from .predictor import Prediction, imshow
 
 
 def _pyplot():

@@ -1,15 +1,20 @@
-"""The web app: a page where a person photographs or drops a flower and sees its top-5 names, and a
+"""The web app: a page where a person photographs or drops a flower and sees its top names, and a
 JSON API (`POST /predict`, described at /openapi.json) for other apps. FastAPI + uvicorn.
 
-Runs an exported .onnx model (onnxruntime, no torch) or a checkpoint (.pth, PyTorch). Uploads are
-read into memory, capped in size and in pixels, decoded with Pillow; nothing is written to disk
-but what the multipart parser spools into the system's temporary folder. Requests are served by a
-thread pool; at most `parallel` model runs happen at once (one run already uses every CPU core, so
-more would only make them wait for each other), while decoding and resizing run side by side.
+Runs an exported .onnx model (onnxruntime, no torch) or a checkpoint (.pth, PyTorch), through
+`predictor.load_predictor`. Memory is bounded: an upload is capped in bytes (`max_upload_mb`) and
+must arrive within BODY_TIMEOUT_S; its pixel count is read from the header and checked against
+`images.MAX_IMAGE_PIXELS` before decoding; large JPEGs are decoded at reduced size; at most
+DECODES_AT_ONCE decodes run at once, and at most `parallel` model runs (one run already uses every
+CPU core, so more would only make them wait for each other). Nothing is written to disk but what
+the multipart parser spools into the system's temporary folder.
 """
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -20,33 +25,16 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from .errors import UserError
-from .images import ImageTooLarge, decode_image
-from .runtime import OnnxClassifier, Prediction, check_top_k
+from .images import ImageTooLarge
+from .predictor import NonFiniteOutput, check_top_k, load_predictor
 
 STATIC = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 10.0
-MAX_PIXELS = 50_000_000  # a 50-megapixel photo decodes to 150 MB; a tiny PNG can claim far more
 MULTIPART_SLACK = 64 * 1024  # room for the multipart headers around the file
-
-
-class TorchPredictor:
-    """A checkpoint behind the same face as `runtime.OnnxClassifier`: classes, names, predict()."""
-
-    def __init__(self, path: str | Path):
-        from .checkpoint import load_model
-
-        self.model, ckpt = load_model(path)
-        self.arch, self.classes, self.cat_to_name = ckpt.arch, self.model.classes, self.model.cat_to_name
-
-    def predict(self, image, top_k: int = 5) -> Prediction:
-        from .prediction import predict
-
-        return predict(image, self.model, top_k)  # eval mode, inference_mode: safe from several threads
-
-
-def load_predictor(path: str | Path):
-    """An .onnx file runs on onnxruntime; anything else is read as a checkpoint."""
-    return OnnxClassifier(path) if str(path).lower().endswith(".onnx") else TorchPredictor(path)
+DECODES_AT_ONCE = 2  # a decode at the pixel limit holds about 200 MB (more while converting)
+BODY_TIMEOUT_S = 60.0  # the whole upload must arrive within this (a stalled or very slow client gets 408)
+KEEP_ALIVE_S = 5  # an idle connection is closed after this
+MAX_CONNECTIONS = 64  # beyond this uvicorn answers 503: each request in flight holds up to 2 uploads' bytes
 
 
 # ---------------------------------------------------------------- API schema (shown at /docs)
@@ -69,35 +57,39 @@ class Health(BaseModel):
     classes: int
 
 
-# ---------------------------------------------------------------- request size limit
+# ---------------------------------------------------------------- request size and time limit
 
 class BodyLimit:
-    """ASGI middleware: a POST body over `max_bytes` gets 413 before it is parsed. A declared
-    Content-Length is checked up front; a chunked body is read here, never past the limit."""
+    """ASGI middleware: a POST body is read here in full before the app parses it, never past
+    `max_bytes` (413; a declared Content-Length is checked up front) and within `timeout` seconds
+    from its first byte to its last (408), so a slow or stalled client cannot hold a request open."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout: float = BODY_TIMEOUT_S):
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            if not length.isdigit() or int(length) > self.max_bytes:
-                return await self._too_large(send)
-            return await self.app(scope, receive, send)  # the server delivers no more than declared
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send, 413, f"upload larger than {self.max_bytes / 1e6:.1f} MB")
+        deadline = asyncio.get_running_loop().time() + self.timeout
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                return await self._refuse(send, 408, f"upload not received within {self.timeout:g} s")
             if message["type"] != "http.request":
                 return  # the client went away
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._too_large(send)
+                return await self._refuse(send, 413, f"upload larger than {self.max_bytes / 1e6:.1f} MB")
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
+        del chunks
 
         async def replay():
             nonlocal replayed
@@ -108,9 +100,10 @@ class BodyLimit:
 
         return await self.app(scope, replay, send)
 
-    async def _too_large(self, send):
-        body = json.dumps({"detail": f"upload larger than {self.max_bytes / 1e6:.1f} MB"}).encode()
-        await send({"type": "http.response.start", "status": 413,
+    @staticmethod
+    async def _refuse(send, status: int, detail: str):
+        body = json.dumps({"detail": detail}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
@@ -118,59 +111,101 @@ class BodyLimit:
 
 # ---------------------------------------------------------------- the app
 
-def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, parallel: int = 1) -> FastAPI:
+def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, parallel: int = 1,
+               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+    """The app around a loaded `predictor.Predictor`, which it only reads."""
     max_bytes = int(max_upload_mb * 1e6)
     model_slots = threading.BoundedSemaphore(parallel)
-    backend = "onnx" if isinstance(predictor, OnnxClassifier) else "pytorch"
+    decode_slots = threading.BoundedSemaphore(DECODES_AT_ONCE)
     app = FastAPI(title="Flower classifier", version="1",
                   description="Name the flower in a photo: top-K species with probabilities.")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page():
         return FileResponse(STATIC / "index.html")
 
     @app.get("/health", response_model=Health)
     def health():
-        return Health(status="ok", backend=backend, arch=predictor.arch, classes=len(predictor.classes))
+        return Health(status="ok", backend=predictor.backend, arch=predictor.arch, classes=len(predictor.classes))
 
     @app.post("/predict", response_model=PredictResponse,
-              responses={400: {"description": "empty upload"}, 413: {"description": "file or image too large"},
-                         415: {"description": "not an image"}})
+              responses={400: {"description": "empty upload or a top_k the model cannot give"},
+                         408: {"description": "upload too slow"}, 413: {"description": "file or image too large"},
+                         415: {"description": "not an image"}, 500: {"description": "the model is broken"}})
     def predict(file: UploadFile = File(..., description="a photo: JPEG, PNG, WebP, ..."),
-                top_k: int = Query(5, ge=1, description="how many species to return")):
+                top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)")):
         """The top-K species for one uploaded photo (multipart/form-data, field `file`)."""
         start = time.perf_counter()
+        label = repr(file.filename or "upload")
         data = file.file.read(max_bytes + 1)
         if len(data) > max_bytes:
-            raise HTTPException(413, f"{file.filename!r} is larger than {max_upload_mb:g} MB")
+            raise HTTPException(413, f"{label} is larger than {max_upload_mb:g} MB")
         if not data:
-            raise HTTPException(400, f"{file.filename!r} is empty")
+            raise HTTPException(400, f"{label} is empty")
         try:
-            check_top_k(top_k, len(predictor.classes))
+            top_k = check_top_k(top_k, len(predictor.classes), option="top_k")
         except UserError as e:
-            raise HTTPException(400, str(e).replace("--top_k", "top_k")) from None
+            raise HTTPException(400, str(e)) from None
         try:
-            image = decode_image(data, max_pixels=MAX_PIXELS)
+            with decode_slots:  # decoding and resizing hold the most memory
+                image = predictor.prepare(data, label=label)  # (3, S, S)
         except ImageTooLarge as e:
-            raise HTTPException(413, str(e).replace("upload", repr(file.filename), 1)) from None
+            raise HTTPException(413, str(e)) from None
         except UserError as e:
-            raise HTTPException(415, str(e).replace("upload", repr(file.filename), 1)) from None
+            raise HTTPException(415, str(e)) from None
+        del data
         with model_slots:
-            result = predictor.predict(image, top_k)
+            probabilities = predictor.probabilities(image[None])[0]
+        try:
+            result = predictor.top_k(probabilities, top_k)
+        except NonFiniteOutput as e:  # never a 200 with "probability": null
+            raise HTTPException(500, str(e)) from None
         rows = [Row(name=n, category=c, probability=p) for n, c, p in result.rows()]
         return PredictResponse(predictions=rows, milliseconds=round(1000 * (time.perf_counter() - start), 1))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(BodyLimit, max_bytes=max_bytes + MULTIPART_SLACK)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes + MULTIPART_SLACK, timeout=body_timeout_s)
     return app
+
+
+def give_freed_memory_back() -> None:
+    """glibc keeps what a thread frees in that thread's arena for reuse, so the decoded photos of the
+    request threads (up to 200 MB each) stayed in the server after their requests (2 GB after ten
+    7000x7000 PNGs). With a fixed mmap threshold, every allocation of 1 MB or more is a mapping of its
+    own, returned to the system when freed. Other C libraries (macOS, musl) behave otherwise: no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = -3 in malloc.h
+    except (OSError, AttributeError):
+        pass
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or one line saying why not (a busy port, an unknown address)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart while old sockets linger
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}): another server may be using the "
+                        f"port; choose another with --port") from None
+    return sock
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, parallel: int = 1) -> None:
     import uvicorn
 
+    give_freed_memory_back()
     predictor = load_predictor(model)
     app = create_app(predictor, max_upload_mb=max_upload_mb, parallel=parallel)
+    sock = listen(host, port)  # before saying "Serving": a busy port is one line, not a false start
     print(f"Serving {model} ({len(predictor.classes)} categories) on http://{host}:{port}/  "
           f"(API: POST /predict, docs at /docs; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
+                            limit_concurrency=MAX_CONNECTIONS)
+    uvicorn.Server(config).run(sockets=[sock])

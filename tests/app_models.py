@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
+import zlib
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from flower_classifier.backbones import build_backbone
 from flower_classifier.checkpoint import Checkpoint, save_checkpoint
 from flower_classifier.config import TrainConfig
 from flower_classifier.model import build_head
-from flower_classifier.prediction import process_image
+from flower_classifier.predictor import process_image
 
 PHOTOS = Path(__file__).parent / "data"
 FLOWERS = {"1": "daisy", "2": "dandelion", "3": "rose", "4": "sunflower", "5": "tulip"}
@@ -57,6 +59,15 @@ def tiny_checkpoint(path: Path, num_classes: int = 6) -> Path:
     ckpt = Checkpoint("tiny", backbone.preprocessing, head.state_dict(), classes, config,
                       {c: f"flower {c}" for c in classes})
     return save_checkpoint(ckpt, path)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few bytes whose header claims width x height pixels, and that holds none."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def free_port() -> int:

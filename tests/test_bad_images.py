@@ -108,7 +108,7 @@ def test_any_decoder_exception_means_skipped_not_a_crash(tmp_path, monkeypatch):
 
     path = make_dataset(tmp_path / "d", ["1"], per_split={"train": 1}) / "train" / "1" / "train_1_0.jpg"
 
-    def decoder_bug(image):
+    def decoder_bug(image, **options):
         raise IndexError("list index out of range")
 
     monkeypatch.setattr(ImageOps, "exif_transpose", decoder_bug)

@@ -14,7 +14,7 @@ from flower_classifier.checkpoint import Checkpoint, build_model, load_checkpoin
 from flower_classifier.config import TrainConfig
 from flower_classifier.errors import UserError
 from flower_classifier.model import build_head
-from flower_classifier.prediction import predict, predict_tensor, process_image
+from flower_classifier.predictor import predict
 
 from conftest import TWELVE, make_image
 
@@ -141,11 +141,11 @@ def test_newer_format_and_unknown_backbone_are_named(tmp_path):
 def test_predict_returns_names_when_known(tmp_path):
     ckpt = tiny_checkpoint(names={c: f"flower {c}" for c in TWELVE})
     model = build_model(ckpt)
-    image = process_image(make_image(tmp_path / "p.png", (10, 200, 10)), ckpt.preprocessing)
-    result = predict_tensor(model, image.unsqueeze(0), top_k=3)[0]
+    photo = make_image(tmp_path / "p.png", (10, 200, 10))
+    result = predict(photo, model, top_k=3)
     assert len(result.names) == 3 and result.names == [f"flower {c}" for c in result.categories]
     with pytest.raises(UserError, match="--top_k must be between 1 and the model's 12"):
-        predict_tensor(model, image.unsqueeze(0), top_k=13)
+        predict(photo, model, top_k=13)
 
 
 # ---------------------------------------------------------------- the training-state file (--resume)

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, TWELVE, class_color, make_image
 from flower_classifier.cli import main, single_command_main
 from flower_classifier.checkpoint import load_model
-from flower_classifier.prediction import predict
+from flower_classifier.predictor import predict
 
 
 def run_script(*args, cwd=ROOT):

@@ -15,8 +15,9 @@ from flower_classifier.backbones import Preprocessing
 from flower_classifier.checkpoint import load_model
 from flower_classifier.cli import main
 from flower_classifier.export import export_onnx
-from flower_classifier.prediction import predict, process_image
-from flower_classifier.runtime import OnnxClassifier, decode_image, preprocess
+from flower_classifier.data import eval_transform
+from flower_classifier.images import decode_image, preprocess
+from flower_classifier.predictor import OnnxPredictor, load_predictor, predict
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def lite0(tmp_path_factory):
 def lite0_models(lite0):
     """The PyTorch model and the ONNX Runtime session, loaded once."""
     ckpt_path, onnx_path = lite0
-    return load_model(ckpt_path)[0], OnnxClassifier(onnx_path)
+    return load_model(ckpt_path)[0], load_predictor(onnx_path)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ PREPROCESSINGS = [
 def test_numpy_preprocessing_equals_the_torchvision_transform(tmp_path, p, size):
     """Odd sizes in both orientations check the resize rounding and the centre crop's offsets."""
     image = Image.open(make_image(tmp_path / "x.png", (120, 200, 60), size=size, seed=size[0])).convert("RGB")
-    expected = process_image(image, p).numpy()  # torchvision: Resize, CenterCrop, ToTensor, Normalize
+    expected = eval_transform(p)(image).numpy()  # torchvision: Resize, CenterCrop, ToTensor, Normalize
     got = preprocess(image, p)
     assert got.shape == expected.shape == (3, p.input_size, p.input_size) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
@@ -62,7 +63,7 @@ def test_numpy_preprocessing_equals_the_torchvision_transform(tmp_path, p, size)
 def test_numpy_preprocessing_on_a_real_photo():
     p = PREPROCESSINGS[0]
     image = decode_image(photo("rose.jpg"))
-    np.testing.assert_allclose(preprocess(image, p.to_dict()), process_image(image, p).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(preprocess(image, p), eval_transform(p)(image).numpy(), rtol=0, atol=1e-5)
 
 
 def test_export_writes_one_file_with_classes_names_and_preprocessing(tiny):
@@ -80,12 +81,12 @@ def test_export_writes_one_file_with_classes_names_and_preprocessing(tiny):
 
 def test_onnx_model_takes_a_batch_and_outputs_probabilities(tiny):
     _, onnx_path = tiny
-    model = OnnxClassifier(onnx_path)
+    model = OnnxPredictor(onnx_path)
     images = np.stack([preprocess(decode_image(photo(n)), model.preprocessing) for n in PHOTO_CATEGORY])
-    probs = model.run(images)  # (3, 6)
+    probs = model.probabilities(images)  # (3, 6)
     assert probs.shape == (3, 6)
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
-    np.testing.assert_allclose(model.run(images[1:2])[0], probs[1], atol=1e-6)
+    np.testing.assert_allclose(model.probabilities(images[1:2])[0], probs[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(PHOTO_CATEGORY))
@@ -136,7 +137,7 @@ def test_predict_refuses_an_onnx_file_that_is_not_ours(tmp_path, capsys, tiny):
 
 
 def test_decode_image_reads_like_the_training_loader(tmp_path):
-    """runtime.decode_image (torch-free) and data.load_image must give the same pixels: EXIF
+    """images.decode_image (torch-free) and data.load_image must give the same pixels: EXIF
     rotation, transparency, 16-bit and palette images."""
     from flower_classifier.data import load_image
 

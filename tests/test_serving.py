@@ -2,6 +2,7 @@
 large, empty), and many clients at once."""
 import contextlib
 import io
+import socket
 import subprocess
 import sys
 import time
@@ -10,14 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from app_models import free_port, live_server, photo, tiny_checkpoint
+from app_models import free_port, live_server, photo, png_claiming, tiny_checkpoint
 from conftest import ROOT
-from flower_classifier import serving
 from flower_classifier.cli import main
 from flower_classifier.export import export_onnx
-from flower_classifier.serving import create_app, load_predictor
+from flower_classifier.images import MAX_IMAGE_PIXELS
+from flower_classifier.predictor import load_predictor
+from flower_classifier.serving import create_app
 
 SUNFLOWER = photo("sunflower.jpg").read_bytes()
 
@@ -117,10 +119,22 @@ def test_a_chunked_upload_over_the_cap_gets_413(client):
     assert response.status_code == 200
 
 
-def test_too_many_pixels_gets_413(client, monkeypatch):
-    monkeypatch.setattr(serving, "MAX_PIXELS", 200 * 200)
-    response = upload(client, SUNFLOWER)  # 224 x 224
-    assert response.status_code == 413 and "pixels" in response.json()["detail"]
+def test_the_documented_pixel_limit_applies_before_decoding(models, monkeypatch):
+    """64,000,000 pixels (README, Web app), the same limit as the command line's. A 1 kB file whose
+    header claims one pixel more is refused without the decoder running; one at the limit goes on to
+    the decoder (which finds no pixel data in it: 415)."""
+    assert MAX_IMAGE_PIXELS == 64_000_000
+    decoded = []
+    real_load = ImageFile.ImageFile.load  # what every format's decoding goes through
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real_load(im))
+    with serve(models["onnx"]) as client:
+        over = upload(client, png_claiming(8000, 8001), name="huge.png")
+        assert over.status_code == 413 and decoded == []
+        assert over.json()["detail"] == ("'huge.png': too large to read (8000x8001 pixels; the limit is "
+                                         "64,000,000)")
+        at = upload(client, png_claiming(8000, 8000), name="at_limit.png")
+        assert at.status_code == 415 and "'at_limit.png': not a readable image" in at.json()["detail"]
+        assert decoded == [(8000, 8000)]
 
 
 def test_the_page_and_the_api_description_are_served(client):
@@ -151,7 +165,8 @@ def test_sixteen_clients_at_once_all_get_answers(models):
 
 def test_serving_an_onnx_model_never_imports_torch(models):
     probe = ("import sys\n"
-             "from flower_classifier.serving import create_app, load_predictor\n"
+             "from flower_classifier.predictor import load_predictor\n"
+             "from flower_classifier.serving import create_app\n"
              f"predictor = load_predictor({str(models['onnx'])!r})\n"
              "create_app(predictor)\n"
              f"assert predictor.predict({str(photo('rose.jpg'))!r}).names\n"
@@ -179,3 +194,55 @@ def test_the_serve_command_starts_a_server_and_reports_mistakes(models, capsys):
         server.wait(timeout=30)
     assert main(["serve", "missing.onnx"]) == 2
     assert "missing.onnx not found" in capsys.readouterr().err
+
+
+def test_a_model_with_three_categories_answers_with_three_by_default(tmp_path):
+    """The default top_k means "up to 5" (the page sends none); more than the model has is a 400."""
+    small = export_onnx(tiny_checkpoint(tmp_path / "three.pth", num_classes=3), tmp_path / "three.onnx")
+    with serve(small) as client:
+        assert len(upload(client, SUNFLOWER).json()["predictions"]) == 3
+        assert upload(client, SUNFLOWER, top_k=2).status_code == 200
+        response = upload(client, SUNFLOWER, top_k=4)
+        assert response.status_code == 400
+        assert response.json()["detail"] == "top_k must be between 1 and the model's 3 categories (got 4)"
+    assert "top_k" not in (ROOT / "flower_classifier" / "static" / "app.js").read_text()
+
+
+def test_head_answers_and_a_slow_upload_is_timed_out(models):
+    with live_server(create_app(load_predictor(models["onnx"]), body_timeout_s=1)) as url:
+        assert httpx.head(url + "/").status_code == 200
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as stalled:
+            stalled.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                            b"Content-Length: 5000\r\n\r\n--b\r\n")  # then nothing more
+            start = time.monotonic()
+            reply = b""
+            while chunk := stalled.recv(1000):  # the server closes the connection after its answer
+                reply += chunk
+            reply = reply.decode()
+        assert reply.startswith("HTTP/1.1 408") and "upload not received within 1 s" in reply
+        assert time.monotonic() - start < 5
+        with httpx.Client(base_url=url) as client:  # and the server still answers others
+            assert upload(client, SUNFLOWER).status_code == 200
+
+
+def test_a_model_that_answers_nan_is_a_500_not_a_null_probability(models, monkeypatch):
+    """Refused at load when broken for every photo (test_predictor); if a photo still makes the
+    outputs non-finite, the request fails in one clear line."""
+    predictor = load_predictor(models["onnx"])
+    monkeypatch.setattr(predictor, "probabilities", lambda images: np.full((len(images), 6), np.nan, np.float32))
+    with live_server(create_app(predictor)) as url, httpx.Client(base_url=url) as client:
+        response = upload(client, SUNFLOWER)
+    assert response.status_code == 500
+    assert "the model's outputs are not finite numbers" in response.json()["detail"]
+
+
+def test_a_busy_port_is_one_line_and_exit_2_before_any_serving_line(models):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "flower_classifier", "serve", str(models["onnx"]),
+                                 "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr

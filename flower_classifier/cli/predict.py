@@ -18,8 +18,8 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth), or a "
                    "model.onnx from `export` (runs without torch)")
     # 10,000: more rows than any classifier here has categories; the model's own count is checked later.
-    p.add_argument("--top_k", type=Number(int, 1, 10_000).parse, default=5,
-                   help="how many classes to show (default: 5)")
+    p.add_argument("--top_k", type=Number(int, 1, 10_000).parse, default=None,
+                   help="how many classes to show, at most the model's (default: up to 5)")
     add_shared(p, "--category_names", "--gpu", category_names={
         "help": "JSON file of category -> flower name (default: the names saved in the checkpoint, else category "
                 "numbers)"})
@@ -27,33 +27,29 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    if args.checkpoint.lower().endswith(".onnx"):  # an exported model: onnxruntime, torch never imported
-        from ..runtime import OnnxClassifier, check_top_k
+    from ..predictor import check_top_k, load_predictor  # torch only for a checkpoint
 
-        if args.gpu:
-            print("note: .onnx models run on the CPU here; --gpu ignored", file=sys.stderr)
-        model = OnnxClassifier(args.checkpoint)
-        predict = lambda image, m, k: m.predict(image, k)  # noqa: E731
-    else:
-        from ..checkpoint import load_model
+    onnx = args.checkpoint.lower().endswith(".onnx")
+    if onnx and args.gpu:
+        print("note: .onnx models run on the CPU here; --gpu ignored", file=sys.stderr)
+    if not onnx:
         from ..devices import select_device
-        from ..prediction import check_top_k, predict
 
         device = select_device(args.gpu, log=lambda m: print(m, file=sys.stderr))
-        model, ckpt = load_model(args.checkpoint, device)
-    check_top_k(args.top_k, len(model.classes))
+    predictor = load_predictor(args.checkpoint, device="cpu" if onnx else device)
+    top_k = check_top_k(args.top_k, len(predictor.classes))  # not given: up to 5
     if args.category_names:
-        saved, model.cat_to_name = model.cat_to_name, read_category_names(args.category_names)
-        for w in names_warnings(model.cat_to_name, model.classes, args.category_names, required=True, reference=saved,
-                                other="the names the model was trained with",
+        saved, predictor.cat_to_name = predictor.cat_to_name, read_category_names(args.category_names)
+        for w in names_warnings(predictor.cat_to_name, predictor.classes, args.category_names, required=True,
+                                reference=saved, other="the names the model was trained with",
                                 fix="leave out --category_names to use the trained names"):
             print(f"warning: {w}", file=sys.stderr)
-    result = predict(args.image, model, args.top_k)
+    result = predictor.predict(args.image, top_k)
     if args.json:
         print(json.dumps([{"name": n, "category": c, "probability": p} for n, c, p in result.rows()], indent=2))
         return 0
     width = max(len(n) for n in result.names)
-    print(f"Top {args.top_k} for {args.image}:")
+    print(f"Top {top_k} for {args.image}:")
     for rank, (name, category, prob) in enumerate(result.rows(), 1):
         label = f"{name:<{width}}  (category {category})" if name != category else f"category {category:<{width}}"
         print(f"{rank:>3}. {label}  {100 * prob:6.2f}%")

@@ -1,4 +1,4 @@
-// Send the chosen or dropped photo to POST /predict and draw the top-5 names as bars.
+// Send the chosen or dropped photo to POST /predict and draw its top names (up to 5) as bars.
 "use strict";
 
 const drop = document.getElementById("drop");
@@ -36,7 +36,7 @@ async function classify(file) {
   const form = new FormData();
   form.append("file", file, file.name || "photo.jpg");
   try {
-    const response = await fetch("/predict?top_k=5", { method: "POST", body: form });
+    const response = await fetch("/predict", { method: "POST", body: form });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
       const detail = typeof body.detail === "string" ? body.detail : response.statusText;

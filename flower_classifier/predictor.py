@@ -1,0 +1,250 @@
+"""From a photo to its top-K flower names: one interface for a checkpoint (.pth, PyTorch) and an
+exported .onnx file (ONNX Runtime), and the classic notebook API (`process_image`, `predict`, `imshow`).
+
+    predictor = load_predictor("model.onnx")          # or "checkpoints/checkpoint.pth"
+    predictor.predict("photo.jpg").rows()             # [(name, category, probability), ...]
+
+Torch is imported only for a checkpoint: `predict.py photo.jpg model.onnx` and `serve model.onnx`
+need Pillow, numpy and onnxruntime alone, start in a fraction of the time and fit a small container.
+Both backends share the decoding and the numpy preprocessing (`images.preprocess`, held equal to the
+torchvision evaluation transform by a test), so they differ only in who runs the network.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import UserError
+from .images import Preprocessing, decode_image, preprocess, to_rgb
+
+ONNX_FORMAT = "flower_classifier.onnx"
+ONNX_FORMAT_VERSION = 1
+DEFAULT_TOP_K = 5  # "up to 5": a model with fewer categories shows them all
+
+
+class NonFiniteOutput(UserError):
+    """The model gave nan or inf: its weights are broken, whatever the photo."""
+
+
+@dataclass
+class Prediction:
+    probabilities: list[float]  # most likely first
+    categories: list[str]  # category folder names ("1".."102" for Oxford 102)
+    names: list[str]  # flower names, or the category numbers when no names are known
+
+    def rows(self) -> list[tuple[str, str, float]]:
+        return list(zip(self.names, self.categories, self.probabilities))
+
+
+def check_top_k(top_k: int | None, num_classes: int, *, option: str = "--top_k") -> int:
+    """How many rows to show: None means up to DEFAULT_TOP_K; a number asked for must fit the model."""
+    if top_k is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise UserError(f"{option} must be an integer (got {top_k!r})")
+    if not 1 <= top_k <= num_classes:
+        raise UserError(f"{option} must be between 1 and the model's {num_classes} categories (got {top_k})")
+    return int(top_k)
+
+
+class Predictor:
+    """A model with what it needs to answer: its categories, their names, its preprocessing.
+    `predict` is safe to call from several threads at once; nothing here changes after loading."""
+
+    backend = ""  # "pytorch" or "onnx"
+
+    def __init__(self, *, arch: str, classes: list[str], cat_to_name: dict[str, str] | None,
+                 preprocessing: Preprocessing, source: str):
+        self.arch, self.classes, self.cat_to_name = arch, list(classes), cat_to_name
+        self.preprocessing, self.source = preprocessing, source  # source: the file, for messages
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, num_classes) probabilities for preprocessed images (N, 3, S, S) float32."""
+        raise NotImplementedError
+
+    def prepare(self, image: str | Path | bytes | Image.Image, *, label: str | None = None) -> np.ndarray:
+        """A photo (path, a file's bytes, or a PIL image) as the model's input (3, S, S). Large JPEGs
+        are decoded at reduced size, never below the resize target."""
+        if not isinstance(image, Image.Image):
+            image = decode_image(image, label=label, min_size=self.preprocessing.resize_size)
+        return preprocess(to_rgb(image), self.preprocessing)
+
+    def top_k(self, probabilities: np.ndarray, top_k: int | None = None) -> Prediction:
+        """The most likely rows of one probability vector (num_classes,)."""
+        if not np.all(np.isfinite(probabilities)):
+            raise NonFiniteOutput(f"{self.source}: the model's outputs are not finite numbers (nan or inf); "
+                                  f"its weights are broken: retrain it, or export it again")
+        k = check_top_k(top_k, len(self.classes))
+        order = np.argsort(-probabilities, kind="stable")[:k]  # stable: ties keep category order
+        categories = [self.classes[i] for i in order]
+        names = self.cat_to_name or {}
+        return Prediction([float(probabilities[i]) for i in order], categories, [names.get(c, c) for c in categories])
+
+    def predict_batch(self, images: list, top_k: int | None = None) -> list[Prediction]:
+        check_top_k(top_k, len(self.classes))  # before any decoding
+        probabilities = self.probabilities(np.stack([self.prepare(image) for image in images]))
+        return [self.top_k(row, top_k) for row in probabilities]
+
+    def predict(self, image: str | Path | bytes | Image.Image, top_k: int | None = None) -> Prediction:
+        """Top-K names and probabilities for a photo (a path, a file's bytes, or a PIL image)."""
+        return self.predict_batch([image], top_k)[0]
+
+    def check_finite(self) -> None:
+        """Refuse a model whose output on a plain grey photo is not finite: broken weights answer nan
+        for every photo, and should be named at load, not as a null probability per request."""
+        size = self.preprocessing.input_size
+        self.top_k(self.probabilities(self.prepare(Image.new("RGB", (size, size), (128, 128, 128)))[None])[0])
+
+
+class OnnxPredictor(Predictor):
+    """An exported model (backbone + head + softmax); its metadata (classes, names, preprocessing)
+    is validated as data. ONNX Runtime's Run is thread-safe."""
+
+    backend = "onnx"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("running an .onnx model needs onnxruntime: `pip install onnxruntime`") from None
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"model {path} not found; make one with `python -m flower_classifier export`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.log_severity_level = 3  # errors only
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types for a foreign file
+            raise UserError(f"{path}: not an ONNX model ({str(e)[:120]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if meta.get("format") != ONNX_FORMAT:
+            raise UserError(f"{path}: an ONNX model, but not one exported by this project "
+                            f"(no '{ONNX_FORMAT}' metadata); export it with `python -m flower_classifier export`")
+        version = meta.get("format_version", "")
+        if not (version.isascii() and version.isdigit() and int(version) >= 1):
+            raise UserError(f"{path}: metadata format_version must be a positive integer (got {version!r}); "
+                            f"export the model again")
+        if int(version) > ONNX_FORMAT_VERSION:
+            raise UserError(f"{path}: format version {version} is newer than this code reads "
+                            f"({ONNX_FORMAT_VERSION}); update flower_classifier")
+        image, output = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        classes = _metadata_json(path, meta, "classes")
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+            raise UserError(f"{path}: metadata classes must be a list of category names (strings)")
+        if len(set(classes)) != len(classes):
+            raise UserError(f"{path}: metadata classes lists a category twice")
+        if isinstance(output.shape[-1], int) and output.shape[-1] != len(classes):
+            raise UserError(f"{path}: metadata lists {len(classes)} classes but the model has "
+                            f"{output.shape[-1]} outputs")
+        names = _metadata_json(path, meta, "cat_to_name", default=None)
+        if names is not None and not (isinstance(names, dict) and all(isinstance(v, str) for v in names.values())):
+            raise UserError(f"{path}: metadata cat_to_name must be a mapping of category -> flower name, or null")
+        preprocessing = Preprocessing.from_dict(_metadata_json(path, meta, "preprocessing"), where=str(path))
+        if image.shape[-1] != preprocessing.input_size:
+            raise UserError(f"{path}: metadata preprocessing input_size {preprocessing.input_size} differs from "
+                            f"the model's input size {image.shape[-1]}")
+        arch = meta.get("arch", "")
+        super().__init__(arch=arch, classes=classes, cat_to_name=names, preprocessing=preprocessing,
+                         source=str(path))
+        self.input_name = image.name
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images.astype(np.float32, copy=False)})[0]
+
+
+def _metadata_json(path: Path, meta: dict, key: str, **default):
+    if key not in meta:
+        if default:
+            return default["default"]
+        raise UserError(f"{path}: metadata lacks {key}; export the model again")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: metadata {key} is not valid JSON; export the model again") from None
+
+
+class TorchPredictor(Predictor):
+    """A FlowerClassifier (from a checkpoint) on a device. Put in eval mode once, here: requests never
+    change it, and torch's inference from several threads at once is safe."""
+
+    backend = "pytorch"
+
+    def __init__(self, model, *, arch: str = "", source: str = "model"):
+        check_model(model)
+        super().__init__(arch=arch, classes=model.classes, cat_to_name=model.cat_to_name,
+                         preprocessing=model.preprocessing, source=source)
+        self.model = model.eval()
+        self.device = next(model.head.parameters()).device
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(images).to(self.device))  # (N, num_classes)
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+
+def load_predictor(path: str | Path, *, device="cpu", threads: int | None = None,
+                   onnx: bool = True) -> Predictor:
+    """The model in `path`: an .onnx file runs on ONNX Runtime (CPU, `threads`), anything else is
+    read as a checkpoint (PyTorch, on `device`). `onnx=False` for commands that need the checkpoint.
+    A model whose outputs are not finite is refused here."""
+    if onnx and str(path).lower().endswith(".onnx"):
+        predictor = OnnxPredictor(path, threads=threads)
+    else:
+        from .checkpoint import load_model
+
+        model, ckpt = load_model(path, device)
+        predictor = TorchPredictor(model, arch=ckpt.arch, source=str(path))
+    predictor.check_finite()
+    return predictor
+
+
+# ---------------------------------------------------------------- the classic notebook API
+
+def check_model(model) -> None:
+    if isinstance(model, tuple):
+        raise UserError("load_model returns (model, checkpoint): pass the model, e.g. "
+                        "`model, ckpt = load_model(path)`")
+    missing = [a for a in ("classes", "preprocessing") if getattr(model, a, None) is None]
+    if missing or not hasattr(model, "head"):
+        raise UserError(f"predict needs a model from load_model or build_model (got a {type(model).__name__} "
+                        f"without {', '.join(missing or ['head'])})")
+
+
+def process_image(image: str | Path | Image.Image, preprocessing: Preprocessing):
+    """Shorter side to resize_size, centre crop, normalize: the evaluation transform. -> tensor (3, S, S)"""
+    import torch
+
+    if not isinstance(image, Image.Image):
+        image = decode_image(image, min_size=preprocessing.resize_size)
+    return torch.from_numpy(preprocess(to_rgb(image), preprocessing))
+
+
+def predict(image_path: str | Path | Image.Image, model, top_k: int | None = None) -> Prediction:
+    """The classic project's `predict(image_path, model, topk)`, here spelt `top_k` (default: up to
+    5): top-K probabilities, categories and names. `model` comes from `load_model` or `build_model`,
+    which give it the classes, names and preprocessing it needs."""
+    return TorchPredictor(model).predict(image_path, top_k)
+
+
+def imshow(image, preprocessing: Preprocessing, ax=None, title: str | None = None):
+    """Show a processed image (3, S, S) as the photo it came from (undoing the normalization)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots()
+    array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image).transpose((1, 2, 0))  # (S, S, 3)
+    array = array * np.array(preprocessing.std) + np.array(preprocessing.mean)
+    ax.imshow(np.clip(array, 0, 1))
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    return ax
