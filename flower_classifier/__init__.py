@@ -3,7 +3,9 @@
 The pieces, one module per stage: `data`, `backbones`, `features` (backbone outputs computed once
 and cached), `model` (the head), `training`, `search` (hyperparameters), `distributed` (torchrun),
 `checkpoint`, `predictor` (a checkpoint or an ONNX file, one interface), `evaluation`, `export`, `serving`,
-`runfolder` (a run's save folder: its files, saving, resuming, the lock), `plots`, `names`, `devices`, `cli`.
+`runfolder` (a run's save folder: its files, saving, resuming, the lock), `record` (the history, curves
+and model card a run leaves), `plots`, `names`, `devices`, `cli`; for the notebook, `tutorial` (its
+out-of-order checks) and `workspace` (keeping a hosted workspace awake).
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.
