@@ -17,7 +17,6 @@ of each epoch its own seed, so augmentation depends on (seed, epoch, index) alon
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path

@@ -224,6 +224,11 @@ class TensorBoardLog:
     def __init__(self, log_dir: str | Path):
         self.writer = _summary_writer_class()(log_dir=str(log_dir))
 
+    @staticmethod
+    def check_installed() -> None:
+        """One line now, when the package is missing, rather than after the features are computed."""
+        _summary_writer_class()
+
     def __call__(self, record: dict) -> None:
         epoch = record["epoch"]
         for key, value in record.items():

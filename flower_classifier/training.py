@@ -216,8 +216,9 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     train_dir, _ = split_dir(data_dir, "train"), split_dir(data_dir, "valid")
     if test:
         split_dir(data_dir, "test")
-    from .record import TensorBoardLog  # record imports evaluation, which imports this module
-    board = TensorBoardLog(tensorboard) if tensorboard is not None and distributed.is_main() else None
+    from .record import TensorBoardLog  # here: record imports evaluation, which imports this module
+    if tensorboard is not None:
+        TensorBoardLog.check_installed()
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
     classes = find_classes(train_dir)
@@ -238,6 +239,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
                     f"(raise --epochs to train more)")
                 return TrainResult(run.best, run.last, FitState.restored(resumed.state), classes)
             log(f"Resuming from {resumed.path} after epoch {done}")
+        board = TensorBoardLog(tensorboard) if tensorboard is not None and distributed.is_main() else None
         try:
             return _train(config, data_dir, run, resumed, device=device, cat_to_name=cat_to_name, backbone=backbone,
                           cache_dir=cache_dir, log=log, progress=progress, test=test, on_epoch=board)
