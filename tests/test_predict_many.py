@@ -156,3 +156,15 @@ def test_a_folder_with_an_onnx_model_never_imports_torch(models, album):
             "print('torch' in sys.modules, code)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.stdout.splitlines()[-1] == "False 0", done.stderr
+
+
+def test_options_may_sit_between_the_photos(models, album, capsys):
+    daisy, rose = album / "daisy.jpg", album / "rose.jpg"
+    assert predict(daisy, "--top_k", "1", rose, models["onnx"]) == 0
+    assert predict(daisy, rose, "--top-k", "1", models["onnx"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"Top 1 for {daisy}:") == 2 and out.count(f"Top 1 for {rose}:") == 2
+    with pytest.raises(SystemExit) as exit:
+        predict(daisy, models["onnx"], "--lerning_rate", "3")
+    assert exit.value.code == 2
+    assert "unrecognized arguments: --lerning_rate 3" in capsys.readouterr().err

@@ -20,6 +20,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
                         "such as 'photos/*.jpg'")
     p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth), or a "
                    "model.onnx from `export` (runs without torch)")
+    p.split_positionals = ("images", "checkpoint")  # photos on both sides of an option still count
     # 10,000: more rows than any classifier here has categories; the model's own count is checked later.
     p.add_argument("--top_k", type=Number(int, 1, 10_000).parse, default=None,
                    help="how many classes to show, at most the model's (default: up to 5)")
