@@ -168,15 +168,16 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
                   f"The categories it gets wrong most often (at most {WEAK_SPOTS}), worst first:", "",
                   "| category | name | photos | accuracy | most often taken for |", "| --- | --- | ---: | ---: | --- |"]
         confusion = evaluated.report.confusion
-        rows = [r for r in evaluated.report.per_class() if r["images"] and r["accuracy"] < 1]
+        # A class's accuracy is its recall: of its photos, the share named right.
+        rows = [r for r in evaluated.report.per_class() if r["images"] and r["recall"] < 1]
         if not rows:
             lines.append(f"Every {evaluated.split} photo was named right.")
-        for r in sorted(rows, key=lambda r: r["accuracy"])[:WEAK_SPOTS]:  # stable: category order among equals
+        for r in sorted(rows, key=lambda r: r["recall"])[:WEAK_SPOTS]:  # stable: category order among equals
             index = classes.index(r["category"])
             wrong = confusion[index].copy()
             wrong[index] = 0
             taken = f"{name(classes[wrong.argmax()])} ({wrong.max()})" if wrong.max() else "-"
-            lines.append(f"| {r['category']} | {r['name']} | {r['images']} | {_pct(r['accuracy'])} | {taken} |")
+            lines.append(f"| {r['category']} | {r['name']} | {r['images']} | {_pct(r['recall'])} | {taken} |")
         lines.append("")
     few = counts.get("train", (0, 1))[0] / max(len(classes), 1)
     lines += ["## Limits", "",
