@@ -21,6 +21,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                "DATA_DIR/cat_to_name.json when there is one, else none)"})
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
                    help="continue from --save_dir's last checkpoint, or from the given last.pth")
+    p.add_argument("--test", action="store_true", help="at the end, evaluate the best epoch on DATA_DIR/test and put "
+                   "its figures in the model card (default: off; the card then reports the validation split)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also log each epoch for TensorBoard in DIR (needs `pip install tensorboard`; default: off)")
     p.add_argument("--defaults", default=str(DEFAULTS_FILE),
                    help=f"hyperparameters file written by `search`, read for defaults (default: {DEFAULTS_FILE})")
 
@@ -70,7 +74,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
                               resume=resume, cache_dir=args.cache_dir, progress=not args.quiet and main_process,
-                              log=print if main_process else (lambda message: None))
+                              log=print if main_process else (lambda message: None), test=args.test,
+                              tensorboard=args.tensorboard)
     finally:
         signal.signal(signal.SIGTERM, previous)
         distributed.cleanup()
