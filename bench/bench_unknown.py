@@ -32,7 +32,8 @@ from flower_classifier import calibration as cal  # noqa: E402
 from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
-from flower_classifier.data import FlowerFolder, list_photos, split_dir  # noqa: E402
+from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
+from flower_classifier.images import list_photos  # noqa: E402
 from flower_classifier.features import FeatureStore, cached_features, centre_view  # noqa: E402
 from flower_classifier.model import build_head  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402

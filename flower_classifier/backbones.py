@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .images import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (torch-free: ONNX prediction reads them too)
+from .images import Preprocessing  # torch-free, beside the decoding: ONNX prediction reads it too
 
 OFFLINE_CHOICE = "efficientnet_lite0"
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .backbones import BACKBONES, Preprocessing, build_backbone
+from .backbones import BACKBONES, build_backbone
+from .images import Preprocessing
 from .config import TrainConfig
 from .devices import check_device
 from .errors import UserError

@@ -26,11 +26,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import transforms as T
 
-from .backbones import Preprocessing
 from .errors import UserError
 # The one rule for which files are photos lives with the torch-free image code, for predict.py on .onnx
 # models; this module's own callers find it here as before.
-from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_image, is_hidden, list_photos, scan_category  # noqa: F401
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, Preprocessing, decode_image, is_hidden, list_photos
 
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
 GET_DATA_HINT = "for Oxford 102 run `python -m flower_classifier download flowers`"

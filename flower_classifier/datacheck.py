@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import signal
-import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
+from .progress import progress_bar
 from .config import MAX_IMBALANCE  # declared with the other options, so that the CLI needs no torch
-from .data import (EXAMPLES, SPLIT_NAMES, check_data_dir, find_splits, list_categories, listing, load_image,
-                   scan_category)
-from .images import UnreadableImage
+from .data import EXAMPLES, SPLIT_NAMES, check_data_dir, find_splits, list_categories, listing, load_image
+from .images import UnreadableImage, scan_category
 from .names import folder_names, names_warnings
 from .oxford102 import unfinished_download
 
@@ -83,14 +81,13 @@ def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = Non
             files += [(split, c, p) for p in photos]
             others[split] += other
     paths = [p for _, _, p in files]
-    bar = dict(total=len(paths), desc="checking images", unit="image", disable=not progress, file=sys.stderr,
-               leave=False)
+    bar = dict(total=len(paths), desc="checking images", unit="image", enabled=progress)
     if workers > 0:
         # Ctrl-C reaches the workers too: let only the main process handle it (no traceback per worker).
         with ProcessPoolExecutor(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
-            results = list(tqdm(pool.map(inspect_file, paths, chunksize=32), **bar))
+            results = list(progress_bar(pool.map(inspect_file, paths, chunksize=32), **bar))
     else:
-        results = [inspect_file(p) for p in tqdm(paths, **bar)]
+        results = [inspect_file(p) for p in progress_bar(paths, **bar)]
 
     rel = lambda p: p.relative_to(data_dir)
     counts = {split: {c: 0 for c in categories[split]} for split in splits}

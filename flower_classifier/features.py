@@ -28,8 +28,8 @@ from typing import Callable
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
+from .progress import progress_bar
 from . import devices, distributed
 from .backbones import Backbone
 from .config import TrainConfig
@@ -255,8 +255,8 @@ def _extract(backbone: Backbone, paths: list[Path], view: View, *, device: torch
                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     amp = torch.autocast("cuda", dtype=dtype) if cuda else contextlib.nullcontext()
-    bar = tqdm(loader, desc=f"features ({view.name})", unit="batch", leave=False, file=sys.stderr,
-               disable=not progress or not distributed.is_main())
+    bar = progress_bar(loader, desc=f"features ({view.name})", unit="batch",
+                       enabled=progress and distributed.is_main())
     module = backbone.module.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format) \
         if engine == "torch" else _onnx_forward(backbone, threads, cache_folder)
     try:

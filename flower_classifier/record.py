@@ -17,7 +17,8 @@ import torch
 
 from . import __version__
 from .config import TrainConfig
-from .data import find_splits, list_categories, list_photos, load_split, make_loader
+from .data import find_splits, list_categories, load_split, make_loader
+from .images import list_photos
 from .errors import UserError
 from .evaluation import EvaluationReport, build_report
 from .files import atomic_write

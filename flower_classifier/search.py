@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
+from .progress import progress_bar
 from .config import FIELDS, TrainConfig
 from .files import atomic_write
 from .features import FeatureData, feature_loader
@@ -74,7 +73,7 @@ def random_search(data: FeatureData, base: TrainConfig, *, trials: int, seed: in
     """`trials` trials (the first is `base` itself); each {"params", metrics..., "seconds"}, best first."""
     rng = random.Random(seed)
     results = []
-    bar = tqdm(range(trials), desc="search", unit="trial", file=sys.stderr, disable=not progress)
+    bar = progress_bar(range(trials), desc="search", unit="trial", enabled=progress, leave=True)
     for t in bar:
         params = {k: getattr(base, k) for k in SEARCHED} if t == 0 else sample_params(rng)
         params["hidden_units"] = list(params["hidden_units"])

@@ -11,17 +11,16 @@ import contextlib
 import dataclasses
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the DataLoader twice (double work)
 
+from .progress import progress_bar
 from . import devices, distributed
 from .backbones import Backbone, build_backbone, get_spec
 from .checkpoint import Checkpoint
@@ -32,6 +31,9 @@ from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
 from .names import as_category_names, check_names
 from .runfolder import Resumed, RunFolder, interrupts_deferred, load_resume, new_run_id
+
+if TYPE_CHECKING:
+    from .record import Evaluated  # record imports evaluation, which imports this module
 
 
 def seed_everything(seed: int) -> None:
@@ -51,7 +53,7 @@ def seed_epoch(train_loader, seed: int, epoch: int) -> None:
 
 
 def _progress(loader, desc: str, enabled: bool):
-    return tqdm(loader, desc=desc, leave=False, unit="batch", disable=not enabled, file=sys.stderr)
+    return progress_bar(loader, desc=desc, unit="batch", enabled=enabled)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,

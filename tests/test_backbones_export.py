@@ -19,7 +19,8 @@ import torch
 from app_models import PHOTO_CATEGORY, photo
 from conftest import class_color, make_dataset, make_image
 from flower_classifier import backbones
-from flower_classifier.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from flower_classifier.backbones import BACKBONES, build_backbone
+from flower_classifier.images import IMAGENET_MEAN, IMAGENET_STD
 from flower_classifier.checkpoint import load_checkpoint, load_model
 from flower_classifier.config import TrainConfig
 from flower_classifier.data import eval_transform, load_image

@@ -6,7 +6,7 @@ import torch
 
 from bad_images import CORPUS, SIZE, write_corpus
 from conftest import class_color, make_dataset
-from flower_classifier import data
+from flower_classifier import data, images
 from flower_classifier.config import TrainConfig
 from flower_classifier.data import load_image
 from flower_classifier.errors import UserError
@@ -54,7 +54,7 @@ def test_transparency_becomes_white_and_16_bit_is_rescaled(corpus):
 
 
 def test_the_pixel_limit_is_explicit_and_applies_before_decoding(corpus, monkeypatch):
-    assert data.MAX_IMAGE_PIXELS == 64_000_000
+    assert images.MAX_IMAGE_PIXELS == 64_000_000
     monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(UserError, match="too large to read \\(48x40 pixels; the limit is 100\\)"):
         load_image(corpus / "png_named.jpg")

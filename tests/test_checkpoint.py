@@ -1,5 +1,4 @@
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -9,7 +8,8 @@ import pytest
 import torch
 
 from flower_classifier import checkpoint as ckpt_io
-from flower_classifier.backbones import Preprocessing, build_backbone
+from flower_classifier.backbones import build_backbone
+from flower_classifier.images import Preprocessing
 from flower_classifier.checkpoint import Checkpoint, build_model, load_checkpoint, load_model, save_checkpoint
 from flower_classifier.config import TrainConfig
 from flower_classifier.errors import UserError

@@ -1,9 +1,8 @@
 import pytest
-import torch
 
 from conftest import TWELVE, make_dataset, make_image
-from flower_classifier.backbones import Preprocessing
-from flower_classifier.data import FlowerFolder, find_classes, load_image, load_split, make_loader
+from flower_classifier.images import Preprocessing
+from flower_classifier.data import find_classes, load_image, load_split, make_loader
 from flower_classifier.errors import UserError
 
 P = Preprocessing(32, 36)

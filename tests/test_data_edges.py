@@ -9,7 +9,7 @@ import torch
 
 from bad_images import CORPUS
 from conftest import class_color, make_dataset, make_image
-from flower_classifier import data, features, training
+from flower_classifier import data, features, images, training
 from flower_classifier.backbones import build_backbone
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
@@ -63,12 +63,12 @@ def test_hidden_files_and_folders_are_never_photos_nor_categories(tmp_path):
     assert sorted(p.name for p, _ in dataset.samples) == ["train_1_0.jpg", "train_1_1.jpg", "train_2_0.jpg",
                                                          "train_2_1.jpg"]
     assert data.list_categories(root / "valid") == ["1", "2"]
-    photos, others = data.scan_category(root / "train" / "1")
+    photos, others = images.scan_category(root / "train" / "1")
     assert [p.name for p in photos] == ["train_1_0.jpg", "train_1_1.jpg"] and others == []
     for name in ("._x.jpg", ".DS_Store", "__MACOSX", ".git"):
-        assert data.is_hidden(name)
+        assert images.is_hidden(name)
     for name in ("_x.jpg", "x.jpg", "MACOSX", "a.b"):
-        assert not data.is_hidden(name)
+        assert not images.is_hidden(name)
 
 
 @pytest.mark.parametrize("cached", [True, False])
@@ -119,8 +119,8 @@ def test_a_folder_link_loop_is_followed_once(tmp_path):
     os.symlink(root / "train", root / "train" / "1" / "up")  # up to the split: category 2's photos
     linked = make_image(tmp_path / "elsewhere" / "e.jpg", (10, 10, 10)).parent
     os.symlink(linked, root / "train" / "2" / "linked")  # a link to another folder is looked into
-    assert [p.name for p in data.list_photos(root / "train" / "1")] == ["train_1_0.jpg"]
-    assert [p.name for p in data.list_photos(root / "train" / "2")] == ["e.jpg", "train_2_0.jpg"]  # linked/e.jpg first
+    assert [p.name for p in images.list_photos(root / "train" / "1")] == ["train_1_0.jpg"]
+    assert [p.name for p in images.list_photos(root / "train" / "2")] == ["e.jpg", "train_2_0.jpg"]  # linked/e.jpg first
 
 
 @pytest.mark.parametrize("cached", [True, False])

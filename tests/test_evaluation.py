@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from conftest import make_dataset
-from flower_classifier.backbones import Preprocessing
+from flower_classifier.images import Preprocessing
 from flower_classifier.checkpoint import Checkpoint, save_checkpoint
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig

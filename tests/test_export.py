@@ -11,7 +11,7 @@ from PIL import Image
 
 from app_models import PHOTO_CATEGORY, lite0_checkpoint, photo, tiny_checkpoint
 from conftest import ROOT, make_image
-from flower_classifier.backbones import Preprocessing
+from flower_classifier.images import Preprocessing
 from flower_classifier.checkpoint import load_model
 from flower_classifier.cli import main
 from flower_classifier.export import export_onnx

@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT, TWELVE, class_color, make_dataset, make_image
 from flower_classifier import features
-from flower_classifier.backbones import Backbone, Preprocessing, build_backbone
+from flower_classifier.backbones import Backbone, build_backbone
+from flower_classifier.images import Preprocessing
 from flower_classifier.cli import main, single_command_main
 from flower_classifier.config import TrainConfig
 from flower_classifier.errors import UserError

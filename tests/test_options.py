@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_dataset
-from flower_classifier.cli import COMMANDS, build_parser, main, single_command_main
+from flower_classifier.cli import COMMANDS, build_parser, main
 from flower_classifier.config import FIELDS, TrainConfig, field_problem, flag, load_defaults
 from flower_classifier.errors import UserError
 from flower_classifier.search import SEARCHED, sample_params
