@@ -69,3 +69,19 @@ def names_file(tmp_path) -> Path:
     path = tmp_path / "cat_to_name.json"
     path.write_text(json.dumps({c: f"flower {c}" for c in TWELVE}))
     return path
+
+
+QUIET = dict(progress=False, log=lambda message: None)  # for run_training and load_feature_data
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """Four categories, 4 training and 2 validation photos each: enough for a run on `tiny`."""
+    return make_dataset(tmp_path / "flowers", TWELVE[:4], per_split={"train": 4, "valid": 2})
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from flower_classifier.backbones import build_backbone
+
+    return build_backbone("tiny")

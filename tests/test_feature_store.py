@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TWELVE, make_dataset
+from conftest import QUIET, TWELVE, make_dataset
 from flower_classifier import features, shards
 from flower_classifier.backbones import Backbone, build_backbone
 from flower_classifier.cli import main
@@ -18,17 +18,6 @@ from flower_classifier.config import TrainConfig
 from flower_classifier.data import FlowerFolder
 from flower_classifier.training import run_training
 
-QUIET = dict(progress=False, log=lambda message: None)
-
-
-@pytest.fixture
-def data(tmp_path):
-    return make_dataset(tmp_path / "flowers", TWELVE[:4], per_split={"train": 4, "valid": 2})
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_backbone("tiny")
 
 
 @pytest.fixture

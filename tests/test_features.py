@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TWELVE, class_color, make_dataset, make_image
+from conftest import QUIET, ROOT, class_color, make_image
 from flower_classifier import features
 from flower_classifier.backbones import Backbone, build_backbone
 from flower_classifier.images import Preprocessing
@@ -16,17 +16,6 @@ from flower_classifier.config import TrainConfig
 from flower_classifier.errors import UserError
 from flower_classifier.training import run_training
 
-QUIET = dict(progress=False, log=lambda message: None)
-
-
-@pytest.fixture
-def data(tmp_path):
-    return make_dataset(tmp_path / "flowers", TWELVE[:4], per_split={"train": 4, "valid": 2})
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_backbone("tiny")
 
 
 def _config(**changes):
