@@ -27,13 +27,11 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 from scipy.stats import rankdata
 
+from .config import KEEP, UNKNOWN_SCORES as METHODS  # KEEP: default share of validation species photos kept
 from .errors import UserError
 
-LOGIT_METHODS = ("msp", "energy", "max_logit")
-FEATURE_METHODS = ("mahalanobis", "cosine", "knn")
-METHODS = LOGIT_METHODS + FEATURE_METHODS
+LOGIT_METHODS, FEATURE_METHODS = METHODS[:3], METHODS[3:]
 ECE_BINS = 15
-KEEP = 0.95  # default share of validation species photos kept (not called unknown)
 MAX_RANK = 64  # covariance directions kept for Mahalanobis; the rest share one variance
 KNN_K = 5
 TEMPERATURE_RANGE = (0.05, 20.0)

@@ -33,7 +33,7 @@ LAST_NAME = "last.pth"
 STATE_NAME = "last.state.pth"
 LOCK_NAME = "train.lock"
 
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra")  # options that leave the run's results alone
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep")  # options that leave the head alone
 
 
 def new_run_id() -> str:

@@ -46,7 +46,10 @@ class Row(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    predictions: list[Row]  # most likely first
+    predictions: list[Row]  # most likely first; calibrated probabilities
+    unknown: bool | None  # none of the species the model knows; null: not asked (no_unknown, or no calibration)
+    score: float | None  # the unknown score (higher = less like the species); null for a model without calibration
+    species: int  # how many species the model knows
     milliseconds: float  # time spent decoding and running the model
 
 
@@ -133,7 +136,9 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                          408: {"description": "upload too slow"}, 413: {"description": "file or image too large"},
                          415: {"description": "not an image"}, 500: {"description": "the model is broken"}})
     def predict(file: UploadFile = File(..., description="a photo: JPEG, PNG, WebP, ..."),
-                top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)")):
+                top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)"),
+                no_unknown: bool = Query(False, description="never answer \"not one of the species\" "
+                                         "(probabilities stay calibrated)")):
         """The top-K species for one uploaded photo (multipart/form-data, field `file`)."""
         start = time.perf_counter()
         label = repr(file.filename or "upload")
@@ -154,14 +159,15 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
         except UserError as e:
             raise HTTPException(415, str(e)) from None
         del data
-        with model_slots:
-            probabilities = predictor.probabilities(image[None])[0]
         try:
-            result = predictor.top_k(probabilities, top_k)
+            with model_slots:
+                result = predictor.answer(image[None], top_k, unknown=not no_unknown)[0]
         except NonFiniteOutput as e:  # never a 200 with "probability": null
             raise HTTPException(500, str(e)) from None
         rows = [Row(name=n, category=c, probability=p) for n, c, p in result.rows()]
-        return PredictResponse(predictions=rows, milliseconds=round(1000 * (time.perf_counter() - start), 1))
+        return PredictResponse(predictions=rows, unknown=result.unknown, score=result.score,
+                               species=len(predictor.classes),
+                               milliseconds=round(1000 * (time.perf_counter() - start), 1))
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=max_bytes + MULTIPART_SLACK, timeout=body_timeout_s)

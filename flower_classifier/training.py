@@ -24,7 +24,7 @@ from tqdm import tqdm  # not tqdm.auto: its asyncio class calls iter() on the Da
 
 from . import distributed
 from .backbones import Backbone, build_backbone, get_spec
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
 from .data import epoch_seed, find_classes, load_split, make_loader, skipped_images, split_dir
@@ -189,8 +189,8 @@ class TrainResult:
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
                  device: torch.device | str = "cpu", cat_to_name: dict[str, str] | str | Path | None = None,
                  resume: str | Path | bool | None = None, backbone: Backbone | None = None,
-                 cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
-                 progress: bool = True) -> TrainResult:
+                 cache_dir: str | Path | None = None, negatives: str | Path | None = None,
+                 log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
     """Load data, build the frozen backbone and a new head, train, keep best and last checkpoints.
 
     With `config.feature_cache` (the default) the backbone runs once per image and the head trains on
@@ -200,7 +200,9 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
 
     `device`: one this machine has (`select_device(gpu=True)` picks one, or the CPU). `cat_to_name`:
     a dict or a JSON file's path. `resume`: a last.pth or its folder, or True for `save_dir`. The run
-    holds `save_dir`'s lock throughout (see `runfolder`): a second run into it is refused.
+    holds `save_dir`'s lock throughout (see `runfolder`): a second run into it is refused. Once the
+    epochs are done, the best and last checkpoints are calibrated (see `calibrating`), with the photos
+    of `negatives` (none of the species) when given.
     """
     device = check_device(device)
     seed_everything(config.seed)
@@ -210,6 +212,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
     classes = find_classes(train_dir)
+    if negatives is not None:
+        from .calibrating import negative_photos
+
+        negative_photos(negatives)
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)
@@ -228,11 +234,11 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
                 return TrainResult(run.best, run.last, FitState.restored(resumed.state), classes)
             log(f"Resuming from {resumed.path} after epoch {done}")
         return _train(config, data_dir, run, resumed, device=device, cat_to_name=cat_to_name, backbone=backbone,
-                      cache_dir=cache_dir, log=log, progress=progress)
+                      cache_dir=cache_dir, negatives=negatives, log=log, progress=progress)
 
 
 def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | None, *, device, cat_to_name,
-           backbone, cache_dir, log, progress) -> TrainResult:
+           backbone, cache_dir, negatives, log, progress) -> TrainResult:
     """run_training's work once every check has passed and the run folder is locked."""
     backbone = backbone or build_backbone(config.arch)
     if config.feature_cache:
@@ -288,4 +294,28 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
+    calibrate_run(run, config, data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
+                  log=log, progress=progress)
     return TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
+
+
+def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], backbone: Backbone, *,
+                  negatives=None, cache_dir=None, device="cpu", log: Callable[[str], None] = print,
+                  progress: bool = True) -> None:
+    """Calibrate the run's best and last checkpoints (each its own head, so its own temperature) on
+    the data folder, and rewrite them (atomically) with it. Under torchrun every process helps
+    compute the features; the main process writes."""
+    from .calibrating import calibrate_head, calibration_data, describe
+
+    data = calibration_data(data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
+                            num_workers=config.num_workers, progress=progress,
+                            engine=getattr(config, "engine", "torch"))
+    if not distributed.is_main():
+        return
+    for path in (run.best, run.last):
+        ckpt = load_checkpoint(path)
+        ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config.hidden_units, classes, data,
+                                          method=config.unknown_score, keep=config.keep)
+        save_checkpoint(ckpt, path)
+        if path == run.best:
+            log(describe(ckpt.calibration, data))

@@ -88,7 +88,7 @@ def test_predict_without_names_shows_category_numbers(trained, tmp_path, capsys)
     save_checkpoint(ckpt, tmp_path / "nonames.pth")
     photo = make_image(tmp_path / "p.png", class_color(3, 12))
     assert single_command_main("predict", "predict.py", [str(photo), str(tmp_path / "nonames.pth"), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["predictions"]
     assert len(rows) == 5 and rows[0]["name"] == rows[0]["category"] == "4"
 
 

@@ -23,7 +23,17 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     add_shared(p, "--category_names", "--gpu", category_names={
         "help": "JSON file of category -> flower name (default: the names saved in the checkpoint, else category "
                 "numbers)"})
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as JSON: predictions, unknown, score")
+    p.add_argument("--no_unknown", dest="unknown", action="store_false",
+                   help="never answer \"not one of the species\"; probabilities stay calibrated (default: answer it "
+                        "when the photo is past the model's threshold)")
+
+
+def unknown_line(prediction, num_classes: int) -> str | None:
+    """The line predict.py adds when a photo is none of the species the model knows."""
+    if not prediction.unknown:
+        return None
+    return f"not one of the {num_classes} species this model knows (score {prediction.score:.4g})"
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -44,15 +54,24 @@ def run_predict(args: argparse.Namespace) -> int:
                                 reference=saved, other="the names the model was trained with",
                                 fix="leave out --category_names to use the trained names"):
             print(f"warning: {w}", file=sys.stderr)
-    result = predictor.predict(args.image, top_k)
+    if predictor.calibration is None:
+        print(f"note: {args.checkpoint} has no calibration, so its probabilities are uncalibrated and it never answers "
+              f"\"not one of the species\"; add it with `python -m flower_classifier calibrate {args.checkpoint} "
+              f"DATA_DIR`" + (" and export again" if onnx else ""), file=sys.stderr)
+    result = predictor.predict(args.image, top_k, unknown=args.unknown)
     if args.json:
-        print(json.dumps([{"name": n, "category": c, "probability": p} for n, c, p in result.rows()], indent=2))
+        print(json.dumps({"image": args.image, "predictions": [{"name": n, "category": c, "probability": p}
+                                                               for n, c, p in result.rows()],
+                          "unknown": result.unknown, "score": result.score}, indent=2))
         return 0
     width = max(len(n) for n in result.names)
     print(f"Top {top_k} for {args.image}:")
     for rank, (name, category, prob) in enumerate(result.rows(), 1):
         label = f"{name:<{width}}  (category {category})" if name != category else f"category {category:<{width}}"
         print(f"{rank:>3}. {label}  {100 * prob:6.2f}%")
+    line = unknown_line(result, len(predictor.classes))
+    if line:
+        print(line)
     return 0
 
 
@@ -61,17 +80,23 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint saved by train.py")
     p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
     add_config_options(p, "batch_size", batch_size="images per batch")
-    add_shared(p, "--workers", "--gpu")
+    add_shared(p, "--workers", "--gpu", "--negatives", negatives={
+        "help": "a folder of photos that are none of the species, kept apart from any threshold choice: measure how "
+                "well the model tells them from its species"})
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..devices import select_device
-    from ..evaluation import evaluate_checkpoint
+    from ..evaluation import calibration_lines, evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                            batch_size=args.batch_size, num_workers=args.workers)
+                            batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives)
     print(f"top-1 accuracy: {100 * m['accuracy']:.1f}%  top-5 accuracy: {100 * m['top5']:.1f}%  "
           f"images: {m['count']}  (loss {m['loss']:.4f})")
+    print("\n".join(calibration_lines(m)))
+    if not m["calibrated"]:
+        print(f"{args.checkpoint} has no calibration{' (so no unknown figures)' if args.negatives else ''}: add it "
+              f"with `python -m flower_classifier calibrate {args.checkpoint} DATA_DIR`")
     if m.get("skipped"):
         print(f"skipped {m['skipped']} unreadable images (each named in a warning above)")
     return 0
@@ -93,7 +118,7 @@ def run_report(args: argparse.Namespace) -> int:
     from ..evaluation import report_checkpoint, write_report
 
     report = report_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                               batch_size=args.batch_size, num_workers=args.workers)
+                               batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives)
     files = write_report(report, args.out, mistakes=args.mistakes)
     print(report.table(args.top))
     print(f"\nWrote {', '.join(p.name for p in files.values())} to {args.out}")
