@@ -175,7 +175,9 @@ def _shrunk_covariance(residuals: np.ndarray, max_rank: int) -> dict[str, np.nda
     rank = min(max_rank, len(eig))
     kept = (1 - shrink) * eig[:rank] + shrink * mu
     rest = (1 - shrink) * eig[rank:].sum() / max(d - rank, 1) + shrink * mu
-    rest = max(rest, 1e-6 * mu, 1e-12)  # no shrinkage and no variance left (N <= R): keep it invertible
+    # No shrinkage and no variance left (N <= R, or one photo per class): keep it invertible, also once
+    # stored as float16 (whose smallest positive value is 6e-8).
+    rest = max(rest, 1e-6 * mu, 1e-7)
     return {"basis": vt[:rank], "variances": np.maximum(kept, rest), "rest": np.array(rest)}
 
 
