@@ -16,7 +16,7 @@ from PIL import Image
 from app_models import PHOTO_CATEGORY, lite0_checkpoint, live_server, photo, tiny_checkpoint
 from conftest import make_dataset, make_image
 from flower_classifier.backbones import build_backbone
-from flower_classifier.calibration import Calibration, fit_calibration
+from flower_classifier.calibration import Calibration, fit_feature_arrays
 from flower_classifier.checkpoint import load_checkpoint, save_checkpoint
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
@@ -131,7 +131,7 @@ def test_an_old_checkpoint_without_calibration_still_predicts_and_says_how_to_ad
     captured = capsys.readouterr()
     answer = json.loads(captured.out)
     assert answer["unknown"] is None and answer["score"] is None
-    assert captured.err.count("calibrate") == 1 and "no calibration" in captured.err
+    assert captured.err.count("flower_classifier calibrate") == 1 and "no calibration" in captured.err
     onnx_path = export_onnx(old, tmp_path / "old.onnx")
     assert load_predictor(onnx_path).calibration is None
 
@@ -246,11 +246,13 @@ def test_pytorch_and_onnx_give_the_same_unknown_decisions_on_real_and_generated_
             labels.append(ckpt.classes.index(category))
     with torch.no_grad():
         features = backbone.module(torch.stack(views)).numpy()
-    logits = np.zeros((len(labels), len(ckpt.classes)), np.float32)
-    logits[np.arange(len(labels)), labels] = 3.0
-    labels = np.array(labels)
-    ckpt.calibration = fit_calibration(logits, labels, method="mahalanobis", valid_features=features,
-                                       train_features=features, train_labels=labels, keep=1.0, max_rank=4)
+    # Three photos, five classes: fit on the three, then let the two photo-less classes share a mean.
+    seen = sorted(set(labels))
+    arrays = fit_feature_arrays("mahalanobis", features, np.array([seen.index(y) for y in labels]), max_rank=4)
+    arrays["means"] = arrays["means"][[seen.index(c) if c in seen else 0 for c in range(len(ckpt.classes))]]
+    ckpt.calibration = Calibration(1.0, "mahalanobis", arrays=arrays)
+    # Half as far again as the farthest flower view: no photo sits on the edge, where rounding could decide.
+    ckpt.calibration.threshold = 1.5 * float(ckpt.calibration.scores(None, features).max())
     save_checkpoint(ckpt, ckpt_path)
     onnx_path = export_onnx(ckpt_path, tmp_path / "lite0.onnx")
     photos = [photo(n) for n in PHOTO_CATEGORY] + _generated_photos(tmp_path)
