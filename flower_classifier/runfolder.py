@@ -36,6 +36,30 @@ LOCK_NAME = "train.lock"
 RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep")  # options that leave the head alone
 
 
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arriving inside the block takes effect when it ends, so that an epoch's files
+    and the run's record of them are written together: a stop never lands between the save of
+    last.pth and the note that the epoch is saved. Only the main thread can set signal handlers;
+    elsewhere the block runs as it is."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.signal(sig, lambda sig, _frame: caught.append(sig)) for sig in kinds}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        if caught:  # delivered again, now, to whatever handled it before (a KeyboardInterrupt, say)
+            os.kill(os.getpid(), caught[0])
+
+
 def new_run_id() -> str:
     return secrets.token_hex(8)
 

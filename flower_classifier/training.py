@@ -31,7 +31,7 @@ from .data import epoch_seed, find_classes, load_split, make_loader, skipped_ima
 from .errors import Interrupted, UserError
 from .model import FlowerClassifier, build_head
 from .names import as_category_names, check_names
-from .runfolder import Resumed, RunFolder, load_resume, new_run_id
+from .runfolder import Resumed, RunFolder, interrupts_deferred, load_resume, new_run_id
 
 
 def seed_everything(seed: int) -> None:
@@ -167,13 +167,14 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
             state.best_accuracy = va["accuracy"]
         log(f"Epoch {epoch}/{config.epochs}  train loss {tr['loss']:.4f}  valid loss {va['loss']:.4f}  "
             f"valid accuracy {100 * va['accuracy']:.1f}%  ({seconds:.1f} s){'  *best' if improved else ''}")
-        if run is not None and distributed.is_main():  # under torchrun every process holds the same head
-            snapshot = dataclasses.replace(template, head_state=head.state_dict(), epoch=epoch,
-                                           metrics={k: v for k, v in record.items() if k != "epoch"},
-                                           history=list(state.history))
-            run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
-                           best_accuracy=state.best_accuracy)
-        state.epoch = epoch  # only now is the epoch done (and saved)
+        with interrupts_deferred():  # the epoch's files and `state.epoch` change together
+            if run is not None and distributed.is_main():  # under torchrun every process holds the same head
+                snapshot = dataclasses.replace(template, head_state=head.state_dict(), epoch=epoch,
+                                               metrics={k: v for k, v in record.items() if k != "epoch"},
+                                               history=list(state.history))
+                run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
+                               best_accuracy=state.best_accuracy)
+            state.epoch = epoch  # only now is the epoch done (and saved)
     return state
 
 

@@ -270,3 +270,27 @@ def test_a_diverging_learning_rate_is_caught_by_the_python_api_too(data, tmp_pat
     for path in saved:  # whatever was saved before it diverged is finite and loads
         if path.name in (BEST_NAME, LAST_NAME):
             load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- Ctrl-C while an epoch is saved
+
+def test_ctrl_c_while_an_epoch_is_saved_takes_effect_once_it_is_saved(data, tmp_path, capsys, monkeypatch):
+    """A stop that lands between the write of last.pth and the run's note that the epoch is saved
+    must neither lose the epoch nor say that nothing was saved (it did, under load)."""
+    save = tmp_path / "ck"
+    real_save = RunFolder.save_epoch
+
+    def save_then_ctrl_c(self, snapshot, **kw):
+        real_save(self, snapshot, **kw)
+        if snapshot.epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the files are written
+
+    monkeypatch.setattr(RunFolder, "save_epoch", save_then_ctrl_c)
+    assert train(data, save, "--epochs", "3") == 130
+    out = capsys.readouterr().out
+    assert f"interrupted: epochs 1-1 are saved in {save}" in out, out
+    assert load_checkpoint(save / LAST_NAME).epoch == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+    monkeypatch.undo()
+    assert train(data, save, "--epochs", "3", "--resume") == 0
+    assert load_checkpoint(save / LAST_NAME).epoch == 3
