@@ -85,8 +85,7 @@ class Predictor:
         logits, features = self.outputs(images)
         if self.calibration is None:
             return [self.top_k(row, top_k) for row in Calibration().probabilities(logits)]
-        if not np.all(np.isfinite(features)):
-            self.top_k(np.full(len(self.classes), np.nan))  # the one message for broken outputs
+        self.refuse_non_finite(features)
         assessed = self.calibration.assess(logits, features)
         return [self._with_unknown(self.top_k(row, top_k), bool(flag), float(score), unknown)
                 for row, flag, score in zip(assessed.probabilities, assessed.unknown, assessed.scores)]
@@ -104,11 +103,14 @@ class Predictor:
             image = decode_image(image, label=label, min_size=self.preprocessing.resize_size)
         return preprocess(to_rgb(image), self.preprocessing)
 
-    def top_k(self, probabilities: np.ndarray, top_k: int | None = None) -> Prediction:
-        """The most likely rows of one probability vector (num_classes,)."""
-        if not np.all(np.isfinite(probabilities)):
+    def refuse_non_finite(self, outputs: np.ndarray) -> None:
+        if not np.all(np.isfinite(outputs)):
             raise NonFiniteOutput(f"{self.source}: the model's outputs are not finite numbers (nan or inf); "
                                   f"its weights are broken: retrain it, or export it again")
+
+    def top_k(self, probabilities: np.ndarray, top_k: int | None = None) -> Prediction:
+        """The most likely rows of one probability vector (num_classes,)."""
+        self.refuse_non_finite(probabilities)
         k = check_top_k(top_k, len(self.classes))
         order = np.argsort(-probabilities, kind="stable")[:k]  # stable: ties keep category order
         categories = [self.classes[i] for i in order]
