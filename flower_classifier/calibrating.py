@@ -47,7 +47,9 @@ def negative_photos(folder: str | Path, *, option: str = "--negatives") -> list[
 def calibration_data(data_dir: str | Path, classes: list[str], backbone: Backbone, *,
                      negatives: str | Path | None = None, cache_dir: str | Path | None = None,
                      device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
-                     engine: str = "torch") -> CalibrationData:
+                     engine: str = "torch", skip=(), splits: dict | None = None) -> CalibrationData:
+    """The features calibration needs. `skip`: photos already found unreadable (not read, nor warned
+    about, again); `splits`: the train and valid (features, labels) when the caller has them already."""
     store = FeatureStore(cache_dir, backbone)
     common = dict(device=device, num_workers=num_workers, progress=progress, engine=engine)
 
@@ -55,11 +57,15 @@ def calibration_data(data_dir: str | Path, classes: list[str], backbone: Backbon
         x, ok = cached_features(backbone, paths, centre_view(backbone), store, **common)
         return x[ok].float().numpy(), ok.numpy()
 
-    splits = {}
+    splits = dict(splits or {})
+    skip = {Path(p) for p in skip}
     for split in ("train", "valid"):
-        folder = FlowerFolder(split_dir(data_dir, split), classes=classes)
-        x, ok = of([p for p, _ in folder.samples])
-        splits[split] = (x, np.array([y for _, y in folder.samples], dtype=np.int64)[ok])
+        if split in splits:
+            continue
+        samples = [(p, y) for p, y in FlowerFolder(split_dir(data_dir, split), classes=classes).samples
+                   if Path(p) not in skip]
+        x, ok = of([p for p, _ in samples])
+        splits[split] = (x, np.array([y for _, y in samples], dtype=np.int64)[ok])
     negative_x = of(negative_photos(negatives))[0] if negatives is not None else None
     if negative_x is not None and len(negative_x) == 0:
         raise UserError(f"--negatives {negatives}: none of its photos could be read")

@@ -295,22 +295,28 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
+    if config.feature_cache:  # the features training used (centre crops first, then any augmented views)
+        splits = {name: (loader.dataset.features.float().numpy(), loader.dataset.labels.numpy())
+                  for name, loader in (("train", train_loader), ("valid", valid_loader))}
+    else:
+        splits = None
     calibrate_run(run, config, data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
-                  log=log, progress=progress)
+                  log=log, progress=progress, splits=splits, skip=skipped)
     return TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
 
 
 def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], backbone: Backbone, *,
                   negatives=None, cache_dir=None, device="cpu", log: Callable[[str], None] = print,
-                  progress: bool = True) -> None:
+                  progress: bool = True, splits: dict | None = None, skip=()) -> None:
     """Calibrate the run's best and last checkpoints (each its own head, so its own temperature) on
-    the data folder, and rewrite them (atomically) with it. Under torchrun every process helps
-    compute the features; the main process writes."""
+    the data folder (or the train/valid features `splits` already at hand; `skip`: photos found
+    unreadable), and rewrite them (atomically) with it. Under torchrun every process helps compute
+    the features; the main process writes."""
     from .calibrating import calibrate_head, calibration_data, describe
 
     data = calibration_data(data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
                             num_workers=config.num_workers, progress=progress,
-                            engine=getattr(config, "engine", "torch"))
+                            engine=getattr(config, "engine", "torch"), splits=splits, skip=skip)
     if not distributed.is_main():
         return
     for path in (run.best, run.last):
