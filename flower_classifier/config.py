@@ -90,6 +90,10 @@ class TrainConfig:
     seed: int = option(0, "random seed; the same seed gives the same run", Number(int, 0, 2**32 - 1))
     num_workers: int = option(2, "data-loading worker processes (0 = in the main process)", WORKERS, flag="")
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", FRACTION, search=[0.0, 0.05, 0.1, 0.2])
+    class_weights: str = option("none", "training loss weight per category: none (every image counts the same) or "
+                                "balanced (n_images / (n_categories * the category's n_images), counted on the "
+                                "training split: each category weighs the same in the loss, the usual 'balanced' rule)",
+                                choices=("none", "balanced"))
     augment: bool = option(True, "centre crops only: no random crop, rotation, flip (classic loop) and no augmented "
                            "views (cached path)", flag="--no_augment", action="store_false")
     feature_cache: bool = option(True, "run the backbone on every image in every epoch, augmenting afresh each time: "
@@ -146,10 +150,10 @@ def field_problem(name: str, value) -> str | None:
         return meta["number"].problem(value)
     kind = dict if name == "extra" else type(FIELDS[name].default)  # extra's default is a factory
     what = {str: "a string", bool: "True or False", dict: "a dict"}[kind]
+    if not _is(value, kind):
+        return f"must be {what} (got {value!r})"
     choices = meta["argparse"].get("choices")
-    if choices and value not in choices:
-        return f"must be one of {', '.join(choices)} (got {value!r})"
-    return None if _is(value, kind) else f"must be {what} (got {value!r})"
+    return f"must be one of {', '.join(choices)} (got {value!r})" if choices and value not in choices else None
 
 
 def flag(name: str) -> str:

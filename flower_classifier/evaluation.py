@@ -1,5 +1,5 @@
 """How good is a model, and where does it go wrong: accuracy of a checkpoint on a labelled split, and
-a report of per-class accuracy, the confusion matrix, the most confused pairs and the worst mistakes;
+a report of per-class precision, recall and F1, the confusion matrix, the most confused pairs and the worst mistakes;
 with a calibrated checkpoint, the calibration error before and after temperature scaling and, given a
 folder of photos that are none of the species (`negatives`), how well "unknown" separates them.
 
@@ -134,13 +134,27 @@ class EvaluationReport:
         return float(np.trace(self.confusion) / max(self.count, 1))
 
     def per_class(self) -> list[dict]:
-        """Per class: category, name, images, correct, accuracy (None for a class with no images)."""
+        """Per class: category, name, images, correct, precision (of the images predicted as the class,
+        the share that are), recall (of the class's images, the share found: its accuracy) and F1 (their
+        harmonic mean, 2TP / (2TP + FP + FN)); None where undefined: recall for a class without images,
+        precision for one never predicted, F1 for one that is neither."""
         rows = []
         for i, (category, name) in enumerate(zip(self.classes, self.names)):
-            total, correct = int(self.confusion[i].sum()), int(self.confusion[i, i])
+            correct = int(self.confusion[i, i])
+            total, predicted = int(self.confusion[i].sum()), int(self.confusion[:, i].sum())  # row, column
             rows.append({"category": category, "name": name, "images": total, "correct": correct,
-                         "accuracy": correct / total if total else None})
+                         "precision": correct / predicted if predicted else None,
+                         "recall": correct / total if total else None,
+                         # 0 for a class with images that is never predicted: missing it is a failure.
+                         "f1": 2 * correct / (total + predicted) if total + predicted else None})
         return rows
+
+    @property
+    def macro_f1(self) -> float | None:
+        """The mean of the per-class F1 over the classes where it is defined: every class counts the
+        same, however many images it has (accuracy is dominated by the large ones)."""
+        scores = [r["f1"] for r in self.per_class() if r["f1"] is not None]
+        return sum(scores) / len(scores) if scores else None
 
     def confused_pairs(self, top: int = 10) -> list[dict]:
         """Off-diagonal cells with at least one image, largest first: true class mistaken for predicted."""
@@ -152,14 +166,18 @@ class EvaluationReport:
                  "share": float(off[t, p] / self.confusion[t].sum())} for t, p in pairs[:top]]
 
     def table(self, top: int = 10) -> str:
-        """Plain text: overall accuracy, per-class accuracy (worst first), the most confused pairs."""
+        """Plain text: overall accuracy and macro F1, per-class precision, recall and F1 (worst recall
+        first), the most confused pairs."""
         width = max([len(n) for n in self.names] + [10])
-        lines = [f"accuracy {100 * self.accuracy:.1f}% on {self.count} images, {len(self.mistakes)} wrong", "",
-                 f"{'category':>8}  {'name':<{width}}  {'images':>6}  {'correct':>7}  {'accuracy':>8}"]
-        rows = sorted(self.per_class(), key=lambda r: (r["accuracy"] is None, r["accuracy"] or 0))
+        percent = lambda value: "-" if value is None else f"{100 * value:.1f}%"  # noqa: E731
+        lines = [f"accuracy {100 * self.accuracy:.1f}% on {self.count} images, {len(self.mistakes)} wrong, "
+                 f"macro F1 {percent(self.macro_f1)}", "",
+                 f"{'category':>8}  {'name':<{width}}  {'images':>6}  {'correct':>7}  {'precision':>9}  {'recall':>6}  "
+                 f"{'F1':>6}"]
+        rows = sorted(self.per_class(), key=lambda r: (r["recall"] is None, r["recall"] or 0))
         for r in rows:
-            acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
-            lines.append(f"{r['category']:>8}  {r['name']:<{width}}  {r['images']:>6}  {r['correct']:>7}  {acc:>8}")
+            lines.append(f"{r['category']:>8}  {r['name']:<{width}}  {r['images']:>6}  {r['correct']:>7}  "
+                         f"{percent(r['precision']):>9}  {percent(r['recall']):>6}  {percent(r['f1']):>6}")
         pairs = self.confused_pairs(top)
         lines += ["", "most confused (true -> predicted):" if pairs else "no confusions"]
         lines += [f"  {p['true']} -> {p['predicted']}: {p['count']} ({100 * p['share']:.0f}% of {p['true']})"
@@ -254,7 +272,7 @@ def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int
              "per_class_accuracy": out / "per_class_accuracy.png", "worst_mistakes": out / "worst_mistakes.png"}
     files["table"].write_text(report.table() + "\n")
     with open(files["per_class_csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["category", "name", "images", "correct", "accuracy"])
+        writer = csv.DictWriter(f, fieldnames=["category", "name", "images", "correct", "precision", "recall", "f1"])
         writer.writeheader()
         writer.writerows(report.per_class())
     plots.plot_confusion_matrix(report, save_to=files["confusion_matrix"])

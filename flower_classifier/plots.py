@@ -118,12 +118,12 @@ def plot_per_class_accuracy(report, *, save_to=None):
     import seaborn as sns
 
     plt = _pyplot()
-    rows = sorted((r for r in report.per_class() if r["images"]), key=lambda r: r["accuracy"])
+    rows = sorted((r for r in report.per_class() if r["images"]), key=lambda r: r["recall"])
     fig, ax = plt.subplots(figsize=(6, 0.9 + 0.28 * len(rows)))
     labels = [f"{r['name']} ({r['images']})" for r in rows]
-    sns.barplot(x=[100 * r["accuracy"] for r in rows], y=labels, ax=ax, color=sns.color_palette()[0], orient="h")
+    sns.barplot(x=[100 * r["recall"] for r in rows], y=labels, ax=ax, color=sns.color_palette()[0], orient="h")
     ax.set_xlim(0, 100)
-    ax.set_xlabel("accuracy (%)")
+    ax.set_xlabel("accuracy = recall (%)")
     ax.set_title("Per-class accuracy (images)")
     if len(rows) > 40:
         ax.tick_params(axis="y", labelsize=6)

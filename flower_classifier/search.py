@@ -25,7 +25,7 @@ from .config import FIELDS, TrainConfig
 from .files import atomic_write
 from .features import FeatureData, feature_loader
 from .model import build_head
-from .training import fit, make_optimizer, seed_everything
+from .training import fit, loss_weights, make_optimizer, seed_everything
 
 # The order the values are drawn in (so that a seed gives the same trials); each field's values are
 # declared with the field, in `config.TrainConfig`, inside the field's range.
@@ -54,6 +54,7 @@ def run_trial(data: FeatureData, config: TrainConfig, *, device: torch.device | 
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     valid_loader = feature_loader(data.valid, batch_size=max(config.batch_size, 256), shuffle=False)
     state = fit(head, head, train_loader, valid_loader, make_optimizer(head, config), config, device=device,
+                class_weights=loss_weights(config, data.train.labels, len(data.classes)),
                 log=lambda message: None, progress=False)
     # Scored on the last epoch (not the best one): the epoch count is one of the searched values.
     last = state.history[-1]

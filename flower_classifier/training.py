@@ -118,6 +118,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, *, loss_fn: nn.Modu
     return {"loss": total_loss / count, "accuracy": top1 / count, "top5": top5 / count, "count": count}
 
 
+def loss_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The training loss's weight per class for `config.class_weights`: None for "none"; for "balanced",
+    n / (C * n_c) from the training `labels` (n of them, C classes, n_c of class c), scikit-learn's
+    "balanced" rule: each class then weighs the same in the loss, however many images it has. A
+    function of the data alone, so a resumed run recomputes the same weights."""
+    if config.class_weights == "none":
+        return None
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
+    # A training split has every class (empty categories are refused); clamp keeps a stray 0 finite.
+    return (len(labels) / (num_classes * counts.clamp(min=1))).float()
+
+
 def make_optimizer(head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     # Only the head's parameters: the backbone is frozen and must not even be seen by the optimizer.
     return torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -139,22 +151,27 @@ class FitState:
 
 def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
         device: torch.device, state: FitState | None = None, run: RunFolder | None = None,
-        template: Checkpoint | None = None, log: Callable[[str], None] = print, progress: bool = True) -> FitState:
+        template: Checkpoint | None = None, class_weights: torch.Tensor | None = None,
+        log: Callable[[str], None] = print, progress: bool = True) -> FitState:
     """Train for the remaining epochs of `config.epochs`, validating after each; with a `run` folder,
     save each epoch there as `last` and (if better) `best`. The one loop of train.py and `search`.
 
     `model` maps the loaders' inputs to logits (backbone+head on images, or the head on cached
     features); `head` is the part that is saved. `template` carries what the checkpoint needs
-    besides the head's weights.
+    besides the head's weights. `class_weights` (see `loss_weights`) weigh the training loss only.
     """
     state = state or FitState()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    weights = None if class_weights is None else class_weights.to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
+    # The validation loss stays unweighted: the loss on the validation split as it is, so that runs
+    # with and without class weights (and search's trials) are compared on the same measure.
+    valid_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for epoch in range(state.epoch + 1, config.epochs + 1):
         start = time.perf_counter()
         seed_epoch(train_loader, config.seed, epoch)
         desc = f"epoch {epoch}/{config.epochs}"
         tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device, desc=f"{desc} train", progress=progress)
-        va = evaluate(model, valid_loader, device, loss_fn=loss_fn, desc=f"{desc} valid", progress=progress)
+        va = evaluate(model, valid_loader, device, loss_fn=valid_loss_fn, desc=f"{desc} valid", progress=progress)
         if not math.isfinite(va["loss"]):  # the last step broke the weights: nothing of it is saved
             raise diverged(f"{desc} valid", va["loss"], optimizer)
         seconds = time.perf_counter() - start
@@ -247,9 +264,11 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         train_loader, valid_loader, classes = cached_training_data(config, data_dir, backbone, device=device,
                                                                    log=log, progress=progress,
                                                                    cache_dir=cache_dir)
+        train_labels = train_loader.dataset.labels  # the images that decoded, each view counted
     else:
         train_set = load_split(data_dir, "train", backbone.preprocessing, augment=config.augment)
         classes = train_set.classes
+        train_labels = torch.tensor([label for _, label in train_set.samples])
         valid_set = load_split(data_dir, "valid", backbone.preprocessing, classes=classes)
         pin = device.type == "cuda"
         train_loader = make_loader(train_set, batch_size=config.batch_size, shuffle=True,
@@ -283,7 +302,8 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         f"on {device}{procs}")
     try:
         state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, state=state,
-                    run=run, template=template, log=log, progress=progress)
+                    run=run, template=template, class_weights=loss_weights(config, train_labels, len(classes)),
+                    log=log, progress=progress)
     except KeyboardInterrupt:
         if state.epoch:
             log(f"interrupted: epochs 1-{state.epoch} are saved in {run.path}; continue with the same command "

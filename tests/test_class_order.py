@@ -143,5 +143,6 @@ def test_the_notebook_scores_and_reports_a_test_split_lacking_category_1(data, t
     printed = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                         if o.get("name") == "stdout")
     assert "test accuracy 100.0%" in printed and "on 4 images" in printed, printed[-1500:]
-    rows = dict(re.findall(r"^ +(\d+)  flower \d+ +\d+ +\d+ +(\S+)$", printed, re.M))  # the report's table
+    # The report's table: category, name, images, correct, precision, recall, F1; recall kept.
+    rows = {c: r for c, r in re.findall(r"^ +(\d+)  flower \d+ +\d+ +\d+ +\S+ +(\S+) +\S+$", printed, re.M)}
     assert rows == {"1": "-", "2": "100.0%", "10": "100.0%"}, printed[-1500:]

@@ -46,7 +46,33 @@ def test_per_class_accuracy_and_names(known):
     rows = known.per_class()
     assert [(r["category"], r["name"], r["images"], r["correct"]) for r in rows] == [
         ("1", "pink primrose", 3, 2), ("2", "hard-leaved pocket orchid", 2, 1), ("10", "globe thistle", 3, 1)]
-    assert [r["accuracy"] for r in rows] == pytest.approx([2 / 3, 1 / 2, 1 / 3])
+    assert [r["recall"] for r in rows] == pytest.approx([2 / 3, 1 / 2, 1 / 3])  # the per-class accuracy
+
+
+def test_precision_recall_and_f1_from_the_confusion_matrix(known):
+    """By hand from the matrix above: precision = diagonal / column sum (4, 2, 2 predicted), recall =
+    diagonal / row sum, F1 = 2PR / (P + R)."""
+    rows = known.per_class()
+    assert [r["precision"] for r in rows] == pytest.approx([2 / 4, 1 / 2, 1 / 2])
+    assert [r["f1"] for r in rows] == pytest.approx([4 / 7, 1 / 2, 2 / 5])
+    for r in rows:
+        assert r["f1"] == pytest.approx(2 * r["precision"] * r["recall"] / (r["precision"] + r["recall"]))
+    assert known.macro_f1 == pytest.approx((4 / 7 + 1 / 2 + 2 / 5) / 3)
+
+
+def test_undefined_precision_recall_and_f1_are_none_and_shown_as_a_dash():
+    """Class a: 3 images, all found, also predicted for b's image; b: 1 image, never predicted (precision
+    undefined, F1 0: missing a class counts against the macro F1); c: no image, never predicted (none)."""
+    report = build_report([0, 0, 0, 1], one_hot_ish([0, 0, 0, 0], [0.9] * 4), ["a", "b", "c"])
+    a, b, c = report.per_class()
+    assert (a["precision"], a["recall"], a["f1"]) == pytest.approx((3 / 4, 1.0, 6 / 7))
+    assert (b["precision"], b["recall"], b["f1"]) == (None, 0.0, 0.0)
+    assert (c["precision"], c["recall"], c["f1"]) == (None, None, None)
+    assert report.macro_f1 == pytest.approx((6 / 7 + 0) / 2)  # over a and b; c is neither true nor predicted
+    table = report.table()
+    assert table.startswith(f"accuracy 75.0% on 4 images, 1 wrong, macro F1 {100 * 3 / 7:.1f}%")
+    row_c = next(line for line in table.splitlines() if line.split()[:2] == ["c", "c"])
+    assert row_c.split()[-3:] == ["-", "-", "-"]
 
 
 def test_confused_pairs_largest_first(known):
@@ -66,16 +92,19 @@ def test_worst_mistakes_are_the_most_confident_wrong_ones(known):
 
 def test_table_lists_worst_class_first_and_the_pairs(known):
     table = known.table()
-    assert table.startswith("accuracy 50.0% on 8 images, 4 wrong")
+    assert table.startswith(f"accuracy 50.0% on 8 images, 4 wrong, macro F1 {100 * (4 / 7 + 0.9) / 3:.1f}%")
     lines = table.splitlines()
-    assert "globe thistle" in lines[3] and "33.3%" in lines[3]  # header at 2, worst class next
+    assert lines[2].split() == ["category", "name", "images", "correct", "precision", "recall", "F1"]
+    # Worst recall next: globe thistle (category 10), precision 50%, recall 33.3%, F1 40%.
+    assert lines[3].split()[-5:] == ["3", "1", "50.0%", "33.3%", "40.0%"] and "globe thistle" in lines[3]
     assert "globe thistle -> pink primrose: 2 (67% of globe thistle)" in table
 
 
 def test_class_without_images_and_no_names():
     report = build_report([0, 0], [[0.9, 0.1], [0.8, 0.2]], ["a", "b"])
     assert report.names == ["a", "b"] and report.mistakes == [] and report.confused_pairs() == []
-    assert report.per_class()[1] == {"category": "b", "name": "b", "images": 0, "correct": 0, "accuracy": None}
+    assert report.per_class()[1] == {"category": "b", "name": "b", "images": 0, "correct": 0, "precision": None,
+                                     "recall": None, "f1": None}
     assert "no confusions" in report.table()
 
 
@@ -87,7 +116,9 @@ def test_write_report_saves_table_csv_and_figures(known, tmp_path):
     files = write_report(known, tmp_path / "out")
     for path in files.values():
         assert path.is_file() and path.stat().st_size > 0
-    assert files["per_class_csv"].read_text().splitlines()[1].startswith("1,pink primrose,3,2,0.66")
+    header, first = files["per_class_csv"].read_text().splitlines()[:2]
+    assert header == "category,name,images,correct,precision,recall,f1"
+    assert first.startswith("1,pink primrose,3,2,0.5,0.66") and first.split(",")[-1].startswith("0.571")
     with Image.open(files["confusion_matrix"]) as im:
         assert im.width > 200 and im.height > 200
 

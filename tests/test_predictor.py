@@ -83,7 +83,8 @@ def test_large_jpegs_are_decoded_at_reduced_size_never_below_the_resize_target(t
 
 EXPECTED_NORMALIZATION = {  # the values each backbone's pretrained weights were trained with
     **{arch: ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) for arch in
-       ("vgg16", "vgg13", "resnet50", "densenet121", "efficientnet_b0", "tiny")},
+       ("vgg16", "vgg13", "resnet50", "densenet121", "efficientnet_b0", "tiny", "vit_b_16", "regnet_y_16gf",
+        "convnext_tiny", "efficientnet_v2_s")},
     **{f"efficientnet_lite{v}": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)) for v in (0, 1, 2)},  # TF's [-1, 1]
 }
 
