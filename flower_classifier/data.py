@@ -2,7 +2,7 @@
 
 This module alone knows such a folder: where its splits are (`split_dir`, `find_splits`), its
 categories (`list_categories`, `find_classes`), which files count as photos (`list_photos`, the one
-rule), and how a photo becomes a tensor (`PhotoList`). A category's photos may sit in subfolders, as
+rule, kept torch-free in `images`), and how a photo becomes a tensor (`PhotoList`). A category's photos may sit in subfolders, as
 torchvision's ImageFolder allows. Hidden files and folders (a name starting with ".", macOS's
 `._x.jpg` and `.DS_Store`, and `__MACOSX`) are never photos nor categories.
 
@@ -17,7 +17,6 @@ of each epoch its own seed, so augmentation depends on (seed, epoch, index) alon
 """
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,9 +28,10 @@ from torchvision import transforms as T
 
 from .backbones import Preprocessing
 from .errors import UserError
-from .images import MAX_IMAGE_PIXELS, decode_image
+# The one rule for which files are photos lives with the torch-free image code, for predict.py on .onnx
+# models; this module's own callers find it here as before.
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, decode_image, is_hidden, list_photos, scan_category  # noqa: F401
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_NAMES = {"train": ("train",), "valid": ("valid", "val"), "test": ("test",)}
 GET_DATA_HINT = "for Oxford 102 run `python -m flower_classifier download flowers`"
 EXAMPLES = 5  # how many names a message lists before "and N more"
@@ -97,11 +97,6 @@ def one_split(path: str | Path) -> Path:
 
 # ---------------------------------------------------------------- categories and photos
 
-def is_hidden(name: str) -> bool:
-    """Dot files (`.DS_Store`, macOS's `._x.jpg` twins) and folders, and macOS zip leftovers."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def list_categories(root: Path) -> list[str]:
     """Category folder names of one split, in natural order (none when `root` has none)."""
     return sorted((p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name)), key=natural_key)
@@ -118,36 +113,6 @@ def find_classes(root: Path) -> list[str]:
         raise UserError(f"{root} has one category folder ({classes[0]}): a classifier needs at least two; "
                         f"add a folder of photos of another category")
     return classes
-
-
-def scan_category(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(photos, other files) in a category folder and its subfolders, each list sorted by path.
-
-    A photo is a file with an image extension; hidden files and folders count as neither. Folder
-    links are followed, each real folder once, except links back up to the folder or above it (a
-    loop, or another category's photos).
-    """
-    photos, others, seen = [], [], set()
-    top = Path(os.path.realpath(folder))
-    for where, folders, names in os.walk(folder, followlinks=True):
-        real = os.path.realpath(where)
-        if real in seen or (seen and top.is_relative_to(real)):
-            folders[:] = []
-            continue
-        seen.add(real)
-        folders[:] = [f for f in folders if not is_hidden(f)]
-        for name in names:
-            path = Path(where) / name
-            if is_hidden(name) or not path.is_file():  # is_file: no broken links, pipes or devices
-                continue
-            (photos if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
-    key = lambda p: p.relative_to(folder).parts
-    return sorted(photos, key=key), sorted(others, key=key)
-
-
-def list_photos(folder: Path) -> list[Path]:
-    """The photos of a category folder, its subfolders included (see `scan_category`)."""
-    return scan_category(folder)[0]
 
 
 def refuse_unreadable_categories(root: Path, classes: list[str], readable: set[int]) -> None:

@@ -1,11 +1,13 @@
-"""Photos, torch-free: decoding shared by training (data.py) and prediction (predictor.py), and the
-preprocessing a backbone expects (its description, and its evaluation transform in numpy).
+"""Photos, torch-free: decoding shared by training (data.py) and prediction (predictor.py), the
+preprocessing a backbone expects (its description, and its evaluation transform in numpy), and the
+one rule for which files in a folder are photos (`list_photos`).
 
 Any file or upload Pillow reads becomes an upright 8-bit RGB image, or a UserError naming it.
 """
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # The one pixel limit, for every command and the server. It counts the pixels a decode would
 # produce, read from the file's header before the decoder runs (a JPEG read at reduced size counts
 # at that size). 64 MP decode to 192 MB of RGB: above any phone photo (12-50 MP) and most cameras,
@@ -166,3 +169,40 @@ def decode_image(source: str | Path | bytes, *, label: str | None = None, max_pi
                                    f"limit is {max_pixels:,})") from None
     except Exception as e:  # decoders raise many kinds on a damaged file (OSError, SyntaxError, struct.error...)
         raise UnreadableImage(label, f"not a readable image ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------- which files are photos
+
+def is_hidden(name: str) -> bool:
+    """Dot files (`.DS_Store`, macOS's `._x.jpg` twins) and folders, and macOS zip leftovers."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def scan_category(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(photos, other files) in a category folder and its subfolders, each list sorted by path.
+
+    A photo is a file with an image extension; hidden files and folders count as neither. Folder
+    links are followed, each real folder once, except links back up to the folder or above it (a
+    loop, or another category's photos).
+    """
+    photos, others, seen = [], [], set()
+    top = Path(os.path.realpath(folder))
+    for where, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(where)
+        if real in seen or (seen and top.is_relative_to(real)):
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = [f for f in folders if not is_hidden(f)]
+        for name in names:
+            path = Path(where) / name
+            if is_hidden(name) or not path.is_file():  # is_file: no broken links, pipes or devices
+                continue
+            (photos if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    key = lambda p: p.relative_to(folder).parts
+    return sorted(photos, key=key), sorted(others, key=key)
+
+
+def list_photos(folder: Path) -> list[Path]:
+    """The photos of a category folder, its subfolders included (see `scan_category`)."""
+    return scan_category(folder)[0]

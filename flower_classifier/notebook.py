@@ -65,7 +65,7 @@ def execute_notebook(path: str | Path, parameters: dict | None = None, *, cwd: s
         inject_parameters(nb, parameters)
     # Let the kernel pick its own inline backend even when the caller forces a headless one.
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
-    # The notebook imports modules that sit next to it (workspace_utils), wherever the kernel runs.
+    # A notebook may import modules that sit next to it, wherever the kernel runs.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(path.resolve().parent), env.get("PYTHONPATH")]))
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd or Path.cwd())}})

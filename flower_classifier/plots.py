@@ -19,17 +19,20 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path, *, dpi: int = 100) -> Path:
-    """Write `fig` as a PNG with a 256-colour palette: photos stay sharp and files stay small."""
+def save_figure(fig, path, *, dpi: int = 100):
+    """Write `fig` as a PNG with a 256-colour palette: photos stay sharp and files stay small.
+    `path`: a file name, or a binary file open for writing (`files.atomic_write`'s)."""
     from PIL import Image
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     buffer.seek(0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not hasattr(path, "write"):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(buffer) as im:
-        im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+        im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, format="PNG",
+                                                                                    optimize=True)
     return path
 
 
@@ -73,7 +76,8 @@ def plot_prediction(image, prediction: Prediction, *, title: str | None = None, 
 
 
 def plot_history(history: list[dict], *, save_to: str | Path | None = None):
-    """Training and validation loss, and validation accuracy, per epoch."""
+    """Training and validation loss, and accuracy (validation; training too when recorded), per
+    epoch, with the best epoch by validation accuracy marked."""
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -82,9 +86,14 @@ def plot_history(history: list[dict], *, save_to: str | Path | None = None):
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_acc.plot(epochs, [100 * h["valid_accuracy"] for h in history], marker="o", color="C2")
+    if all("train_accuracy" in h for h in history):
+        ax_acc.plot(epochs, [100 * h["train_accuracy"] for h in history], marker="o", color="C0", label="training")
+    ax_acc.plot(epochs, [100 * h["valid_accuracy"] for h in history], marker="o", color="C2", label="validation")
+    best = max(history, key=lambda h: h["valid_accuracy"])  # the first of equals, as training keeps it
+    ax_acc.axvline(best["epoch"], color="grey", linestyle=":", label=f"best: epoch {best['epoch']}")
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("validation accuracy (%)")
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.legend()
     if len(epochs) <= 20:  # whole epochs only
         for ax in (ax_loss, ax_acc):
             ax.set_xticks(epochs)

@@ -5,6 +5,8 @@ that keeps two runs from writing into it at once.
     last.pth         the latest finished epoch
     last.state.pth   the latest epoch's head, optimizer state and history: what --resume continues
     train.lock       held while a run writes here: its process id, machine and start time
+    history.csv, training_curves.png, MODEL_CARD.md
+                     the run's record, written at its end (see `record`)
 
 Each run draws a random id, written into all three files and kept by --resume, so that files of two
 runs are never taken for one.
@@ -32,6 +34,9 @@ BEST_NAME = "checkpoint.pth"
 LAST_NAME = "last.pth"
 STATE_NAME = "last.state.pth"
 LOCK_NAME = "train.lock"
+HISTORY_NAME = "history.csv"
+CURVES_NAME = "training_curves.png"
+CARD_NAME = "MODEL_CARD.md"
 
 RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep")  # options that leave the head alone
 
@@ -124,6 +129,7 @@ class RunFolder:
         self.path = Path(path)
         self.best, self.last = self.path / BEST_NAME, self.path / LAST_NAME
         self.state, self.lock = self.path / STATE_NAME, self.path / LOCK_NAME
+        self.history, self.curves, self.card = self.path / HISTORY_NAME, self.path / CURVES_NAME, self.path / CARD_NAME
 
     def check_writable(self) -> None:
         """A --save_dir that cannot hold checkpoints is refused now, not after the first epoch's work."""

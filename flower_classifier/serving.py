@@ -1,5 +1,6 @@
 """The web app: a page where a person photographs or drops a flower and sees its top names, and a
-JSON API (`POST /predict`, described at /openapi.json) for other apps. FastAPI + uvicorn.
+JSON API (`POST /predict`, and `POST /predict/batch` for several photos at once, described at
+/openapi.json) for other apps. FastAPI + uvicorn.
 
 Runs an exported .onnx model (onnxruntime, no torch) or a checkpoint (.pth, PyTorch), through
 `predictor.load_predictor`. Memory is bounded: an upload is capped in bytes (`max_upload_mb`) and
@@ -19,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -35,6 +37,9 @@ DECODES_AT_ONCE = 2  # a decode at the pixel limit holds about 200 MB (more whil
 BODY_TIMEOUT_S = 60.0  # the whole upload must arrive within this (a stalled or very slow client gets 408)
 KEEP_ALIVE_S = 5  # an idle connection is closed after this
 MAX_CONNECTIONS = 64  # beyond this uvicorn answers 503: each request in flight holds up to 2 uploads' bytes
+# POST /predict/batch: photos per request. Its body may hold this many uploads, each within the
+# per-file limit, and one model run takes them all at once.
+MAX_BATCH_FILES = 16
 
 
 # ---------------------------------------------------------------- API schema (shown at /docs)
@@ -53,6 +58,20 @@ class PredictResponse(BaseModel):
     milliseconds: float  # time spent decoding and running the model
 
 
+class BatchItem(BaseModel):
+    filename: str
+    status: int  # what POST /predict would answer for this photo alone: 200, or 400, 413, 415
+    predictions: list[Row] | None = None  # when status is 200
+    unknown: bool | None = None  # as in PredictResponse, when status is 200
+    score: float | None = None
+    error: str | None = None  # otherwise: what is wrong with this photo
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]  # one per uploaded file, in the order sent
+    milliseconds: float
+
+
 class Health(BaseModel):
     status: str
     backend: str  # "onnx" or "pytorch"
@@ -64,18 +83,20 @@ class Health(BaseModel):
 
 class BodyLimit:
     """ASGI middleware: a POST body is read here in full before the app parses it, never past
-    `max_bytes` (413; a declared Content-Length is checked up front) and within `timeout` seconds
-    from its first byte to its last (408), so a slow or stalled client cannot hold a request open."""
+    `max_bytes` (or `paths`' own limit for a path listed there; 413, a declared Content-Length is
+    checked up front) and within `timeout` seconds from its first byte to its last (408), so a slow
+    or stalled client cannot hold a request open."""
 
-    def __init__(self, app, max_bytes: int, timeout: float = BODY_TIMEOUT_S):
-        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
+    def __init__(self, app, max_bytes: int, timeout: float = BODY_TIMEOUT_S, paths: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.timeout, self.paths = app, max_bytes, timeout, paths or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        max_bytes = self.paths.get(scope["path"], self.max_bytes)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send, 413, f"upload larger than {self.max_bytes / 1e6:.1f} MB")
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            return await self._refuse(send, 413, f"upload larger than {max_bytes / 1e6:.1f} MB")
         deadline = asyncio.get_running_loop().time() + self.timeout
         chunks, size = [], 0
         while True:
@@ -87,8 +108,8 @@ class BodyLimit:
                 return  # the client went away
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(send, 413, f"upload larger than {self.max_bytes / 1e6:.1f} MB")
+            if size > max_bytes:
+                return await self._refuse(send, 413, f"upload larger than {max_bytes / 1e6:.1f} MB")
             if not message.get("more_body"):
                 break
         body, replayed = b"".join(chunks), False
@@ -141,6 +162,51 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                                          "(probabilities stay calibrated)")):
         """The top-K species for one uploaded photo (multipart/form-data, field `file`)."""
         start = time.perf_counter()
+        top_k = checked_top_k(top_k)
+        (result,) = answers([prepare(file)], top_k, no_unknown)
+        return PredictResponse(predictions=rows_of(result), unknown=result.unknown, score=result.score,
+                               species=len(predictor.classes),
+                               milliseconds=round(1000 * (time.perf_counter() - start), 1))
+
+    @app.post("/predict/batch", response_model=BatchResponse,
+              responses={400: {"description": "a top_k the model cannot give"}, 408: {"description": "upload too slow"},
+                         413: {"description": f"more than {MAX_BATCH_FILES} files, or too large in all"},
+                         500: {"description": "the model is broken"}})
+    def predict_batch(files: list[UploadFile] = File(..., description=f"up to {MAX_BATCH_FILES} photos, each "
+                                                     f"within the per-file limit"),
+                      top_k: int | None = Query(None, ge=1, description="how many species per photo (default: "
+                                                "up to 5)"),
+                      no_unknown: bool = Query(False, description="never answer \"not one of the species\"")):
+        """The top-K species for each of several photos (multipart/form-data, the field `files` once per
+        photo), in one model run. A photo that cannot be read gets its own error and status; the others
+        are answered."""
+        start = time.perf_counter()
+        if len(files) > MAX_BATCH_FILES:
+            raise HTTPException(413, f"{len(files)} files: at most {MAX_BATCH_FILES} photos per request")
+        top_k = checked_top_k(top_k)
+        items, images = [], []
+        for file in files:
+            try:
+                images.append(prepare(file))
+                items.append(BatchItem(filename=file.filename or "upload", status=200))
+            except HTTPException as e:
+                items.append(BatchItem(filename=file.filename or "upload", status=e.status_code, error=e.detail))
+        if images:
+            results = iter(answers(images, top_k, no_unknown))
+            for item in items:
+                if item.status == 200:
+                    result = next(results)
+                    item.predictions, item.unknown, item.score = rows_of(result), result.unknown, result.score
+        return BatchResponse(results=items, milliseconds=round(1000 * (time.perf_counter() - start), 1))
+
+    def checked_top_k(top_k: int | None) -> int:
+        try:
+            return check_top_k(top_k, len(predictor.classes), option="top_k")
+        except UserError as e:
+            raise HTTPException(400, str(e)) from None
+
+    def prepare(file: UploadFile):
+        """An upload as the model's input (3, S, S), or the HTTPException /predict answers for it."""
         label = repr(file.filename or "upload")
         data = file.file.read(max_bytes + 1)
         if len(data) > max_bytes:
@@ -148,29 +214,27 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
         if not data:
             raise HTTPException(400, f"{label} is empty")
         try:
-            top_k = check_top_k(top_k, len(predictor.classes), option="top_k")
-        except UserError as e:
-            raise HTTPException(400, str(e)) from None
-        try:
             with decode_slots:  # decoding and resizing hold the most memory
-                image = predictor.prepare(data, label=label)  # (3, S, S)
+                return predictor.prepare(data, label=label)
         except ImageTooLarge as e:
             raise HTTPException(413, str(e)) from None
         except UserError as e:
             raise HTTPException(415, str(e)) from None
-        del data
+
+    def answers(images: list, top_k: int, no_unknown: bool) -> list:
+        """Calibrated top-K and the unknown answer for prepared images, in one model run."""
         try:
             with model_slots:
-                result = predictor.answer(image[None], top_k, unknown=not no_unknown)[0]
+                return predictor.answer(np.stack(images), top_k, unknown=not no_unknown)
         except NonFiniteOutput as e:  # never a 200 with "probability": null
             raise HTTPException(500, str(e)) from None
-        rows = [Row(name=n, category=c, probability=p) for n, c, p in result.rows()]
-        return PredictResponse(predictions=rows, unknown=result.unknown, score=result.score,
-                               species=len(predictor.classes),
-                               milliseconds=round(1000 * (time.perf_counter() - start), 1))
+
+    def rows_of(result) -> list[Row]:
+        return [Row(name=n, category=c, probability=p) for n, c, p in result.rows()]
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(BodyLimit, max_bytes=max_bytes + MULTIPART_SLACK, timeout=body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=max_bytes + MULTIPART_SLACK, timeout=body_timeout_s,
+                       paths={"/predict/batch": MAX_BATCH_FILES * (max_bytes + MULTIPART_SLACK)})
     return app
 
 
@@ -211,7 +275,7 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     app = create_app(predictor, max_upload_mb=max_upload_mb, parallel=parallel)
     sock = listen(host, port)  # before saying "Serving": a busy port is one line, not a false start
     print(f"Serving {model} ({len(predictor.classes)} categories) on http://{host}:{port}/  "
-          f"(API: POST /predict, docs at /docs; Ctrl-C stops)", flush=True)
+          f"(API: POST /predict and /predict/batch, docs at /docs; Ctrl-C stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
                             limit_concurrency=MAX_CONNECTIONS)
     uvicorn.Server(config).run(sockets=[sock])

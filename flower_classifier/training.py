@@ -152,13 +152,15 @@ class FitState:
 def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
         device: torch.device, state: FitState | None = None, run: RunFolder | None = None,
         template: Checkpoint | None = None, class_weights: torch.Tensor | None = None,
-        log: Callable[[str], None] = print, progress: bool = True) -> FitState:
+        log: Callable[[str], None] = print, progress: bool = True,
+        on_epoch: Callable[[dict], None] | None = None) -> FitState:
     """Train for the remaining epochs of `config.epochs`, validating after each; with a `run` folder,
     save each epoch there as `last` and (if better) `best`. The one loop of train.py and `search`.
 
     `model` maps the loaders' inputs to logits (backbone+head on images, or the head on cached
     features); `head` is the part that is saved. `template` carries what the checkpoint needs
     besides the head's weights. `class_weights` (see `loss_weights`) weigh the training loss only.
+    `on_epoch(record)` sees each epoch's figures (TensorBoard, say).
     """
     state = state or FitState()
     weights = None if class_weights is None else class_weights.to(device)
@@ -177,13 +179,15 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
         seconds = time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
                   "valid_loss": va["loss"], "valid_accuracy": va["accuracy"], "valid_top5": va["top5"],
-                  "seconds": seconds}
+                  "learning_rate": optimizer.param_groups[0]["lr"], "seconds": seconds}
         state.history.append(record)
         improved = va["accuracy"] > state.best_accuracy
         if improved:
             state.best_accuracy = va["accuracy"]
         log(f"Epoch {epoch}/{config.epochs}  train loss {tr['loss']:.4f}  valid loss {va['loss']:.4f}  "
             f"valid accuracy {100 * va['accuracy']:.1f}%  ({seconds:.1f} s){'  *best' if improved else ''}")
+        if on_epoch is not None:
+            on_epoch(record)
         with interrupts_deferred():  # the epoch's files and `state.epoch` change together
             if run is not None and distributed.is_main():  # under torchrun every process holds the same head
                 snapshot = dataclasses.replace(template, head_state=head.state_dict(), epoch=epoch,
@@ -202,13 +206,16 @@ class TrainResult:
     state: FitState
     classes: list[str]
     epochs_run: int = 0  # epochs trained by this call (0: a resumed run that had already finished)
+    record: list[Path] = field(default_factory=list)  # history.csv, training_curves.png, MODEL_CARD.md (`record`)
+    evaluated: "Evaluated | None" = None  # the best epoch on the test split (test=True), else on valid
 
 
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
                  device: torch.device | str = "cpu", cat_to_name: dict[str, str] | str | Path | None = None,
                  resume: str | Path | bool | None = None, backbone: Backbone | None = None,
                  cache_dir: str | Path | None = None, negatives: str | Path | None = None,
-                 log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+                 log: Callable[[str], None] = print, progress: bool = True, test: bool = False,
+                 tensorboard: str | Path | None = None) -> TrainResult:
     """Load data, build the frozen backbone and a new head, train, keep best and last checkpoints.
 
     With `config.feature_cache` (the default) the backbone runs once per image and the head trains on
@@ -220,13 +227,20 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     a dict or a JSON file's path. `resume`: a last.pth or its folder, or True for `save_dir`. The run
     holds `save_dir`'s lock throughout (see `runfolder`): a second run into it is refused. Once the
     epochs are done, the best and last checkpoints are calibrated (see `calibrating`), with the photos
-    of `negatives` (none of the species) when given.
+    of `negatives` (none of the species) when given. At the end the run folder gets its record
+    (`record`): history, curves and model card, with the best epoch's figures on DATA/test when
+    `test`. `tensorboard`: a folder for TensorBoard's event files.
     """
     device = check_device(device)
     seed_everything(config.seed)
     # Everything that can be refused is checked before weights are downloaded or features computed.
     get_spec(config.arch)
     train_dir, _ = split_dir(data_dir, "train"), split_dir(data_dir, "valid")
+    if test:
+        split_dir(data_dir, "test")
+    from .record import TensorBoardLog  # here: record imports evaluation, which imports this module
+    if tensorboard is not None:
+        TensorBoardLog.check_installed()
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
     classes = find_classes(train_dir)
@@ -251,12 +265,17 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
                     f"(raise --epochs to train more)")
                 return TrainResult(run.best, run.last, FitState.restored(resumed.state), classes)
             log(f"Resuming from {resumed.path} after epoch {done}")
-        return _train(config, data_dir, run, resumed, device=device, cat_to_name=cat_to_name, backbone=backbone,
-                      cache_dir=cache_dir, negatives=negatives, log=log, progress=progress)
+        board = TensorBoardLog(tensorboard) if tensorboard is not None and distributed.is_main() else None
+        try:
+            return _train(config, data_dir, run, resumed, device=device, cat_to_name=cat_to_name, backbone=backbone,
+                          cache_dir=cache_dir, negatives=negatives, log=log, progress=progress, test=test, on_epoch=board)
+        finally:
+            if board is not None:
+                board.close()
 
 
 def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | None, *, device, cat_to_name,
-           backbone, cache_dir, negatives, log, progress) -> TrainResult:
+           backbone, cache_dir, negatives, log, progress, test, on_epoch) -> TrainResult:
     """run_training's work once every check has passed and the run folder is locked."""
     backbone = backbone or build_backbone(config.arch)
     if config.feature_cache:
@@ -303,7 +322,7 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
     try:
         state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, state=state,
                     run=run, template=template, class_weights=loss_weights(config, train_labels, len(classes)),
-                    log=log, progress=progress)
+                    log=log, progress=progress, on_epoch=on_epoch)
     except KeyboardInterrupt:
         if state.epoch:
             log(f"interrupted: epochs 1-{state.epoch} are saved in {run.path}; continue with the same command "
@@ -322,7 +341,15 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         splits = None
     calibrate_run(run, config, data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
                   log=log, progress=progress, splits=splits, skip=skipped)
-    return TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
+    result = TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
+    if distributed.is_main():
+        from .record import record_run
+
+        result.record, result.evaluated = record_run(
+            run, config=config, data_dir=data_dir, classes=classes, cat_to_name=cat_to_name, history=state.history,
+            head=head, backbone=backbone, valid_loader=valid_loader, test=test, device=device,
+            run_id=template.run_id, log=log)
+    return result
 
 
 def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], backbone: Backbone, *,

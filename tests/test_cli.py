@@ -344,8 +344,10 @@ def test_more_predict_and_evaluate_bad_inputs(small_run, tmp_path, capsys):
     notes.write_text("hello, not a checkpoint")
     onnx = tmp_path / "model.onnx"
     onnx.write_bytes(b"\x08\x07")
+    empty = tmp_path / "no_photos"
+    empty.mkdir()
     cases = [
-        (["predict", str(tmp_path), ckpt], [str(tmp_path), "is a directory, not an image"]),
+        (["predict", str(empty), ckpt], [str(empty), "a folder without photos"]),  # a folder: its photos
         (["predict", str(photo), str(tmp_path / "newer.pth")], ["newer.pth", "format version 2 is newer"]),
         (["predict", str(photo), str(tmp_path / "other_arch.pth")], ["'vit_giant', which this version does not know"]),
         (["predict", str(photo), ckpt, "--top_k", "-3"], ["--top_k", ">= 1"]),

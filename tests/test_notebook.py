@@ -111,11 +111,11 @@ def _probes(nb, tmp) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """The notebook run from another folder than its own, relative paths and the default SAVE_DIR."""
+    """The notebook copied into another folder and run there, with relative paths and the default SAVE_DIR."""
     tmp = tmp_path_factory.mktemp("notebook")
     make_dataset(tmp / "flowers", CLASSES, per_split={"train": 4, "valid": 2, "test": 2})
     knobs = {"DATA_DIR": "flowers", "CATEGORY_NAMES": str(ROOT / "cat_to_name.json"), "ARCH": "tiny",
-             "HIDDEN_UNITS": [16], "EPOCHS": 2, "BATCH_SIZE": 8, "DEVICE": "cpu", "NUM_WORKERS": 0,
+             "HIDDEN_UNITS": [16], "EPOCHS": 3, "BATCH_SIZE": 8, "DEVICE": "cpu", "NUM_WORKERS": 0,
              "ASSETS_DIR": "assets"}
     nb = inject_parameters(nbformat.read(NOTEBOOK, as_version=4), knobs)
     for name, source in _probes(nb, tmp).items():
@@ -123,9 +123,13 @@ def executed(tmp_path_factory):
         nb.cells.append(nbformat.v4.new_code_cell(source, metadata={"tags": tags}))
     path = tmp / "with_probes.ipynb"
     nbformat.write(nb, path)
+    # A copy run in another folder, with the package importable and nothing else of the project's
+    # (a top-level module such as workspace_utils would not be, from a copy in runs/).
+    (tmp / "site").mkdir()
+    (tmp / "site" / "flower_classifier").symlink_to(ROOT / "flower_classifier")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(tmp)
-        patch.setenv("PYTHONPATH", str(ROOT))  # workspace_utils, which sits next to the real notebook
+        patch.setenv("PYTHONPATH", str(tmp / "site"))  # this checkout's package, ahead of the installed one
         nb = execute_notebook(path, timeout=120)
     return nb, tmp
 
@@ -151,7 +155,7 @@ def test_notebook_runs_top_to_bottom(executed):
     nb, tmp = executed
     text = _text(nb)
     assert "6 categories: 24 training, 12 validation, 12 test images" in text
-    assert re.search(r"Epoch 2/2  training loss [\d.]+  validation loss [\d.]+  validation accuracy", text)
+    assert re.search(r"Epoch 3/3  training loss [\d.]+  validation loss [\d.]+  validation accuracy", text)
     assert "same scores as before: True" in text
     assert "unknown when the mahalanobis score is above" in text  # section 11b calibrated the loaded model
     # Its own folder, so that it leaves train.py's checkpoints/checkpoint.pth alone.
@@ -161,12 +165,41 @@ def test_notebook_runs_top_to_bottom(executed):
     assert images >= 6  # grid, curves, confusion matrix, mistakes, imshow pair, sanity check
 
 
+def _epochs(text: str) -> list[str]:
+    """The training cell's epoch lines, without their timings."""
+    return [re.sub(r"  \([\d.]+ s\)$", "", line) for line in text.splitlines() if line.startswith("Epoch ")]
+
+
 def test_rerunning_the_training_cell_repeats_the_run(executed):
     nb, _ = executed
     printed, error = _probe(nb, "rerun")
-    first, rerun = ([line for line in text.splitlines() if line.startswith("Epoch ")] for text in (_text(nb), printed))
-    assert len(first) == 2 and not error
+    first, rerun = _epochs(_text(nb)), _epochs(printed)
+    assert len(first) == 3 and not error
     assert rerun == first  # a fresh head from the same seed, not two more epochs of the old one
+
+
+def test_the_best_epoch_is_tested_and_saved(executed):
+    from flower_classifier.checkpoint import load_checkpoint
+
+    nb, tmp = executed
+    text = _text(nb)
+    accuracies = [float(re.search(r"validation accuracy ([\d.]+)%", line).group(1)) for line in _epochs(text)]
+    best = accuracies.index(max(accuracies)) + 1  # the first of equals, as train.py keeps it
+    assert f"Kept epoch {best} of 3, the best by validation accuracy ({max(accuracies):.1f}%)" in text
+    assert f"epoch {best} (the best by validation accuracy): test accuracy" in text
+    saved = load_checkpoint(tmp / "checkpoints" / "notebook" / "checkpoint.pth")
+    assert saved.epoch == best and len(saved.history) == best
+    assert round(100 * saved.metrics["valid_accuracy"], 1) == max(accuracies)
+    assert f"epoch {best}, 6 categories; same scores as before: True" in text  # the model in memory is the best
+
+
+def test_a_saved_notebook_keeps_no_empty_outputs(executed):
+    """Progress bars redrawn with carriage returns leave blank outputs in a saved notebook."""
+    nb, _ = executed
+    outputs = [o for c in _notebook_cells(nb) for o in c.outputs if o.output_type == "stream"]
+    blank = [o for o in outputs if not o.text.replace("\r", "").strip()]
+    assert outputs and not blank
+    assert not [o.text for o in outputs if o.name == "stderr"]
 
 
 @pytest.mark.parametrize("probe", ["ARCH-edited-config-not-rerun!", "ARCH-edited-backbone-not-rerun!"])

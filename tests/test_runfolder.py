@@ -18,10 +18,12 @@ from flower_classifier import training
 from flower_classifier.checkpoint import load_checkpoint, load_training_state
 from flower_classifier.cli import single_command_main
 from flower_classifier.errors import UserError
-from flower_classifier.runfolder import BEST_NAME, LAST_NAME, LOCK_NAME, STATE_NAME, RunFolder
+from flower_classifier.runfolder import BEST_NAME, CARD_NAME, CURVES_NAME, HISTORY_NAME, LAST_NAME, LOCK_NAME, \
+    STATE_NAME, RunFolder
 
 SMALL = ["--arch", "tiny", "--hidden_units", "8", "--batch_size", "4", "--workers", "0", "--quiet"]
 FILES = (BEST_NAME, LAST_NAME, STATE_NAME)
+RECORD = (HISTORY_NAME, CURVES_NAME, CARD_NAME)  # written when a run ends (`record`)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_a_second_run_into_a_locked_folder_is_refused_naming_the_first(data, tmp
 def test_the_lock_is_released_after_a_run_ends_well_or_badly(data, tmp_path, monkeypatch):
     save = tmp_path / "ck"
     assert train(data, save, "--epochs", "1") == 0
-    assert sorted(p.name for p in save.iterdir()) == sorted(FILES)
+    assert sorted(p.name for p in save.iterdir()) == sorted(FILES + RECORD)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -231,7 +233,7 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_files(data,
     line = one_error_line(capsys)
     assert f"could not save epoch 2 in {save} (No space left on device); epochs 1-1 stay saved there" in line
     assert "--resume" in line
-    assert contents(save) == before and sorted(p.name for p in save.iterdir()) == sorted(FILES)
+    assert contents(save) == before and sorted(p.name for p in save.iterdir()) == sorted(FILES + RECORD)
     monkeypatch.setattr(torch, "save", real_save)
     assert train(data, save, "--epochs", "2", "--resume") == 0  # space freed: it goes on
     assert load_checkpoint(save / LAST_NAME).epoch == 2

@@ -71,6 +71,8 @@ def parse_and_run(parser: Parser, argv: list[str], name: str | None, own: Parser
         if prepare:
             prepare(own, argv[skip:])
         args, extras = parser.parse_known_args(argv)
+        if extras and own is not None:
+            extras = own.regroup(args, extras)
         if extras:
             (own or parser).refuse_unknown(extras)
         code = run(args)  # known: without a command, parsing has already exited

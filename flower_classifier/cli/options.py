@@ -31,6 +31,20 @@ class Parser(argparse.ArgumentParser):
                 out[i] = underscored + eq + value
         return out
 
+    # (many, last): positionals that options may split, as in `predict.py A B --top_k 3 C CHECKPOINT`,
+    # where argparse gives A to `many`, B to `last` and leaves C and CHECKPOINT over.
+    split_positionals: tuple[str, str] | None = None
+
+    def regroup(self, args: argparse.Namespace, extras: list[str]) -> list[str]:
+        """Give the positionals left over (see `split_positionals`) to theirs; returns what is still unknown."""
+        if not self.split_positionals or any(e.startswith("-") for e in extras):
+            return extras  # an unknown option: refused, its value with it
+        many, last = self.split_positionals
+        tokens = [*getattr(args, many), getattr(args, last), *extras]
+        setattr(args, many, tokens[:-1])
+        setattr(args, last, tokens[-1])
+        return []
+
     def refuse_unknown(self, extras: list[str]):
         options = [a.partition("=")[0] for a in extras if a.startswith("-")]
         near = difflib.get_close_matches(options[0], self.flags(), n=1) if options else []

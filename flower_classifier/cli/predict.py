@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ..config import Number
 from ..errors import UserError
@@ -14,19 +15,51 @@ from .options import add_config_options, add_shared
 
 
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", help="photo to classify")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="photos to classify: files, folders (their photos, subfolders included) or quoted globs "
+                        "such as 'photos/*.jpg'")
     p.add_argument("checkpoint", help="checkpoint saved by train.py (e.g. checkpoints/checkpoint.pth), or a "
                    "model.onnx from `export` (runs without torch)")
+    p.split_positionals = ("images", "checkpoint")  # photos on both sides of an option still count
     # 10,000: more rows than any classifier here has categories; the model's own count is checked later.
     p.add_argument("--top_k", type=Number(int, 1, 10_000).parse, default=None,
                    help="how many classes to show, at most the model's (default: up to 5)")
     add_shared(p, "--category_names", "--gpu", category_names={
         "help": "JSON file of category -> flower name (default: the names saved in the checkpoint, else category "
                 "numbers)"})
-    p.add_argument("--json", action="store_true", help="print the result as JSON: predictions, unknown, score")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: for one photo file, its rows as an array; for several photos, a folder or a "
+                        "glob, one object per line, {\"path\", \"predictions\"} or {\"path\", \"error\"}")
     p.add_argument("--no_unknown", dest="unknown", action="store_false",
                    help="never answer \"not one of the species\"; probabilities stay calibrated (default: answer it "
                         "when the photo is past the model's threshold)")
+    p.add_argument("--csv", metavar="FILE", default=None,
+                   help="also write a table to FILE: path, then name, category and probability of each of the top "
+                        "K, and why a skipped photo could not be read (default: none)")
+
+
+def photo_paths(arguments: list[str]) -> tuple[list[str], list[str]]:
+    """The photos that IMAGE arguments name (files, folders' photos, globs' matches), in order and
+    each once, and a line for each argument that names none."""
+    import glob
+
+    from ..images import IMAGE_EXTENSIONS, list_photos
+
+    photos, problems = {}, []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            found = [str(p) for p in list_photos(path)]
+            if not found:
+                problems.append(f"{argument}: a folder without photos ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        elif path.exists() or not glob.has_magic(argument):
+            found = [argument]  # a missing file is named when it fails to load
+        else:
+            found = sorted(p for p in glob.glob(argument, recursive=True) if Path(p).is_file())
+            if not found:
+                problems.append(f"{argument}: no file matches")
+        photos.update(dict.fromkeys(found))
+    return list(photos), problems
 
 
 def unknown_line(prediction, num_classes: int) -> str | None:
@@ -39,6 +72,10 @@ def unknown_line(prediction, num_classes: int) -> str | None:
 def run_predict(args: argparse.Namespace) -> int:
     from ..predictor import check_top_k, load_predictor  # torch only for a checkpoint
 
+    photos, problems = photo_paths(args.images)
+    if not photos:
+        raise UserError("; ".join(problems) + " (quote a glob, so that the shell leaves it to predict)")
+    table = _check_table(args.csv) if args.csv else None
     onnx = args.checkpoint.lower().endswith(".onnx")
     if onnx and args.gpu:
         print("note: .onnx models run on the CPU here; --gpu ignored", file=sys.stderr)
@@ -54,25 +91,81 @@ def run_predict(args: argparse.Namespace) -> int:
                                 reference=saved, other="the names the model was trained with",
                                 fix="leave out --category_names to use the trained names"):
             print(f"warning: {w}", file=sys.stderr)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    single = photos == args.images and len(photos) == 1  # one photo file: today's output, and its error
+    results = []
     if predictor.calibration is None:
         print(f"note: {args.checkpoint} has no calibration, so its probabilities are uncalibrated and it never answers "
               f"\"not one of the species\"; add it with `python -m flower_classifier calibrate {args.checkpoint} "
               f"DATA_DIR`" + (" and export again" if onnx else ""), file=sys.stderr)
-    result = predictor.predict(args.image, top_k, unknown=args.unknown)
-    if args.json:
-        print(json.dumps({"image": args.image, "predictions": [{"name": n, "category": c, "probability": p}
-                                                               for n, c, p in result.rows()],
-                          "unknown": result.unknown, "score": result.score}, indent=2))
-        return 0
-    width = max(len(n) for n in result.names)
-    print(f"Top {top_k} for {args.image}:")
-    for rank, (name, category, prob) in enumerate(result.rows(), 1):
+    for result in predictor.predict_many(photos, top_k, unknown=args.unknown):
+        results.append(result)
+        if result.error and single:
+            raise UserError(result.error)
+        if result.error:
+            print(f"warning: skipping {result.error}", file=sys.stderr)
+        if args.json:
+            rows = None if result.error else [{"name": n, "category": c, "probability": p}
+                                              for n, c, p in result.prediction.rows()]
+            answer = {"path": result.photo, **({"error": result.error} if result.error else
+                                               {"predictions": rows, "unknown": result.prediction.unknown,
+                                                "score": result.prediction.score})}
+            print(json.dumps(answer, indent=2) if single else json.dumps(answer))
+        elif not result.error:
+            _print_top(result.photo, result.prediction, top_k, blank_line=len(results) > 1)
+            line = unknown_line(result.prediction, len(predictor.classes))
+            if line:
+                print(line)
+        sys.stdout.flush()  # a long run shows each photo as it is done
+    if table:
+        _write_table(table, results, top_k)
+    skipped = sum(1 for r in results if r.error)
+    if skipped == len(results):
+        raise UserError(f"none of the {len(results)} photos could be read (each is named above)")
+    if skipped:
+        print(f"{skipped} of {len(results)} photos skipped (each is named above)", file=sys.stderr)
+    return 0
+
+
+def _print_top(photo: str, prediction, top_k: int, *, blank_line: bool) -> None:
+    width = max(len(n) for n in prediction.names)
+    print(("\n" if blank_line else "") + f"Top {top_k} for {photo}:")
+    for rank, (name, category, prob) in enumerate(prediction.rows(), 1):
         label = f"{name:<{width}}  (category {category})" if name != category else f"category {category:<{width}}"
         print(f"{rank:>3}. {label}  {100 * prob:6.2f}%")
-    line = unknown_line(result, len(predictor.classes))
-    if line:
-        print(line)
-    return 0
+
+
+def _check_table(path: str) -> Path:
+    """--csv FILE, refused before any work if it cannot be written there."""
+    table = Path(path)
+    if table.is_dir():
+        raise UserError(f"--csv {table} is a folder; pass a file name, e.g. {table / 'predictions.csv'}")
+    if not table.parent.is_dir():
+        raise UserError(f"--csv {table}: {table.parent} " + ("is a file, not a folder" if table.parent.exists()
+                                                              else "does not exist"))
+    return table
+
+
+def _write_table(table: Path, results: list, top_k: int) -> None:
+    """One row per photo: its path, the top K's names, categories and probabilities, or its error."""
+    import csv
+    import io
+
+    from ..files import atomic_write
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["path", *(f"{what}_{rank}" for rank in range(1, top_k + 1)
+                               for what in ("name", "category", "probability")), "error"])
+    for r in results:
+        cells = [] if r.error else [cell for row in r.prediction.rows() for cell in row]
+        writer.writerow([r.photo, *cells, *[""] * (3 * top_k - len(cells)), r.error or ""])
+    try:
+        atomic_write(table, lambda f: f.write(text.getvalue().encode()))
+    except OSError as e:
+        raise UserError(f"--csv {table}: cannot write it ({e.strerror or e})") from None
+    print(f"Wrote {table} ({len(results)} rows)", file=sys.stderr)
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                             "unknown threshold with them too (default: from validation photos alone)"})
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
                    help="continue from --save_dir's last checkpoint, or from the given last.pth")
+    p.add_argument("--test", action="store_true", help="at the end, evaluate the best epoch on DATA_DIR/test and put "
+                   "its figures in the model card (default: off; the card then reports the validation split)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also log each epoch for TensorBoard in DIR (needs `pip install tensorboard`; default: off)")
     p.add_argument("--defaults", default=str(DEFAULTS_FILE),
                    help=f"hyperparameters file written by `search`, read for defaults (default: {DEFAULTS_FILE})")
 
@@ -72,7 +76,8 @@ def run_train(args: argparse.Namespace) -> int:
         result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
                               resume=resume, cache_dir=args.cache_dir, negatives=args.negatives,
                               progress=not args.quiet and main_process,
-                              log=print if main_process else (lambda message: None))
+                              log=print if main_process else (lambda message: None), test=args.test,
+                              tensorboard=args.tensorboard)
     finally:
         signal.signal(signal.SIGTERM, previous)
         distributed.cleanup()

@@ -1,4 +1,5 @@
-"""workspace_utils keep-alive helpers against a local HTTP server; each test takes well under a second."""
+"""The keep-alive helpers (flower_classifier.workspace) against a local HTTP server; each test takes
+well under a second."""
 import http.server
 import socket
 import threading
@@ -6,14 +7,14 @@ import time
 
 import pytest
 
-import workspace_utils
-from workspace_utils import active_session, keep_awake
+from flower_classifier import workspace
+from flower_classifier.workspace import active_session, keep_awake
 
 FAST = {"delay": 0.02, "interval": 0.02}
 
 
 def keepalive_threads():
-    return [t for t in threading.enumerate() if t.name == workspace_utils.THREAD_NAME and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name == workspace.THREAD_NAME and t.is_alive()]
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def slow(items, seconds=0.03):
 
 
 def test_without_endpoint_items_pass_through_silently(monkeypatch, capsys):
-    monkeypatch.delenv(workspace_utils.URL_VARIABLE, raising=False)
+    monkeypatch.delenv(workspace.URL_VARIABLE, raising=False)
     items = ["a", {"b": 1}, None, 3]
     assert list(keep_awake(iter(items), **FAST)) == items
     with active_session(**FAST):
@@ -56,8 +57,8 @@ def test_without_endpoint_items_pass_through_silently(monkeypatch, capsys):
 
 def test_pings_with_token_while_looping_and_stops_after(monkeypatch, server, capsys):
     url, received = server
-    monkeypatch.setenv(workspace_utils.URL_VARIABLE, url)
-    monkeypatch.setenv(workspace_utils.TOKEN_VARIABLE, "secret")
+    monkeypatch.setenv(workspace.URL_VARIABLE, url)
+    monkeypatch.setenv(workspace.TOKEN_VARIABLE, "secret")
     assert list(keep_awake(slow(range(8)), **FAST)) == list(range(8))
     assert not keepalive_threads()
     seen = len(received)
@@ -69,8 +70,8 @@ def test_pings_with_token_while_looping_and_stops_after(monkeypatch, server, cap
 
 def test_thread_stops_on_break_and_on_exception(monkeypatch, server):
     url, received = server
-    monkeypatch.setenv(workspace_utils.URL_VARIABLE, url)
-    monkeypatch.delenv(workspace_utils.TOKEN_VARIABLE, raising=False)
+    monkeypatch.setenv(workspace.URL_VARIABLE, url)
+    monkeypatch.delenv(workspace.TOKEN_VARIABLE, raising=False)
 
     loop = keep_awake(slow(range(100)), **FAST)
     for i in loop:
@@ -91,10 +92,17 @@ def test_endpoint_down_does_not_raise(monkeypatch, capsys):
     with socket.socket() as s:  # a port that nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    monkeypatch.setenv(workspace_utils.URL_VARIABLE, f"http://127.0.0.1:{port}/keep-alive")
+    monkeypatch.setenv(workspace.URL_VARIABLE, f"http://127.0.0.1:{port}/keep-alive")
     assert list(keep_awake(slow(range(6)), **FAST)) == list(range(6))
-    monkeypatch.setenv(workspace_utils.URL_VARIABLE, "not a url")
+    monkeypatch.setenv(workspace.URL_VARIABLE, "not a url")
     with active_session(**FAST):
         time.sleep(0.1)
     assert not keepalive_threads()
     assert capsys.readouterr() == ("", "")
+
+
+def test_the_seed_file_keeps_its_names():
+    import workspace_utils as seed
+
+    assert seed.keep_awake is keep_awake and seed.active_session is active_session
+    assert seed.URL_VARIABLE == workspace.URL_VARIABLE
