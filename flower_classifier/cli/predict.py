@@ -95,10 +95,6 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     single = photos == args.images and len(photos) == 1  # one photo file: today's output, and its error
     results = []
-    if predictor.calibration is None:
-        print(f"note: {args.checkpoint} has no calibration, so its probabilities are uncalibrated and it never answers "
-              f"\"not one of the species\"; add it with `python -m flower_classifier calibrate {args.checkpoint} "
-              f"DATA_DIR`" + (" and export again" if onnx else ""), file=sys.stderr)
     for result in predictor.predict_many(photos, top_k, unknown=args.unknown):
         results.append(result)
         if result.error and single:
@@ -120,6 +116,10 @@ def run_predict(args: argparse.Namespace) -> int:
         sys.stdout.flush()  # a long run shows each photo as it is done
     if table:
         _write_table(table, results, top_k)
+    if predictor.calibration is None and any(not r.error for r in results):
+        print(f"note: {args.checkpoint} has no calibration, so its probabilities are uncalibrated and it never answers "
+              f"\"not one of the species\"; add it with `python -m flower_classifier calibrate {args.checkpoint} "
+              f"DATA_DIR`" + (" and export again" if onnx else ""), file=sys.stderr)
     skipped = sum(1 for r in results if r.error)
     if skipped == len(results):
         raise UserError(f"none of the {len(results)} photos could be read (each is named above)")
