@@ -41,6 +41,23 @@ from flower_classifier.training import run_training  # noqa: E402
 COLUMNS = ("AUROC", "caught", "all", "rejected", "acc-kept", "caught*", "rejected*", "acc-kept*", "bytes")
 
 
+def negative_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (tuning, held-out) halves of `count` negatives, by index: the one split rule of this bench."""
+    order = np.random.default_rng(seed).permutation(count)
+    return order[: count // 2], order[count // 2:]
+
+
+def write_halves(negatives_dir: Path, out: Path, seed: int = 0) -> None:
+    """out/tuning and out/held_out: links to seed `seed`'s halves of the negatives (all readable), so that
+    `train.py`/`calibrate --negatives out/tuning` and `evaluate --negatives out/held_out` use the bench's split."""
+    photos = list_photos(negatives_dir)
+    for name, half in zip(("tuning", "held_out"), negative_halves(len(photos), seed)):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in half:
+            (out / name / photos[i].name).symlink_to(photos[i].resolve())
+    print(f"{out}/tuning and {out}/held_out: seed {seed}'s halves of the {len(photos)} photos of {negatives_dir}")
+
+
 def split_features(backbone, data_dir: Path, negatives_dir: Path, cache_dir) -> dict[str, tuple]:
     """(features (N, D) float32 of the float16 cache, labels (N,), paths) per split, and the negatives
     (label -1)."""
@@ -137,7 +154,12 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, default=cal.KEEP, help="share of valid species kept (default 0.95)")
     p.add_argument("--seeds", type=int, default=5, help="head seeds and negative splits to average (default 5)")
     p.add_argument("--cache_dir", default=None, help="feature cache (default: $FLOWER_CLASSIFIER_CACHE or ~/.cache)")
+    p.add_argument("--write_halves", type=Path, default=None, metavar="DIR",
+                   help="only write DIR/tuning and DIR/held_out (links to seed 0's halves of --negatives) and stop")
     args = p.parse_args(argv)
+    if args.write_halves:
+        write_halves(args.negatives, args.write_halves)
+        return 0
 
     backbone = build_backbone(args.arch)
     feats = split_features(backbone, args.data_dir, args.negatives, args.cache_dir)
@@ -156,8 +178,7 @@ def main(argv=None) -> int:
     yva, yte = feats["valid"][1], feats["test"][1]
     for seed in range(args.seeds):
         logits = train_head_logits(backbone, args.data_dir, feats, seed, args.cache_dir)
-        order = np.random.default_rng(seed).permutation(n_neg)
-        tune, held = order[: n_neg // 2], order[n_neg // 2:]
+        tune, held = negative_halves(n_neg, seed)
         rows = {name: figures(method, feats, logits, tune, held, args.keep, **options)
                 for name, (method, options) in variants.items()}
         for name, row in rows.items():

@@ -27,13 +27,11 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 from scipy.stats import rankdata
 
+from .config import KEEP, UNKNOWN_SCORES as METHODS  # KEEP: default share of validation species photos kept
 from .errors import UserError
 
-LOGIT_METHODS = ("msp", "energy", "max_logit")
-FEATURE_METHODS = ("mahalanobis", "cosine", "knn")
-METHODS = LOGIT_METHODS + FEATURE_METHODS
+LOGIT_METHODS, FEATURE_METHODS = METHODS[:3], METHODS[3:]
 ECE_BINS = 15
-KEEP = 0.95  # default share of validation species photos kept (not called unknown)
 MAX_RANK = 64  # covariance directions kept for Mahalanobis; the rest share one variance
 KNN_K = 5
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -177,7 +175,9 @@ def _shrunk_covariance(residuals: np.ndarray, max_rank: int) -> dict[str, np.nda
     rank = min(max_rank, len(eig))
     kept = (1 - shrink) * eig[:rank] + shrink * mu
     rest = (1 - shrink) * eig[rank:].sum() / max(d - rank, 1) + shrink * mu
-    rest = max(rest, 1e-6 * mu, 1e-12)  # no shrinkage and no variance left (N <= R): keep it invertible
+    # No shrinkage and no variance left (N <= R, or one photo per class): keep it invertible, also once
+    # stored as float16 (whose smallest positive value is 6e-8).
+    rest = max(rest, 1e-6 * mu, 1e-7)
     return {"basis": vt[:rank], "variances": np.maximum(kept, rest), "rest": np.array(rest)}
 
 

@@ -2,7 +2,9 @@
 
 A checkpoint holds what cannot be rebuilt: format version, backbone name and preprocessing, the
 head's weights, the category list (output index -> folder name) and names, the config, epoch and
-metrics. The frozen backbone is never stored: it is rebuilt from its name. Files are written to a
+metrics, and the calibration (temperature, unknown score and threshold; absent in checkpoints from
+before it, which then predict uncalibrated and never answer "unknown"). The frozen backbone is never
+stored: it is rebuilt from its name. Files are written to a
 temporary file and renamed, and read with `torch.load(weights_only=True)`, which runs no code.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .backbones import BACKBONES, build_backbone
+from .calibration import Calibration
 from .images import Preprocessing
 from .config import TrainConfig
 from .devices import check_device
@@ -38,6 +41,7 @@ class Checkpoint:
     metrics: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     run_id: str | None = None  # the training run that wrote it (`runfolder`): one per run, kept on --resume
+    calibration: Calibration | None = None  # fitted once training ends (or by `calibrate`); None before
 
     def name_of(self, category: str) -> str:
         return (self.cat_to_name or {}).get(category, category)
@@ -104,6 +108,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         "metrics": dict(ckpt.metrics),
         "history": list(ckpt.history),
         "run_id": ckpt.run_id,
+        **({"calibration": ckpt.calibration.to_dict()} if ckpt.calibration else {}),
     }, path)
     return Path(path)
 
@@ -134,13 +139,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         isinstance(k, str) and isinstance(n, str) for k, n in v.items()), "None or a {category: name} dict of strings")
     check_head(d.get("head_state"), arch=arch, hidden_units=config.hidden_units, num_classes=len(classes),
                where=f"{path}")
+    calibration = None
+    if d.get("calibration") is not None:
+        calibration = Calibration.from_dict(d["calibration"], where=str(path), num_classes=len(classes),
+                                            feature_dim=BACKBONES[arch].feature_dim)
     return Checkpoint(arch=arch, preprocessing=preprocessing, head_state=d["head_state"], classes=classes,
                       config=config, cat_to_name=names,
                       epoch=field_of("epoch", _is_count, "a whole number >= 0", default=0),
                       metrics=field_of("metrics", _is_plain_record, "a dict of plain values", default={}),
                       history=field_of("history", lambda v: isinstance(v, list) and all(map(_is_plain_record, v)),
                                        "a list of dicts of plain values", default=[]),
-                      run_id=field_of("run_id", _is_run_id, "None or a short string", default=None))
+                      run_id=field_of("run_id", _is_run_id, "None or a short string", default=None),
+                      calibration=calibration)
 
 
 class _FieldChecker:
@@ -202,7 +212,7 @@ def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
     head.load_state_dict(ckpt.head_state)
     return FlowerClassifier(backbone.module, head, classes=ckpt.classes, cat_to_name=ckpt.cat_to_name,
-                            preprocessing=ckpt.preprocessing).eval()
+                            preprocessing=ckpt.preprocessing, calibration=ckpt.calibration).eval()
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[FlowerClassifier, Checkpoint]:

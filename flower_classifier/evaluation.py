@@ -1,5 +1,7 @@
 """How good is a model, and where does it go wrong: accuracy of a checkpoint on a labelled split, and
-a report of per-class precision, recall and F1, the confusion matrix, the most confused pairs and the worst mistakes.
+a report of per-class precision, recall and F1, the confusion matrix, the most confused pairs and the worst mistakes;
+with a calibrated checkpoint, the calibration error before and after temperature scaling and, given a
+folder of photos that are none of the species (`negatives`), how well "unknown" separates them.
 
 `build_report` is a pure function of the targets and predicted probabilities, so it can be checked on
 a known set of predictions; `report_for_model` runs a model over a split to get them; `write_report`
@@ -7,27 +9,96 @@ saves the table and the figures.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .data import FlowerFolder, eval_transform, make_loader, one_split
+from . import calibration as cal
+from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
 from .errors import UserError
 from .predictor import load_predictor
-from .training import evaluate
+from .training import _progress, topk_correct
+
+
+@dataclass
+class Outputs:
+    """What a model gives on a set of photos: logits (N, C), backbone features (N, D), targets (N,)
+    and the photos' paths, for the photos that could be read."""
+
+    logits: np.ndarray
+    features: np.ndarray
+    targets: np.ndarray
+    paths: list[str]
+
+
+@torch.inference_mode()
+def model_outputs(model, dataset: PhotoList, *, device="cpu", batch_size: int = 32, num_workers: int = 0,
+                  what: str = "the split", progress: bool = False) -> Outputs:
+    """Run `model` (a FlowerClassifier) over `dataset`: one pass gives all that evaluation needs."""
+    loader = make_loader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    model.eval()
+    logits, features, targets, paths = [], [], [], []
+    for batch in _progress(loader, "evaluate", progress):
+        if batch is None:  # every image of this batch failed to load (each was warned about)
+            continue
+        images, labels, indices = batch
+        f = model.features(images.to(device))  # (N, D)
+        logits.append(model.head(f).float().cpu())  # (N, C)
+        features.append(f.float().cpu())
+        targets.append(labels)
+        paths += [str(dataset.samples[i][0]) for i in indices.tolist()]
+    if not targets:
+        raise UserError(f"no image of {what} could be loaded")
+    return Outputs(torch.cat(logits).numpy(), torch.cat(features).numpy(), torch.cat(targets).numpy(), paths)
+
+
+def negatives_dataset(folder: str | Path, ckpt) -> PhotoList:
+    """The photos of a folder that are none of the species, as the model sees them (target -1)."""
+    from .calibrating import negative_photos
+
+    return PhotoList([(p, -1) for p in negative_photos(folder)], eval_transform(ckpt.preprocessing))
+
+
+def calibration_figures(outputs: Outputs, calibration: cal.Calibration | None,
+                        negatives: Outputs | None = None) -> dict:
+    """ECE before / after temperature scaling (with the noise floor of as many photos) and, with
+    negatives, `calibration.detection_metrics` and both kinds' scores."""
+    before = cal.softmax(outputs.logits)
+    after = (calibration or cal.Calibration()).probabilities(outputs.logits)
+    figures = {"ece_before": cal.expected_calibration_error(before, outputs.targets),
+               "ece_after": cal.expected_calibration_error(after, outputs.targets),
+               "ece_floor": cal.ece_noise_floor(after),
+               "reliability": (cal.reliability(before, outputs.targets), cal.reliability(after, outputs.targets))}
+    if negatives is not None and calibration is not None:
+        species = calibration.scores(outputs.logits, outputs.features)
+        others = calibration.scores(negatives.logits, negatives.features)
+        correct = outputs.logits.argmax(1) == outputs.targets
+        figures["unknown"] = {**cal.detection_metrics(species, correct, others, calibration.threshold),
+                              "species_scores": species, "negative_scores": others, "negatives": len(others),
+                              "threshold": calibration.threshold, "method": calibration.method}
+    return figures
 
 
 def evaluate_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, device="cpu",
-                        batch_size: int = 32, num_workers: int = 0, progress: bool = True) -> dict:
-    """Top-1 / top-5 accuracy, image count and unreadable (skipped) images of a checkpoint on a split."""
+                        batch_size: int = 32, num_workers: int = 0, negatives: str | Path | None = None,
+                        progress: bool = True) -> dict:
+    """Top-1 / top-5 accuracy, loss, image count and unreadable (skipped) images of a checkpoint on a
+    split, its calibration figures (`calibration_figures`) and whether it is calibrated."""
     predictor = load_predictor(checkpoint_path, device=device, onnx=False)
+    negative_set = negatives_dataset(negatives, predictor) if negatives is not None else None
     dataset = _split_dataset(split_path, predictor)
-    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    metrics = evaluate(predictor.model, loader, torch.device(device), desc="evaluate", progress=progress)
-    return {**metrics, "skipped": len(dataset.skipped())}
+    common = dict(device=device, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    out = model_outputs(predictor.model, dataset, **common)
+    other = model_outputs(predictor.model, negative_set, what=str(negatives), **common) if negative_set else None
+    logits, targets = torch.from_numpy(out.logits), torch.from_numpy(out.targets)
+    hits, count = topk_correct(logits, targets), len(targets)
+    return {"loss": float(torch.nn.functional.cross_entropy(logits, targets)), "accuracy": hits[1] / count,
+            "top5": hits[5] / count, "count": count, "skipped": len(dataset.skipped()),
+            "calibrated": predictor.calibration is not None,
+            **calibration_figures(out, predictor.calibration, other)}
 
 
 def _split_dataset(split_path: str | Path, ckpt) -> FlowerFolder:
@@ -52,6 +123,7 @@ class EvaluationReport:
     names: list[str]  # class index -> flower name (the category when no name is known)
     confusion: np.ndarray  # (C, C) counts: row = true class, column = predicted class
     mistakes: list[Mistake]  # every wrong prediction, most confident first
+    calibration: dict = field(default_factory=dict)  # `calibration_figures`, when the model's outputs are known
 
     @property
     def count(self) -> int:
@@ -110,7 +182,23 @@ class EvaluationReport:
         lines += ["", "most confused (true -> predicted):" if pairs else "no confusions"]
         lines += [f"  {p['true']} -> {p['predicted']}: {p['count']} ({100 * p['share']:.0f}% of {p['true']})"
                   for p in pairs]
+        if self.calibration:
+            lines += ["", *calibration_lines(self.calibration)]
         return "\n".join(lines)
+
+
+def calibration_lines(figures: dict) -> list[str]:
+    """ECE and, with negatives, the unknown answer's figures: what `evaluate` and the report print."""
+    lines = [f"calibration error (ECE, {cal.ECE_BINS} bins): {100 * figures['ece_before']:.1f}% before, "
+             f"{100 * figures['ece_after']:.1f}% after temperature scaling (a perfectly calibrated model shows about "
+             f"{100 * figures['ece_floor']:.1f}% on this many photos)"]
+    u = figures.get("unknown")
+    if u:
+        lines.append(f"unknown ({u['method']} score, threshold {u['threshold']:.4g}): AUROC species vs not-species "
+                     f"{u['auroc']:.4f}; not-species caught {100 * u['negatives_caught']:.1f}% of {u['negatives']}; "
+                     f"species wrongly called unknown {100 * u['species_rejected']:.1f}%; accuracy on accepted species "
+                     f"{100 * u['accepted_accuracy']:.1f}% (all species {100 * u['accuracy']:.1f}%)")
+    return lines
 
 
 def build_report(targets, probabilities, classes: list[str], *, cat_to_name: dict[str, str] | None = None,
@@ -145,36 +233,34 @@ class _Indexed(Dataset):
         return None if item is None else (*item, i)
 
 
-@torch.inference_mode()
 def report_for_model(model, dataset: FlowerFolder, *, cat_to_name: dict[str, str] | None = None,
-                     device="cpu", batch_size: int = 32, num_workers: int = 0) -> EvaluationReport:
-    """Run `model` (images -> logits) over `dataset` (a FlowerFolder) and build the report."""
-    loader = make_loader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    model.eval()
-    targets, probabilities, paths = [], [], []
-    for batch in loader:
-        if batch is None:  # every image of this batch failed to load (each was warned about)
-            continue
-        images, labels, indices = batch
-        probabilities.append(torch.softmax(model(images.to(device)).float(), dim=1).cpu())  # (N, C)
-        targets.append(labels)
-        paths += [str(dataset.samples[i][0]) for i in indices.tolist()]
-    if not targets:
-        raise UserError("no image could be loaded for the report")
-    return build_report(torch.cat(targets).numpy(), torch.cat(probabilities).numpy(), dataset.classes,
-                        cat_to_name=cat_to_name, paths=paths)
+                     device="cpu", batch_size: int = 32, num_workers: int = 0,
+                     negatives: PhotoList | None = None) -> EvaluationReport:
+    """Run `model` (a FlowerClassifier, calibrated when it has a `calibration`) over `dataset` (a
+    FlowerFolder), and over `negatives` when given, and build the report with calibrated probabilities."""
+    common = dict(device=device, batch_size=batch_size, num_workers=num_workers)
+    out = model_outputs(model, dataset, **common)
+    other = model_outputs(model, negatives, what="the negatives", **common) if negatives is not None else None
+    calibration = getattr(model, "calibration", None)
+    report = build_report(out.targets, (calibration or cal.Calibration()).probabilities(out.logits), dataset.classes,
+                          cat_to_name=cat_to_name, paths=out.paths)
+    report.calibration = calibration_figures(out, calibration, other)
+    return report
 
 
 def report_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, device="cpu",
-                      batch_size: int = 32, num_workers: int = 0) -> EvaluationReport:
-    """The report of a saved checkpoint on `split_path/<category>/*.jpg`."""
+                      batch_size: int = 32, num_workers: int = 0,
+                      negatives: str | Path | None = None) -> EvaluationReport:
+    """The report of a saved checkpoint on `split_path/<category>/*.jpg` (and the photos of `negatives`)."""
     predictor = load_predictor(checkpoint_path, device=device, onnx=False)
+    negative_set = negatives_dataset(negatives, predictor) if negatives is not None else None
     return report_for_model(predictor.model, _split_dataset(split_path, predictor), cat_to_name=predictor.cat_to_name,
-                            device=device, batch_size=batch_size, num_workers=num_workers)
+                            device=device, batch_size=batch_size, num_workers=num_workers, negatives=negative_set)
 
 
 def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int = 8) -> dict[str, Path]:
-    """report.txt, per_class.csv and three figures in `out_dir`; returns the paths by kind."""
+    """report.txt, per_class.csv and three figures in `out_dir`, and with the model's outputs
+    calibration.png (reliability diagram) and, with negatives, unknown_scores.png; returns the paths by kind."""
     import csv
 
     from . import plots
@@ -192,4 +278,12 @@ def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int
     plots.plot_confusion_matrix(report, save_to=files["confusion_matrix"])
     plots.plot_per_class_accuracy(report, save_to=files["per_class_accuracy"])
     plots.plot_mistakes(report, limit=mistakes, save_to=files["worst_mistakes"])
+    if report.calibration:
+        files["calibration"] = out / "calibration.png"
+        cal.plot_reliability(*report.calibration["reliability"], save_to=files["calibration"])
+    if report.calibration.get("unknown"):
+        u = report.calibration["unknown"]
+        files["unknown_scores"] = out / "unknown_scores.png"
+        cal.plot_score_histograms(u["species_scores"], u["negative_scores"], u["threshold"], method=u["method"],
+                                  save_to=files["unknown_scores"])
     return files

@@ -1,5 +1,6 @@
-"""Checkpoint -> one self-contained ONNX file: backbone + head + softmax, with the category list,
-flower names and preprocessing in its metadata, so that `predictor.OnnxPredictor` needs nothing else.
+"""Checkpoint -> one self-contained ONNX file: backbone + head, giving logits and the backbone's
+features, with the category list, flower names, preprocessing and calibration (temperature, unknown
+score and threshold) in its metadata, so that `predictor.OnnxPredictor` needs nothing else.
 
 Uses torch's TorchScript-based exporter (`dynamo=False`): it works offline with no extra package,
 and handles every backbone here. The file is written beside the target and renamed into place
@@ -22,20 +23,22 @@ from .predictor import ONNX_FORMAT, ONNX_FORMAT_VERSION, load_predictor
 OPSET = 17
 
 
-class WithSoftmax(nn.Module):
-    """The classifier with probabilities as output, so the app needs no math of its own."""
+class WithFeatures(nn.Module):
+    """The classifier giving its logits and the backbone's features: what `calibration.assess` needs
+    for calibrated probabilities and the unknown score, computed by the same code as for a checkpoint."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(images), dim=1)  # (N, 3, S, S) -> (N, num_classes)
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.backbone(images)  # (N, 3, S, S) -> (N, D)
+        return self.model.head(features), features  # (N, num_classes), (N, D)
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) -> Path:
     """Write `out` (.onnx) from `checkpoint`; returns its path. Input `image` (N, 3, S, S) float32,
-    normalized; output `probabilities` (N, num_classes)."""
+    normalized; outputs `logits` (N, num_classes) and `features` (N, D)."""
     try:
         import onnx
     except ImportError:
@@ -56,9 +59,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and constant-folding notes
-            torch.onnx.export(WithSoftmax(predictor.model), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
-                              input_names=["image"], output_names=["probabilities"], opset_version=opset,
-                              dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}})
+            torch.onnx.export(WithFeatures(predictor.model), (torch.zeros(1, 3, size, size),), buffer, dynamo=False,
+                              input_names=["image"], output_names=["logits", "features"], opset_version=opset,
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
     finally:
         torch.backends.mha.set_fastpath_enabled(fused_attention)
     proto = onnx.load_from_string(buffer.getvalue())
@@ -69,6 +72,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
         "classes": json.dumps(predictor.classes),
         "cat_to_name": json.dumps(predictor.cat_to_name),
         "preprocessing": json.dumps(predictor.preprocessing.to_dict()),
+        "calibration": json.dumps(predictor.calibration.to_dict() if predictor.calibration else None,
+                                  separators=(",", ":")),
     }
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

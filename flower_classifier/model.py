@@ -24,17 +24,20 @@ class FlowerClassifier(nn.Module):
     """Frozen backbone, trainable head. Outputs logits (N, num_classes).
 
     A model built from a checkpoint also knows what prediction needs: `classes` (output index ->
-    category folder), `cat_to_name` (category -> flower name) and the backbone's `preprocessing`.
+    category folder), `cat_to_name` (category -> flower name), the backbone's `preprocessing` and
+    the `calibration` (`calibration.Calibration`, or None for a checkpoint saved before it).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, classes: Sequence[str] | None = None,
-                 cat_to_name: dict[str, str] | None = None, preprocessing: Preprocessing | None = None):
+                 cat_to_name: dict[str, str] | None = None, preprocessing: Preprocessing | None = None,
+                 calibration=None):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.classes = list(classes) if classes is not None else None
         self.cat_to_name = cat_to_name
         self.preprocessing = preprocessing
+        self.calibration = calibration
 
     def train(self, mode: bool = True) -> "FlowerClassifier":
         super().train(mode)

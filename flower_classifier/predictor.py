@@ -9,7 +9,9 @@ exported .onnx file (ONNX Runtime), and the classic notebook API (`process_image
 Torch is imported only for a checkpoint: `predict.py photo.jpg model.onnx` and `serve model.onnx`
 need Pillow, numpy and onnxruntime alone, start in a fraction of the time and fit a small container.
 Both backends share the decoding and the numpy preprocessing (`images.preprocess`, held equal to the
-torchvision evaluation transform by a test), so they differ only in who runs the network.
+torchvision evaluation transform by a test), so they differ only in who runs the network: each gives
+logits and the backbone's features, and `calibration.Calibration.assess` turns them into calibrated
+probabilities and the "not one of my species" answer, the same way for both.
 """
 from __future__ import annotations
 
@@ -22,11 +24,13 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from .calibration import Calibration
 from .errors import UserError
 from .images import Preprocessing, decode_image, preprocess, to_rgb
 
 ONNX_FORMAT = "flower_classifier.onnx"
-ONNX_FORMAT_VERSION = 1
+# 2: outputs logits and features, metadata "calibration". 1: outputs probabilities, no calibration.
+ONNX_FORMAT_VERSION = 2
 DEFAULT_TOP_K = 5  # "up to 5": a model with fewer categories shows them all
 
 
@@ -39,6 +43,8 @@ class Prediction:
     probabilities: list[float]  # most likely first
     categories: list[str]  # category folder names ("1".."102" for Oxford 102)
     names: list[str]  # flower names, or the category numbers when no names are known
+    unknown: bool | None = None  # not one of the species the model knows; None: not asked (no calibration, --no_unknown)
+    score: float | None = None  # the unknown score (higher = less like the species); None without calibration
 
     def rows(self) -> list[tuple[str, str, float]]:
         return list(zip(self.names, self.categories, self.probabilities))
@@ -71,13 +77,36 @@ class Predictor:
     backend = ""  # "pytorch" or "onnx"
 
     def __init__(self, *, arch: str, classes: list[str], cat_to_name: dict[str, str] | None,
-                 preprocessing: Preprocessing, source: str):
+                 preprocessing: Preprocessing, source: str, calibration: Calibration | None):
         self.arch, self.classes, self.cat_to_name = arch, list(classes), cat_to_name
         self.preprocessing, self.source = preprocessing, source  # source: the file, for messages
+        # None (saved before calibration existed): temperature 1 and no unknown answer.
+        self.calibration = calibration
+
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (N, num_classes) and backbone features (N, D) for preprocessed images (N, 3, S, S) float32."""
+        raise NotImplementedError
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, num_classes) probabilities for preprocessed images (N, 3, S, S) float32."""
-        raise NotImplementedError
+        """(N, num_classes) calibrated probabilities for preprocessed images (N, 3, S, S) float32."""
+        return (self.calibration or Calibration()).probabilities(self.outputs(images)[0])
+
+    def answer(self, images: np.ndarray, top_k: int | None = None, *, unknown: bool = True) -> list[Prediction]:
+        """Top-K rows of calibrated probabilities for preprocessed images (N, 3, S, S), and whether each
+        is none of the species (`unknown=False`, or no calibration: not asked)."""
+        logits, features = self.outputs(images)
+        if self.calibration is None:
+            return [self.top_k(row, top_k) for row in Calibration().probabilities(logits)]
+        self.refuse_non_finite(features)
+        assessed = self.calibration.assess(logits, features)
+        return [self._with_unknown(self.top_k(row, top_k), bool(flag), float(score), unknown)
+                for row, flag, score in zip(assessed.probabilities, assessed.unknown, assessed.scores)]
+
+    @staticmethod
+    def _with_unknown(prediction: Prediction, flag: bool, score: float, asked: bool) -> Prediction:
+        prediction.score = score
+        prediction.unknown = flag if asked else None
+        return prediction
 
     def prepare(self, image: str | Path | bytes | Image.Image, *, label: str | None = None) -> np.ndarray:
         """A photo (path, a file's bytes, or a PIL image) as the model's input (3, S, S). Large JPEGs
@@ -86,28 +115,32 @@ class Predictor:
             image = decode_image(image, label=label, min_size=self.preprocessing.resize_size)
         return preprocess(to_rgb(image), self.preprocessing)
 
-    def top_k(self, probabilities: np.ndarray, top_k: int | None = None) -> Prediction:
-        """The most likely rows of one probability vector (num_classes,)."""
-        if not np.all(np.isfinite(probabilities)):
+    def refuse_non_finite(self, outputs: np.ndarray) -> None:
+        if not np.all(np.isfinite(outputs)):
             raise NonFiniteOutput(f"{self.source}: the model's outputs are not finite numbers (nan or inf); "
                                   f"its weights are broken: retrain it, or export it again")
+
+    def top_k(self, probabilities: np.ndarray, top_k: int | None = None) -> Prediction:
+        """The most likely rows of one probability vector (num_classes,)."""
+        self.refuse_non_finite(probabilities)
         k = check_top_k(top_k, len(self.classes))
         order = np.argsort(-probabilities, kind="stable")[:k]  # stable: ties keep category order
         categories = [self.classes[i] for i in order]
         names = self.cat_to_name or {}
         return Prediction([float(probabilities[i]) for i in order], categories, [names.get(c, c) for c in categories])
 
-    def predict_batch(self, images: list, top_k: int | None = None) -> list[Prediction]:
+    def predict_batch(self, images: list, top_k: int | None = None, *, unknown: bool = True) -> list[Prediction]:
         check_top_k(top_k, len(self.classes))  # before any decoding
-        probabilities = self.probabilities(np.stack([self.prepare(image) for image in images]))
-        return [self.top_k(row, top_k) for row in probabilities]
+        return self.answer(np.stack([self.prepare(image) for image in images]), top_k, unknown=unknown)
 
-    def predict(self, image: str | Path | bytes | Image.Image, top_k: int | None = None) -> Prediction:
-        """Top-K names and probabilities for a photo (a path, a file's bytes, or a PIL image)."""
-        return self.predict_batch([image], top_k)[0]
+    def predict(self, image: str | Path | bytes | Image.Image, top_k: int | None = None, *,
+                unknown: bool = True) -> Prediction:
+        """Top-K names and calibrated probabilities for a photo (a path, a file's bytes, or a PIL
+        image), and whether it is none of the species (`unknown=False`: not asked)."""
+        return self.predict_batch([image], top_k, unknown=unknown)[0]
 
     def predict_many(self, photos: Iterable[str | Path], top_k: int | None = None, *,
-                     batch_size: int = 16) -> Iterator[PhotoResult]:
+                     batch_size: int = 16, unknown: bool = True) -> Iterator[PhotoResult]:
         """Top-K for each photo path, in order, the model run on up to `batch_size` photos at a time.
         A photo that cannot be read comes back with its `error` instead of stopping the others."""
         check_top_k(top_k, len(self.classes))  # before any decoding
@@ -116,8 +149,8 @@ class Predictor:
         def run() -> list[PhotoResult]:
             if not ready:
                 return []
-            probabilities = self.probabilities(np.stack([array for _, array in ready]))  # (N, num_classes)
-            results = [PhotoResult(photo, self.top_k(row, top_k)) for (photo, _), row in zip(ready, probabilities)]
+            answers = self.answer(np.stack([array for _, array in ready]), top_k, unknown=unknown)
+            results = [PhotoResult(photo, answer) for (photo, _), answer in zip(ready, answers)]
             ready.clear()
             return results
 
@@ -136,12 +169,13 @@ class Predictor:
         """Refuse a model whose output on a plain grey photo is not finite: broken weights answer nan
         for every photo, and should be named at load, not as a null probability per request."""
         size = self.preprocessing.input_size
-        self.top_k(self.probabilities(self.prepare(Image.new("RGB", (size, size), (128, 128, 128)))[None])[0])
+        self.answer(self.prepare(Image.new("RGB", (size, size), (128, 128, 128)))[None])
 
 
 class OnnxPredictor(Predictor):
-    """An exported model (backbone + head + softmax); its metadata (classes, names, preprocessing)
-    is validated as data. ONNX Runtime's Run is thread-safe."""
+    """An exported model (backbone + head, giving logits and features); its metadata (classes, names,
+    preprocessing, calibration) is validated as data. A version-1 file (probabilities out, no
+    calibration) still loads. ONNX Runtime's Run is thread-safe."""
 
     backend = "onnx"
 
@@ -178,6 +212,11 @@ class OnnxPredictor(Predictor):
             raise UserError(f"{path}: metadata classes must be a list of category names (strings)")
         if len(set(classes)) != len(classes):
             raise UserError(f"{path}: metadata classes lists a category twice")
+        self.version = int(version)
+        outputs = [o.name for o in self.session.get_outputs()]
+        if self.version >= 2 and outputs[:2] != ["logits", "features"]:
+            raise UserError(f"{path}: format version {version} must output logits and features (got "
+                            f"{', '.join(outputs)}); export the model again")
         if isinstance(output.shape[-1], int) and output.shape[-1] != len(classes):
             raise UserError(f"{path}: metadata lists {len(classes)} classes but the model has "
                             f"{output.shape[-1]} outputs")
@@ -189,12 +228,21 @@ class OnnxPredictor(Predictor):
             raise UserError(f"{path}: metadata preprocessing input_size {preprocessing.input_size} differs from "
                             f"the model's input size {image.shape[-1]}")
         arch = meta.get("arch", "")
+        calibration = None
+        if self.version >= 2 and _metadata_json(path, meta, "calibration", default=None) is not None:
+            features = self.session.get_outputs()[1].shape[-1]
+            calibration = Calibration.from_dict(_metadata_json(path, meta, "calibration"), where=str(path),
+                                                num_classes=len(classes),
+                                                feature_dim=features if isinstance(features, int) else None)
         super().__init__(arch=arch, classes=classes, cat_to_name=names, preprocessing=preprocessing,
-                         source=str(path))
+                         source=str(path), calibration=calibration)
         self.input_name = image.name
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: images.astype(np.float32, copy=False)})[0]
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.session.run(None, {self.input_name: images.astype(np.float32, copy=False)})
+        if self.version == 1:  # probabilities only: their logarithm gives back the same softmax
+            return np.log(np.maximum(out[0], 1e-30)), np.zeros((len(images), 0), dtype=np.float32)
+        return out[0], out[1]
 
 
 def _metadata_json(path: Path, meta: dict, key: str, **default):
@@ -217,16 +265,18 @@ class TorchPredictor(Predictor):
     def __init__(self, model, *, arch: str = "", source: str = "model"):
         check_model(model)
         super().__init__(arch=arch, classes=model.classes, cat_to_name=model.cat_to_name,
-                         preprocessing=model.preprocessing, source=source)
+                         preprocessing=model.preprocessing, source=source,
+                         calibration=getattr(model, "calibration", None))
         self.model = model.eval()
         self.device = next(model.head.parameters()).device
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(images).to(self.device))  # (N, num_classes)
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            features = self.model.features(torch.from_numpy(images).to(self.device))  # (N, D)
+            logits = self.model.head(features)  # (N, num_classes)
+            return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
 
 def load_predictor(path: str | Path, *, device="cpu", threads: int | None = None,

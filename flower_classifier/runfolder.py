@@ -38,7 +38,7 @@ HISTORY_NAME = "history.csv"
 CURVES_NAME = "training_curves.png"
 CARD_NAME = "MODEL_CARD.md"
 
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra")  # options that leave the run's results alone
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep")  # options that leave the head alone
 
 
 @contextmanager

@@ -51,7 +51,10 @@ class Row(BaseModel):
 
 
 class PredictResponse(BaseModel):
-    predictions: list[Row]  # most likely first
+    predictions: list[Row]  # most likely first; calibrated probabilities
+    unknown: bool | None  # none of the species the model knows; null: not asked (no_unknown, or no calibration)
+    score: float | None  # the unknown score (higher = less like the species); null for a model without calibration
+    species: int  # how many species the model knows
     milliseconds: float  # time spent decoding and running the model
 
 
@@ -59,6 +62,8 @@ class BatchItem(BaseModel):
     filename: str
     status: int  # what POST /predict would answer for this photo alone: 200, or 400, 413, 415
     predictions: list[Row] | None = None  # when status is 200
+    unknown: bool | None = None  # as in PredictResponse, when status is 200
+    score: float | None = None
     error: str | None = None  # otherwise: what is wrong with this photo
 
 
@@ -152,14 +157,15 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                          408: {"description": "upload too slow"}, 413: {"description": "file or image too large"},
                          415: {"description": "not an image"}, 500: {"description": "the model is broken"}})
     def predict(file: UploadFile = File(..., description="a photo: JPEG, PNG, WebP, ..."),
-                top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)")):
+                top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)"),
+                no_unknown: bool = Query(False, description="never answer \"not one of the species\" "
+                                         "(probabilities stay calibrated)")):
         """The top-K species for one uploaded photo (multipart/form-data, field `file`)."""
         start = time.perf_counter()
         top_k = checked_top_k(top_k)
-        image = prepare(file)
-        with model_slots:
-            probabilities = predictor.probabilities(image[None])[0]
-        return PredictResponse(predictions=rows_of(probabilities, top_k),
+        (result,) = answers([prepare(file)], top_k, no_unknown)
+        return PredictResponse(predictions=rows_of(result), unknown=result.unknown, score=result.score,
+                               species=len(predictor.classes),
                                milliseconds=round(1000 * (time.perf_counter() - start), 1))
 
     @app.post("/predict/batch", response_model=BatchResponse,
@@ -169,7 +175,8 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
     def predict_batch(files: list[UploadFile] = File(..., description=f"up to {MAX_BATCH_FILES} photos, each "
                                                      f"within the per-file limit"),
                       top_k: int | None = Query(None, ge=1, description="how many species per photo (default: "
-                                                "up to 5)")):
+                                                "up to 5)"),
+                      no_unknown: bool = Query(False, description="never answer \"not one of the species\"")):
         """The top-K species for each of several photos (multipart/form-data, the field `files` once per
         photo), in one model run. A photo that cannot be read gets its own error and status; the others
         are answered."""
@@ -185,11 +192,11 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
             except HTTPException as e:
                 items.append(BatchItem(filename=file.filename or "upload", status=e.status_code, error=e.detail))
         if images:
-            with model_slots:
-                probabilities = iter(predictor.probabilities(np.stack(images)))  # (N, num_classes)
+            results = iter(answers(images, top_k, no_unknown))
             for item in items:
                 if item.status == 200:
-                    item.predictions = rows_of(next(probabilities), top_k)
+                    result = next(results)
+                    item.predictions, item.unknown, item.score = rows_of(result), result.unknown, result.score
         return BatchResponse(results=items, milliseconds=round(1000 * (time.perf_counter() - start), 1))
 
     def checked_top_k(top_k: int | None) -> int:
@@ -214,11 +221,15 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
         except UserError as e:
             raise HTTPException(415, str(e)) from None
 
-    def rows_of(probabilities, top_k: int) -> list[Row]:
+    def answers(images: list, top_k: int, no_unknown: bool) -> list:
+        """Calibrated top-K and the unknown answer for prepared images, in one model run."""
         try:
-            result = predictor.top_k(probabilities, top_k)
+            with model_slots:
+                return predictor.answer(np.stack(images), top_k, unknown=not no_unknown)
         except NonFiniteOutput as e:  # never a 200 with "probability": null
             raise HTTPException(500, str(e)) from None
+
+    def rows_of(result) -> list[Row]:
         return [Row(name=n, category=c, probability=p) for n, c, p in result.rows()]
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

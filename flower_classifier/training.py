@@ -23,7 +23,7 @@ from torch import nn
 from .progress import progress_bar
 from . import devices, distributed
 from .backbones import Backbone, build_backbone, get_spec
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
 from .data import epoch_seed, find_classes, load_split, make_loader, skipped_images, split_dir
@@ -226,8 +226,9 @@ class TrainResult:
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
                  device: torch.device | str = "cpu", cat_to_name: dict[str, str] | str | Path | None = None,
                  resume: str | Path | bool | None = None, backbone: Backbone | None = None,
-                 cache_dir: str | Path | None = None, log: Callable[[str], None] = print,
-                 progress: bool = True, test: bool = False, tensorboard: str | Path | None = None) -> TrainResult:
+                 cache_dir: str | Path | None = None, negatives: str | Path | None = None,
+                 log: Callable[[str], None] = print, progress: bool = True, test: bool = False,
+                 tensorboard: str | Path | None = None) -> TrainResult:
     """Load data, build the frozen backbone and a new head, train, keep best and last checkpoints.
 
     With `config.feature_cache` (the default) the backbone runs once per image and the head trains on
@@ -237,9 +238,11 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
 
     `device`: one this machine has (`select_device(gpu=True)` picks one, or the CPU). `cat_to_name`:
     a dict or a JSON file's path. `resume`: a last.pth or its folder, or True for `save_dir`. The run
-    holds `save_dir`'s lock throughout (see `runfolder`): a second run into it is refused. At the end
-    the run folder gets its record (`record`): history, curves and model card, with the best epoch's
-    figures on DATA/test when `test`. `tensorboard`: a folder for TensorBoard's event files.
+    holds `save_dir`'s lock throughout (see `runfolder`): a second run into it is refused. Once the
+    epochs are done, the best and last checkpoints are calibrated (see `calibrating`), with the photos
+    of `negatives` (none of the species) when given. At the end the run folder gets its record
+    (`record`): history, curves and model card, with the best epoch's figures on DATA/test when
+    `test`. `tensorboard`: a folder for TensorBoard's event files.
     """
     device = check_device(device)
     from .features import resolve_engine
@@ -258,6 +261,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
     classes = find_classes(train_dir)
+    if negatives is not None:
+        from .calibrating import negative_photos
+
+        negative_photos(negatives)
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)
@@ -278,14 +285,14 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         board = TensorBoardLog(tensorboard) if tensorboard is not None and distributed.is_main() else None
         try:
             return _train(config, data_dir, run, resumed, device=device, cat_to_name=cat_to_name, backbone=backbone,
-                          cache_dir=cache_dir, log=log, progress=progress, test=test, on_epoch=board)
+                          cache_dir=cache_dir, negatives=negatives, log=log, progress=progress, test=test, on_epoch=board)
         finally:
             if board is not None:
                 board.close()
 
 
 def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | None, *, device, cat_to_name,
-           backbone, cache_dir, log, progress, test, on_epoch) -> TrainResult:
+           backbone, cache_dir, negatives, log, progress, test, on_epoch) -> TrainResult:
     """run_training's work once every check has passed and the run folder is locked."""
     backbone = backbone or build_backbone(config.arch)
     if config.feature_cache:
@@ -348,6 +355,13 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
+    if config.feature_cache:  # the features training used (centre crops first, then any augmented views)
+        splits = {name: (loader.dataset.features.float().numpy(), loader.dataset.labels.numpy())
+                  for name, loader in (("train", train_loader), ("valid", valid_loader))}
+    else:
+        splits = None
+    calibrate_run(run, config, data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
+                  log=log, progress=progress, splits=splits, skip=skipped)
     result = TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
     if distributed.is_main():
         from .record import record_run
@@ -357,3 +371,26 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
             head=head, backbone=backbone, valid_loader=valid_loader, test=test, device=device,
             run_id=template.run_id, log=log)
     return result
+
+
+def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], backbone: Backbone, *,
+                  negatives=None, cache_dir=None, device="cpu", log: Callable[[str], None] = print,
+                  progress: bool = True, splits: dict | None = None, skip=()) -> None:
+    """Calibrate the run's best and last checkpoints (each its own head, so its own temperature) on
+    the data folder (or the train/valid features `splits` already at hand; `skip`: photos found
+    unreadable), and rewrite them (atomically) with it. Under torchrun every process helps compute
+    the features; the main process writes."""
+    from .calibrating import calibrate_head, calibration_data, describe
+
+    data = calibration_data(data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
+                            num_workers=config.num_workers, progress=progress,
+                            engine=getattr(config, "engine", "torch"), splits=splits, skip=skip)
+    if not distributed.is_main():
+        return
+    for path in (run.best, run.last):
+        ckpt = load_checkpoint(path)
+        ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config.hidden_units, classes, data,
+                                          method=config.unknown_score, keep=config.keep)
+        save_checkpoint(ckpt, path)
+        if path == run.best:
+            log(describe(ckpt.calibration, data))

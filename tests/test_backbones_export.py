@@ -134,7 +134,8 @@ def test_export_matches_pytorch_and_carries_the_backbones_preprocessing(trained,
     with torch.inference_mode():
         expected = torch.softmax(model(images), dim=1).numpy()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"image": images.numpy()})[0]
+    logits, _ = session.run(["logits", "features"], {"image": images.numpy()})
+    got = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     assert got.shape == (3, len(CLASSES))
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     # Parity means something only if the backbone's output reaches the probabilities (random
@@ -146,13 +147,17 @@ def test_export_matches_pytorch_and_carries_the_backbones_preprocessing(trained,
 @pytest.mark.parametrize("trained", ["vgg16"], indirect=True)  # the default backbone, the largest features
 def test_a_vgg16_run_saves_the_head_and_never_the_backbone(trained):
     """Through the real training save path: best, last and the resume state hold the head (and the
-    optimizer's two moments of it), not VGG16's 14.7M convolution weights."""
+    optimizer's two moments of it; the checkpoints their calibration), not VGG16's 14.7M convolution
+    weights."""
     _, save_dir, ckpt_path, _ = trained
-    head_bytes = 4 * sum(t.numel() for t in load_checkpoint(ckpt_path).head_state.values())  # float32
+    ckpt = load_checkpoint(ckpt_path)
+    head_bytes = 4 * sum(t.numel() for t in ckpt.head_state.values())  # float32
+    calibration_bytes = ckpt.calibration.storage_bytes() * 4 / 3  # float16 arrays, as base64 text
     backbone_bytes = 4 * sum(t.numel() for t in build_backbone("vgg16", pretrained=False).module.state_dict().values())
     assert head_bytes < 1e6 < 50e6 < backbone_bytes
     sizes = {p.name: p.stat().st_size for p in save_dir.iterdir() if p.suffix == ".pth"}  # not the run's record
     assert set(sizes) >= {"checkpoint.pth", "last.pth", "last.state.pth"}
     for file, size in sizes.items():
         moments = 2 if file.endswith(".state.pth") else 0  # AdamW's exp_avg and exp_avg_sq
-        assert head_bytes <= size < (1 + moments) * head_bytes * 1.1 + 100_000, (file, size)
+        calibrated = 0 if moments else calibration_bytes
+        assert head_bytes <= size < (1 + moments) * head_bytes * 1.1 + calibrated + 100_000, (file, size)

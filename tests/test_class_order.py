@@ -126,7 +126,7 @@ def test_checkpoint_and_onnx_export_name_each_colour_by_its_category(trained, tm
         photo = make_image(tmp_path / f"probe_{category}.png", color(category), seed=400)
         for model in (trained.best_path, onnx_path):
             assert main(["predict", str(photo), str(model), "--top_k", "1", "--json"]) == 0
-            (top,) = json.loads(capsys.readouterr().out)
+            (top,) = json.loads(capsys.readouterr().out)["predictions"]
             assert (top["category"], top["name"]) == (category, f"flower {category}"), model
 
 

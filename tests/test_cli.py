@@ -88,7 +88,7 @@ def test_predict_without_names_shows_category_numbers(trained, tmp_path, capsys)
     save_checkpoint(ckpt, tmp_path / "nonames.pth")
     photo = make_image(tmp_path / "p.png", class_color(3, 12))
     assert single_command_main("predict", "predict.py", [str(photo), str(tmp_path / "nonames.pth"), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = json.loads(capsys.readouterr().out)["predictions"]
     assert len(rows) == 5 and rows[0]["name"] == rows[0]["category"] == "4"
 
 
@@ -275,6 +275,10 @@ def test_more_train_bad_inputs(tmp_path, small_run, capsys):
         ([str(data), "--resume"], ["nothing to resume", "ck/last.pth does not exist", "without --resume"]),
         ([str(data), "--defaults", str(tmp_path / "hp.json")], ["--defaults", "hp.json: no such file"]),
         ([str(data), "--resume", str(tmp_path / "gone.pth")], ["nothing to resume", "gone.pth"]),
+        ([str(data), "--negatives", str(tmp_path / "nope")], ["--negatives", "nope: no such directory"]),
+        ([str(data), "--negatives", str(tmp_path)], ["--negatives", "holds no photos"]),
+        ([str(data), "--unknown_score", "vibes"], ["--unknown_score", "invalid choice: 'vibes'"]),
+        ([str(data), "--keep", "0.2"], ["--keep", ">= 0.5"]),
         ([str(data), "--resume", str(save / "last.pth"), *SMALL, "--seed", "7"],
          ["cannot resume", "seed 7 (saved run: 0)", "a new --save_dir"]),
         ([str(data), "--resume", str(save / "last.pth")], ["cannot resume", "hidden_units [512] (saved run: [64])",

@@ -135,7 +135,7 @@ def test_report_command_on_a_saved_checkpoint(tmp_path, capsys):
     assert main(["report", str(tmp_path / "c.pth"), str(data / "test"), "--out", str(out), "--workers", "0"]) == 0
     printed = capsys.readouterr().out
     assert "on 9 images" in printed and "daisy" in printed and "Wrote report.txt" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "per_class.csv",
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.png", "confusion_matrix.png", "per_class.csv",
                                                      "per_class_accuracy.png", "report.txt", "worst_mistakes.png"]
     counts = [int(line.split(",")[2]) for line in (out / "per_class.csv").read_text().splitlines()[1:]]
     assert counts == [3, 3, 3]

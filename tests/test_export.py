@@ -76,7 +76,7 @@ def test_export_writes_one_file_with_classes_names_and_preprocessing(tiny):
     assert json.loads(meta["classes"]) == ckpt.classes
     assert json.loads(meta["cat_to_name"]) == ckpt.cat_to_name
     assert json.loads(meta["preprocessing"]) == ckpt.preprocessing.to_dict()
-    assert [o.name for o in proto.graph.output] == ["probabilities"]
+    assert [o.name for o in proto.graph.output] == ["logits", "features"]
 
 
 def test_onnx_model_takes_a_batch_and_outputs_probabilities(tiny):
@@ -110,7 +110,7 @@ def test_predict_py_runs_an_onnx_model_without_importing_torch(tiny):
              "print('EXIT', code, 'TORCH', 'torch' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout.strip().endswith("EXIT 0 TORCH False"), result.stdout + result.stderr
-    rows = json.loads(result.stdout[:result.stdout.rindex("EXIT")])
+    rows = json.loads(result.stdout[:result.stdout.rindex("EXIT")])["predictions"]
     assert len(rows) == 5 and all(r["name"].startswith("flower ") for r in rows)
 
 

@@ -89,7 +89,7 @@ def _cell(nb, marker: str) -> str:
 def _probes(nb, tmp) -> dict[str, str]:
     """Code a learner might run after the notebook, by name; names ending in `!` are expected to fail."""
     config, training = _cell(nb, "config = TrainConfig("), _cell(nb, "for epoch in keep_awake(")
-    photo = (_cell(nb, "photo_path = ") + _cell(nb, "prediction = predict(") + _cell(nb, "plot_prediction(")
+    photo = (_cell(nb, "photo_path = ") + _cell(nb, "prediction = predict(") + _cell(nb, "plot_prediction(photo,")
              + 'print("title:", fig.axes[0].get_title())\n')
     elsewhere = tmp / "elsewhere" / "1" / "daisy.jpg"  # a category's name, but outside DATA_DIR
     elsewhere.parent.mkdir(parents=True)
@@ -157,6 +157,7 @@ def test_notebook_runs_top_to_bottom(executed):
     assert "6 categories: 24 training, 12 validation, 12 test images" in text
     assert re.search(r"Epoch 3/3  training loss [\d.]+  validation loss [\d.]+  validation accuracy", text)
     assert "same scores as before: True" in text
+    assert "unknown when the mahalanobis score is above" in text  # section 11b calibrated the loaded model
     # Its own folder, so that it leaves train.py's checkpoints/checkpoint.pth alone.
     assert (tmp / "checkpoints" / "notebook" / "checkpoint.pth").is_file()
     assert not (tmp / "checkpoints" / "checkpoint.pth").exists()

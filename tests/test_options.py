@@ -364,6 +364,6 @@ def test_module_predict_on_an_onnx_model_runs_without_torch(tmp_path):
     result = _without_torch(code, "predict", str(photo), str(onnx), "--top-k", "2", "--category_names", str(names),
                             "--json")
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
+    rows = json.loads(result.stdout)["predictions"]
     assert len(rows) == 2 and all(r["name"].startswith("bloom ") for r in rows)
     assert "otherwise than the names the model was trained with" in result.stderr  # flower N vs bloom N

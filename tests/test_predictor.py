@@ -17,6 +17,7 @@ from PIL import Image, ImageFile
 from app_models import free_port, photo, png_claiming, tiny_checkpoint
 from conftest import ROOT, make_image
 from flower_classifier.backbones import BACKBONES
+from flower_classifier.calibration import _encode
 from flower_classifier.cli import main
 from flower_classifier.data import eval_transform, train_transform
 from flower_classifier.errors import UserError
@@ -139,13 +140,14 @@ def _edited(onnx_path, tmp_path, **changes):
 
 GOOD_P = {"input_size": 32, "resize_size": 36, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
           "interpolation": "bilinear"}
+GOOD_CAL = {"version": 1, "temperature": 1.5, "method": "msp", "threshold": 0.5, "rule": "", "arrays": {}}
 METADATA_CORPUS = [
     ({"format_version": "0"}, "metadata format_version must be a positive integer (got '0')"),
     ({"format_version": "-1"}, "format_version must be a positive integer (got '-1')"),
     ({"format_version": "1.5"}, "format_version must be a positive integer (got '1.5')"),
     ({"format_version": "one"}, "format_version must be a positive integer (got 'one')"),
     ({"format_version": None}, "format_version must be a positive integer (got '')"),
-    ({"format_version": "2"}, "format version 2 is newer than this code reads (1)"),
+    ({"format_version": "3"}, "format version 3 is newer than this code reads (2)"),
     ({"classes": "[\"1\", "}, "metadata classes is not valid JSON"),
     ({"classes": None}, "metadata lacks classes"),
     ({"classes": ["1", "2"]}, "metadata lists 2 classes but the model has 6 outputs"),
@@ -170,6 +172,13 @@ METADATA_CORPUS = [
     ({"preprocessing": {**GOOD_P, "std": [0.2, 0.2]}}, "preprocessing std must be 3 numbers in (0, 1]"),
     ({"preprocessing": {**GOOD_P, "mean": ["a", "b", "c"]}}, "preprocessing mean must be 3 numbers in [0, 1]"),
     ({"preprocessing": {**GOOD_P, "interpolation": "cubic"}}, "preprocessing interpolation must be one of"),
+    ({"calibration": "{\"version\": 1,"}, "metadata calibration is not valid JSON"),
+    ({"calibration": {**GOOD_CAL, "threshold": "high"}}, "calibration field 'threshold' must be a finite number"),
+    ({"calibration": {**GOOD_CAL, "temperature": 1e9}}, "calibration field 'temperature' must be within"),
+    ({"calibration": {**GOOD_CAL, "method": "cosine", "arrays": {"directions": _encode(np.ones((7, 16)))}}},
+     "calibration field 'arrays.directions' has shape [7, 16], which disagrees with C = 6"),
+    ({"calibration": {**GOOD_CAL, "method": "cosine", "arrays": {"directions": _encode(np.ones((6, 9)))}}},
+     "calibration field 'arrays.directions' has shape [6, 9], which disagrees with D = 16"),
 ]
 
 
@@ -217,7 +226,7 @@ def test_a_three_category_model_predicts_with_the_default_top_k(tmp_path, capsys
         assert len(predictor.predict(rose).names) == 3  # "up to 5"
         assert len(predictor.predict(rose, top_k=2).names) == 2
         assert main(["predict", rose, str(model), "--json"]) == 0
-        assert len(json.loads(capsys.readouterr().out)) == 3
+        assert len(json.loads(capsys.readouterr().out)["predictions"]) == 3
         assert main(["predict", rose, str(model), "--top_k", "4"]) == 2  # asked for: still an error
         assert "--top_k must be between 1 and the model's 3 categories (got 4)" in capsys.readouterr().err
 
@@ -252,7 +261,7 @@ def test_predict_an_onnx_model_with_torch_unimportable(tiny, torch_blocked):
                              str(tiny[1]), "--json"], cwd=ROOT, env=torch_blocked, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout)) == 5
+    assert len(json.loads(result.stdout)["predictions"]) == 5
 
 
 def test_serve_an_onnx_model_with_torch_unimportable(tiny, torch_blocked):

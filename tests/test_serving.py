@@ -230,7 +230,8 @@ def test_a_model_that_answers_nan_is_a_500_not_a_null_probability(models, monkey
     """Refused at load when broken for every photo (test_predictor); if a photo still makes the
     outputs non-finite, the request fails in one clear line."""
     predictor = load_predictor(models["onnx"])
-    monkeypatch.setattr(predictor, "probabilities", lambda images: np.full((len(images), 6), np.nan, np.float32))
+    monkeypatch.setattr(predictor, "outputs", lambda images: (np.full((len(images), 6), np.nan, np.float32),
+                                                              np.full((len(images), 16), np.nan, np.float32)))
     with live_server(create_app(predictor)) as url, httpx.Client(base_url=url) as client:
         response = upload(client, SUNFLOWER)
     assert response.status_code == 500

@@ -18,6 +18,8 @@ COMMANDS = {
     "train": (train.add_train_arguments, train.run_train, "train a head on a photo folder", train.apply_saved_defaults),
     "predict": (predict.add_predict_arguments, predict.run_predict, "name the flower in a photo", None),
     "search": (train.add_search_arguments, train.run_search, "search head hyperparameters on cached features", None),
+    "calibrate": (train.add_calibrate_arguments, train.run_calibrate, "fit a checkpoint's calibrated probabilities and "
+                  "its \"not one of my species\" threshold again", None),
     "evaluate": (predict.add_evaluate_arguments, predict.run_evaluate, "top-1/top-5 accuracy of a checkpoint on a "
                  "split", None),
     "report": (predict.add_report_arguments, predict.run_report, "per-class accuracy, confusion matrix, confused "

@@ -84,6 +84,8 @@ SHARED = {
                         "$FLOWER_CLASSIFIER_CACHE, else ~/.cache/flower_classifier/features)"),
     "--quiet": dict(action="store_true", help="no progress bars"),
     "--category_names": dict(default=None, help="JSON file of category -> flower name"),
+    "--negatives": dict(default=None, metavar="DIR", help="a folder of photos that are none of the species (animals, "
+                        "objects, food, ...)"),
 }
 
 

@@ -30,6 +30,9 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print JSON: for one photo file, its rows as an array; for several photos, a folder or a "
                         "glob, one object per line, {\"path\", \"predictions\"} or {\"path\", \"error\"}")
+    p.add_argument("--no_unknown", dest="unknown", action="store_false",
+                   help="never answer \"not one of the species\"; probabilities stay calibrated (default: answer it "
+                        "when the photo is past the model's threshold)")
     p.add_argument("--csv", metavar="FILE", default=None,
                    help="also write a table to FILE: path, then name, category and probability of each of the top "
                         "K, and why a skipped photo could not be read (default: none)")
@@ -59,6 +62,13 @@ def photo_paths(arguments: list[str]) -> tuple[list[str], list[str]]:
     return list(photos), problems
 
 
+def unknown_line(prediction, num_classes: int) -> str | None:
+    """The line predict.py adds when a photo is none of the species the model knows."""
+    if not prediction.unknown:
+        return None
+    return f"not one of the {num_classes} species this model knows (score {prediction.score:.4g})"
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from ..predictor import check_top_k, load_predictor  # torch only for a checkpoint
 
@@ -85,7 +95,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     single = photos == args.images and len(photos) == 1  # one photo file: today's output, and its error
     results = []
-    for result in predictor.predict_many(photos, top_k):
+    for result in predictor.predict_many(photos, top_k, unknown=args.unknown):
         results.append(result)
         if result.error and single:
             raise UserError(result.error)
@@ -94,14 +104,22 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.json:
             rows = None if result.error else [{"name": n, "category": c, "probability": p}
                                               for n, c, p in result.prediction.rows()]
-            print(json.dumps(rows, indent=2) if single else
-                  json.dumps({"path": result.photo, **({"error": result.error} if result.error else
-                                                       {"predictions": rows})}))
+            answer = {"path": result.photo, **({"error": result.error} if result.error else
+                                               {"predictions": rows, "unknown": result.prediction.unknown,
+                                                "score": result.prediction.score})}
+            print(json.dumps(answer, indent=2) if single else json.dumps(answer))
         elif not result.error:
             _print_top(result.photo, result.prediction, top_k, blank_line=len(results) > 1)
+            line = unknown_line(result.prediction, len(predictor.classes))
+            if line:
+                print(line)
         sys.stdout.flush()  # a long run shows each photo as it is done
     if table:
         _write_table(table, results, top_k)
+    if predictor.calibration is None and any(not r.error for r in results):
+        print(f"note: {args.checkpoint} has no calibration, so its probabilities are uncalibrated and it never answers "
+              f"\"not one of the species\"; add it with `python -m flower_classifier calibrate {args.checkpoint} "
+              f"DATA_DIR`" + (" and export again" if onnx else ""), file=sys.stderr)
     skipped = sum(1 for r in results if r.error)
     if skipped == len(results):
         raise UserError(f"none of the {len(results)} photos could be read (each is named above)")
@@ -155,17 +173,23 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint saved by train.py")
     p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
     add_config_options(p, "batch_size", batch_size="images per batch")
-    add_shared(p, "--workers", "--threads", "--gpu")
+    add_shared(p, "--workers", "--threads", "--gpu", "--negatives", negatives={
+        "help": "a folder of photos that are none of the species, kept apart from any threshold choice: measure how "
+                "well the model tells them from its species"})
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from ..devices import select_device
-    from ..evaluation import evaluate_checkpoint
+    from ..evaluation import calibration_lines, evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                            batch_size=args.batch_size, num_workers=args.workers)
+                            batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives)
     print(f"top-1 accuracy: {100 * m['accuracy']:.1f}%  top-5 accuracy: {100 * m['top5']:.1f}%  "
           f"images: {m['count']}  (loss {m['loss']:.4f})")
+    print("\n".join(calibration_lines(m)))
+    if not m["calibrated"]:
+        print(f"{args.checkpoint} has no calibration{' (so no unknown figures)' if args.negatives else ''}: add it "
+              f"with `python -m flower_classifier calibrate {args.checkpoint} DATA_DIR`")
     if m.get("skipped"):
         print(f"skipped {m['skipped']} unreadable images (each named in a warning above)")
     return 0
@@ -187,7 +211,7 @@ def run_report(args: argparse.Namespace) -> int:
     from ..evaluation import report_checkpoint, write_report
 
     report = report_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                               batch_size=args.batch_size, num_workers=args.workers)
+                               batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives)
     files = write_report(report, args.out, mistakes=args.mistakes)
     print(report.table(args.top))
     print(f"\nWrote {', '.join(p.name for p in files.values())} to {args.out}")

@@ -19,6 +19,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                workers={"dest": "num_workers"},
                category_names={"help": "JSON file of category -> flower name to store in the checkpoint (default: "
                                "DATA_DIR/cat_to_name.json when there is one, else none)"})
+    add_shared(p, "--negatives", negatives={"help": "a folder of photos that are none of the species: choose the "
+                                            "unknown threshold with them too (default: from validation photos alone)"})
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
                    help="continue from --save_dir's last checkpoint, or from the given last.pth")
     p.add_argument("--test", action="store_true", help="at the end, evaluate the best epoch on DATA_DIR/test and put "
@@ -73,7 +75,8 @@ def run_train(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
-                              resume=resume, cache_dir=args.cache_dir, progress=not args.quiet and main_process,
+                              resume=resume, cache_dir=args.cache_dir, negatives=args.negatives,
+                              progress=not args.quiet and main_process,
                               log=print if main_process else (lambda message: None), test=args.test,
                               tensorboard=args.tensorboard)
     finally:
@@ -132,4 +135,39 @@ def run_search(args: argparse.Namespace) -> int:
         print(f"Saved to {out}: train.py run from this folder now uses these as its defaults (flags still win)")
     else:
         print(f"Saved to {out}: pass `--defaults {out}` to train.py to use them as its defaults")
+    return 0
+
+
+def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint saved by train.py, rewritten (atomically) with its new calibration")
+    add_shared(p, "data_dir")
+    add_config_options(p, "unknown_score", "keep")
+    add_shared(p, "--negatives", "--cache_dir", "--workers", "--gpu", "--quiet", negatives={
+        "help": "a folder of photos that are none of the species: choose the unknown threshold with them too "
+                "(default: from validation photos alone)"})
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from ..backbones import build_backbone
+    from ..calibrating import calibrate_head, calibration_data, describe, negative_photos
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..data import find_classes, split_dir
+    from ..devices import select_device
+
+    ckpt = load_checkpoint(args.checkpoint)
+    classes = find_classes(split_dir(args.data_dir, "train"))
+    if classes != ckpt.classes:
+        raise UserError(f"{args.data_dir}: its training categories ({len(classes)}) are not those of "
+                        f"{args.checkpoint} ({len(ckpt.classes)}); pass the data folder it was trained on")
+    split_dir(args.data_dir, "valid")
+    if args.negatives is not None:
+        negative_photos(args.negatives)
+    data = calibration_data(args.data_dir, classes, build_backbone(ckpt.arch), negatives=args.negatives,
+                            cache_dir=args.cache_dir, device=select_device(args.gpu), num_workers=args.workers,
+                            progress=not args.quiet)
+    ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config.hidden_units, classes, data,
+                                      method=args.unknown_score, keep=args.keep)
+    save_checkpoint(ckpt, args.checkpoint)
+    print(describe(ckpt.calibration, data))
+    print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0

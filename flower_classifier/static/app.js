@@ -1,4 +1,5 @@
-// Send the chosen or dropped photo to POST /predict and draw its top names (up to 5) as bars.
+// Send the chosen or dropped photo to POST /predict and draw its top names (up to 5) as bars, or,
+// when the photo is none of the species the model knows, say so plainly (no bars that pretend).
 "use strict";
 
 const drop = document.getElementById("drop");
@@ -41,6 +42,11 @@ async function classify(file) {
     if (!response.ok) {
       const detail = typeof body.detail === "string" ? body.detail : response.statusText;
       say("Sorry: " + detail, true);
+      return;
+    }
+    if (body.unknown) {
+      say("This does not look like any of the " + body.species + " flowers this model knows (the nearest, " +
+          body.predictions[0].name + ", is unlike the photos it learnt from).");
       return;
     }
     show(body.predictions);

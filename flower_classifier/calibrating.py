@@ -1,0 +1,100 @@
+"""Fitting a head's calibration on its photo folder: the torch side of `calibration`, shared by
+train.py (once training ends) and the `calibrate` command (on an existing checkpoint).
+
+The temperature and the threshold come from the validation split, a feature score's class means
+and covariance from the training split's centre crops (never the validation ones, whose scores
+must stay honest), all as the feature cache stores them; with `negatives` (a folder of photos that
+are none of the species) the threshold is chosen with them too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbones import Backbone
+from .calibration import Calibration, fit_calibration
+from .data import FlowerFolder, list_photos, split_dir
+from .errors import UserError
+from .features import FeatureStore, cached_features, centre_view
+from .model import build_head
+
+
+@dataclass
+class CalibrationData:
+    """Centre-crop features (N, D) float32 and labels (N,) of the train and valid splits, and of the
+    negatives when given."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    valid: tuple[np.ndarray, np.ndarray]
+    negatives: np.ndarray | None = None
+    negatives_dir: Path | None = None
+
+
+def negative_photos(folder: str | Path, *, option: str = "--negatives") -> list[Path]:
+    """The photos of a folder of non-species photos; refused in one line when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{option} {folder}: no such directory; pass a folder of photos that are none of the species")
+    photos = list_photos(folder)
+    if not photos:
+        raise UserError(f"{option} {folder} holds no photos; pass a folder of photos that are none of the species")
+    return photos
+
+
+def calibration_data(data_dir: str | Path, classes: list[str], backbone: Backbone, *,
+                     negatives: str | Path | None = None, cache_dir: str | Path | None = None,
+                     device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
+                     engine: str = "torch", skip=(), splits: dict | None = None) -> CalibrationData:
+    """The features calibration needs. `skip`: photos already found unreadable (not read, nor warned
+    about, again); `splits`: the train and valid (features, labels) when the caller has them already."""
+    store = FeatureStore(cache_dir, backbone)
+    common = dict(device=device, num_workers=num_workers, progress=progress, engine=engine)
+
+    def of(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        x, ok = cached_features(backbone, paths, centre_view(backbone), store, **common)
+        return x[ok].float().numpy(), ok.numpy()
+
+    splits = dict(splits or {})
+    skip = {Path(p) for p in skip}
+    for split in ("train", "valid"):
+        if split in splits:
+            continue
+        samples = [(p, y) for p, y in FlowerFolder(split_dir(data_dir, split), classes=classes).samples
+                   if Path(p) not in skip]
+        x, ok = of([p for p, _ in samples])
+        splits[split] = (x, np.array([y for _, y in samples], dtype=np.int64)[ok])
+    negative_x = of(negative_photos(negatives))[0] if negatives is not None else None
+    if negative_x is not None and len(negative_x) == 0:
+        raise UserError(f"--negatives {negatives}: none of its photos could be read")
+    return CalibrationData(splits["train"], splits["valid"], negative_x,
+                           Path(negatives) if negatives is not None else None)
+
+
+@torch.inference_mode()
+def head_logits(head_state: dict, hidden_units, num_classes: int, features: np.ndarray) -> np.ndarray:
+    """(N, D) features -> (N, num_classes) logits of the head with `head_state`."""
+    head = build_head(features.shape[1], hidden_units, num_classes, 0.0)
+    head.load_state_dict(head_state)
+    return head.eval()(torch.from_numpy(features).float()).numpy()
+
+
+def calibrate_head(head_state: dict, hidden_units, classes: list[str], data: CalibrationData, *,
+                   method: str, keep: float) -> Calibration:
+    """The calibration of one head (its temperature) on `data` (the rest depends on features alone)."""
+    (train_x, train_y), (valid_x, valid_y) = data.train, data.valid
+    logits = lambda x: head_logits(head_state, hidden_units, len(classes), x)  # noqa: E731
+    negatives = data.negatives
+    return fit_calibration(logits(valid_x), valid_y, method=method, valid_features=valid_x,
+                           train_features=train_x, train_labels=train_y, keep=keep,
+                           negative_logits=None if negatives is None else logits(negatives),
+                           negative_features=negatives)
+
+
+def describe(calibration: Calibration, data: CalibrationData) -> str:
+    """The one line saying what was chosen, and on what."""
+    on = f"{len(data.valid[1])} validation photos" + (f" and {len(data.negatives)} photos of {data.negatives_dir}"
+                                                       if data.negatives is not None else "")
+    return f"Calibrated on {on}: {calibration.summary()}"
