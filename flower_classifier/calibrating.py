@@ -16,9 +16,10 @@ import torch
 
 from .backbones import Backbone
 from .calibration import Calibration, fit_calibration
-from .data import FlowerFolder, list_photos, split_dir
+from .data import FlowerFolder, split_dir
 from .errors import UserError
 from .features import FeatureStore, cached_features, centre_view
+from .images import list_photos
 from .model import build_head
 
 
