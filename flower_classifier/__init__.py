@@ -5,7 +5,7 @@ Modules in the order data flows through them (README *Code map*): `config` (ever
 `shards` (the frozen pass, computed once, and its store) -> `model` (the head) -> `training` /
 `search` / `distributed` -> `runfolder` (a save folder: files, saving, resuming, the lock;
 `record`, the history, curves and model card a run leaves there) ->
-`checkpoint` / `files` -> `calibration` -> `predictor` (a checkpoint or an ONNX file, one
+`checkpoint` / `files` / `record` -> `calibration` / `calibrating` -> `predictor` (a checkpoint or an ONNX file, one
 interface) -> `export` / `serving`; `evaluation` and `plots` measure; `cli` and `notebook` are the
 faces (the notebook's out-of-order checks in `tutorial`, its keep-awake helpers in `workspace`);
 `names`, `devices`, `errors`, `datacheck`, `oxford102` serve them.
