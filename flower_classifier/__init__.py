@@ -3,12 +3,12 @@
 Modules in the order data flows through them (README *Code map*): `config` (every option, once)
 -> `data` / `images` (photo folders, decoding, preprocessing) -> `backbones` -> `features` /
 `shards` (the frozen pass, computed once, and its store) -> `model` (the head) -> `training` /
-`search` / `distributed` -> `runfolder` (a save folder: files, saving, resuming, the lock;
-`record`, the history, curves and model card a run leaves there) ->
-`checkpoint` / `files` / `record` -> `calibration` / `calibrating` -> `predictor` (a checkpoint or an ONNX file, one
-interface) -> `export` / `serving`; `evaluation` and `plots` measure; `cli` and `notebook` are the
-faces (the notebook's out-of-order checks in `tutorial`, its keep-awake helpers in `workspace`);
-`names`, `devices`, `errors`, `datacheck`, `oxford102` serve them.
+`search` / `distributed` -> `runfolder` (a save folder: files, saving, resuming, the lock) and
+`record` (the history, curves and model card a run leaves there) -> `checkpoint` / `files` ->
+`calibration` / `calibrating` -> `predictor` (a checkpoint or an ONNX file, one interface) ->
+`export` / `serving`; `evaluation` and `plots` measure; `cli` and `notebook` are the faces (the
+notebook's out-of-order checks in `tutorial`, its keep-awake helpers in `workspace`); `names`,
+`devices`, `progress`, `errors`, `datacheck`, `oxford102` serve them.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.
