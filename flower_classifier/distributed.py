@@ -42,6 +42,8 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
+    if not active():  # before `init`, torchrun's RANK already says which process this is
+        return os.environ.get("RANK", "0") == "0"
     return rank() == 0
 
 

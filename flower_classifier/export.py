@@ -51,6 +51,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
         raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
     if out.suffix.lower() != ".onnx":  # predict.py and serve tell ONNX files by this suffix
         raise UserError(f"{out}: an exported model's name must end in .onnx, e.g. {out.with_suffix('.onnx')}")
+    if not out.parent.is_dir():  # as predict's --csv and search's --out: a typo never makes folders
+        raise UserError(f"{out}: folder {out.parent} does not exist; create it or write the model elsewhere")
     predictor = load_predictor(checkpoint, onnx=False)  # refuses a checkpoint with broken weights
     size = predictor.preprocessing.input_size
     buffer = io.BytesIO()

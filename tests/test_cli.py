@@ -138,9 +138,19 @@ def test_train_bad_inputs(tmp_path, trained):
         ([str(data), "--epochs", "-1"], ["--epochs", ">= 1"]),
         ([str(data), "--learning_rate", "abc"], ["--learning_rate", "abc"]),
         ([str(data), "--category_names", str(tmp_path / "none.json")], ["none.json", "no such file"]),
+        ([str(data), "--arch", "tiny", "--resume", "--save_dir", str(tmp_path / "fresh")], ["nothing to resume"]),
     ]
     for args, needles in cases:
-        _assert_one_line_error(run_script("train.py", *args, "--workers", "0"), *needles)
+        result = run_script("train.py", *args, "--workers", "0")
+        _assert_one_line_error(result, *needles)
+        assert result.stdout.strip() == "", result.stdout  # not even the names line: only why it stopped
+
+
+def test_export_into_a_folder_that_does_not_exist_is_refused(trained, tmp_path, capsys):
+    checkpoint = trained[1] / "checkpoint.pth"
+    _one_line_error_here(capsys, lambda: main(["export", str(checkpoint), str(tmp_path / "typo" / "m.onnx")]),
+                         "typo", "does not exist")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_train_empty_category_is_named(tmp_path):

@@ -67,6 +67,7 @@ def test_torchrun_trains_with_two_processes_as_one_process_does(tmp_path):
                  "--nproc_per_node", "2")
     assert "x 2 processes" in out
     assert out.count("Epoch 1/3") == 1 and out.count("Features:") == 1  # only rank 0 speaks
+    assert out.count("Category names:") == 1  # also before the processes join (RANK says who is first)
     # Each process wrote its own share as its own shard: 16 + 8 centre crops in all.
     shards = list((tmp_path / "c").rglob("*.npy"))
     assert len(shards) == 2 and sum(len(np.load(s)) for s in shards) == 24

@@ -64,11 +64,17 @@ def run_train(args: argparse.Namespace) -> int:
     names, said = names_for_run(args.category_names, args.data_dir)
     if distributed.is_main():
         _say_saved_defaults(args)
-        print(said)
     device = select_device(args.gpu)
     if distributed.launched():  # started by torchrun: join the other processes
         device = distributed.init(device)
     main_process = distributed.is_main()
+    pending = [said]  # said with the run's first line: a run refused before any work says only why
+
+    def log(message: str) -> None:
+        if main_process:
+            print(*pending, message, sep="\n")
+            pending.clear()
+
     resume = args.save_dir if args.resume == "__save_dir__" else args.resume
     # SIGTERM (a scheduler, `kill`) stops like Ctrl-C: finished epochs are already saved. The caller's
     # handler comes back afterwards, for those who call main() in-process.
@@ -77,7 +83,7 @@ def run_train(args: argparse.Namespace) -> int:
         result = run_training(config, args.data_dir, save_dir=args.save_dir, device=device, cat_to_name=names,
                               resume=resume, cache_dir=args.cache_dir, negatives=args.negatives,
                               progress=not args.quiet and main_process,
-                              log=print if main_process else (lambda message: None), test=args.test,
+                              log=log, test=args.test,
                               tensorboard=args.tensorboard)
     finally:
         signal.signal(signal.SIGTERM, previous)
