@@ -113,8 +113,8 @@ def ece_noise_floor(probabilities: np.ndarray, bins: int = ECE_BINS, draws: int 
 # ---------------------------------------------------------------- unknown scores (higher = less known)
 
 def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    x = np.asarray(x, dtype=np.float64)  # float32 squares overflow for features past ~1e19
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def logit_score(method: str, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -412,6 +412,14 @@ def fit_calibration(valid_logits: np.ndarray, valid_labels: np.ndarray, *, metho
     scores, and from the negatives' when given (see `choose_threshold`)."""
     if method not in METHODS:
         raise UserError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
+    given = {"validation logits": valid_logits, "validation features": valid_features,
+             "training features": train_features, "negatives' logits": negative_logits,
+             "negatives' features": negative_features}
+    broken = [name for name, values in given.items()
+              if values is not None and not np.isfinite(np.asarray(values, dtype=np.float64)).all()]
+    if broken:  # a fit on them would fail deep inside numpy, or store a threshold of nan
+        raise UserError(f"cannot calibrate: the {' and '.join(broken)} hold values that are not finite numbers "
+                        f"(broken photos or backbone); check the data with `python -m flower_classifier check-data`")
     arrays = (fit_feature_arrays(method, train_features, train_labels, max_rank=max_rank)
               if method in FEATURE_METHODS else {})
     calibration = Calibration(fit_temperature(valid_logits, valid_labels), method, arrays=arrays)

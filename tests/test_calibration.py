@@ -208,3 +208,17 @@ def test_the_module_imports_without_torch():
     code = "import sys, flower_classifier.calibration; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_non_finite_inputs_are_refused_in_one_line_naming_them():
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(20, 3)), np.arange(20) % 3
+    features = rng.normal(size=(20, 8))
+    broken = features.copy()
+    broken[3, 2] = np.inf
+    with pytest.raises(UserError, match="training features hold values that are not finite"):
+        cal.fit_calibration(logits, labels, method="mahalanobis", valid_features=features, train_features=broken,
+                            train_labels=labels)
+    logits[0, 0] = np.nan
+    with pytest.raises(UserError, match="validation logits hold"):
+        cal.fit_calibration(logits, labels, method="msp")

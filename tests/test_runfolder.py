@@ -259,19 +259,32 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_saved_epochs(data, tmp_pa
     assert contents(save) == before and not (save / LOCK_NAME).exists()
 
 
-def test_a_diverging_learning_rate_is_caught_by_the_python_api_too(data, tmp_path):
+def test_a_loss_that_blows_up_is_caught_by_the_python_api_too(data, tmp_path):
+    """Every option is range-checked, so no setting a user can give makes the loss blow up at once;
+    broken data still can: a backbone whose features overflow float32, as a stand-in."""
+    import dataclasses
+
+    from torch import nn
+
+    from flower_classifier.backbones import build_backbone, freeze
     from flower_classifier.config import TrainConfig
 
-    config = TrainConfig(arch="tiny", hidden_units=(8,), batch_size=4, epochs=30, num_workers=0, dropout=0.0)
-    # Past the option's range (10), which the config refuses at construction: set afterwards, it stands
-    # for anything that makes the loss blow up, and the loop's own check must still stop the run.
-    config.learning_rate = 1e37
+    class Huge(nn.Module):
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            return self.inner(images) * 1e38 * 1e38  # past float32: features overflow to inf
+
+    tiny = build_backbone("tiny")
+    huge = dataclasses.replace(tiny, module=freeze(Huge(tiny.module)))
+    config = TrainConfig(arch="tiny", hidden_units=(8,), batch_size=4, epochs=3, num_workers=0, dropout=0.0,
+                         feature_cache=False)
     with pytest.raises(UserError, match="the loss became (nan|inf)"):
-        training.run_training(config, data, save_dir=tmp_path / "ck", log=lambda m: None, progress=False)
-    saved = [p for p in (tmp_path / "ck").iterdir()] if (tmp_path / "ck").exists() else []
-    for path in saved:  # whatever was saved before it diverged is finite and loads
-        if path.name in (BEST_NAME, LAST_NAME):
-            load_checkpoint(path)
+        training.run_training(config, data, save_dir=tmp_path / "ck", backbone=huge, log=lambda m: None,
+                              progress=False)
+    assert not any((tmp_path / "ck" / name).exists() for name in FILES)  # it stopped before any save
 
 
 # ---------------------------------------------------------------- Ctrl-C while an epoch is saved
