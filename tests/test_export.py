@@ -38,6 +38,7 @@ def lite0_models(lite0):
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     ckpt = tiny_checkpoint(tmp / "tiny.pth")
+    (tmp / "out").mkdir()  # export writes into a folder that exists, never makes one
     return ckpt, export_onnx(ckpt, tmp / "out" / "tiny.onnx")
 
 
