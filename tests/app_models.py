@@ -50,6 +50,14 @@ def lite0_checkpoint(path: Path) -> Path:
     return save_checkpoint(ckpt, path)
 
 
+def tiny_models(folder: Path) -> dict[str, Path]:
+    """The tiny checkpoint and its ONNX export: the two backends the app's tests run."""
+    from flower_classifier.export import export_onnx
+
+    checkpoint = tiny_checkpoint(folder / "tiny.pth")
+    return {"pytorch": checkpoint, "onnx": export_onnx(checkpoint, folder / "tiny.onnx")}
+
+
 def tiny_checkpoint(path: Path, num_classes: int = 6) -> Path:
     backbone = build_backbone("tiny")
     config = TrainConfig(arch="tiny", hidden_units=(8,), dropout=0.0)

@@ -7,9 +7,8 @@ import shutil
 import httpx
 import pytest
 
-from app_models import live_server, photo, tiny_checkpoint
+from app_models import live_server, photo, tiny_models
 from flower_classifier.cli import single_command_main
-from flower_classifier.export import export_onnx
 from flower_classifier.predictor import load_predictor
 from flower_classifier.serving import MAX_BATCH_FILES, create_app
 
@@ -18,9 +17,7 @@ NAMES = ("daisy.jpg", "rose.jpg", "sunflower.jpg")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("many")
-    ckpt = tiny_checkpoint(tmp / "tiny.pth")
-    return {"pytorch": ckpt, "onnx": export_onnx(ckpt, tmp / "tiny.onnx")}
+    return tiny_models(tmp_path_factory.mktemp("many"))
 
 
 @pytest.fixture

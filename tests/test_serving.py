@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from app_models import free_port, live_server, photo, png_claiming, tiny_checkpoint
+from app_models import free_port, live_server, photo, png_claiming, tiny_checkpoint, tiny_models
 from conftest import ROOT
 from flower_classifier.cli import main
 from flower_classifier.export import export_onnx
@@ -26,9 +26,7 @@ SUNFLOWER = photo("sunflower.jpg").read_bytes()
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serving")
-    ckpt = tiny_checkpoint(tmp / "tiny.pth")
-    return {"pytorch": ckpt, "onnx": export_onnx(ckpt, tmp / "tiny.onnx")}
+    return tiny_models(tmp_path_factory.mktemp("serving"))
 
 
 @contextlib.contextmanager
