@@ -108,6 +108,10 @@ class TrainConfig:
     # is what its cache entries and its checkpoint's config record.
     engine: str = option("auto", "what runs the frozen backbone for the feature pass: onnx (ONNX Runtime, CPU, "
                          "fp32), torch, or auto: onnx on the CPU, torch on CUDA/MPS", choices=ENGINES)
+    # The blocks below the split stay frozen, so their output per photo view is cached like the features.
+    finetune: int = option(0, "fine-tune the last N blocks of the backbone together with the head (0: frozen backbone); "
+                           "`python -m flower_classifier backbones` shows each backbone's blocks and what caching "
+                           "below the split costs", Number(int, 0, 1000))
     # Measured on the sample (bench/bench_unknown.py): mahalanobis catches 97% of non-flowers at AUROC 0.99,
     # msp 14% at 0.74.
     unknown_score: str = option("mahalanobis", "how \"not one of the species\" is scored after training: "
