@@ -45,11 +45,40 @@ class FlowerClassifier(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():  # the backbone never learns, so keep no graph for it
-            return self.backbone(images)  # (N, 3, S, S) -> (N, D)
+        # No graph is kept for the frozen layers (none of their parameters asks for gradients); the
+        # fine-tuned top blocks (`--finetune`) do get one.
+        return self.backbone(images)  # (N, 3, S, S) -> (N, D)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+class TunedHead(nn.Module):
+    """What trains on the cached path: the backbone's top blocks (`backbones.split_backbone`; an empty
+    `nn.Sequential()` for a frozen backbone) and the head, on rows of cached activations.
+
+    Rows arrive flat (N, prod(shape)), as the store keeps them; `shape` is one activation's shape
+    below the split. The top stays in eval mode: its BatchNorm layers keep their pretrained
+    statistics (batches of 32 photos of a few species would make poor estimates of them) and its
+    stochastic depth is off, so the only change to the blocks is what the optimizer makes.
+    """
+
+    def __init__(self, top: nn.Module, head: nn.Module, shape: Sequence[int]):
+        super().__init__()
+        self.top = top
+        self.head = head
+        self.shape = tuple(shape)
+
+    def train(self, mode: bool = True) -> "TunedHead":
+        super().train(mode)
+        self.top.eval()
+        return self
+
+    def features(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.top(rows.view(len(rows), *self.shape))  # (N, D): what the head sees
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(rows))
 
 
 def count_parameters(module: nn.Module) -> dict[str, int]:
