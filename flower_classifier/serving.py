@@ -79,6 +79,7 @@ class Health(BaseModel):
     backend: str  # "onnx" or "pytorch"
     arch: str
     classes: int
+    tta: bool  # whether a request that does not say (?tta=) gets test-time augmentation: `serve --tta`
 
 
 # ---------------------------------------------------------------- request size and time limit
@@ -156,7 +157,8 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
 
     @app.get("/health", response_model=Health)
     def health():
-        return Health(status="ok", backend=predictor.backend, arch=predictor.arch, classes=len(predictor.classes))
+        return Health(status="ok", backend=predictor.backend, arch=predictor.arch, classes=len(predictor.classes),
+                      tta=default_tta)
 
     @app.post("/predict", response_model=PredictResponse,
               responses={400: {"description": "empty upload or a top_k the model cannot give"},
