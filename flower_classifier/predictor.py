@@ -68,9 +68,9 @@ def mirrored(images: np.ndarray) -> np.ndarray:
     return images[..., ::-1]
 
 
-# The views test-time augmentation adds to the photo itself. Measured on the 300-photo sample
-# (bench/bench_tta.py, README "Test-time augmentation"): the mirror image pays; zoomed-in crops
-# (one central, or five) cost 2-6x the time and did not add to it.
+# The views test-time augmentation adds to the photo itself: the mirror image only. On the 300-photo
+# sample (bench/bench_tta.py, README "Test-time augmentation") a zoomed-in crop, 5 crops or a wider
+# crop, with or without their mirrors, cost 2-7x a plain pass and gained nothing the mirror did not.
 TTA_VIEWS = (mirrored,)
 
 
