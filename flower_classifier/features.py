@@ -64,14 +64,18 @@ def _short_hash(text: str) -> str:
 
 
 def backbone_key(backbone: Backbone) -> str:
-    """Names the backbone's exact function: name, preprocessing and every weight's bytes."""
+    """Names the backbone's exact function: name, split, preprocessing and every weight's bytes. A
+    `backbones.frozen_part` below the top n blocks is keyed `<name>-below<n>-<hash>`; the whole
+    backbone (n = 0) keeps the key it always had."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps({"format": CACHE_FORMAT, "name": backbone.name,
+    split = {"below": backbone.split} if backbone.split else {}
+    h.update(json.dumps({"format": CACHE_FORMAT, "name": backbone.name, **split,
                          "preprocessing": backbone.preprocessing.to_dict()}, sort_keys=True).encode())
     for name, tensor in backbone.module.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return f"{backbone.name}-{h.hexdigest()}"
+    below = f"-below{backbone.split}" if backbone.split else ""
+    return f"{backbone.name}{below}-{h.hexdigest()}"
 
 
 # ---------------------------------------------------------------- views: which transform, which randomness
@@ -227,8 +231,8 @@ def _onnx_forward(backbone: Backbone, threads: int, folder: Path | None) -> Call
         except Exception as e:  # the exporter and ONNX Runtime raise many kinds on an unsupported layer
             _not_exportable.add(key)
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            _warn(f"warning: {backbone.name} could not be exported to ONNX ({type(e).__name__}: {reason}); "
-                  f"its features are computed by PyTorch")
+            _warn(f"warning: {backbone.title} could not be exported to ONNX ({type(e).__name__}: {reason}); "
+                  f"its {'activations' if backbone.split else 'features'} are computed by PyTorch")
             return None
         _onnx_sessions[(key, threads)] = run
     return _onnx_sessions[(key, threads)]
