@@ -87,6 +87,8 @@ class BackboneSpec:
     def top_state(self, n: int) -> dict[str, torch.Tensor]:
         """The state_dict of `split_backbone`'s top at n (the last n blocks and the tail) on the meta
         device: every name, shape and dtype a fine-tuned checkpoint stores, and no data."""
+        if not 0 <= n <= self.num_blocks:
+            raise ValueError(f"{self.name} has {self.num_blocks} blocks, not {n}")
         return _top(self._meta_stack, n).state_dict()
 
     def top_bytes(self, n: int) -> int:

@@ -1,5 +1,7 @@
 """Fine-tuning's cache: the activations below the split are cached like the features (same views,
 shards, float16, engines), keyed apart per split, and the frozen default's cache is untouched."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from conftest import QUIET, TWELVE, make_dataset
 from flower_classifier import features
 from flower_classifier.backbones import build_backbone, frozen_part, get_spec, split_backbone
 from flower_classifier.data import FlowerFolder, PhotoList
+from flower_classifier.errors import UserError
 
 # The keys the frozen backbones' caches had before splits existed: a cache made then is still read.
 KEYS_BEFORE_SPLITS = {"tiny": "tiny-30dfc82633c46a9b", "efficientnet_lite0": "efficientnet_lite0-8e521591ab7b3e84"}
@@ -84,3 +87,62 @@ def test_cached_activations_are_the_bottoms_output_in_float16(arch, n, engine, t
     assert again.stats.cached == 6 and again.stats.computed == 0
     assert torch.equal(again.train.features, run.train.features)
     assert any(isinstance(a, np.memmap) for a in again.train.rows.arrays)
+
+
+def _disk_with(free: int):
+    return lambda path: shutil._ntuple_diskusage(10 * free + 1, 9 * free, free)
+
+
+def test_the_size_is_said_before_the_pass_and_a_disk_without_room_refuses_it(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", TWELVE[:2], per_split={"train": 2, "valid": 1})
+    part = frozen_part(build_backbone("tiny"), 1)  # 8x16x16 = 2,048 numbers per view
+    needed = (4 + 2 + 4) * 2048 * 2  # centre crops of 4 training + 2 validation photos, 1 augmented view of 4
+    said = []
+    load = lambda: features.load_feature_data(data, part, augmented_views=1, cache_dir=tmp_path / "c",  # noqa: E731
+                                              engine="torch", log=said.append, progress=False)
+    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(needed - 1))
+    with pytest.raises(UserError) as refused:
+        load()
+    message = str(refused.value)
+    assert "\n" not in message and str(tmp_path / "c") in message and f"takes {needed / 1e3:.1f} kB" in message
+    assert all(word in message for word in ("--cache_dir", "--augmented_views", "--finetune")), message
+    assert not list((tmp_path / "c").rglob("*.npy"))  # refused before computing anything
+    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(needed))
+    run = load()
+    assert run.stats.computed == 10
+    assert said[0] == (f"caching tiny activations below the top 1 blocks: 8x16x16 = 2,048 numbers per view, "
+                       f"10 views, {needed / 1e3:.1f} kB in {tmp_path / 'c' / features.backbone_key(part)}")
+    assert said[-1].startswith("Activations below the top 1 blocks: 10 computed")
+    # Nothing left to compute: nothing to say, and no room needed.
+    said.clear()
+    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(0))
+    assert load().stats.cached == 10 and not any(line.startswith("caching") for line in said)
+
+
+def test_the_frozen_default_says_nothing_of_small_features_but_still_checks_the_disk(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", TWELVE[:2], per_split={"train": 2, "valid": 1})
+    said = []
+    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(6 * 16 * 2))
+    features.load_feature_data(data, build_backbone("tiny"), cache_dir=tmp_path / "c", engine="torch",
+                               log=said.append, progress=False)
+    assert len(said) == 1 and said[0].startswith("Features: 6 computed")
+    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(4 * 16 * 2 - 1))
+    with pytest.raises(UserError, match=r"caching tiny features: 16 numbers per view, 10 views \(4 to compute\) "
+                                        r"takes 0.1 kB and its disk has 0.1 kB free; .*--augmented_views\)$"):
+        features.load_feature_data(data, build_backbone("tiny"), augmented_views=1, cache_dir=tmp_path / "c",
+                                   engine="torch", log=said.append, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "efficientnet_lite0", "resnet50"])
+def test_backbones_says_what_the_fine_tuned_top_adds_to_a_checkpoint(arch):
+    from flower_classifier.backbones import describe
+
+    spec = get_spec(arch)
+    backbone = build_backbone(arch, pretrained=False)
+    for n in (1, 2):
+        top = split_backbone(backbone, n)[1]
+        stored = sum(t.numel() * t.element_size() for t in top.state_dict().values())
+        assert spec.top_bytes(n) == stored > sum(p.numel() for p in top.parameters()) * 4 - 1
+        assert f"{stored / 1e6:.3g} MB in the checkpoint" in describe(spec).splitlines()[1]
+    with pytest.raises(ValueError):
+        spec.top_state(spec.num_blocks + 1)
