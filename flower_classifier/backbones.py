@@ -432,7 +432,7 @@ def build_backbone(name: str, *, pretrained: bool = True) -> Backbone:
 
 def _stack_to_split(backbone: Backbone, n: int) -> BlockStack:
     if backbone.split:
-        raise ValueError(f"{backbone.name} below its top {backbone.split} blocks is already a part: split the whole backbone")
+        raise ValueError(f"{backbone.title} is already a part: split the whole backbone")
     stack = get_spec(backbone.name).stack(backbone.module)
     k = len(stack.blocks)
     if not 0 <= n <= k:
