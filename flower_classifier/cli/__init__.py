@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     name = argv[0] if argv and argv[0] in COMMANDS else None
-    near = difflib.get_close_matches(argv[0], COMMANDS, n=1) if argv and not name else None
-    if near and not argv[0].startswith("-"):
+    mistyped = argv and not name and not argv[0].startswith("-")
+    near = difflib.get_close_matches(argv[0], COMMANDS, n=1) if mistyped else []
+    if near:
         parser.error(f"unknown command {argv[0]!r}; did you mean {near[0]}?")
     return parse_and_run(parser, argv, name, subparsers.get(name), skip=1)
 

@@ -91,7 +91,8 @@ def run_train(args: argparse.Namespace) -> int:
     best = max(result.state.history, key=lambda h: h["valid_accuracy"]) if result.state.history else None
     if best and main_process:
         size_mb = result.best_path.stat().st_size / 1e6
-        saved = "Saved" if best["epoch"] > result.state.epoch - result.epochs_run else "Kept in"  # trained now, or before a resume
+        # "Saved" only for a best epoch this call trained, not one from before a resume.
+        saved = "Saved" if best["epoch"] > result.state.epoch - result.epochs_run else "Kept in"
         print(f"Best epoch {best['epoch']}: valid accuracy {100 * best['valid_accuracy']:.1f}%. "
               f"{saved} {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
     return 0
