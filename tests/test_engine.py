@@ -1,6 +1,9 @@
 """The feature pass's engine and threads: ONNX Runtime on the CPU by default (features equal to
 PyTorch's), a backbone that does not export falls back to PyTorch in one line, the export is kept
 in the cache, large JPEGs decode at reduced size, and threads fit the work (--threads wins)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -332,9 +335,6 @@ def test_every_command_that_computes_takes_threads_and_the_others_refuse_it():
 
 def test_threads_reach_an_onnx_model_run_without_loading_torch(trained):
     """predict.py on an .onnx model stays torch-free with --threads, and its session gets them."""
-    import subprocess
-    import sys
-
     _, onnx = trained
     probe = ("import sys, runpy, onnxruntime\n"
              "real = onnxruntime.InferenceSession\n"
@@ -349,7 +349,7 @@ def test_threads_reach_an_onnx_model_run_without_loading_torch(trained):
              "print('EXIT', code, 'TORCH', 'torch' in sys.modules, 'ENV', os.environ.get('OMP_NUM_THREADS'))\n")
     root = Path(__file__).parent.parent
     result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
-                            env={k: v for k, v in __import__("os").environ.items() if k != "OMP_NUM_THREADS"})
+                            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
     assert "THREADS 1" in result.stdout, result.stdout + result.stderr
     assert result.stdout.strip().endswith("EXIT 0 TORCH False ENV None"), result.stdout + result.stderr
 
