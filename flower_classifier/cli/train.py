@@ -171,8 +171,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     data = calibration_data(args.data_dir, classes, build_backbone(ckpt.arch), negatives=args.negatives,
                             cache_dir=args.cache_dir, device=select_device(args.gpu), num_workers=args.workers,
                             progress=not args.quiet)
-    ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config.hidden_units, classes, data,
-                                      method=args.unknown_score, keep=args.keep)
+    ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=args.unknown_score,
+                                      keep=args.keep, epochs=ckpt.epoch)
     save_checkpoint(ckpt, args.checkpoint)
     print(describe(ckpt.calibration, data))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
