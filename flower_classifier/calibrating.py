@@ -133,7 +133,7 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
 
 def describe(calibration: Calibration, data: CalibrationData) -> str:
     """The one line saying what was chosen, and on what."""
-    on = (f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted)"
+    on = (f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)"
           + (f" and {len(data.negatives)} photos of {data.negatives_dir}"
              if data.negatives is not None else ""))
     return f"Calibrated on {on}: {calibration.summary()}"

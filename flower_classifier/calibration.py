@@ -487,7 +487,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
     if negative_logits is not None or negative_features is not None:
         negatives = calibration.scores(negative_logits, negative_features)
     calibration.threshold, calibration.rule = choose_threshold(
-        species, negatives, keep=keep, of=f"cross-fitted train+valid photos ({len(np.unique(fold))} folds)")
+        species, negatives, keep=keep, of="cross-fitted train+valid photos")
     return calibration
 
 

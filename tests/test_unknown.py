@@ -60,7 +60,7 @@ def _with_calibration(src, dst, **fields):
 def test_training_calibrates_best_and_last_and_says_what_it_chose(run):
     data, negatives, result, lines = run
     said = [line for line in lines if line.startswith("Calibrated on")]
-    assert len(said) == 1 and f"16 validation photos and 6 photos of {negatives}" in said[0]
+    assert len(said) == 1 and f"36 train+valid photos (cross-fitted in 5 folds) and 6 photos of {negatives}" in said[0]
     assert "unknown when the mahalanobis score is above" in said[0] and "negatives" in said[0]
     for path in (result.best_path, result.last_path):
         calibration = load_checkpoint(path).calibration
