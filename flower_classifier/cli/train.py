@@ -20,7 +20,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                category_names={"help": "JSON file of category -> flower name to store in the checkpoint (default: "
                                "DATA_DIR/cat_to_name.json when there is one, else none)"})
     add_shared(p, "--negatives", negatives={"help": "a folder of photos that are none of the species: choose the "
-                                            "unknown threshold with them too (default: from validation photos alone)"})
+                                            "unknown threshold with them too (default: from the species photos alone)"})
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
                    help="continue from --save_dir's last checkpoint, or from the given last.pth")
     p.add_argument("--test", action="store_true", help="at the end, evaluate the best epoch on DATA_DIR/test and put "
@@ -150,7 +150,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     add_config_options(p, "unknown_score", "keep")
     add_shared(p, "--negatives", "--cache_dir", "--workers", "--gpu", "--quiet", negatives={
         "help": "a folder of photos that are none of the species: choose the unknown threshold with them too "
-                "(default: from validation photos alone)"})
+                "(default: from the species photos alone)"})
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
