@@ -167,6 +167,7 @@ def resplit_study(backbone, feats: dict, classes: list[str], count: int, keep: f
     xneg = feats["negatives"][0]
     rates = {rule: [] for rule in RULES}
     probs = {name: [] for name in ("none", *RULES)}
+    temperatures = {name: [] for name in ("none", *RULES)}
     labels = []
     for r in range(count):
         rng = np.random.default_rng(1000 + r)
@@ -188,17 +189,21 @@ def resplit_study(backbone, feats: dict, classes: list[str], count: int, keep: f
             rates[rule].append((float((c.scores(None, part["test"][0]) > c.threshold).mean()),
                                 float((c.scores(None, xneg) > c.threshold).mean())))
             probs[rule].append(c.probabilities(logits["test"]))
+            temperatures[rule].append(c.temperature)
         probs["none"].append(cal.softmax(logits["test"]))
+        temperatures["none"].append(1.0)
         labels.append(part["test"][1])
     y_all = np.concatenate(labels)
     print(f"\nchoosing the rule without the test split: {count} deals of the {len(y)} train+valid photos into "
           f"{int((split == 0).sum())} train / {int((split == 1).sum())} valid / {int((split == 2).sum())} pseudo-test, "
           f"train.py's head on each; mahalanobis, keep {keep:.0%}")
     print(f"{'rule':<14}{'species rejected':>18}{'rms off 5%':>12}{'non-flowers caught':>20}{'lowest':>8}"
-          f"{'pooled ECE':>12}{'floor':>7}")
+          f"{'pooled ECE':>12}{'floor':>7}{'NLL':>7}{'T (sd)':>14}")
     for name in ("none", *RULES):
         p = np.concatenate(probs[name])
-        ece = f"{100 * cal.expected_calibration_error(p, y_all):>11.1f}%{100 * cal.ece_noise_floor(p, draws=200):>6.1f}%"
+        ts = temperatures[name]
+        ece = (f"{100 * cal.expected_calibration_error(p, y_all):>11.1f}%{100 * cal.ece_noise_floor(p, draws=200):>6.1f}%"
+               f"{-np.log(p[np.arange(len(y_all)), y_all]).mean():>7.3f}{statistics.mean(ts):>8.3f} ({statistics.pstdev(ts):.3f})")
         if name == "none":
             print(f"{'no T':<14}{'':>18}{'':>12}{'':>20}{'':>8}{ece}")
             continue
