@@ -84,7 +84,7 @@ def split_features(backbone, data_dir: Path, negatives_dir: Path, cache_dir) -> 
     return out
 
 
-def train_head_logits(backbone, data_dir: Path, feats: dict, seed: int, cache_dir) -> tuple[dict[str, np.ndarray], object]:
+def train_head_logits(backbone, data_dir: Path, feats: dict, seed: int, cache_dir) -> tuple[dict, object]:
     """Logits of every split under the head `train.py --arch ... --seed seed` keeps (its best epoch),
     and its checkpoint (calibrated by train.py's rule)."""
     config = TrainConfig(arch=backbone.name, seed=seed, num_workers=0)
@@ -202,8 +202,10 @@ def resplit_study(backbone, feats: dict, classes: list[str], count: int, keep: f
     for name in ("none", *RULES):
         p = np.concatenate(probs[name])
         ts = temperatures[name]
-        ece = (f"{100 * cal.expected_calibration_error(p, y_all):>11.1f}%{100 * cal.ece_noise_floor(p, draws=200):>6.1f}%"
-               f"{-np.log(p[np.arange(len(y_all)), y_all]).mean():>7.3f}{statistics.mean(ts):>8.3f} ({statistics.pstdev(ts):.3f})")
+        nll = -np.log(p[np.arange(len(y_all)), y_all]).mean()
+        ece = (f"{100 * cal.expected_calibration_error(p, y_all):>11.1f}%"
+               f"{100 * cal.ece_noise_floor(p, draws=200):>6.1f}%{nll:>7.3f}"
+               f"{statistics.mean(ts):>8.3f} ({statistics.pstdev(ts):.3f})")
         if name == "none":
             print(f"{'no T':<14}{'':>18}{'':>12}{'':>20}{'':>8}{ece}")
             continue

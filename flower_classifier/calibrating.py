@@ -93,7 +93,8 @@ def cross_fitted_logits(config: TrainConfig, epochs: int, features: np.ndarray, 
     the other folds of `fold` (N,). Seconds on cached features; in one process, even under torchrun."""
     logits = np.zeros((len(labels), num_classes), dtype=np.float32)
     dims = [features.shape[1], *config.hidden_units, num_classes]
-    with devices.threads(head_threads(dims, config.batch_size)), torch.enable_grad():
+    # fork_rng: the seeds set here leave torch's global random state as the caller had it.
+    with devices.threads(head_threads(dims, config.batch_size)), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         for k in np.unique(fold):
             rest = fold != k
             x, y = torch.from_numpy(features[rest]).float(), torch.from_numpy(labels[rest])
