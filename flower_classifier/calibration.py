@@ -16,7 +16,8 @@ folds, and each photo is scored (logits and unknown score) by a fit on the other
 one of them scores as an unseen photo would. T and the threshold (keep 95% of those scores; and, when
 given, a folder of photos that are none of the species) come from all of them, not from the 50 of a
 small validation split, whose quantile and temperature swing from split to split (measured: README,
-Calibration and unknown photos). A feature score's arrays are then fitted on all of train and valid.
+"Unknown photos and calibrated probabilities"). A feature score's arrays are then fitted on all of
+train and valid.
 
 `Calibration` holds all that prediction needs (T, method, threshold, the score's arrays) as plain
 data: `to_dict` gives JSON-ready values (arrays as base64 float16), `from_dict` checks every field.
