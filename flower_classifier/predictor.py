@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .calibration import Calibration
+from .devices import chosen_threads
 from .errors import UserError
 from .images import Preprocessing, decode_image, preprocess, to_rgb
 
@@ -226,7 +227,7 @@ class OnnxPredictor(Predictor):
         if not path.is_file():
             raise UserError(f"model {path} not found; make one with `python -m flower_classifier export`")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or chosen_threads() or os.cpu_count() or 1  # chosen: --threads
         options.log_severity_level = 3  # errors only
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
         try:

@@ -38,7 +38,9 @@ HISTORY_NAME = "history.csv"
 CURVES_NAME = "training_curves.png"
 CARD_NAME = "MODEL_CARD.md"
 
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep")  # options that leave the head alone
+# Options that leave the head alone. engine: its features equal the other's to 1e-4, and each engine
+# has its own files in the cache (the precision, onnx-fp32 or fp32, is part of a view's key).
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep", "engine")
 
 
 @contextmanager

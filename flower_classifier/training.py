@@ -389,8 +389,8 @@ def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[s
         return
     for path in (run.best, run.last):
         ckpt = load_checkpoint(path)
-        ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config.hidden_units, classes, data,
-                                          method=config.unknown_score, keep=config.keep)
+        ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=config.unknown_score,
+                                          keep=config.keep, epochs=ckpt.epoch)
         save_checkpoint(ckpt, path)
         if path == run.best:
             log(describe(ckpt.calibration, data))

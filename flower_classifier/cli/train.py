@@ -20,7 +20,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                category_names={"help": "JSON file of category -> flower name to store in the checkpoint (default: "
                                "DATA_DIR/cat_to_name.json when there is one, else none)"})
     add_shared(p, "--negatives", negatives={"help": "a folder of photos that are none of the species: choose the "
-                                            "unknown threshold with them too (default: from validation photos alone)"})
+                                            "unknown threshold with them too (default: from the species photos alone)"})
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
                    help="continue from --save_dir's last checkpoint, or from the given last.pth")
     p.add_argument("--test", action="store_true", help="at the end, evaluate the best epoch on DATA_DIR/test and put "
@@ -91,7 +91,8 @@ def run_train(args: argparse.Namespace) -> int:
     best = max(result.state.history, key=lambda h: h["valid_accuracy"]) if result.state.history else None
     if best and main_process:
         size_mb = result.best_path.stat().st_size / 1e6
-        saved = "Saved" if result.epochs_run else "Kept in"
+        # "Saved" only for a best epoch this call trained, not one from before a resume.
+        saved = "Saved" if best["epoch"] > result.state.epoch - result.epochs_run else "Kept in"
         print(f"Best epoch {best['epoch']}: valid accuracy {100 * best['valid_accuracy']:.1f}%. "
               f"{saved} {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
     return 0
@@ -150,7 +151,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     add_config_options(p, "unknown_score", "keep")
     add_shared(p, "--negatives", "--cache_dir", "--workers", "--gpu", "--quiet", negatives={
         "help": "a folder of photos that are none of the species: choose the unknown threshold with them too "
-                "(default: from validation photos alone)"})
+                "(default: from the species photos alone)"})
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -171,8 +172,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     data = calibration_data(args.data_dir, classes, build_backbone(ckpt.arch), negatives=args.negatives,
                             cache_dir=args.cache_dir, device=select_device(args.gpu), num_workers=args.workers,
                             progress=not args.quiet)
-    ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config.hidden_units, classes, data,
-                                      method=args.unknown_score, keep=args.keep)
+    ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=args.unknown_score,
+                                      keep=args.keep, epochs=ckpt.epoch)
     save_checkpoint(ckpt, args.checkpoint)
     print(describe(ckpt.calibration, data))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
