@@ -62,6 +62,7 @@ FRACTION = Number(float, 0, 0.99)  # dropout 1 or label smoothing 1 leaves nothi
 WORKERS = Number(int, 0, 256)  # processes; more than any machine here has cores
 THREADS = Number(int, 1, 1024)  # --threads: compute threads of a process
 ENGINES = ("auto", "torch", "onnx")
+SCHEDULES = ("constant", "onecycle", "cosine")  # `training.lr_multiplier` draws each
 # How unlike the training species a photo is (see `calibration`): from the logits, then from the features.
 UNKNOWN_SCORES = ("msp", "energy", "max_logit", "mahalanobis", "cosine", "knn")
 KEEP = 0.95  # share of validation species photos the unknown threshold keeps, by default
@@ -111,7 +112,19 @@ class TrainConfig:
     # The blocks below the split stay frozen, so their output per photo view is cached like the features.
     finetune: int = option(0, "fine-tune the last N blocks of the backbone together with the head (0: frozen backbone); "
                            "`python -m flower_classifier backbones` shows each backbone's blocks and what caching "
-                           "below the split costs", Number(int, 0, 1000))
+                           "below the split costs", Number(int, 0, 1000), search=[0, 1, 2, 4])
+    # Discriminative rates (fastai's slice(lr/100, lr), Lightning's BackboneFinetuning 0.1): pretrained
+    # blocks sit near a good solution and a few hundred photos pull them off it at the head's rate.
+    # 0.1 chosen on the sample (README, Fine-tuning): REPLACED BY MEASUREMENT
+    backbone_lr_factor: float = option(0.1, "--finetune: the fine-tuned blocks' learning rate is the head's times this",
+                                       Number(float, 0, 1, lo_open=True), search=[0.01, 0.03, 0.1, 0.3, 1.0])
+    # Stepped per batch; its step count is in the training state, so --resume continues the same curve.
+    schedule: str = option("constant", "learning-rate schedule of head and blocks, stepped per batch: constant, "
+                           "onecycle (from 1/25 of the rate up over the first quarter of the steps, then cosine "
+                           "down) or cosine (up over the first twentieth of the steps, then cosine down to 0)",
+                           choices=SCHEDULES, search=list(SCHEDULES))
+    patience: int = option(0, "stop when the validation loss has not improved for this many epochs (0: off; "
+                           "the best epoch by validation accuracy is kept as always)", Number(int, 0, 100_000))
     # Measured on the sample (bench/bench_unknown.py): mahalanobis catches 97% of non-flowers at AUROC 0.99,
     # msp 14% at 0.74.
     unknown_score: str = option("mahalanobis", "how \"not one of the species\" is scored after training: "
