@@ -28,10 +28,16 @@ OFFLINE_CHOICE = "efficientnet_lite0"
 
 @dataclass
 class Backbone:
-    name: str
+    name: str  # the registered backbone (`get_spec(name)`), also for a `frozen_part` of one
     module: nn.Module  # (N, 3, S, S) -> (N, feature_dim)
     feature_dim: int
     preprocessing: Preprocessing
+    split: int = 0  # 0: the whole backbone, giving features; n: `frozen_part` below the top n blocks
+
+    @property
+    def title(self) -> str:
+        """For messages: "efficientnet_lite0", or "efficientnet_lite0 below its top 2 blocks"."""
+        return f"{self.name} below its top {self.split} blocks" if self.split else self.name
 
 
 class BlockStack(NamedTuple):
@@ -56,7 +62,7 @@ class BackboneSpec:
     def split_shapes(self) -> tuple[tuple[int, ...], ...]:
         """Per image at the input size, what the frozen bottom outputs when the top n blocks are
         fine-tuned, for n = 0 (the features) to `num_blocks`: the activation a cache would hold."""
-        stack = self.stack(_meta_model(self).eval())
+        stack = self._meta_stack
         size = self.preprocessing().input_size
         x = torch.empty(1, 3, size, size, device="meta")  # shapes only: no weights, no arithmetic
         for layer in stack.stem:
@@ -73,6 +79,21 @@ class BackboneSpec:
     @property
     def num_blocks(self) -> int:
         return len(self.split_shapes) - 1
+
+    @cached_property
+    def _meta_stack(self) -> BlockStack:
+        return self.stack(_meta_model(self).eval())
+
+    def top_state(self, n: int) -> dict[str, torch.Tensor]:
+        """The state_dict of `split_backbone`'s top at n (the last n blocks and the tail) on the meta
+        device: every name, shape and dtype a fine-tuned checkpoint stores, and no data."""
+        if not 0 <= n <= self.num_blocks:
+            raise ValueError(f"{self.name} has {self.num_blocks} blocks, not {n}")
+        return _top(self._meta_stack, n).state_dict()
+
+    def top_bytes(self, n: int) -> int:
+        """What the fine-tuned top at n adds to a checkpoint: its weights and buffers as stored (fp32)."""
+        return sum(t.numel() * t.element_size() for t in self.top_state(n).values())
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -409,6 +430,24 @@ def build_backbone(name: str, *, pretrained: bool = True) -> Backbone:
     return Backbone(name, module, spec.feature_dim, spec.preprocessing())
 
 
+def _stack_to_split(backbone: Backbone, n: int) -> BlockStack:
+    if backbone.split:
+        raise ValueError(f"{backbone.name} below its top {backbone.split} blocks is already a part: split the whole backbone")
+    stack = get_spec(backbone.name).stack(backbone.module)
+    k = len(stack.blocks)
+    if not 0 <= n <= k:
+        raise UserError(f"--finetune {n}: {backbone.name} has {k} blocks; choose 0 (frozen backbone) to {k}")
+    return stack
+
+
+def _bottom(stack: BlockStack, n: int) -> nn.Sequential:
+    return nn.Sequential(*stack.stem, *stack.blocks[:len(stack.blocks) - n])
+
+
+def _top(stack: BlockStack, n: int) -> nn.Sequential:
+    return nn.Sequential(*stack.blocks[len(stack.blocks) - n:], *stack.tail) if n else nn.Sequential()
+
+
 def split_backbone(backbone: Backbone | str, n: int, *, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
     """(bottom, top) with top(bottom(x)) == backbone(x): the top is the last n blocks and what follows them.
 
@@ -419,21 +458,29 @@ def split_backbone(backbone: Backbone | str, n: int, *, pretrained: bool = True)
     """
     if isinstance(backbone, str):
         backbone = build_backbone(backbone, pretrained=pretrained)
-    spec = get_spec(backbone.name)
-    stack = spec.stack(backbone.module)
-    k = len(stack.blocks)
-    if not 0 <= n <= k:
-        raise UserError(f"--finetune {n}: {backbone.name} has {k} blocks; choose 0 (frozen backbone) to {k}")
+    stack = _stack_to_split(backbone, n)
     if n == 0:
         return freeze(backbone.module), nn.Sequential()
-    bottom = freeze(nn.Sequential(*stack.stem, *stack.blocks[:k - n]))
-    top = nn.Sequential(*stack.blocks[k - n:], *stack.tail).requires_grad_(True)
-    return bottom, top
+    return freeze(_bottom(stack, n)), _top(stack, n).requires_grad_(True)
+
+
+def frozen_part(backbone: Backbone, n: int) -> Backbone:
+    """The frozen bottom below the top n blocks as a Backbone of its own, whose outputs are the flat
+    activations (N, prod(split_shapes[n])): what the cache stores, keyed apart per split, when the
+    top n blocks are fine-tuned. It shares the backbone's modules (as `split_backbone` does) and
+    leaves the top's alone. n = 0: the backbone itself, so the frozen default's cache is unchanged."""
+    stack = _stack_to_split(backbone, n)
+    if n == 0:
+        return backbone
+    module = freeze(nn.Sequential(*_bottom(stack, n), nn.Flatten()))  # (N, 3, S, S) -> (N, prod(shape))
+    shape = get_spec(backbone.name).split_shapes[n]
+    return Backbone(backbone.name, module, math.prod(shape), backbone.preprocessing, split=n)
 
 
 def describe(spec: BackboneSpec, finetune: tuple[int, ...] = (1, 2)) -> str:
-    """Two lines for `python -m flower_classifier backbones`: what the backbone takes and gives, and
-    what fine-tuning its top blocks would cache per image (float16, as the feature cache stores)."""
+    """Two lines for `python -m flower_classifier backbones`: what the backbone takes and gives, and,
+    to fine-tune its top n blocks, what the cache holds per image view (float16, as the feature
+    cache stores) and what the fine-tuned blocks add to a checkpoint (fp32)."""
     p = spec.preprocessing()
     first = (f"{spec.name:<18} features {spec.feature_dim:>6}  input {p.input_size}px  mean {p.mean}  "
              f"std {p.std}  {spec.description}; {spec.weights_status()}")
@@ -441,6 +488,7 @@ def describe(spec: BackboneSpec, finetune: tuple[int, ...] = (1, 2)) -> str:
     for n in (n for n in finetune if n <= spec.num_blocks):
         shape = spec.split_shapes[n]
         numbers = math.prod(shape)
-        costs.append(f"n={n} {'x'.join(map(str, shape))} = {numbers:,} numbers, {numbers * 2 / 1e6:.3g} MB")
-    return (f"{first}\n{'':<18} {spec.num_blocks} blocks; to fine-tune the top n, the cache holds per image "
-            f"(float16): {'; '.join(costs)}")
+        costs.append(f"n={n} {'x'.join(map(str, shape))} = {numbers:,} numbers, {numbers * 2 / 1e6:.3g} MB cached, "
+                     f"{spec.top_bytes(n) / 1e6:.3g} MB in the checkpoint")
+    return (f"{first}\n{'':<18} {spec.num_blocks} blocks; fine-tuning the top n caches per image view "
+            f"(float16) and stores: {'; '.join(costs)}")

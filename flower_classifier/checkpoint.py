@@ -1,10 +1,11 @@
 """Saving and loading checkpoints. The only module that knows the checkpoint's key names.
 
 A checkpoint holds what cannot be rebuilt: format version, backbone name and preprocessing, the
-head's weights, the category list (output index -> folder name) and names, the config, epoch and
+head's weights, the fine-tuned top blocks' weights (`--finetune N`: the last N blocks and the tail;
+none for a frozen backbone), the category list (output index -> folder name) and names, the config, epoch and
 metrics, and the calibration (temperature, unknown score and threshold; absent in checkpoints from
 before it, which then predict uncalibrated and never answer "unknown"). The frozen backbone is never
-stored: it is rebuilt from its name. Files are written to a
+stored: it is rebuilt from its name, and the fine-tuned top is loaded onto it. Files are written to a
 temporary file and renamed, and read with `torch.load(weights_only=True)`, which runs no code.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import BACKBONES, build_backbone
+from .backbones import BACKBONES, build_backbone, freeze, split_backbone
 from .calibration import Calibration
 from .images import Preprocessing
 from .config import TrainConfig
@@ -42,6 +43,8 @@ class Checkpoint:
     history: list[dict] = field(default_factory=list)
     run_id: str | None = None  # the training run that wrote it (`runfolder`): one per run, kept on --resume
     calibration: Calibration | None = None  # fitted once training ends (or by `calibrate`); None before
+    # `split_backbone(arch, config.finetune)`'s top: its state_dict; {} for a frozen backbone (and before it)
+    top_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def name_of(self, category: str) -> str:
         return (self.cat_to_name or {}).get(category, category)
@@ -87,6 +90,33 @@ def check_head(head_state, *, arch: str, hidden_units, num_classes: int, where: 
                             f"training that made them diverged; train again with a lower --learning_rate")
 
 
+def check_top(top_state, *, arch: str, finetune: int, where: str) -> None:
+    """The fine-tuned top's weights are finite tensors of exactly the names, shapes and dtypes of
+    `split_backbone(arch, finetune)`'s top (none when finetune is 0); else loading them would fail
+    or predict garbage."""
+    if not isinstance(top_state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in top_state.items()):
+        raise UserError(f"{where}: top_state must be a dict of named tensors (got {_show(top_state)})")
+    spec = BACKBONES[arch]
+    if finetune > spec.num_blocks:
+        raise UserError(f"{where}: config finetune {finetune}, but backbone {arch} has {spec.num_blocks} blocks")
+    expected = spec.top_state(finetune) if finetune else {}  # meta tensors: names, shapes and dtypes only
+    for key, want in expected.items():
+        got = top_state.get(key)
+        if got is None or got.shape != want.shape or got.dtype != want.dtype:
+            found = "is missing" if got is None else f"is {got.dtype} of shape {list(got.shape)}"
+            raise UserError(f"{where}: top_state {key!r} {found}, but the top {finetune} blocks of {arch} "
+                            f"(config finetune {finetune}) need {want.dtype} of shape {list(want.shape)}")
+    extra = sorted(set(top_state) - set(expected))
+    if extra:
+        raise UserError(f"{where}: top_state holds {extra[0]!r}, which the top {finetune} blocks of {arch} "
+                        f"(config finetune {finetune}) have not")
+    for key, value in top_state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{where}: the fine-tuned blocks' weights {key!r} are not all finite numbers (nan or "
+                            f"inf): the training that made them diverged; train again with a lower --learning_rate")
+
+
 def _show(value) -> str:
     text = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -95,12 +125,14 @@ def _show(value) -> str:
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
     check_head(ckpt.head_state, arch=ckpt.arch, hidden_units=ckpt.config.hidden_units,
                num_classes=len(ckpt.classes), where=f"not saving {path}")
+    check_top(ckpt.top_state, arch=ckpt.arch, finetune=ckpt.config.finetune, where=f"not saving {path}")
     atomic_save({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": ckpt.arch,
         "preprocessing": ckpt.preprocessing.to_dict(),
         "head_state": _to_plain(ckpt.head_state),
+        **({"top_state": _to_plain(ckpt.top_state)} if ckpt.top_state else {}),
         "classes": list(ckpt.classes),
         "cat_to_name": dict(ckpt.cat_to_name) if ckpt.cat_to_name else None,
         "config": ckpt.config.to_dict(),
@@ -139,6 +171,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         isinstance(k, str) and isinstance(n, str) for k, n in v.items()), "None or a {category: name} dict of strings")
     check_head(d.get("head_state"), arch=arch, hidden_units=config.hidden_units, num_classes=len(classes),
                where=f"{path}")
+    top_state = d.get("top_state", {})  # absent: a frozen backbone, or a file from before fine-tuning
+    check_top(top_state, arch=arch, finetune=config.finetune, where=f"{path}")
     calibration = None
     if d.get("calibration") is not None:
         calibration = Calibration.from_dict(d["calibration"], where=str(path), num_classes=len(classes),
@@ -150,7 +184,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                       history=field_of("history", lambda v: isinstance(v, list) and all(map(_is_plain_record, v)),
                                        "a list of dicts of plain values", default=[]),
                       run_id=field_of("run_id", _is_run_id, "None or a short string", default=None),
-                      calibration=calibration)
+                      calibration=calibration, top_state=top_state)
 
 
 class _FieldChecker:
@@ -205,10 +239,16 @@ def _is_run_id(v) -> bool:
 
 
 def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
-    """Backbone (rebuilt from its name, or the one given) + head with the saved weights."""
+    """Backbone (rebuilt from its name, or the one given) with its fine-tuned top blocks loaded
+    (`--finetune`), + head with the saved weights: frozen, in eval mode, for predicting."""
     check_head(ckpt.head_state, arch=ckpt.arch, hidden_units=ckpt.config.hidden_units,
                num_classes=len(ckpt.classes), where="cannot build the model")
+    check_top(ckpt.top_state, arch=ckpt.arch, finetune=ckpt.config.finetune, where="cannot build the model")
     backbone = backbone or build_backbone(ckpt.arch)
+    if ckpt.config.finetune:
+        _, top = split_backbone(backbone, ckpt.config.finetune)  # shares the backbone's modules
+        top.load_state_dict(ckpt.top_state)
+        freeze(top)
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
     head.load_state_dict(ckpt.head_state)
     return FlowerClassifier(backbone.module, head, classes=ckpt.classes, cat_to_name=ckpt.cat_to_name,

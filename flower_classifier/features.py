@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -64,14 +65,18 @@ def _short_hash(text: str) -> str:
 
 
 def backbone_key(backbone: Backbone) -> str:
-    """Names the backbone's exact function: name, preprocessing and every weight's bytes."""
+    """Names the backbone's exact function: name, split, preprocessing and every weight's bytes. A
+    `backbones.frozen_part` below the top n blocks is keyed `<name>-below<n>-<hash>`; the whole
+    backbone (n = 0) keeps the key it always had."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps({"format": CACHE_FORMAT, "name": backbone.name,
+    split = {"below": backbone.split} if backbone.split else {}
+    h.update(json.dumps({"format": CACHE_FORMAT, "name": backbone.name, **split,
                          "preprocessing": backbone.preprocessing.to_dict()}, sort_keys=True).encode())
     for name, tensor in backbone.module.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return f"{backbone.name}-{h.hexdigest()}"
+    below = f"-below{backbone.split}" if backbone.split else ""
+    return f"{backbone.name}{below}-{h.hexdigest()}"
 
 
 # ---------------------------------------------------------------- views: which transform, which randomness
@@ -227,8 +232,8 @@ def _onnx_forward(backbone: Backbone, threads: int, folder: Path | None) -> Call
         except Exception as e:  # the exporter and ONNX Runtime raise many kinds on an unsupported layer
             _not_exportable.add(key)
             reason = (str(e).strip().splitlines() or [""])[0][:200]
-            _warn(f"warning: {backbone.name} could not be exported to ONNX ({type(e).__name__}: {reason}); "
-                  f"its features are computed by PyTorch")
+            _warn(f"warning: {backbone.title} could not be exported to ONNX ({type(e).__name__}: {reason}); "
+                  f"its {'activations' if backbone.split else 'features'} are computed by PyTorch")
             return None
         _onnx_sessions[(key, threads)] = run
     return _onnx_sessions[(key, threads)]
@@ -447,14 +452,15 @@ def _from_main(mask: torch.Tensor) -> torch.Tensor:
 
 def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: FeatureStore | None, *,
                 device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
-                stats: CacheStats | None = None, engine: str = "torch") -> tuple[Rows, torch.Tensor]:
+                stats: CacheStats | None = None, engine: str = "torch",
+                digests: list[str] | None = None) -> tuple[Rows, torch.Tensor]:
     """Features of `paths` under `view` (float16 `Rows`: memory-mapped from `store` where stored) and
     a readable-image mask. Rows not in the store are computed and written to it in pieces as the pass
     goes; under torchrun each process computes and writes its share, then all read the union.
-    `store=None` keeps them in memory only."""
+    `store=None` keeps them in memory only. `digests`: the files' (`file_digest`), if known."""
     device = torch.device(device)
     engine = resolve_engine(engine, device)
-    digests = [file_digest(p) for p in paths]
+    digests = digests if digests is not None else [file_digest(p) for p in paths]
     for attempt in dict.fromkeys([engine, "torch"]):  # ONNX, unless the backbone does not export
         key = view.key(precision_on(device, attempt))
         if store is not None:
@@ -624,6 +630,44 @@ def feature_loader(dataset: FeatureSet, *, batch_size: int, shuffle: bool, seed:
                       generator=torch.Generator().manual_seed(seed))
 
 
+SAY_SIZE_BYTES = 100 << 20  # a frozen backbone's cache pass says its size from this much on (VGG: 2,000 views)
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e9:,.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def check_room(store: FeatureStore, backbone: Backbone, passes: list[tuple[View, list[str]]], *,
+               device: torch.device, engine: str, log: Callable[[str], None]) -> None:
+    """Before a cache pass over `passes` ((view, image digests) pairs): what it will add to the store,
+    said in one line (always for activations below a split, from SAY_SIZE_BYTES on for features), and
+    refused in one line when the cache folder's disk cannot hold it (activations can be 100,352
+    numbers per view: a pass must not fill the disk and then fall back to memory)."""
+    rows = sum(len(digests) for _, digests in passes)
+    missing = sum(int((~store.lookup(view.key(precision_on(device, engine)), digests)[1]).sum())
+                  for view, digests in passes)
+    if not missing:
+        return
+    needed = missing * backbone.feature_dim * _numpy_dtype().itemsize
+    if backbone.split:
+        from .backbones import get_spec
+
+        shape = "x".join(map(str, get_spec(backbone.name).split_shapes[backbone.split]))
+        what = f"{backbone.name} activations below the top {backbone.split} blocks: {shape} = "
+    else:
+        what = f"{backbone.name} features: "
+    what += f"{backbone.feature_dim:,} numbers per view, {rows:,} views"
+    what += f" ({missing:,} to compute)" if missing < rows else ""
+    if backbone.split or needed >= SAY_SIZE_BYTES:
+        log(f"caching {what}, {_megabytes(needed)} in {store.dir}")
+    free = shutil.disk_usage(store.dir).free
+    if needed > free:
+        smaller = ", a smaller --finetune" if backbone.split else ""
+        raise UserError(f"cache folder {store.dir.parent}: caching {what} takes {_megabytes(needed)} and its disk has "
+                        f"{_megabytes(free)} free; pass --cache_dir on a disk with room, or cache less (fewer "
+                        f"--augmented_views{smaller})")
+
+
 @dataclass
 class FeatureData:
     """Training and validation features of a data folder, for as many training runs as wanted."""
@@ -649,13 +693,20 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
     train_paths, train_labels = [p for p, _ in train_set.samples], torch.tensor([y for _, y in train_set.samples])
     valid_paths, valid_labels = [p for p, _ in valid_set.samples], torch.tensor([y for _, y in valid_set.samples])
     common = dict(device=device, num_workers=num_workers, progress=progress, stats=stats, engine=engine)
+    train_digests, valid_digests = [file_digest(p) for p in train_paths], [file_digest(p) for p in valid_paths]
+    views = [augmented_view(backbone, i) for i in range(1, augmented_views + 1)]
+    if store is not None:
+        check_room(store, backbone, [(centre_view(backbone), train_digests + valid_digests),
+                                     *((view, train_digests) for view in views)],
+                   device=torch.device(device), engine=engine, log=log)
     # One call for both splits' centre crops: one pass of the loader, one store to update.
-    centre, ok = cached_rows(backbone, train_paths + valid_paths, centre_view(backbone), store, **common)
+    centre, ok = cached_rows(backbone, train_paths + valid_paths, centre_view(backbone), store, **common,
+                             digests=train_digests + valid_digests)
     n = len(train_paths)
     train_ok, valid_ok = ok[:n].numpy(), ok[n:].numpy()
     xs, ys = [centre.select(np.flatnonzero(train_ok))], [train_labels[ok[:n]]]
-    for i in range(1, augmented_views + 1):
-        aug, aug_ok = cached_rows(backbone, train_paths, augmented_view(backbone, i), store, **common)
+    for view in views:
+        aug, aug_ok = cached_rows(backbone, train_paths, view, store, **common, digests=train_digests)
         xs.append(aug.select(np.flatnonzero(aug_ok.numpy())))
         ys.append(train_labels[aug_ok])
     train = FeatureSet(Rows.cat(xs), torch.cat(ys))
@@ -669,7 +720,8 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
         log(f"skipped {unreadable} unreadable images (each named in a warning above)")
     where = f" (cache: {store.dir})" if store else ""
     rate = f", {stats.computed / stats.seconds:.1f} images/s on {stats.engine}" if stats.seconds else ""
-    log(f"Features: {stats.computed} computed in {stats.seconds:.1f} s{rate}, {stats.cached} from the "
+    what = f"Activations below the top {backbone.split} blocks" if backbone.split else "Features"
+    log(f"{what}: {stats.computed} computed in {stats.seconds:.1f} s{rate}, {stats.cached} from the "
         f"cache{where}; {len(train)} training rows (centre crop + {augmented_views} augmented views per image), "
         f"{len(valid)} validation rows")
     return FeatureData(train, valid, train_set.classes, stats)

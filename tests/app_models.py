@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from flower_classifier.backbones import build_backbone
+from flower_classifier.backbones import build_backbone, split_backbone
 from flower_classifier.checkpoint import Checkpoint, save_checkpoint
 from flower_classifier.config import TrainConfig
 from flower_classifier.model import build_head
@@ -66,6 +66,23 @@ def tiny_checkpoint(path: Path, num_classes: int = 6) -> Path:
     classes = [str(i) for i in range(1, num_classes + 1)]
     ckpt = Checkpoint("tiny", backbone.preprocessing, head.state_dict(), classes, config,
                       {c: f"flower {c}" for c in classes})
+    return save_checkpoint(ckpt, path)
+
+
+def finetuned_checkpoint(path: Path, arch: str = "tiny", n: int = 1) -> Path:
+    """`arch` with its top n blocks changed as fine-tuning would change them (each weight scaled by
+    1 + 10% seeded noise) under a small random head: only a checkpoint carrying them predicts like it."""
+    backbone = build_backbone(arch)
+    _, top = split_backbone(backbone, n)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in top.parameters():
+            p.mul_(1 + 0.1 * torch.randn(p.shape, generator=generator))
+    config = TrainConfig(arch=arch, hidden_units=(8,), dropout=0.0, finetune=n)
+    torch.manual_seed(1)
+    head = build_head(backbone.feature_dim, config.hidden_units, len(FLOWERS), config.dropout)
+    ckpt = Checkpoint(arch, backbone.preprocessing, head.state_dict(), list(FLOWERS), config, FLOWERS,
+                      top_state=top.state_dict())
     return save_checkpoint(ckpt, path)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flower_classifier import checkpoint as ckpt_io
-from flower_classifier.backbones import build_backbone
+from flower_classifier.backbones import build_backbone, get_spec, split_backbone
 from flower_classifier.images import Preprocessing
 from flower_classifier.checkpoint import Checkpoint, build_model, load_checkpoint, load_model, save_checkpoint
 from flower_classifier.config import TrainConfig
@@ -16,6 +16,7 @@ from flower_classifier.errors import UserError
 from flower_classifier.model import build_head
 from flower_classifier.predictor import predict
 
+from app_models import finetuned_checkpoint, photo
 from conftest import TWELVE, make_image
 
 
@@ -226,6 +227,9 @@ def _edits(raw: dict) -> list[tuple[str, dict, list[str]]]:
     """(case, edited checkpoint, words its one-line refusal must hold): every field wrong in several ways."""
     head = raw["head_state"]
     pre, config = raw["preprocessing"], raw["config"]
+    tuned = {**config, "finetune": 1}  # the tiny backbone's top block: "0.0" its conv, "0.1" its BatchNorm
+    top = {k: v.clone() for k, v in split_backbone(build_backbone("tiny"), 1)[1].state_dict().items()}
+    nan_top = {**top, "0.0.weight": top["0.0.weight"].clone().index_fill_(0, torch.tensor([2]), float("nan"))}
     nan_head = {k: v.clone() for k, v in head.items()}
     nan_head["0.weight"][0, 0] = float("nan")
     inf_head = {k: v.clone() for k, v in head.items()}
@@ -304,6 +308,21 @@ def _edits(raw: dict) -> list[tuple[str, dict, list[str]]]:
         ("history of numbers", {**raw, "history": [1, 2]}, ["'history'"]),
         ("run id number", {**raw, "run_id": 5}, ["'run_id'", "got 5"]),
         ("run id long", {**raw, "run_id": "x" * 500}, ["'run_id'"]),
+        ("top a list", {**raw, "config": tuned, "top_state": [1]}, ["top_state must be a dict of named tensors"]),
+        ("top of numbers", {**raw, "config": tuned, "top_state": {"0.0.weight": 1.0}}, ["top_state must be a dict"]),
+        ("top missing", {**raw, "config": tuned}, ["top_state '0.0.weight' is missing", "config finetune 1"]),
+        ("top on a frozen backbone", {**raw, "top_state": top}, ["top_state holds '0.0.bias'", "finetune 0"]),
+        ("top of 2 blocks for 1", {**raw, "config": tuned,
+                                   "top_state": split_backbone(build_backbone("tiny"), 2)[1].state_dict()},
+         ["top_state '0.0.weight'", "shape [8, 3, 3, 3]", "need torch.float32 of shape [16, 8, 3, 3]"]),
+        ("top key dropped", {**raw, "config": tuned, "top_state": _without(top, "0.1.running_var")},
+         ["'0.1.running_var' is missing"]),
+        ("top extra key", {**raw, "config": tuned, "top_state": {**top, "9.weight": torch.zeros(2)}},
+         ["top_state holds '9.weight'", "have not"]),
+        ("top half precision", {**raw, "config": tuned, "top_state": {**top, "0.0.bias": top["0.0.bias"].half()}},
+         ["'0.0.bias' is torch.float16", "need torch.float32"]),
+        ("top nan", {**raw, "config": tuned, "top_state": nan_top}, ["'0.0.weight'", "not all finite"]),
+        ("finetune past the blocks", {**raw, "config": {**config, "finetune": 3}}, ["finetune 3", "tiny has 2 blocks"]),
     ]
     return cases
 
@@ -385,3 +404,67 @@ def test_building_the_tiny_backbone_leaves_the_global_random_state_alone():
     second = build_backbone("tiny")
     assert all(torch.equal(a, b) for a, b in zip(first.module.state_dict().values(),
                                                  second.module.state_dict().values()))  # fixed weights
+
+
+# ---------------------------------------------------------------- fine-tuned checkpoints (--finetune)
+
+@pytest.fixture(scope="module")
+def lite0_tuned(tmp_path_factory):
+    return finetuned_checkpoint(tmp_path_factory.mktemp("tuned") / "lite0.pth", "efficientnet_lite0", 2)
+
+
+def _frozen_twin(path, tmp_path):
+    """The same checkpoint with its fine-tuned blocks dropped: the pretrained backbone under the same head."""
+    raw = torch.load(path, weights_only=True)
+    torch.save({**_without(raw, "top_state"), "config": {**raw["config"], "finetune": 0}}, tmp_path / "frozen.pth")
+    return tmp_path / "frozen.pth"
+
+
+@pytest.mark.parametrize("arch", ["tiny", "efficientnet_lite0"])
+def test_a_finetuned_checkpoint_reloads_to_identical_probabilities(arch, lite0_tuned, tmp_path):
+    path = lite0_tuned if arch != "tiny" else finetuned_checkpoint(tmp_path / "tiny.pth", "tiny", 1)
+    model, ckpt = load_model(path)
+    again, _ = load_model(path)
+    assert ckpt.config.finetune > 0 and ckpt.top_state
+    assert not any(p.requires_grad for p in model.backbone.parameters()) and not model.training
+    picture = photo("rose.jpg")
+    a, b = predict(picture, model, 5), predict(picture, again, 5)
+    assert a.categories == b.categories and a.probabilities == b.probabilities
+    # The fine-tuned blocks are what it predicts with: without them the same head answers otherwise.
+    frozen = predict(picture, load_model(_frozen_twin(path, tmp_path))[0], 5)
+    assert max(abs(x - y) for x, y in zip(a.probabilities, frozen.probabilities)) > 1e-3
+    # Saving the loaded checkpoint again keeps every fine-tuned weight.
+    save_checkpoint(ckpt, tmp_path / "again.pth")
+    top = load_checkpoint(tmp_path / "again.pth").top_state
+    assert top.keys() == ckpt.top_state.keys() and all(torch.equal(top[k], v) for k, v in ckpt.top_state.items())
+
+
+def test_a_finetuned_checkpoint_holds_only_the_head_and_its_top_blocks(lite0_tuned):
+    backbone_bytes = sum(t.numel() * t.element_size() for t in build_backbone("efficientnet_lite0").module.state_dict().values())
+    ckpt = load_checkpoint(lite0_tuned)
+    top_bytes = sum(t.numel() * t.element_size() for t in ckpt.top_state.values())
+    assert top_bytes == get_spec("efficientnet_lite0").top_bytes(2)  # the figure `backbones` shows
+    size = lite0_tuned.stat().st_size
+    assert top_bytes < size < top_bytes + 100_000 < backbone_bytes / 2, (size, top_bytes, backbone_bytes)
+
+
+def test_a_checkpoint_from_before_fine_tuning_loads_as_before(tmp_path):
+    save_checkpoint(tiny_checkpoint(), tmp_path / "frozen.pth")
+    raw = torch.load(tmp_path / "frozen.pth", weights_only=True)
+    assert "top_state" not in raw  # a frozen run's file is as it was
+    torch.save({**raw, "config": _without(raw["config"], "finetune")}, tmp_path / "old.pth")
+    old = load_checkpoint(tmp_path / "old.pth")
+    assert old.top_state == {} and old.config.finetune == 0
+    photo_path = make_image(tmp_path / "p.jpg", (200, 40, 90), size=(64, 48))
+    a = predict(photo_path, load_model(tmp_path / "old.pth")[0], 3)
+    b = predict(photo_path, load_model(tmp_path / "frozen.pth")[0], 3)
+    assert a.probabilities == b.probabilities
+
+
+def test_fine_tuned_weights_that_diverged_are_refused_at_save(tmp_path):
+    path = finetuned_checkpoint(tmp_path / "t.pth", "tiny", 1)
+    ckpt = load_checkpoint(path)
+    ckpt.top_state["0.1.weight"][0] = float("inf")
+    with pytest.raises(UserError, match=r"not saving .*'0.1.weight' are not all finite"):
+        save_checkpoint(ckpt, tmp_path / "bad.pth")
+    assert not (tmp_path / "bad.pth").exists()

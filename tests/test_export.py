@@ -7,10 +7,12 @@ import sys
 import numpy as np
 import onnx
 import pytest
+import torch
 from PIL import Image
 
-from app_models import PHOTO_CATEGORY, lite0_checkpoint, photo, tiny_checkpoint
+from app_models import PHOTO_CATEGORY, finetuned_checkpoint, lite0_checkpoint, photo, tiny_checkpoint
 from conftest import ROOT, make_image
+from flower_classifier.backbones import build_backbone
 from flower_classifier.images import Preprocessing
 from flower_classifier.checkpoint import load_model
 from flower_classifier.cli import main
@@ -155,3 +157,20 @@ def test_decode_image_reads_like_the_training_loader(tmp_path):
         assert ours.mode == "RGB" and ours.size == theirs.size, name
         assert np.array_equal(np.asarray(ours), np.asarray(theirs)), name
     assert decode_image(tmp_path / "rotated.jpg").size == (20, 30)
+
+
+@pytest.mark.parametrize("arch, n", [("tiny", 1), ("efficientnet_lite0", 2)])
+def test_a_finetuned_checkpoint_exports_its_blocks_and_matches_pytorch(arch, n, tmp_path):
+    ckpt = finetuned_checkpoint(tmp_path / f"{arch}.pth", arch, n)
+    onnx_path = export_onnx(ckpt, tmp_path / f"{arch}.onnx")
+    pytorch, session = load_predictor(ckpt), load_predictor(onnx_path)
+    assert isinstance(session, OnnxPredictor) and not isinstance(pytorch, OnnxPredictor)
+    images = np.stack([pytorch.prepare(photo(name)) for name in sorted(PHOTO_CATEGORY)])
+    expected_logits, expected_features = pytorch.outputs(images)
+    logits, feats = session.outputs(images)
+    np.testing.assert_allclose(feats, expected_features, rtol=0, atol=1e-4 * max(1.0, np.abs(expected_features).max()))
+    np.testing.assert_allclose(session.probabilities(images), pytorch.probabilities(images), rtol=0, atol=1e-4)
+    # The file carries the fine-tuned blocks: the pretrained backbone gives other features.
+    with torch.inference_mode():
+        pretrained = build_backbone(arch).module(torch.from_numpy(images)).numpy()
+    assert np.abs(pretrained - feats).max() > 1e-2 * np.abs(feats).max()
