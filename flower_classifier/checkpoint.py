@@ -297,9 +297,8 @@ def load_training_state(path: str | Path) -> dict:
              "a dict of tensors")
     d.setdefault("run_id", None)
     field_of("run_id", _is_run_id, "None or a short string")
-    d.setdefault("top_state", None)
-    field_of("top_state", lambda v: v is None or isinstance(v, dict) and all(
-        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items()), "None or a dict of tensors")
+    d.setdefault("top_state", {})  # a frozen backbone's run, or one from before fine-tuning
+    field_of("top_state", lambda v: isinstance(v, dict), "a dict of tensors")  # checked by `runfolder.load_resume`
     d.setdefault("scheduler", None)
     field_of("scheduler", lambda v: v is None or isinstance(v, dict), "None or a dict (the schedule's state)")
     return d

@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
-from .checkpoint import Checkpoint, check_head, load_checkpoint, load_training_state, save_checkpoint, \
+from .checkpoint import Checkpoint, check_head, check_top, load_checkpoint, load_training_state, save_checkpoint, \
     save_training_state
 from .config import TrainConfig
 from .errors import UserError
@@ -121,21 +119,8 @@ def load_resume(path: str | Path, config: TrainConfig, classes: list[str]) -> Re
                         f"history) does not follow {path} (epoch {last.epoch}); resume from a folder one run wrote")
     check_head(state["head_state"], arch=last.arch, hidden_units=last.config.hidden_units,
                num_classes=len(last.classes), where=str(state_path))
-    _check_top(state["top_state"], last.top_state or {}, state_path)
+    check_top(state["top_state"], arch=last.arch, finetune=last.config.finetune, where=str(state_path))
     return Resumed(path, last, state)
-
-
-def _check_top(top_state: dict | None, checked: dict, where: Path) -> None:
-    """The training state's fine-tuned blocks have the keys and shapes of last.pth's (checked when it
-    was loaded), and finite weights; both absent for a frozen backbone."""
-    top_state = top_state or {}
-    differ = sorted(set(top_state) ^ set(checked)) or [k for k in checked if top_state[k].shape != checked[k].shape]
-    if differ:
-        raise UserError(f"cannot resume: the fine-tuned blocks in {where} do not fit its checkpoint ({differ[0]!r}); "
-                        f"train again without --resume, or into a new --save_dir")
-    if not all(bool(torch.isfinite(v).all()) for v in top_state.values()):
-        raise UserError(f"cannot resume: the fine-tuned blocks in {where} are not all finite numbers; train again "
-                        f"without --resume")
 
 
 # ---------------------------------------------------------------- the folder

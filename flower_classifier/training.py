@@ -267,9 +267,9 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
     return state
 
 
-def top_state(top: nn.Module | None) -> dict | None:
-    """What a checkpoint keeps of the fine-tuned blocks: their state_dict, or None for a frozen backbone."""
-    return None if top is None or not any(True for _ in top.parameters()) else top.state_dict()
+def top_state(top: nn.Module | None) -> dict:
+    """What a checkpoint keeps of the fine-tuned blocks: their state_dict ({} for a frozen backbone)."""
+    return {} if top is None else top.state_dict()
 
 
 @dataclass
