@@ -64,6 +64,8 @@ def run_trial(data: FeatureData, config: TrainConfig, *, backbone: Backbone | No
     feature_dim = get_spec(config.arch).feature_dim if config.finetune else data.train.dim
     top = torch.nn.Sequential()
     if config.finetune:  # every trial starts from the pretrained blocks: a copy to train
+        if backbone is None:
+            raise ValueError("a trial that fine-tunes needs the pretrained backbone whose blocks it trains")
         top = split_backbone(dataclasses.replace(backbone, module=copy.deepcopy(backbone.module)), config.finetune)[1]
     torch.manual_seed(config.seed)  # the head's initial weights, as train.py draws them
     head = build_head(feature_dim, config.hidden_units, len(data.classes), config.dropout)
