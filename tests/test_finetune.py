@@ -268,3 +268,34 @@ def test_too_many_blocks_is_refused_in_one_line_before_any_work(data, tmp_path, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(err) == 1 and "--finetune 3" in err[0] and "2 blocks" in err[0], err
     assert not save.exists() and not (tmp_path / "c").exists()
+
+
+
+def test_negatives_go_through_the_fine_tuned_blocks_too(data, tmp_path):
+    from conftest import make_image
+    from flower_classifier.backbones import frozen_part
+    from flower_classifier.calibrating import calibrate_checkpoint, calibration_data
+    from flower_classifier.images import decode_image, list_photos, preprocess
+
+    negatives = tmp_path / "negatives"
+    for k in range(4):
+        make_image(negatives / f"n{k}.jpg", (20 * k, 200, 30), seed=k)
+    said = []
+    result = training.run_training(TrainConfig(**{**FAST, "learning_rate": 0.05}, epochs=2, finetune=1), data,
+                                   save_dir=tmp_path / "ck", cache_dir=tmp_path / "c", negatives=negatives,
+                                   log=said.append, progress=False)
+    assert any(line.startswith("Calibrated on") and str(negatives) in line for line in said), said
+    # The negatives' features that calibration sees are the fine-tuned model's, photo for photo.
+    ckpt = load_checkpoint(result.best_path)
+    backbone = build_backbone("tiny")
+    rows = calibration_data(data, ckpt.classes, frozen_part(backbone, 1), negatives=negatives,
+                            cache_dir=tmp_path / "c", progress=False)
+    _, seen = calibrate_checkpoint(ckpt, ckpt.classes, rows, method="msp", keep=0.95,
+                                   top=split_backbone(backbone, 1)[1])
+    photos = torch.stack([torch.from_numpy(preprocess(decode_image(p), ckpt.preprocessing))
+                          for p in list_photos(negatives)])
+    with torch.no_grad():
+        tuned = build_model(ckpt, backbone=build_backbone("tiny")).features(photos).numpy()
+        frozen = build_backbone("tiny").module(photos).numpy()
+    assert np.allclose(seen.negatives, tuned, atol=2e-2)
+    assert not np.allclose(seen.negatives, frozen, atol=2e-2)
