@@ -183,6 +183,8 @@ def test_the_record_and_calibration_use_the_best_epochs_blocks(data, tmp_path, m
                                    **QUIET)
     figures = evaluate_checkpoint(result.best_path, data / "test", progress=False)
     assert result.evaluated.accuracy == pytest.approx(figures["accuracy"])
+    card = (tmp_path / "ck" / "MODEL_CARD.md").read_text()
+    assert "its top 1 blocks fine-tuned at 0.1 x the head's learning rate" in card and "--finetune 1" in card
     best = load_checkpoint(result.best_path)
     expected = centre_crop_class_directions(best, data)
     assert np.allclose(best.calibration.arrays["directions"], expected, atol=2e-2)
