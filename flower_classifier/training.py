@@ -353,10 +353,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
 
 def check_finetune(config: TrainConfig) -> None:
     """--arch is known and has the --finetune blocks asked for (shapes only: nothing is built)."""
-    blocks = get_spec(config.arch).num_blocks
-    if config.finetune > blocks:
-        raise UserError(f"--finetune {config.finetune}: {config.arch} has {blocks} blocks; choose 0 (frozen backbone) "
-                        f"to {blocks}")
+    spec = get_spec(config.arch)
+    if config.finetune and config.finetune > spec.num_blocks:  # a frozen run needs no shapes worked out
+        raise UserError(f"--finetune {config.finetune}: {config.arch} has {spec.num_blocks} blocks; choose 0 (frozen "
+                        f"backbone) to {spec.num_blocks}")
 
 
 def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | None, *, device, cat_to_name,
