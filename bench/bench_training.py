@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -59,26 +60,42 @@ def timed(fn):
     return out, time.perf_counter() - start, time.process_time() - cpu
 
 
-def time_splits(backbone, paths, repeat: int) -> int:
-    """The ONNX Runtime pass over `paths` with each (decode workers, engine threads) on this machine's
-    cores, interleaved rounds, the fastest of each: what `features.share_cores` chooses from."""
+def cpu_seconds() -> float:
+    """CPU seconds so far of this process and of its finished children (the decode workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def time_splits(backbone, paths, repeat: int, workers: int) -> int:
+    """The ONNX Runtime feature pass over `paths` with each (decode workers, engine threads) on this
+    machine's cores, in interleaved rounds, the fastest of each: what `features.share_cores` chooses
+    from. Also the CPU seconds of the pass, decode workers included, which contention disturbs less,
+    and the load average before and after (other jobs on a shared machine)."""
     cores = cpu_cores()
     splits = [(w, t) for w in sorted({0, 1, 2, max(1, cores // 4), cores}) for t in sorted({1, 2, cores})]
-    chosen = features.share_cores(cores, torch.device("cpu"))
-    best = {}
+    chosen = features.share_cores(workers, torch.device("cpu"))
+    best, cpu = {}, {}
     real = features.share_cores
+    load_before = os.getloadavg()
     try:
-        for _ in range(repeat):
+        extract_features(backbone, paths[:8], centre_view(backbone), progress=False, engine="onnx")  # the export
+        for round_ in range(repeat):
             for split in splits:
                 features.share_cores = lambda n, device, split=split: split
+                start = cpu_seconds()
                 _, wall, _ = timed(lambda: extract_features(backbone, paths, centre_view(backbone), progress=False,
                                                             num_workers=split[0], engine="onnx"))
-                best[split] = min(best.get(split, wall), wall)
+                if wall < best.get(split, float("inf")):
+                    best[split], cpu[split] = wall, cpu_seconds() - start
+            print(f"round {round_ + 1}/{repeat} done, load average {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         features.share_cores = real
-    print(f"\n{'decode workers':>14} {'engine threads':>14} {'seconds':>8} {'images/s':>9}")
-    for (w, t), wall in best.items():
-        print(f"{w:>14} {t:>14} {wall:>8.1f} {len(paths) / wall:>9.1f}{'  <- chosen' if (w, t) == chosen else ''}")
+    load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (1 min)"
+    print(f"\n{len(paths)} images, ONNX Runtime, {cores} cores, fastest of {repeat} interleaved rounds; {load}")
+    print(f"{'decode workers':>14} {'engine threads':>14} {'seconds':>8} {'images/s':>9} {'CPU s':>6}")
+    for (w, t), wall in sorted(best.items(), key=lambda item: item[1]):
+        print(f"{w:>14} {t:>14} {wall:>8.1f} {len(paths) / wall:>9.1f} {cpu[(w, t)]:>6.1f}"
+              f"{'  <- default (features.share_cores)' if (w, t) == chosen else ''}")
     return 0
 
 
@@ -111,7 +128,7 @@ def main(argv=None) -> int:
           f"images; {args.epochs} epochs, head {args.hidden_units}, {args.repeat} interleaved rounds")
 
     if args.splits:
-        return time_splits(backbone, paths, args.repeat)
+        return time_splits(backbone, paths, args.repeat, args.workers)
     engines = ["torch", "onnx"] if on_cpu else ["torch"]
     for engine in engines:  # warm-up, and the ONNX floor's export made beforehand
         extract_features(backbone, paths[:8], centre_view(backbone), device=device, progress=False, engine=engine)

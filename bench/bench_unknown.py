@@ -1,19 +1,26 @@
-"""Which score tells "not one of my species" best, and does temperature scaling calibrate: issue 13's
-figures on real photos.
+"""Which score tells "not one of my species" best, and which rule sets its threshold and the
+temperature: issue 13's figures on real photos.
 
     python bench/bench_unknown.py ../shared/data/flower_photos_sample --negatives ../shared/data/not_flowers
 
-Trains the head as `train.py` does (cached centre-crop features of the frozen backbone), then, for
-each unknown score of `calibration`, fits what it needs on the train split and its threshold on the
-valid split. The negatives (photos that are none of the species) are split in two halves with a
-fixed seed: the "tuning" half may choose a threshold, the "held-out" half is only ever scored, so
-its figures are honest. Printed per score: AUROC of test species vs held-out negatives; at the
-validation-only threshold (keep 95% of valid species) and at the threshold chosen with the tuning
-half: held-out negatives caught, test species wrongly called unknown, top-1 accuracy on the test
-species accepted. Then ECE (15 bins) on test before and after temperature scaling. The same again
-averaged over several head seeds and negative splits, since 50 test photos move figures in 2% steps.
-The best score is picked by the validation-threshold figures, the issue's goal, never by tuning on
-the held-out half.
+Trains the head as `train.py` does (cached centre-crop features of the frozen backbone), then compares
+two rules for each unknown score of `calibration`:
+  valid-only   T and the threshold (keep 95%) from the 50 validation photos; a feature score's
+               arrays from the training split (the rule before cross-fitting);
+  cross-fitted T and the threshold from the train+valid photos, each scored by a fit on the other
+               folds (`calibration.fit_calibration`, what train.py and `calibrate` do now); the
+               arrays from all of train+valid.
+The negatives (photos that are none of the species) are split in two halves with a fixed seed: the
+"tuning" half may choose a threshold (starred columns), the "held-out" half is only ever scored.
+Figures on the test split: AUROC of test species vs held-out negatives; held-out negatives caught,
+test species wrongly called unknown, top-1 on the test species accepted; ECE (15 bins) before and
+after each rule's temperature, with its noise floor (the ECE a perfectly calibrated model shows on
+that few photos). Averaged over several head seeds and negative splits.
+
+The rule was chosen without the test split: `--resplits N` deals the 250 train+valid photos anew N
+times into 150 train / 50 valid / 50 "test", runs train.py's training (which calibrates by the
+cross-fitted rule) on each, and scores both rules on each pseudo-test; ECE is pooled over all of them
+(N x 50 photos), where its noise floor is low enough to tell the rules apart.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flower_classifier import calibration as cal  # noqa: E402
+from flower_classifier.calibrating import cross_fitted_logits  # noqa: E402
 from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
@@ -39,6 +47,7 @@ from flower_classifier.model import build_head  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
 
 COLUMNS = ("AUROC", "caught", "all", "rejected", "acc-kept", "caught*", "rejected*", "acc-kept*", "bytes")
+RULES = ("valid-only", "cross-fitted")
 
 
 def negative_halves(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +84,9 @@ def split_features(backbone, data_dir: Path, negatives_dir: Path, cache_dir) -> 
     return out
 
 
-def train_head_logits(backbone, data_dir: Path, feats: dict, seed: int, cache_dir) -> dict[str, np.ndarray]:
-    """Logits of every split under the head `train.py --arch ... --seed seed` keeps (its best epoch)."""
+def train_head_logits(backbone, data_dir: Path, feats: dict, seed: int, cache_dir) -> tuple[dict, object]:
+    """Logits of every split under the head `train.py --arch ... --seed seed` keeps (its best epoch),
+    and its checkpoint (calibrated by train.py's rule)."""
     config = TrainConfig(arch=backbone.name, seed=seed, num_workers=0)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_training(config, data_dir, save_dir=tmp, backbone=backbone, cache_dir=cache_dir,
@@ -85,58 +95,123 @@ def train_head_logits(backbone, data_dir: Path, feats: dict, seed: int, cache_di
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
     head.load_state_dict(ckpt.head_state)
     with torch.inference_mode():
-        return {name: head.eval()(torch.from_numpy(x)).numpy() for name, (x, *_) in feats.items()}
+        return {name: head.eval()(torch.from_numpy(x)).numpy() for name, (x, *_) in feats.items()}, ckpt
 
 
-def figures(method: str, feats: dict, logits: dict, tune: np.ndarray, held: np.ndarray, keep: float,
-            **fit_options) -> dict[str, float]:
-    (xtr, ytr, _), (xva, yva, _), (xte, yte, _), (xneg, *_) = (feats[s] for s in ("train", "valid", "test",
-                                                                                     "negatives"))
-    common = dict(method=method, valid_features=xva, train_features=xtr, train_labels=ytr, keep=keep, **fit_options)
-    plain = cal.fit_calibration(logits["valid"], yva, **common)
-    tuned = cal.fit_calibration(logits["valid"], yva, negative_logits=logits["negatives"][tune],
-                                negative_features=xneg[tune], **common)
+def valid_only(method: str, train: tuple, valid: tuple, valid_logits: np.ndarray, keep: float,
+               negatives: tuple | None = None, max_rank: int = cal.MAX_RANK) -> cal.Calibration:
+    """The rule before cross-fitting: T and the threshold from the validation photos alone, a feature
+    score's arrays from the training split. `negatives`: their (logits, features)."""
+    arrays = cal.fit_feature_arrays(method, *train, max_rank=max_rank) if method in cal.FEATURE_METHODS else {}
+    c = cal.Calibration(cal.fit_temperature(valid_logits, valid[1]), method, arrays=arrays)
+    c.threshold, c.rule = cal.choose_threshold(c.scores(valid_logits, valid[0]),
+                                               None if negatives is None else c.scores(*negatives), keep=keep)
+    return c
+
+
+def crossed_inputs(ckpt, feats: dict, num_classes: int) -> tuple:
+    """(logits, labels, fold, features) of the train+valid photos as `calibrating.calibrate_head` makes them."""
+    x = np.concatenate([feats["train"][0], feats["valid"][0]])
+    y = np.concatenate([feats["train"][1], feats["valid"][1]]).astype(np.int64)
+    fold = cal.stratified_folds(y, cal.CROSS_FOLDS, seed=ckpt.config.seed)
+    return cross_fitted_logits(ckpt.config, ckpt.epoch or ckpt.config.epochs, x, y, num_classes, fold), y, fold, x
+
+
+def fit_rule(rule: str, method: str, feats: dict, logits: dict, crossed: tuple, keep: float,
+             negatives: np.ndarray | None = None, **fit_options) -> cal.Calibration:
+    """`rule`'s calibration for `method`; `negatives`: indices of the negatives that may choose the threshold."""
+    xneg = feats["negatives"][0]
+    given = None if negatives is None else (logits["negatives"][negatives], xneg[negatives])
+    if rule == "valid-only":
+        return valid_only(method, feats["train"][:2], feats["valid"][:2], logits["valid"], keep, given, **fit_options)
+    xl, y, fold, x = crossed
+    extra = {} if given is None else dict(negative_logits=given[0], negative_features=given[1])
+    return cal.fit_calibration(xl, y, fold, method=method, features=x, keep=keep, **extra, **fit_options)
+
+
+def figures(rule: str, method: str, feats: dict, logits: dict, crossed: tuple, tune: np.ndarray,
+            held: np.ndarray, keep: float, **fit_options) -> dict[str, float]:
+    (xte, yte, _), (xneg, *_) = feats["test"], feats["negatives"]
+    plain = fit_rule(rule, method, feats, logits, crossed, keep, **fit_options)
+    tuned = fit_rule(rule, method, feats, logits, crossed, keep, tune, **fit_options)
     species = plain.scores(logits["test"], xte)
     negatives = plain.scores(logits["negatives"][held], xneg[held])
     correct = logits["test"].argmax(1) == yte
     a = cal.detection_metrics(species, correct, negatives, plain.threshold)
     b = cal.detection_metrics(species, correct, negatives, tuned.threshold)
-    everyone = plain.scores(logits["negatives"], xneg)  # no negative chose the validation-only threshold
+    everyone = plain.scores(logits["negatives"], xneg)  # no negative chose the threshold without them
     return {"AUROC": a["auroc"], "caught": a["negatives_caught"], "all": float((everyone > plain.threshold).mean()),
             "rejected": a["species_rejected"],
             "acc-kept": a["accepted_accuracy"], "caught*": b["negatives_caught"],
             "rejected*": b["species_rejected"], "acc-kept*": b["accepted_accuracy"],
-            "bytes": plain.storage_bytes(), "accuracy": a["accuracy"], "rule*": tuned.rule}
+            "bytes": plain.storage_bytes(), "accuracy": a["accuracy"], "rule*": tuned.rule,
+            "T": plain.temperature, "threshold": plain.threshold}
 
 
-def cross_fitted_ece(backbone, feats: dict, classes: list[str], folds: int, cache_dir) -> tuple:
-    """ECE before / after temperature scaling and its noise floors over all species photos (train + valid
-    + test), each scored by a head that never saw it: per fold, `train.py`'s head trained on a folder
-    of links to the other photos (10 per class of them as its valid split, which fits T)."""
-    x = np.concatenate([feats[s][0] for s in ("train", "valid", "test")])
-    y = np.concatenate([feats[s][1] for s in ("train", "valid", "test")])
-    paths = [p for s in ("train", "valid", "test") for p in feats[s][2]]
-    rng = np.random.default_rng(0)
-    fold = np.empty(len(y), dtype=int)
-    for c in np.unique(y):  # stratified: each fold holds its share of every class
-        where = rng.permutation(np.flatnonzero(y == c))
-        fold[where] = np.arange(len(where)) % folds
-    before, after, temperatures = np.zeros((len(y), len(classes))), np.zeros((len(y), len(classes))), []
-    for k in range(folds):
-        rest = np.flatnonzero(fold != k)
-        valid = set(np.concatenate([rng.permutation(rest[y[rest] == c])[:10] for c in np.unique(y)]).tolist())
+def link_folder(root: Path, photos: dict[str, list[tuple[Path, str]]]) -> Path:
+    """root/split/class/i.ext: links to the photos (their bytes, so the feature cache serves them)."""
+    for split, items in photos.items():
+        for i, (path, category) in enumerate(items):
+            link = root / split / category / f"{i}{path.suffix}"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path(path).resolve())
+    return root
+
+
+def resplit_study(backbone, feats: dict, classes: list[str], count: int, keep: float, cache_dir) -> None:
+    """Both rules on `count` fresh deals of the train+valid photos into 150 train / 50 valid / 50
+    pseudo-test (10/10 per class where classes allow; the test split is never used)."""
+    x = np.concatenate([feats[s][0] for s in ("train", "valid")])
+    y = np.concatenate([feats[s][1] for s in ("train", "valid")])
+    paths = [p for s in ("train", "valid") for p in feats[s][2]]
+    xneg = feats["negatives"][0]
+    rates = {rule: [] for rule in RULES}
+    probs = {name: [] for name in ("none", *RULES)}
+    temperatures = {name: [] for name in ("none", *RULES)}
+    labels = []
+    for r in range(count):
+        rng = np.random.default_rng(1000 + r)
+        split = np.zeros(len(y), dtype=int)  # 0 train, 1 valid, 2 pseudo-test
+        for c in np.unique(y):
+            where = rng.permutation(np.flatnonzero(y == c))
+            n = len(where) // 5
+            split[where[:n]], split[where[n:2 * n]] = 2, 1
+        part = {name: (x[split == k], y[split == k], [paths[i] for i in np.flatnonzero(split == k)])
+                for k, name in enumerate(("train", "valid", "test"))}
+        part["negatives"] = feats["negatives"]
         with tempfile.TemporaryDirectory() as tmp:
-            for i in rest:  # links keep each photo's bytes, so the feature cache serves them
-                link = Path(tmp) / ("valid" if i in valid else "train") / classes[y[i]] / f"{i}{paths[i].suffix}"
-                link.parent.mkdir(parents=True, exist_ok=True)
-                link.symlink_to(Path(paths[i]).resolve())
-            part = {"valid": (x[sorted(valid)], y[sorted(valid)]), "held": (x[fold == k], y[fold == k])}
-            logits = train_head_logits(backbone, Path(tmp), part, k, cache_dir)
-        t = cal.fit_temperature(logits["valid"], part["valid"][1])
-        before[fold == k], after[fold == k] = cal.softmax(logits["held"]), cal.softmax(logits["held"], t)
-        temperatures.append(t)
-    return (temperatures, cal.expected_calibration_error(before, y), cal.expected_calibration_error(after, y),
-            cal.ece_noise_floor(before), cal.ece_noise_floor(after), float((before.argmax(1) == y).mean()), len(y))
+            link_folder(Path(tmp), {name: [(paths[i], classes[y[i]]) for i in np.flatnonzero(split == k)]
+                                    for k, name in enumerate(("train", "valid"))})
+            logits, ckpt = train_head_logits(backbone, Path(tmp), part, r, cache_dir)
+        crossed = crossed_inputs(ckpt, part, len(classes))
+        for rule in RULES:
+            c = fit_rule(rule, "mahalanobis", part, logits, crossed, keep)
+            rates[rule].append((float((c.scores(None, part["test"][0]) > c.threshold).mean()),
+                                float((c.scores(None, xneg) > c.threshold).mean())))
+            probs[rule].append(c.probabilities(logits["test"]))
+            temperatures[rule].append(c.temperature)
+        probs["none"].append(cal.softmax(logits["test"]))
+        temperatures["none"].append(1.0)
+        labels.append(part["test"][1])
+    y_all = np.concatenate(labels)
+    print(f"\nchoosing the rule without the test split: {count} deals of the {len(y)} train+valid photos into "
+          f"{int((split == 0).sum())} train / {int((split == 1).sum())} valid / {int((split == 2).sum())} pseudo-test, "
+          f"train.py's head on each; mahalanobis, keep {keep:.0%}")
+    print(f"{'rule':<14}{'species rejected':>18}{'rms off 5%':>12}{'non-flowers caught':>20}{'lowest':>8}"
+          f"{'pooled ECE':>12}{'floor':>7}{'NLL':>7}{'T (sd)':>14}")
+    for name in ("none", *RULES):
+        p = np.concatenate(probs[name])
+        ts = temperatures[name]
+        nll = -np.log(p[np.arange(len(y_all)), y_all]).mean()
+        ece = (f"{100 * cal.expected_calibration_error(p, y_all):>11.1f}%"
+               f"{100 * cal.ece_noise_floor(p, draws=200):>6.1f}%{nll:>7.3f}"
+               f"{statistics.mean(ts):>8.3f} ({statistics.pstdev(ts):.3f})")
+        if name == "none":
+            print(f"{'no T':<14}{'':>18}{'':>12}{'':>20}{'':>8}{ece}")
+            continue
+        rej, caught = np.array(rates[name]).T
+        print(f"{name:<14}{100 * rej.mean():>17.1f}%{100 * np.sqrt(((rej - (1 - keep)) ** 2).mean()):>11.1f}%"
+              f"{100 * caught.mean():>19.1f}%{100 * caught.min():>7.1f}%{ece}")
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -151,8 +226,10 @@ def main(argv=None) -> int:
     p.add_argument("data_dir", type=Path)
     p.add_argument("--negatives", type=Path, required=True, help="photos that are none of the species")
     p.add_argument("--arch", default="efficientnet_lite0")
-    p.add_argument("--keep", type=float, default=cal.KEEP, help="share of valid species kept (default 0.95)")
+    p.add_argument("--keep", type=float, default=cal.KEEP, help="share of species photos kept (default 0.95)")
     p.add_argument("--seeds", type=int, default=5, help="head seeds and negative splits to average (default 5)")
+    p.add_argument("--resplits", type=int, default=20,
+                   help="fresh deals of train+valid to compare the rules on, without the test split (default 20)")
     p.add_argument("--cache_dir", default=None, help="feature cache (default: $FLOWER_CLASSIFIER_CACHE or ~/.cache)")
     p.add_argument("--write_halves", type=Path, default=None, metavar="DIR",
                    help="only write DIR/tuning and DIR/held_out (links to seed 0's halves of --negatives) and stop")
@@ -163,65 +240,66 @@ def main(argv=None) -> int:
 
     backbone = build_backbone(args.arch)
     feats = split_features(backbone, args.data_dir, args.negatives, args.cache_dir)
+    classes = FlowerFolder(split_dir(args.data_dir, "train")).classes
     n_neg = len(feats["negatives"][1])
     print(f"{args.arch}; {args.data_dir}: " + ", ".join(f"{s} {len(feats[s][1])}" for s in ("train", "valid", "test"))
           + f"; {args.negatives}: {n_neg} photos, halves chosen by seed: tuning / held-out")
     print("caught / all / rejected / acc-kept: held-out negatives called unknown (all: of all negatives, none of "
           "which chose this threshold), test species called unknown, top-1 on test species accepted, at the "
-          f"threshold keeping {args.keep:.0%} of valid species; starred: at the threshold chosen with the tuning "
-          "half. AUROC: test species vs held-out negatives. bytes: arrays stored (float16; base64 in JSON +33%).\n")
+          f"threshold keeping {args.keep:.0%} of the rule's species photos; starred: at the threshold chosen with "
+          "the tuning half too. AUROC: test species vs held-out negatives. bytes: arrays stored (float16; base64 "
+          "in JSON +33%).")
     variants = {m: (m, {}) for m in cal.METHODS}
     variants.update({f"mahalanobis rank {r}": ("mahalanobis", {"max_rank": r}) for r in (0, 16, 256)})
 
-    runs: dict[str, list[dict]] = {name: [] for name in variants}
-    ece, rules = [], []
-    yva, yte = feats["valid"][1], feats["test"][1]
+    runs = {rule: {name: [] for name in variants} for rule in RULES}
+    ece, rules = [], {}
+    yte = feats["test"][1]
     for seed in range(args.seeds):
-        logits = train_head_logits(backbone, args.data_dir, feats, seed, args.cache_dir)
+        logits, ckpt = train_head_logits(backbone, args.data_dir, feats, seed, args.cache_dir)
+        crossed = crossed_inputs(ckpt, feats, len(classes))
         tune, held = negative_halves(n_neg, seed)
-        rows = {name: figures(method, feats, logits, tune, held, args.keep, **options)
-                for name, (method, options) in variants.items()}
-        for name, row in rows.items():
-            runs[name].append(row)
-        t = cal.fit_temperature(logits["valid"], yva)
-        before, after = cal.softmax(logits["test"]), cal.softmax(logits["test"], t)
-        ece.append((t, cal.expected_calibration_error(before, yte), cal.expected_calibration_error(after, yte),
-                    cal.ece_noise_floor(after), cal.nll(logits["test"], yte), cal.nll(logits["test"], yte, t),
-                    rows["msp"]["accuracy"]))
-        if seed == 0:
-            print(f"head seed 0, negative split seed 0 ({len(tune)} tuning / {len(held)} held-out); "
-                  f"test top-1 {100 * rows['msp']['accuracy']:.0f}%")
-            print_table(rows)
-            rules = {name: row["rule*"] for name, row in rows.items()}
-    mean = {name: {c: statistics.mean(r[c] for r in rs) for c in COLUMNS} for name, rs in runs.items()}
-    print(f"\nmean over {args.seeds} head seeds x negative splits")
-    print_table(mean)
-    goals = [n for n in cal.METHODS if mean[n]["all"] >= 0.95 and mean[n]["AUROC"] >= 0.99]
-    print(f"\nmeeting both goals (>= 95% of negatives caught at the validation threshold, AUROC >= 0.99): "
-          f"{', '.join(goals) or 'none'}; highest AUROC: {max(cal.METHODS, key=lambda n: mean[n]['AUROC'])}; "
-          f"most caught: {max(cal.METHODS, key=lambda n: mean[n]['all'])}")
-    for name in goals:
-        print(f"  {name}, threshold with the tuning half (seed 0): {rules[name]}")
+        for rule in RULES:
+            for name, (method, options) in variants.items():
+                row = figures(rule, method, feats, logits, crossed, tune, held, args.keep, **options)
+                runs[rule][name].append(row)
+                if seed == 0:
+                    rules[rule, name] = row["rule*"]
+        if seed == 0:  # the same rule, on the features and photo order of train.py's own loaders
+            print(f"seed 0: train.py's own calibration: {ckpt.calibration.summary()}; this bench's cross-fitted "
+                  f"mahalanobis threshold {runs['cross-fitted']['mahalanobis'][-1]['threshold']:.4g}")
+        t_valid, t_crossed = (runs[rule]["msp"][-1]["T"] for rule in RULES)
+        before = cal.softmax(logits["test"])
+        ece.append((t_valid, t_crossed, cal.expected_calibration_error(before, yte),
+                    cal.expected_calibration_error(cal.softmax(logits["test"], t_valid), yte),
+                    cal.expected_calibration_error(cal.softmax(logits["test"], t_crossed), yte),
+                    cal.ece_noise_floor(before), cal.nll(logits["test"], yte), cal.nll(logits["test"], yte, t_valid),
+                    cal.nll(logits["test"], yte, t_crossed), runs[RULES[0]]["msp"][-1]["accuracy"]))
+    for rule in RULES:
+        mean = {name: {c: statistics.mean(r[c] for r in rs) for c in COLUMNS} for name, rs in runs[rule].items()}
+        print(f"\n{rule} rule: mean over {args.seeds} head seeds x negative splits")
+        print_table(mean)
+        goals = [n for n in cal.METHODS if mean[n]["all"] >= 0.95 and mean[n]["AUROC"] >= 0.99]
+        print(f"meeting both goals (>= 95% of negatives caught, AUROC >= 0.99): {', '.join(goals) or 'none'}; "
+              f"test species rejected by mahalanobis per seed: "
+              + " ".join(f"{100 * r['rejected']:.0f}%" for r in runs[rule]["mahalanobis"]))
+        for name in goals:
+            print(f"  {name}, threshold with the tuning half (seed 0): {rules[rule, name]}")
 
-    print(f"\ntest split ({len(yte)} photos), T fitted on valid ({len(yva)}); floor: the ECE a perfectly "
-          f"calibrated model with the same confidences shows on this many photos")
-    print(f"{'seed':>4} {'T':>6} {'ECE before':>11} {'ECE after':>10} {'floor':>6} {'NLL before':>11} "
-          f"{'NLL after':>10} {'top-1':>6}")
-    for seed, (t, before, after, floor, nll_before, nll_after, acc) in enumerate(ece):
-        print(f"{seed:>4} {t:>6.3f} {100 * before:>10.1f}% {100 * after:>9.1f}% {100 * floor:>5.1f}% "
-              f"{nll_before:>11.3f} {nll_after:>10.3f} {100 * acc:>5.0f}%")
+    print(f"\ntest split ({len(yte)} photos); T by each rule; floor: the ECE a perfectly calibrated model with the "
+          f"same confidences shows on this many photos")
+    print(f"{'seed':>4} {'T valid':>8} {'T cross':>8} {'ECE no T':>9} {'valid T':>8} {'cross T':>8} {'floor':>6} "
+          f"{'NLL no T':>9} {'valid T':>8} {'cross T':>8} {'top-1':>6}")
+    row = "{:>8.3f} {:>8.3f} {:>8.1f}% {:>7.1f}% {:>7.1f}% {:>5.1f}% {:>9.3f} {:>8.3f} {:>8.3f} {:>5.0f}%"
+    for seed, e in enumerate(ece):
+        print(f"{seed:>4} " + row.format(e[0], e[1], *(100 * v for v in e[2:6]), *e[6:9], 100 * e[9]))
     m = [statistics.mean(col) for col in zip(*ece)]
-    print(f"mean {m[0]:>6.3f} {100 * m[1]:>10.1f}% {100 * m[2]:>9.1f}% {100 * m[3]:>5.1f}% {m[4]:>11.3f} "
-          f"{m[5]:>10.3f} {100 * m[6]:>5.0f}%")
+    print("mean " + row.format(m[0], m[1], *(100 * v for v in m[2:6]), *m[6:9], 100 * m[9]))
 
-    classes = FlowerFolder(split_dir(args.data_dir, "train")).classes
-    ts, before, after, floor_before, floor_after, acc, n = cross_fitted_ece(backbone, feats, classes, 5,
-                                                                          args.cache_dir)
-    print(f"\ncross-fitted, all {n} species photos (5 folds, each scored by a head that never saw it; "
-          f"top-1 {100 * acc:.1f}%; T per fold {', '.join(f'{t:.2f}' for t in ts)}):")
-    print(f"ECE before {100 * before:.1f}% (floor {100 * floor_before:.1f}%), after {100 * after:.1f}% "
-          f"(floor {100 * floor_after:.1f}%)")
+    if args.resplits:
+        resplit_study(backbone, feats, classes, args.resplits, args.keep, args.cache_dir)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

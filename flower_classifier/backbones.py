@@ -7,11 +7,14 @@ layers...), so that `split_backbone` can cut it into a frozen bottom and the top
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import importlib.util
+import io
 import math
 import os
+import sys
 import urllib.error
 from dataclasses import dataclass
 from functools import cached_property
@@ -149,10 +152,14 @@ def _tv_model(arch: str, pretrained: bool) -> nn.Module:
     if not pretrained:
         return torchvision.models.get_model(arch, weights=None)
     weights = _tv_weights(arch)
+    said = io.StringIO()  # torch.hub's "Downloading: ..." line, shown only once the download worked
     try:
-        return torchvision.models.get_model(arch, weights=weights)
+        with contextlib.redirect_stdout(said):
+            model = torchvision.models.get_model(arch, weights=weights)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         raise _download_failed(arch, weights.url, e) from None
+    sys.stdout.write(said.getvalue())
+    return model
 
 
 def _vgg(arch: str) -> Callable[[bool], nn.Module]:
@@ -432,7 +439,7 @@ def build_backbone(name: str, *, pretrained: bool = True) -> Backbone:
 
 def _stack_to_split(backbone: Backbone, n: int) -> BlockStack:
     if backbone.split:
-        raise ValueError(f"{backbone.name} below its top {backbone.split} blocks is already a part: split the whole backbone")
+        raise ValueError(f"{backbone.title} is already a part: split the whole backbone")
     stack = get_spec(backbone.name).stack(backbone.module)
     k = len(stack.blocks)
     if not 0 <= n <= k:

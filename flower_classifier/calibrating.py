@@ -1,10 +1,11 @@
 """Fitting a head's calibration on its photo folder: the torch side of `calibration`, shared by
 train.py (once training ends) and the `calibrate` command (on an existing checkpoint).
 
-The temperature and the threshold come from the validation split, a feature score's class means
-and covariance from the training split's centre crops (never the validation ones, whose scores
-must stay honest), all as the feature cache stores them; with `negatives` (a folder of photos that
-are none of the species) the threshold is chosen with them too.
+The temperature and the threshold come from the species photos of the train and valid splits
+(centre crops, as the feature cache stores them), cross-fitted: each photo's logits from a head
+trained as the checkpoint's was on the other folds, its feature score from class means and
+covariance fitted without it (`calibration.fit_calibration`); with `negatives` (a folder of photos
+that are none of the species) the threshold is chosen with them too.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import numpy as np
 import torch
 
 from .backbones import Backbone, get_spec
-from .calibration import Calibration, fit_calibration
-from .data import FlowerFolder, split_dir
+from . import devices
+from .calibration import CROSS_FOLDS, Calibration, fit_calibration, stratified_folds
+from .config import TrainConfig
+from .data import FlowerFolder, epoch_seed, split_dir
 from .errors import UserError
 from .features import FeatureStore, cached_features, centre_view
 from .images import list_photos
 from .model import build_head
+from .training import head_threads, loss_weights, make_optimizer
 
 
 @dataclass
@@ -83,16 +87,50 @@ def head_logits(head_state: dict, hidden_units, num_classes: int, features: np.n
     return head.eval()(torch.from_numpy(features).float()).numpy()
 
 
-def calibrate_head(head_state: dict, hidden_units, classes: list[str], data: CalibrationData, *,
-                   method: str, keep: float) -> Calibration:
-    """The calibration of one head (its temperature) on `data` (the rest depends on features alone)."""
-    (train_x, train_y), (valid_x, valid_y) = data.train, data.valid
-    logits = lambda x: head_logits(head_state, hidden_units, len(classes), x)  # noqa: E731
+def cross_fitted_logits(config: TrainConfig, epochs: int, features: np.ndarray, labels: np.ndarray,
+                        num_classes: int, fold: np.ndarray) -> np.ndarray:
+    """(N, num_classes) logits, each photo's from a head trained as `config` says, for `epochs` epochs
+    (the checkpoint's: a head stopped at its best epoch is less sure than one run to the end), on
+    the other folds of `fold` (N,). Seconds on cached features; in one process, even under torchrun."""
+    logits = np.zeros((len(labels), num_classes), dtype=np.float32)
+    dims = [features.shape[1], *config.hidden_units, num_classes]
+    # fork_rng: the seeds set here leave torch's global random state as the caller had it.
+    with devices.threads(head_threads(dims, config.batch_size)), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        for k in np.unique(fold):
+            rest = fold != k
+            x, y = torch.from_numpy(features[rest]).float(), torch.from_numpy(labels[rest])
+            seed = config.seed + int(k)
+            torch.manual_seed(seed)
+            head = build_head(features.shape[1], config.hidden_units, num_classes, config.dropout).train()
+            optimizer = make_optimizer(head, config)
+            loss_fn = torch.nn.CrossEntropyLoss(weight=loss_weights(config, y, num_classes),
+                                                label_smoothing=config.label_smoothing)
+            for epoch in range(1, epochs + 1):
+                torch.manual_seed(epoch_seed(seed, epoch))  # this epoch's order and dropout
+                order = torch.randperm(len(y))
+                for batch in order.split(config.batch_size):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss_fn(head(x[batch]), y[batch]).backward()
+                    optimizer.step()
+            with torch.inference_mode():
+                logits[fold == k] = head.eval()(torch.from_numpy(features[fold == k]).float()).numpy()
+    return logits
+
+
+def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], data: CalibrationData, *,
+                   method: str, keep: float, epochs: int = 0) -> Calibration:
+    """The calibration of the head with `head_state`, trained with `config` for `epochs` epochs (0:
+    config.epochs), on `data`: cross-fitted over train and valid (see the module docstring); the head
+    itself scores only the negatives."""
+    x = np.concatenate([data.train[0], data.valid[0]])
+    y = np.concatenate([data.train[1], data.valid[1]]).astype(np.int64)
+    fold = stratified_folds(y, CROSS_FOLDS, seed=config.seed)
+    logits = cross_fitted_logits(config, epochs or config.epochs, x, y, len(classes), fold)
     negatives = data.negatives
-    return fit_calibration(logits(valid_x), valid_y, method=method, valid_features=valid_x,
-                           train_features=train_x, train_labels=train_y, keep=keep,
-                           negative_logits=None if negatives is None else logits(negatives),
-                           negative_features=negatives)
+    negative_logits = (None if negatives is None
+                       else head_logits(head_state, config.hidden_units, len(classes), negatives))
+    return fit_calibration(logits, y, fold, method=method, features=x, keep=keep,
+                           negative_logits=negative_logits, negative_features=negatives)
 
 
 @torch.no_grad()
@@ -123,12 +161,14 @@ def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, met
     if ckpt.config.finetune:
         top.load_state_dict(ckpt.top_state)
         data = through_top(data, top, get_spec(ckpt.arch).split_shapes[ckpt.config.finetune], device=device)
-    calibration = calibrate_head(ckpt.head_state, ckpt.config.hidden_units, classes, data, method=method, keep=keep)
+    calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=method, keep=keep,
+                                 epochs=ckpt.epoch)
     return calibration, data
 
 
 def describe(calibration: Calibration, data: CalibrationData) -> str:
     """The one line saying what was chosen, and on what."""
-    on = f"{len(data.valid[1])} validation photos" + (f" and {len(data.negatives)} photos of {data.negatives_dir}"
-                                                       if data.negatives is not None else "")
+    on = (f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)"
+          + (f" and {len(data.negatives)} photos of {data.negatives_dir}"
+             if data.negatives is not None else ""))
     return f"Calibrated on {on}: {calibration.summary()}"

@@ -1,16 +1,23 @@
 """Probabilities that mean what they say, and "not one of my species": numpy and scipy only, so the
 PyTorch checkpoint and the torch-free ONNX app share this one implementation.
 
-Temperature scaling: one scalar T, fitted on the validation split's logits by minimising their
-negative log-likelihood; the probabilities shown are softmax(logits / T). Expected calibration error
-(ECE) over equal-width confidence bins measures how far "80%" is from "right 8 times in 10".
+Temperature scaling: one scalar T, fitted by minimising the negative log-likelihood of cross-fitted
+logits; the probabilities shown are softmax(logits / T). Expected calibration error (ECE) over
+equal-width confidence bins measures how far "80%" is from "right 8 times in 10".
 
 Unknown scores: higher means less like the training species. From the logits: 1 - maximum softmax
 probability ("msp"), energy (-T logsumexp(logits / T)), minus the largest logit ("max_logit"). From
 the backbone's features: Mahalanobis distance to the nearest class mean under one shared, shrunk
 covariance ("mahalanobis"), cosine distance to the nearest class mean ("cosine") or to the k-th
-nearest training photo ("knn"). A photo is unknown when its score is above the threshold, which is
-chosen on the validation split (and, when given, a folder of photos that are none of the species).
+nearest training photo ("knn"). A photo is unknown when its score is above the threshold.
+
+Cross-fitting (`fit_calibration`): the species photos of train and valid are dealt into CROSS_FOLDS
+folds, and each photo is scored (logits and unknown score) by a fit on the other folds alone, so every
+one of them scores as an unseen photo would. T and the threshold (keep 95% of those scores; and, when
+given, a folder of photos that are none of the species) come from all of them, not from the 50 of a
+small validation split, whose quantile and temperature swing from split to split (measured: README,
+"Unknown photos and calibrated probabilities"). A feature score's arrays are then fitted on all of
+train and valid.
 
 `Calibration` holds all that prediction needs (T, method, threshold, the score's arrays) as plain
 data: `to_dict` gives JSON-ready values (arrays as base64 float16), `from_dict` checks every field.
@@ -27,7 +34,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, logsumexp
 from scipy.stats import rankdata
 
-from .config import KEEP, UNKNOWN_SCORES as METHODS  # KEEP: default share of validation species photos kept
+from .config import KEEP, UNKNOWN_SCORES as METHODS  # KEEP: default share of species photos kept
 from .errors import UserError
 
 LOGIT_METHODS, FEATURE_METHODS = METHODS[:3], METHODS[3:]
@@ -37,6 +44,7 @@ KNN_K = 5
 TEMPERATURE_RANGE = (0.05, 20.0)
 STORE_DTYPE = np.float16  # arrays as stored (the feature cache's own precision); computed in float32
 FORMAT_VERSION = 1
+CROSS_FOLDS = 5  # folds of the cross-fitting: each fit sees 80% of the species photos (measured as good as 10)
 
 
 # ---------------------------------------------------------------- temperature and calibration error
@@ -56,11 +64,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The T in TEMPERATURE_RANGE minimising the NLL of (logits (N, C), labels (N,)).
 
     The NLL is convex in 1/T, so a bounded scalar search over log T finds the one minimum; the bounds
-    only bite when no validation photo is wrong (the NLL then keeps falling as T -> 0).
+    only bite when no photo is wrong (the NLL then keeps falling as T -> 0).
     """
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if len(labels) == 0:
-        raise UserError("fitting a temperature needs at least one validation photo")
+        raise UserError("fitting a temperature needs at least one species photo")
     lo, hi = np.log(TEMPERATURE_RANGE)
     result = minimize_scalar(lambda log_t: nll(logits, labels, math.exp(log_t)), bounds=(lo, hi),
                              method="bounded", options={"xatol": 1e-5})
@@ -212,23 +220,24 @@ def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
     return float(u / (len(known) * len(unknown)))
 
 
-def choose_threshold(valid_scores: np.ndarray, negative_scores: np.ndarray | None = None, *,
-                     keep: float = KEEP) -> tuple[float, str]:
-    """The threshold (unknown: score > threshold) and a sentence saying how it was chosen.
+def choose_threshold(species_scores: np.ndarray, negative_scores: np.ndarray | None = None, *,
+                     keep: float = KEEP, of: str = "validation photos") -> tuple[float, str]:
+    """The threshold (unknown: score > threshold) and a sentence saying how it was chosen; `of` names
+    the species photos `species_scores` belong to.
 
-    Validation only: the lowest threshold keeping at least `keep` of the validation species photos.
+    Species photos only: the lowest threshold keeping at least `keep` of them.
     With negatives (photos that are none of the species): among thresholds still keeping at least
     `keep` of them, the one with the best balanced accuracy (mean of species kept and negatives
     caught), in the middle of the gap between the two kinds when several tie; so a clean separation
     puts it half-way between them rather than at the edge of the species photos.
     """
-    valid = np.sort(np.ravel(valid_scores))
+    valid = np.sort(np.ravel(species_scores))
     if not 0 < keep <= 1 or len(valid) == 0:
-        raise UserError(f"choosing a threshold needs validation photos and 0 < keep <= 1 (got {keep})")
+        raise UserError(f"choosing a threshold needs species photos and 0 < keep <= 1 (got {keep})")
     lowest = float(valid[max(math.ceil(keep * len(valid)) - 1, 0)])
     if negative_scores is None or len(negative_scores) == 0:
         kept = float((valid <= lowest).mean())
-        return lowest, f"keeps {kept:.0%} of {len(valid)} validation photos (at least {keep:.0%})"
+        return lowest, f"keeps {kept:.0%} of {len(valid)} {of} (at least {keep:.0%})"
     negative = np.ravel(negative_scores)
     values = np.unique(np.concatenate([valid, negative]))
     candidates = np.concatenate([(values[:-1] + values[1:]) / 2, values[-1:]])
@@ -238,7 +247,7 @@ def choose_threshold(valid_scores: np.ndarray, negative_scores: np.ndarray | Non
     balanced = (kept + caught) / 2
     best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
     i = int(best[len(best) // 2])
-    return float(candidates[i]), (f"keeps {kept[i]:.0%} of {len(valid)} validation photos and catches "
+    return float(candidates[i]), (f"keeps {kept[i]:.0%} of {len(valid)} {of} and catches "
                                   f"{caught[i]:.0%} of {len(negative)} negatives (best balanced accuracy "
                                   f"while keeping at least {keep:.0%})")
 
@@ -402,32 +411,84 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def fit_calibration(valid_logits: np.ndarray, valid_labels: np.ndarray, *, method: str,
-                    valid_features: np.ndarray | None = None, train_features: np.ndarray | None = None,
-                    train_labels: np.ndarray | None = None, negative_logits: np.ndarray | None = None,
+def stratified_folds(labels: np.ndarray, folds: int = CROSS_FOLDS, seed: int = 0) -> np.ndarray:
+    """(N,) fold of each photo: each class's photos dealt round the folds from a random start, so a
+    class of n <= folds photos lies in n different folds and every fold holds its share of each class."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        where = rng.permutation(np.flatnonzero(labels == c))
+        fold[where] = (np.arange(len(where)) + rng.integers(folds)) % folds
+    return fold
+
+
+def covered(labels: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """(N,) bool: photos whose class has photos in other folds. Only they count in a cross-fit: a fit
+    without any photo of a species says nothing of how an unseen photo of a known species scores."""
+    _, labels = np.unique(labels, return_inverse=True)
+    _, fold = np.unique(fold, return_inverse=True)
+    per_fold = np.zeros((labels.max() + 1, fold.max() + 1), dtype=np.int64)  # (classes, folds) photo counts
+    np.add.at(per_fold, (labels, fold), 1)
+    return per_fold.sum(1)[labels] > per_fold[labels, fold]
+
+
+def cross_fitted_scores(method: str, features: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
+                        max_rank: int = MAX_RANK) -> np.ndarray:
+    """(N,) feature scores, each photo's from the arrays fitted on the other folds (nan where its
+    class is in no other fold)."""
+    features, labels, fold = np.asarray(features), np.asarray(labels), np.asarray(fold)
+    scores = np.full(len(labels), np.nan)
+    inside = covered(labels, fold)
+    for k in np.unique(fold):
+        rest, held = fold != k, (fold == k) & inside
+        if not held.any():
+            continue
+        # A fit's class indices are those of the classes it has: the score is a minimum over classes.
+        _, dense = np.unique(labels[rest], return_inverse=True)
+        arrays = fit_feature_arrays(method, features[rest], dense, max_rank=max_rank)
+        scores[held] = feature_score(method, features[held], arrays)
+    return scores
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *, method: str,
+                    features: np.ndarray | None = None, negative_logits: np.ndarray | None = None,
                     negative_features: np.ndarray | None = None, keep: float = KEEP,
                     max_rank: int = MAX_RANK) -> Calibration:
-    """Temperature from the validation logits; a feature score's arrays from the training features
-    (never the validation ones, whose scores must stay honest); the threshold from the validation
-    scores, and from the negatives' when given (see `choose_threshold`)."""
+    """The calibration from the species photos of train and valid, cross-fitted (module docstring).
+
+    logits (N, C): each photo's logits from a head trained on the other folds of `fold` (N,) alone;
+    labels (N,); features (N, D): their features, for a feature score, whose arrays are fitted on all
+    of them while the threshold comes from cross-fitted scores; negatives' logits (from the head
+    being calibrated) and features: photos that are none of the species (see `choose_threshold`).
+    """
     if method not in METHODS:
         raise UserError(f"unknown score {method!r}; choose one of {', '.join(METHODS)}")
-    given = {"validation logits": valid_logits, "validation features": valid_features,
-             "training features": train_features, "negatives' logits": negative_logits,
-             "negatives' features": negative_features}
+    given = {"species photos' logits": logits, "species photos' features": features,
+             "negatives' logits": negative_logits, "negatives' features": negative_features}
     broken = [name for name, values in given.items()
               if values is not None and not np.isfinite(np.asarray(values, dtype=np.float64)).all()]
     if broken:  # a fit on them would fail deep inside numpy, or store a threshold of nan
         raise UserError(f"cannot calibrate: the {' and '.join(broken)} hold values that are not finite numbers "
                         f"(broken photos or backbone); check the data with `python -m flower_classifier check-data`")
-    arrays = (fit_feature_arrays(method, train_features, train_labels, max_rank=max_rank)
-              if method in FEATURE_METHODS else {})
-    calibration = Calibration(fit_temperature(valid_logits, valid_labels), method, arrays=arrays)
+    labels, fold = np.asarray(labels), np.asarray(fold)
+    inside = covered(labels, fold)
+    if not inside.any():
+        raise UserError("calibrating needs a species with at least two photos across the train and valid splits")
+    logits = np.asarray(logits)
+    calibration = Calibration(fit_temperature(logits[inside], labels[inside]), method)
+    if method in FEATURE_METHODS:
+        if features is None:
+            raise ValueError(f"the {method} score needs the species photos' features")
+        calibration.arrays = fit_feature_arrays(method, features, labels, max_rank=max_rank)
+        species = cross_fitted_scores(method, features, labels, fold, max_rank=max_rank)[inside]
+    else:
+        species = calibration.scores(logits[inside])
     negatives = None
     if negative_logits is not None or negative_features is not None:
         negatives = calibration.scores(negative_logits, negative_features)
-    calibration.threshold, calibration.rule = choose_threshold(calibration.scores(valid_logits, valid_features),
-                                                               negatives, keep=keep)
+    calibration.threshold, calibration.rule = choose_threshold(
+        species, negatives, keep=keep, of="cross-fitted train+valid photos")
     return calibration
 
 

@@ -65,7 +65,7 @@ ENGINES = ("auto", "torch", "onnx")
 SCHEDULES = ("constant", "onecycle", "cosine")  # `training.lr_multiplier` draws each
 # How unlike the training species a photo is (see `calibration`): from the logits, then from the features.
 UNKNOWN_SCORES = ("msp", "energy", "max_logit", "mahalanobis", "cosine", "knn")
-KEEP = 0.95  # share of validation species photos the unknown threshold keeps, by default
+KEEP = 0.95  # share of species photos the unknown threshold keeps, by default
 
 
 def option(default, help: str, number: Number | None = None, *, flag: str | None = None, search=None, **argparse_kw):
@@ -134,7 +134,7 @@ class TrainConfig:
     # msp 14% at 0.74.
     unknown_score: str = option("mahalanobis", "how \"not one of the species\" is scored after training: "
                                 f"{', '.join(UNKNOWN_SCORES)}", choices=UNKNOWN_SCORES)
-    keep: float = option(KEEP, "share of validation species photos the unknown threshold keeps",
+    keep: float = option(KEEP, "share of species photos (train+valid, cross-fitted) the unknown threshold keeps",
                          Number(float, 0.5, 1.0))
     extra: dict = option({}, "free-form notes (e.g. where defaults came from)", flag="")
 

@@ -1,21 +1,28 @@
-"""Where the work runs: CUDA, Apple MPS or the CPU, and with how many threads."""
+"""Where the work runs: CUDA, Apple MPS or the CPU, and with how many threads. Importing it
+imports no torch: `--threads` applies to an .onnx model's run, which never loads torch."""
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable
-
-import torch
+import sys
+from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def mps_available() -> bool:
+    import torch
+
     return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
 
 
 def select_device(gpu: bool, log: Callable[[str], None] = print) -> torch.device:
     """CUDA or Apple MPS when asked for and present; otherwise the CPU, saying so."""
+    import torch
+
     if gpu:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -27,6 +34,8 @@ def select_device(gpu: bool, log: Callable[[str], None] = print) -> torch.device
 
 def check_device(device: torch.device | str) -> torch.device:
     """The device asked for, if this machine has it; else one line saying how to fall back."""
+    import torch
+
     device = torch.device(device)
     missing = ((device.type == "cuda" and not torch.cuda.is_available())
                or (device.type == "mps" and not mps_available()))
@@ -38,7 +47,7 @@ def check_device(device: torch.device | str) -> torch.device:
 
 # ---------------------------------------------------------------- compute threads
 
-_chosen_threads: int | None = None  # --threads N while a command runs (`use_threads`), else None
+_chosen_threads: int | None = None  # --threads N while a command runs (`threads(n, chosen=True)`), else None
 
 
 def chosen_threads() -> int | None:
@@ -50,18 +59,35 @@ def chosen_threads() -> int | None:
 def threads(n: int | None, *, chosen: bool = False):
     """torch's intra-op threads set to `n` (None: left alone) for the block, then restored, so a
     caller in-process gets its own setting back. `chosen`: `n` is the user's --threads, which every
-    stage inside the block then uses (ONNX Runtime's sessions too) instead of its own choice."""
+    stage inside the block then uses (ONNX Runtime's sessions too) instead of its own choice.
+    torch not yet loaded is not loaded here: OMP_NUM_THREADS, which it reads when it loads, says `n`
+    for the block (torch caps that at the cores)."""
     global _chosen_threads
-    before, before_chosen = torch.get_num_threads(), _chosen_threads
+    torch = sys.modules.get("torch")
+    before, before_chosen = torch.get_num_threads() if torch else None, _chosen_threads
+    before_env = os.environ.get("OMP_NUM_THREADS")
     if n is not None:
-        torch.set_num_threads(n)
+        if torch:
+            torch.set_num_threads(n)
+        else:
+            os.environ["OMP_NUM_THREADS"] = str(n)
         if chosen:
             _chosen_threads = n
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        if torch:
+            torch.set_num_threads(before)
+        if n is not None and not torch:
+            _set_env("OMP_NUM_THREADS", before_env)
         _chosen_threads = before_chosen
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def cpu_cores() -> int:

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from . import calibration as cal
 from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
 from .errors import UserError
-from .predictor import load_predictor
+from .predictor import average_views, load_predictor
 from .training import _progress, topk_correct
 
 
@@ -36,23 +36,29 @@ class Outputs:
 
 @torch.inference_mode()
 def model_outputs(model, dataset: PhotoList, *, device="cpu", batch_size: int = 32, num_workers: int = 0,
-                  what: str = "the split", progress: bool = False) -> Outputs:
-    """Run `model` (a FlowerClassifier) over `dataset`: one pass gives all that evaluation needs."""
+                  what: str = "the split", progress: bool = False, tta: bool = False) -> Outputs:
+    """Run `model` (a FlowerClassifier) over `dataset`: one pass gives all that evaluation needs.
+    `tta`: outputs averaged over each photo's views, as prediction does (`predictor.average_views`)."""
     loader = make_loader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     model.eval()
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (N, 3, S, S) -> logits (N, C), features (N, D)
+        f = model.features(torch.from_numpy(images).to(device))
+        return model.head(f).float().cpu().numpy(), f.float().cpu().numpy()
+
     logits, features, targets, paths = [], [], [], []
     for batch in _progress(loader, "evaluate", progress):
         if batch is None:  # every image of this batch failed to load (each was warned about)
             continue
         images, labels, indices = batch
-        f = model.features(images.to(device))  # (N, D)
-        logits.append(model.head(f).float().cpu())  # (N, C)
-        features.append(f.float().cpu())
-        targets.append(labels)
+        batch_logits, batch_features = average_views(run, images.numpy()) if tta else run(images.numpy())
+        logits.append(batch_logits)
+        features.append(batch_features)
+        targets.append(labels.numpy())
         paths += [str(dataset.samples[i][0]) for i in indices.tolist()]
     if not targets:
         raise UserError(f"no image of {what} could be loaded")
-    return Outputs(torch.cat(logits).numpy(), torch.cat(features).numpy(), torch.cat(targets).numpy(), paths)
+    return Outputs(np.concatenate(logits), np.concatenate(features), np.concatenate(targets), paths)
 
 
 def negatives_dataset(folder: str | Path, ckpt) -> PhotoList:
@@ -84,13 +90,14 @@ def calibration_figures(outputs: Outputs, calibration: cal.Calibration | None,
 
 def evaluate_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, device="cpu",
                         batch_size: int = 32, num_workers: int = 0, negatives: str | Path | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, tta: bool = False) -> dict:
     """Top-1 / top-5 accuracy, loss, image count and unreadable (skipped) images of a checkpoint on a
-    split, its calibration figures (`calibration_figures`) and whether it is calibrated."""
+    split, its calibration figures (`calibration_figures`) and whether it is calibrated; `tta`: of
+    the outputs averaged over each photo's views, as `predict --tta` gives them."""
     predictor = load_predictor(checkpoint_path, device=device, onnx=False)
     negative_set = negatives_dataset(negatives, predictor) if negatives is not None else None
     dataset = _split_dataset(split_path, predictor)
-    common = dict(device=device, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    common = dict(device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta)
     out = model_outputs(predictor.model, dataset, **common)
     other = model_outputs(predictor.model, negative_set, what=str(negatives), **common) if negative_set else None
     logits, targets = torch.from_numpy(out.logits), torch.from_numpy(out.targets)
@@ -235,10 +242,11 @@ class _Indexed(Dataset):
 
 def report_for_model(model, dataset: FlowerFolder, *, cat_to_name: dict[str, str] | None = None,
                      device="cpu", batch_size: int = 32, num_workers: int = 0,
-                     negatives: PhotoList | None = None) -> EvaluationReport:
+                     negatives: PhotoList | None = None, tta: bool = False) -> EvaluationReport:
     """Run `model` (a FlowerClassifier, calibrated when it has a `calibration`) over `dataset` (a
-    FlowerFolder), and over `negatives` when given, and build the report with calibrated probabilities."""
-    common = dict(device=device, batch_size=batch_size, num_workers=num_workers)
+    FlowerFolder), and over `negatives` when given, and build the report with calibrated probabilities
+    (`tta`: see `model_outputs`)."""
+    common = dict(device=device, batch_size=batch_size, num_workers=num_workers, tta=tta)
     out = model_outputs(model, dataset, **common)
     other = model_outputs(model, negatives, what="the negatives", **common) if negatives is not None else None
     calibration = getattr(model, "calibration", None)
@@ -250,12 +258,13 @@ def report_for_model(model, dataset: FlowerFolder, *, cat_to_name: dict[str, str
 
 def report_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, device="cpu",
                       batch_size: int = 32, num_workers: int = 0,
-                      negatives: str | Path | None = None) -> EvaluationReport:
+                      negatives: str | Path | None = None, tta: bool = False) -> EvaluationReport:
     """The report of a saved checkpoint on `split_path/<category>/*.jpg` (and the photos of `negatives`)."""
     predictor = load_predictor(checkpoint_path, device=device, onnx=False)
     negative_set = negatives_dataset(negatives, predictor) if negatives is not None else None
     return report_for_model(predictor.model, _split_dataset(split_path, predictor), cat_to_name=predictor.cat_to_name,
-                            device=device, batch_size=batch_size, num_workers=num_workers, negatives=negative_set)
+                            device=device, batch_size=batch_size, num_workers=num_workers, negatives=negative_set,
+                            tta=tta)
 
 
 def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int = 8) -> dict[str, Path]:

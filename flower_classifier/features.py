@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .progress import progress_bar
 from . import devices, distributed
-from .backbones import Backbone
+from .backbones import Backbone, get_spec
 from .config import TrainConfig
 from .data import (EpochSampler, FlowerFolder, PhotoList, eval_transform, refuse_unreadable_categories,
                    skip_none_collate, split_dir, train_transform)
@@ -650,8 +650,6 @@ def check_room(store: FeatureStore, backbone: Backbone, passes: list[tuple[View,
         return
     needed = missing * backbone.feature_dim * _numpy_dtype().itemsize
     if backbone.split:
-        from .backbones import get_spec
-
         shape = "x".join(map(str, get_spec(backbone.name).split_shapes[backbone.split]))
         what = f"{backbone.name} activations below the top {backbone.split} blocks: {shape} = "
     else:

@@ -12,6 +12,10 @@ Both backends share the decoding and the numpy preprocessing (`images.preprocess
 torchvision evaluation transform by a test), so they differ only in who runs the network: each gives
 logits and the backbone's features, and `calibration.Calibration.assess` turns them into calibrated
 probabilities and the "not one of my species" answer, the same way for both.
+
+Test-time augmentation (`tta=True`, `--tta`) is done here once for both backends and for evaluation
+(`average_views`): the model also sees the photo mirrored left-right, and the logits and features
+are averaged over the two views before the calibration reads them.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .calibration import Calibration
+from .devices import chosen_threads
 from .errors import UserError
 from .images import Preprocessing, decode_image, preprocess, to_rgb
 
@@ -59,6 +64,32 @@ class PhotoResult:
     error: str | None = None  # one line naming the photo and what is wrong with it
 
 
+def mirrored(images: np.ndarray) -> np.ndarray:
+    """(N, 3, S, S) -> the same photos flipped left-right (a flower has no handedness)."""
+    return images[..., ::-1]
+
+
+# The views test-time augmentation adds to the photo itself: the mirror image only. On the 300-photo
+# sample (bench/bench_tta.py, README "Test-time augmentation") a zoomed-in crop, 5 crops or a wider
+# crop, with or without their mirrors, cost 2-7x a plain pass and gained nothing the mirror did not.
+TTA_VIEWS = (mirrored,)
+
+
+def average_views(outputs, images: np.ndarray, views=TTA_VIEWS) -> tuple[np.ndarray, np.ndarray]:
+    """`outputs` (images -> logits (N, C), features (N, D)) averaged over `images` (N, 3, S, S) and
+    its `views`, in one run of the model on all of them.
+
+    Logits and features are averaged, not probabilities: the result has the shape and meaning of one
+    photo's outputs, so the checkpoint's temperature and unknown score apply to it as they are. For
+    a linear head the averaged logits are the head of the averaged features.
+    """
+    batch = np.concatenate([images, *(view(images) for view in views)])  # (V * N, 3, S, S), contiguous
+    logits, features = outputs(batch)
+    n = len(images)
+    return (logits.reshape(-1, n, logits.shape[1]).mean(axis=0, dtype=np.float32),
+            features.reshape(-1, n, features.shape[1]).mean(axis=0, dtype=np.float32))
+
+
 def check_top_k(top_k: int | None, num_classes: int, *, option: str = "--top_k") -> int:
     """How many rows to show: None means up to DEFAULT_TOP_K; a number asked for must fit the model."""
     if top_k is None:
@@ -87,14 +118,19 @@ class Predictor:
         """Logits (N, num_classes) and backbone features (N, D) for preprocessed images (N, 3, S, S) float32."""
         raise NotImplementedError
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, num_classes) calibrated probabilities for preprocessed images (N, 3, S, S) float32."""
-        return (self.calibration or Calibration()).probabilities(self.outputs(images)[0])
+    def view_outputs(self, images: np.ndarray, *, tta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """`outputs`, or with `tta` their average over the photo and its TTA_VIEWS (`average_views`)."""
+        return average_views(self.outputs, images) if tta else self.outputs(images)
 
-    def answer(self, images: np.ndarray, top_k: int | None = None, *, unknown: bool = True) -> list[Prediction]:
+    def probabilities(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
+        """(N, num_classes) calibrated probabilities for preprocessed images (N, 3, S, S) float32."""
+        return (self.calibration or Calibration()).probabilities(self.view_outputs(images, tta=tta)[0])
+
+    def answer(self, images: np.ndarray, top_k: int | None = None, *, unknown: bool = True,
+               tta: bool = False) -> list[Prediction]:
         """Top-K rows of calibrated probabilities for preprocessed images (N, 3, S, S), and whether each
-        is none of the species (`unknown=False`, or no calibration: not asked)."""
-        logits, features = self.outputs(images)
+        is none of the species (`unknown=False`, or no calibration: not asked); `tta`: see `average_views`."""
+        logits, features = self.view_outputs(images, tta=tta)
         if self.calibration is None:
             return [self.top_k(row, top_k) for row in Calibration().probabilities(logits)]
         self.refuse_non_finite(features)
@@ -129,27 +165,30 @@ class Predictor:
         names = self.cat_to_name or {}
         return Prediction([float(probabilities[i]) for i in order], categories, [names.get(c, c) for c in categories])
 
-    def predict_batch(self, images: list, top_k: int | None = None, *, unknown: bool = True) -> list[Prediction]:
+    def predict_batch(self, images: list, top_k: int | None = None, *, unknown: bool = True,
+                      tta: bool = False) -> list[Prediction]:
         check_top_k(top_k, len(self.classes))  # before any decoding
-        return self.answer(np.stack([self.prepare(image) for image in images]), top_k, unknown=unknown)
+        return self.answer(np.stack([self.prepare(image) for image in images]), top_k, unknown=unknown, tta=tta)
 
     def predict(self, image: str | Path | bytes | Image.Image, top_k: int | None = None, *,
-                unknown: bool = True) -> Prediction:
+                unknown: bool = True, tta: bool = False) -> Prediction:
         """Top-K names and calibrated probabilities for a photo (a path, a file's bytes, or a PIL
-        image), and whether it is none of the species (`unknown=False`: not asked)."""
-        return self.predict_batch([image], top_k, unknown=unknown)[0]
+        image), and whether it is none of the species (`unknown=False`: not asked). `tta=True`: the
+        photo and its mirror image, averaged (about twice the time; see `average_views`)."""
+        return self.predict_batch([image], top_k, unknown=unknown, tta=tta)[0]
 
     def predict_many(self, photos: Iterable[str | Path], top_k: int | None = None, *,
-                     batch_size: int = 16, unknown: bool = True) -> Iterator[PhotoResult]:
-        """Top-K for each photo path, in order, the model run on up to `batch_size` photos at a time.
-        A photo that cannot be read comes back with its `error` instead of stopping the others."""
+                     batch_size: int = 16, unknown: bool = True, tta: bool = False) -> Iterator[PhotoResult]:
+        """Top-K for each photo path, in order, the model run on up to `batch_size` photos at a time
+        (with `tta`, on their views too). A photo that cannot be read comes back with its `error`
+        instead of stopping the others."""
         check_top_k(top_k, len(self.classes))  # before any decoding
         ready: list[tuple[str, np.ndarray]] = []  # (photo, its input (3, S, S)), waiting for a model run
 
         def run() -> list[PhotoResult]:
             if not ready:
                 return []
-            answers = self.answer(np.stack([array for _, array in ready]), top_k, unknown=unknown)
+            answers = self.answer(np.stack([array for _, array in ready]), top_k, unknown=unknown, tta=tta)
             results = [PhotoResult(photo, answer) for (photo, _), answer in zip(ready, answers)]
             ready.clear()
             return results
@@ -188,7 +227,7 @@ class OnnxPredictor(Predictor):
         if not path.is_file():
             raise UserError(f"model {path} not found; make one with `python -m flower_classifier export`")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.intra_op_num_threads = threads or chosen_threads() or os.cpu_count() or 1  # chosen: --threads
         options.log_severity_level = 3  # errors only
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
         try:

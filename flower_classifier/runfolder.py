@@ -39,8 +39,10 @@ HISTORY_NAME = "history.csv"
 CURVES_NAME = "training_curves.png"
 CARD_NAME = "MODEL_CARD.md"
 
-# Options that leave the trained weights alone (patience: when to stop, not how to train).
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep", "patience")
+# Options that leave the trained weights alone. engine: its features equal the other's to 1e-4, and each
+# engine has its own files in the cache (the precision, onnx-fp32 or fp32, is part of a view's key).
+# patience: when to stop, not how to train.
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep", "engine", "patience")
 
 
 @contextmanager

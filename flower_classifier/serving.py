@@ -55,6 +55,7 @@ class PredictResponse(BaseModel):
     unknown: bool | None  # none of the species the model knows; null: not asked (no_unknown, or no calibration)
     score: float | None  # the unknown score (higher = less like the species); null for a model without calibration
     species: int  # how many species the model knows
+    tta: bool  # whether the answer averages the photo and its mirror image (test-time augmentation)
     milliseconds: float  # time spent decoding and running the model
 
 
@@ -69,6 +70,7 @@ class BatchItem(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[BatchItem]  # one per uploaded file, in the order sent
+    tta: bool  # as in PredictResponse
     milliseconds: float
 
 
@@ -77,6 +79,7 @@ class Health(BaseModel):
     backend: str  # "onnx" or "pytorch"
     arch: str
     classes: int
+    tta: bool  # whether a request that does not say (?tta=) gets test-time augmentation: `serve --tta`
 
 
 # ---------------------------------------------------------------- request size and time limit
@@ -136,8 +139,12 @@ class BodyLimit:
 # ---------------------------------------------------------------- the app
 
 def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, parallel: int = 1,
-               body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
-    """The app around a loaded `predictor.Predictor`, which it only reads."""
+               body_timeout_s: float = BODY_TIMEOUT_S, tta: bool = False) -> FastAPI:
+    """The app around a loaded `predictor.Predictor`, which it only reads. `tta`: whether a request
+    that does not say (`?tta=`) gets test-time augmentation."""
+    default_tta = tta
+    tta_query = Query(None, description="test-time augmentation: average the photo and its mirror image, about "
+                      f"twice the time (default: {str(tta).lower()}, set by `serve --tta`)")
     max_bytes = int(max_upload_mb * 1e6)
     model_slots = threading.BoundedSemaphore(parallel)
     decode_slots = threading.BoundedSemaphore(DECODES_AT_ONCE)
@@ -150,7 +157,8 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
 
     @app.get("/health", response_model=Health)
     def health():
-        return Health(status="ok", backend=predictor.backend, arch=predictor.arch, classes=len(predictor.classes))
+        return Health(status="ok", backend=predictor.backend, arch=predictor.arch, classes=len(predictor.classes),
+                      tta=default_tta)
 
     @app.post("/predict", response_model=PredictResponse,
               responses={400: {"description": "empty upload or a top_k the model cannot give"},
@@ -159,13 +167,14 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
     def predict(file: UploadFile = File(..., description="a photo: JPEG, PNG, WebP, ..."),
                 top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)"),
                 no_unknown: bool = Query(False, description="never answer \"not one of the species\" "
-                                         "(probabilities stay calibrated)")):
+                                         "(probabilities stay calibrated)"),
+                tta: bool | None = tta_query):
         """The top-K species for one uploaded photo (multipart/form-data, field `file`)."""
         start = time.perf_counter()
-        top_k = checked_top_k(top_k)
-        (result,) = answers([prepare(file)], top_k, no_unknown)
+        top_k, tta = checked_top_k(top_k), default_tta if tta is None else tta
+        (result,) = answers([prepare(file)], top_k, no_unknown, tta)
         return PredictResponse(predictions=rows_of(result), unknown=result.unknown, score=result.score,
-                               species=len(predictor.classes),
+                               species=len(predictor.classes), tta=tta,
                                milliseconds=round(1000 * (time.perf_counter() - start), 1))
 
     @app.post("/predict/batch", response_model=BatchResponse,
@@ -176,14 +185,15 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                                                      f"within the per-file limit"),
                       top_k: int | None = Query(None, ge=1, description="how many species per photo (default: "
                                                 "up to 5)"),
-                      no_unknown: bool = Query(False, description="never answer \"not one of the species\"")):
+                      no_unknown: bool = Query(False, description="never answer \"not one of the species\""),
+                      tta: bool | None = tta_query):
         """The top-K species for each of several photos (multipart/form-data, the field `files` once per
         photo), in one model run. A photo that cannot be read gets its own error and status; the others
         are answered."""
         start = time.perf_counter()
         if len(files) > MAX_BATCH_FILES:
             raise HTTPException(413, f"{len(files)} files: at most {MAX_BATCH_FILES} photos per request")
-        top_k = checked_top_k(top_k)
+        top_k, tta = checked_top_k(top_k), default_tta if tta is None else tta
         items, images = [], []
         for file in files:
             try:
@@ -192,12 +202,12 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
             except HTTPException as e:
                 items.append(BatchItem(filename=file.filename or "upload", status=e.status_code, error=e.detail))
         if images:
-            results = iter(answers(images, top_k, no_unknown))
+            results = iter(answers(images, top_k, no_unknown, tta))
             for item in items:
                 if item.status == 200:
                     result = next(results)
                     item.predictions, item.unknown, item.score = rows_of(result), result.unknown, result.score
-        return BatchResponse(results=items, milliseconds=round(1000 * (time.perf_counter() - start), 1))
+        return BatchResponse(results=items, tta=tta, milliseconds=round(1000 * (time.perf_counter() - start), 1))
 
     def checked_top_k(top_k: int | None) -> int:
         try:
@@ -221,11 +231,11 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
         except UserError as e:
             raise HTTPException(415, str(e)) from None
 
-    def answers(images: list, top_k: int, no_unknown: bool) -> list:
+    def answers(images: list, top_k: int, no_unknown: bool, tta: bool) -> list:
         """Calibrated top-K and the unknown answer for prepared images, in one model run."""
         try:
             with model_slots:
-                return predictor.answer(np.stack(images), top_k, unknown=not no_unknown)
+                return predictor.answer(np.stack(images), top_k, unknown=not no_unknown, tta=tta)
         except NonFiniteOutput as e:  # never a 200 with "probability": null
             raise HTTPException(500, str(e)) from None
 
@@ -267,15 +277,15 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, parallel: int = 1) -> None:
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, parallel: int = 1, tta: bool = False) -> None:
     import uvicorn
 
     give_freed_memory_back()
     predictor = load_predictor(model)
-    app = create_app(predictor, max_upload_mb=max_upload_mb, parallel=parallel)
+    app = create_app(predictor, max_upload_mb=max_upload_mb, parallel=parallel, tta=tta)
     sock = listen(host, port)  # before saying "Serving": a busy port is one line, not a false start
-    print(f"Serving {model} ({len(predictor.classes)} categories) on http://{host}:{port}/  "
-          f"(API: POST /predict and /predict/batch, docs at /docs; Ctrl-C stops)", flush=True)
+    print(f"Serving {model} ({len(predictor.classes)} categories{', test-time augmentation' if tta else ''}) on "
+          f"http://{host}:{port}/  (API: POST /predict and /predict/batch, docs at /docs; Ctrl-C stops)", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S,
                             limit_concurrency=MAX_CONNECTIONS)
     uvicorn.Server(config).run(sockets=[sock])

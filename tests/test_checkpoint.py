@@ -440,7 +440,8 @@ def test_a_finetuned_checkpoint_reloads_to_identical_probabilities(arch, lite0_t
 
 
 def test_a_finetuned_checkpoint_holds_only_the_head_and_its_top_blocks(lite0_tuned):
-    backbone_bytes = sum(t.numel() * t.element_size() for t in build_backbone("efficientnet_lite0").module.state_dict().values())
+    backbone = build_backbone("efficientnet_lite0").module
+    backbone_bytes = sum(t.numel() * t.element_size() for t in backbone.state_dict().values())
     ckpt = load_checkpoint(lite0_tuned)
     top_bytes = sum(t.numel() * t.element_size() for t in ckpt.top_state.values())
     assert top_bytes == get_spec("efficientnet_lite0").top_bytes(2)  # the figure `backbones` shows

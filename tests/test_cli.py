@@ -374,3 +374,35 @@ def test_more_predict_and_evaluate_bad_inputs(small_run, tmp_path, capsys):
     for args, needles in cases:
         _one_line_error_here(capsys, lambda: main(args + (["--workers", "0"] if args[0] == "evaluate" else [])),
                              *needles)
+
+
+def test_a_mistyped_command_gets_the_nearest_one(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["predcit", "photo.jpg", "model.onnx"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.count("\n") == 1 and "did you mean predict?" in err
+    with pytest.raises(SystemExit):
+        main(["zzzz"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing near: argparse's list of commands
+
+
+def test_an_offline_torchvision_backbone_is_one_line_and_nothing_else(tmp_path, monkeypatch, capsys):
+    """torch.hub's real loading path, with the network down where the download starts: its own
+    "Downloading: ..." line must not come before the refusal."""
+    import urllib.error
+
+    import torch.hub
+
+    from conftest import make_dataset
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # nothing cached
+    data = make_dataset(tmp_path / "d", TWELVE[:2], per_split={"train": 1, "valid": 1})
+    code = main(["train", str(data), "--arch", "vgg16", "--save_dir", str(tmp_path / "ck"), "--workers", "0",
+                 "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Downloading" not in out + err
+    assert err.startswith("error: could not download the pretrained vgg16 weights") and err.count("\n") == 1

@@ -1,6 +1,9 @@
 """The feature pass's engine and threads: ONNX Runtime on the CPU by default (features equal to
 PyTorch's), a backbone that does not export falls back to PyTorch in one line, the export is kept
 in the cache, large JPEGs decode at reduced size, and threads fit the work (--threads wins)."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +260,103 @@ def test_threads_context_gives_the_callers_setting_back():
             assert torch.get_num_threads() == 1 and devices.chosen_threads() == 1
             raise RuntimeError("a failing command")
     assert torch.get_num_threads() == before and devices.chosen_threads() is None
+
+
+# ---------------------------------------------------------------- --threads in every command
+
+@pytest.fixture
+def trained(data, tmp_path):
+    """A tiny checkpoint trained on `data`, and its ONNX export."""
+    assert main(["train", str(data), "--arch", "tiny", "--epochs", "1", "--workers", "0", "--quiet",
+                 "--save_dir", str(tmp_path / "ck"), "--cache_dir", str(tmp_path / "c")]) == 0
+    checkpoint = tmp_path / "ck" / "checkpoint.pth"
+    assert main(["export", str(checkpoint), str(tmp_path / "m.onnx")]) == 0
+    return checkpoint, tmp_path / "m.onnx"
+
+
+def _command(name, data, checkpoint, onnx, tmp_path):
+    photo, port = str(PHOTOS[0]), str(free_port())
+    return {"calibrate": ["calibrate", str(checkpoint), str(data), "--workers", "0", "--quiet"],
+            "evaluate": ["evaluate", str(checkpoint), str(data / "valid"), "--workers", "0"],
+            "report": ["report", str(checkpoint), str(data / "valid"), "--workers", "0", "--out", str(tmp_path / "r")],
+            "export": ["export", str(checkpoint), str(tmp_path / "again.onnx")],
+            "predict": ["predict", photo, str(checkpoint)],
+            "predict onnx": ["predict", photo, str(onnx)],
+            "serve": ["serve", str(checkpoint), "--port", port],
+            "serve onnx": ["serve", str(onnx), "--port", port]}[name]
+
+
+@pytest.mark.parametrize("name", ["calibrate", "evaluate", "report", "export", "predict", "predict onnx", "serve",
+                                  "serve onnx"])
+def test_threads_option_sets_the_compute_threads_of_every_command(name, data, trained, tmp_path, monkeypatch,
+                                                                   capsys):
+    """torch's threads while the command loads its model, and every ONNX Runtime session it opens,
+    are --threads N; afterwards the caller's torch setting is back."""
+    import onnxruntime
+    import uvicorn
+
+    from flower_classifier import checkpoint as checkpoint_module
+
+    argv = _command(name, data, *trained, tmp_path)
+    seen, real_load, real_session = [], checkpoint_module.load_checkpoint, onnxruntime.InferenceSession
+
+    def load_checkpoint(path):
+        seen.append(("torch", torch.get_num_threads()))
+        return real_load(path)
+
+    def session(model, options=None, **kwargs):
+        seen.append(("onnx", options.intra_op_num_threads))
+        return real_session(model, options, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", load_checkpoint)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: sockets[0].close())  # started, not served
+    before = torch.get_num_threads()
+    for n in (3, 1):
+        seen.clear()
+        assert main(argv + ["--threads", str(n)]) == 0, capsys.readouterr().err
+        engines = {engine for engine, _ in seen}
+        assert engines == ({"onnx"} if "onnx" in name else {"torch"})
+        assert all(threads == n for _, threads in seen), seen
+        assert torch.get_num_threads() == before and devices.chosen_threads() is None
+    with pytest.raises(SystemExit) as refused:
+        main(argv + ["--threads", "0"])
+    assert refused.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_every_command_that_computes_takes_threads_and_the_others_refuse_it():
+    from flower_classifier.cli import COMMANDS, NO_COMPUTE, build_parser
+
+    _, subparsers = build_parser()
+    for name, parser in subparsers.items():
+        assert ("--threads" in parser.flags()) == (name not in NO_COMPUTE), name
+    assert NO_COMPUTE < set(COMMANDS) and len(COMMANDS) - len(NO_COMPUTE) >= 8
+
+
+def test_threads_reach_an_onnx_model_run_without_loading_torch(trained):
+    """predict.py on an .onnx model stays torch-free with --threads, and its session gets them."""
+    _, onnx = trained
+    probe = ("import sys, runpy, onnxruntime\n"
+             "real = onnxruntime.InferenceSession\n"
+             "def session(model, options=None, **kw):\n"
+             "    print('THREADS', options.intra_op_num_threads)\n"
+             "    return real(model, options, **kw)\n"
+             "onnxruntime.InferenceSession = session\n"
+             f"sys.argv = ['predict.py', {str(PHOTOS[0])!r}, {str(onnx)!r}, '--threads', '1']\n"
+             "try:\n    runpy.run_path('predict.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "import os\n"
+             "print('EXIT', code, 'TORCH', 'torch' in sys.modules, 'ENV', os.environ.get('OMP_NUM_THREADS'))\n")
+    root = Path(__file__).parent.parent
+    result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"})
+    assert "THREADS 1" in result.stdout, result.stdout + result.stderr
+    assert result.stdout.strip().endswith("EXIT 0 TORCH False ENV None"), result.stdout + result.stderr
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -191,15 +191,19 @@ def test_the_record_and_calibration_use_the_best_epochs_blocks(data, tmp_path, m
 
 
 def centre_crop_class_directions(ckpt, data) -> np.ndarray:
-    """Unit class means of the unit training features, through the checkpoint's fine-tuned model."""
+    """Unit class means of the unit train + valid features (what calibration fits its arrays on),
+    through the checkpoint's fine-tuned model."""
     from flower_classifier.data import load_split
 
     model = build_model(ckpt, backbone=build_backbone("tiny"))
-    images = load_split(data, "train", model.preprocessing, classes=ckpt.classes)
-    with torch.no_grad():
-        x = torch.stack([images[i][0] for i in range(len(images))])
-        features = model.features(x).numpy().astype(np.float64)
-    labels = np.array([y for _, y in images.samples])
+    features, labels = [], []
+    for split in ("train", "valid"):
+        images = load_split(data, split, model.preprocessing, classes=ckpt.classes)
+        with torch.no_grad():
+            x = torch.stack([images[i][0] for i in range(len(images))])
+            features.append(model.features(x).numpy().astype(np.float64))
+        labels += [y for _, y in images.samples]
+    features, labels = np.concatenate(features), np.array(labels)
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     means = np.stack([unit[labels == c].mean(0) for c in range(len(ckpt.classes))])
     return means / np.linalg.norm(means, axis=1, keepdims=True)

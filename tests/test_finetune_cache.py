@@ -38,6 +38,8 @@ def test_a_frozen_part_outputs_flat_activations_and_leaves_the_top_alone():
         with torch.no_grad():
             assert part.module(x).shape == (3, part.feature_dim)
     assert not any(p.requires_grad for p in backbone.module.parameters())  # no top was made trainable
+    with pytest.raises(ValueError, match="tiny below its top 2 blocks is already a part"):
+        split_backbone(part, 1)
     with pytest.raises(Exception, match="--finetune 3.*2 blocks"):
         frozen_part(backbone, 3)
 

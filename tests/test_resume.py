@@ -127,3 +127,51 @@ def test_interrupt_before_any_epoch_says_nothing_is_saved(tmp_path, monkeypatch)
         training.run_training(TrainConfig(arch="tiny", num_workers=0), data, save_dir=tmp_path / "ck",
                               log=lines.append, progress=False)
     assert lines[-1] == "interrupted: no epoch had finished, so nothing is saved; run the same command again"
+
+
+# ---------------------------------------------------------------- the cached path
+
+CACHED = ["--arch", "tiny", "--hidden_units", "16", "--batch_size", "8", "--seed", "3", "--quiet", "--workers", "0",
+          "--no_augment"]
+
+
+@pytest.fixture
+def small(tmp_path):
+    return make_dataset(tmp_path / "d", ["1", "2", "3"], per_split={"train": 4, "valid": 2})
+
+
+def test_a_run_resumes_on_the_other_engine_each_with_its_own_cache(small, tmp_path, capsys):
+    """A CPU run (ONNX Runtime) resumed where PyTorch runs the feature pass (as on CUDA): the head
+    does not care, and the two engines' features are stored apart."""
+    save, cache = tmp_path / "ck", tmp_path / "cache"
+    common = [str(small), "--save_dir", str(save), "--cache_dir", str(cache), *CACHED]
+    with one_thread():
+        assert single_command_main("train", "train.py", [*common, "--epochs", "1", "--engine", "onnx"]) == 0
+        assert load_checkpoint(save / "last.pth").config.engine == "onnx"
+        assert single_command_main("train", "train.py", [*common, "--epochs", "2", "--engine", "torch",
+                                                         "--resume"]) == 0
+    last = load_checkpoint(save / "last.pth")
+    assert last.epoch == 2 and len(last.history) == 2 and last.config.engine == "torch"
+    views = sorted(p.name.split("-")[1] for p in cache.glob("*/centre-*"))
+    assert views == ["fp32", "onnx"], views  # centre-fp32-..., centre-onnx-fp32-...
+    with one_thread():  # other options still may not change
+        assert single_command_main("train", "train.py", [*common, "--epochs", "3", "--hidden_units", "8",
+                                                         "--resume"]) == 2
+    assert "hidden_units" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_saved_only_for_a_best_epoch_it_trained(small, tmp_path, capsys):
+    save = tmp_path / "ck"
+    common = [str(small), "--save_dir", str(save), "--cache_dir", str(tmp_path / "cache"), *CACHED,
+              "--learning_rate", "1e-9"]  # steps too small to move the validation accuracy: epoch 1 stays best
+    with one_thread():
+        assert single_command_main("train", "train.py", [*common, "--epochs", "1"]) == 0
+        assert "Best epoch 1: valid accuracy" in capsys.readouterr().out
+        assert single_command_main("train", "train.py", [*common, "--epochs", "2", "--resume"]) == 0
+        [kept] = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Best epoch")]
+        assert load_checkpoint(save / "checkpoint.pth").epoch == 1 and load_checkpoint(save / "last.pth").epoch == 2
+        assert kept.startswith("Best epoch 1:") and " Kept in " in kept and "Saved" not in kept, kept
+        fresh = [*common[:2], str(tmp_path / "ck2"), *common[3:], "--epochs", "2"]
+        assert single_command_main("train", "train.py", fresh) == 0  # trained in this call: saved
+        [saved] = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Best epoch")]
+        assert saved.startswith("Best epoch 1:") and " Saved " in saved, saved

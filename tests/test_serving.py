@@ -58,7 +58,8 @@ def noise_png(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("backend", ["onnx", "pytorch"])
 def test_a_photo_gets_five_names_with_probabilities(models, backend):
     with serve(models[backend]) as client:
-        assert client.get("/health").json() == {"status": "ok", "backend": backend, "arch": "tiny", "classes": 6}
+        assert client.get("/health").json() == {"status": "ok", "backend": backend, "arch": "tiny", "classes": 6,
+                                                "tta": False}
         response = upload(client, SUNFLOWER)
     assert response.status_code == 200
     rows = response.json()["predictions"]

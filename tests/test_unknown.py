@@ -16,7 +16,8 @@ from PIL import Image
 from app_models import PHOTO_CATEGORY, lite0_checkpoint, live_server, photo, tiny_checkpoint
 from conftest import make_dataset, make_image
 from flower_classifier.backbones import build_backbone
-from flower_classifier.calibration import Calibration, fit_feature_arrays
+from flower_classifier.calibrating import cross_fitted_logits
+from flower_classifier.calibration import Calibration, fit_feature_arrays, stratified_folds
 from flower_classifier.checkpoint import load_checkpoint, save_checkpoint
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
@@ -60,7 +61,7 @@ def _with_calibration(src, dst, **fields):
 def test_training_calibrates_best_and_last_and_says_what_it_chose(run):
     data, negatives, result, lines = run
     said = [line for line in lines if line.startswith("Calibrated on")]
-    assert len(said) == 1 and f"16 validation photos and 6 photos of {negatives}" in said[0]
+    assert len(said) == 1 and f"36 train+valid photos (cross-fitted in 5 folds) and 6 photos of {negatives}" in said[0]
     assert "unknown when the mahalanobis score is above" in said[0] and "negatives" in said[0]
     for path in (result.best_path, result.last_path):
         calibration = load_checkpoint(path).calibration
@@ -262,3 +263,24 @@ def test_pytorch_and_onnx_give_the_same_unknown_decisions_on_real_and_generated_
     assert decisions == [a.unknown for a in onnx_answers]
     assert decisions[:3] == [False] * 3 and sum(decisions[3:]) >= 3  # both kinds occur: the check can fail
     np.testing.assert_allclose([a.score for a in onnx_answers], [a.score for a in torch_answers], rtol=1e-3)
+
+
+def test_cross_fitted_logits_come_from_heads_that_never_saw_the_photo():
+    """Three mislabelled photos among three clusters: a head that saw them learns their wrong labels,
+    the cross-fitted logits (a head per fold, trained on the other folds) name their true cluster."""
+    rng = np.random.default_rng(0)
+    true = np.repeat(np.arange(3), 20)
+    x = ((rng.normal(size=(3, 8)) * 3)[true] + rng.normal(size=(60, 8))).astype(np.float32)
+    labels, flipped = true.copy(), np.array([0, 25, 50])
+    labels[flipped] = (true[flipped] + 1) % 3
+    config = TrainConfig(arch="tiny", hidden_units=(64,), learning_rate=0.01, batch_size=16, num_workers=0)
+    state = torch.get_rng_state()
+    crossed = cross_fitted_logits(config, 60, x, labels, 3, stratified_folds(labels))
+    assert torch.equal(state, torch.get_rng_state())  # the caller's random state is left alone
+    np.testing.assert_array_equal(crossed[flipped].argmax(1), true[flipped])
+    assert (crossed.argmax(1) == true).all()
+    # The same heads, each scoring a copy of the photos it trained on: the wrong labels, learnt.
+    seen = cross_fitted_logits(config, 60, np.concatenate([x, x]), np.concatenate([labels, labels]), 3,
+                               np.repeat([0, 1], 60))[:60]
+    np.testing.assert_array_equal(seen[flipped].argmax(1), labels[flipped])
+    np.testing.assert_array_equal(cross_fitted_logits(config, 60, x, labels, 3, stratified_folds(labels)), crossed)

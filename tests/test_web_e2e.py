@@ -74,3 +74,16 @@ def test_the_page_says_why_a_file_is_refused(browser, app_url, tmp_path):
     page.wait_for_selector("#status.error", timeout=30_000)
     assert "not a readable image" in page.inner_text("#status")
     assert page.locator("#results li").count() == 0
+
+
+def test_the_look_twice_box_asks_for_test_time_augmentation(browser, app_url):
+    page = browser.new_page()
+    page.goto(app_url)
+    page.wait_for_load_state("networkidle")  # the box takes the server's default from /health
+    assert not page.is_checked("#tta")
+    for checked in (True, False):
+        page.set_checked("#tta", checked)
+        with page.expect_response(lambda r: "/predict" in r.url) as answer:
+            page.set_input_files("#picker", str(photo("sunflower.jpg")))
+        assert answer.value.json()["tta"] is checked and f"tta={str(checked).lower()}" in answer.value.url
+        page.wait_for_selector("#results li:nth-child(5)", timeout=30_000)

@@ -5,12 +5,13 @@ the one parse-and-run wrapper: a user's mistake is one line on stderr and exit s
 a parser imports no torch: each command imports what it needs when it runs."""
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 
 from ..errors import Interrupted, UserError
 from . import data, predict, train
-from .options import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser
+from .options import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, add_shared
 
 
 # name: (add its arguments, run it, help, what to do with (parser, argv) before parsing or None)
@@ -34,15 +35,25 @@ COMMANDS = {
               "photo", None),
 }
 
+# The commands that compute nothing with torch or ONNX Runtime, so take no --threads.
+NO_COMPUTE = {"download", "check-data", "backbones"}
+
+
+def add_arguments(name: str, parser: Parser) -> None:
+    """Command `name`'s arguments on `parser`, --threads included wherever it computes."""
+    COMMANDS[name][0](parser)
+    if name not in NO_COMPUTE and "--threads" not in parser.flags():
+        add_shared(parser, "--threads")
+
 
 def build_parser(prog: str = "flower_classifier") -> tuple[Parser, dict[str, Parser]]:
     """The top-level parser and its subcommand parsers by name."""
     parser = Parser(prog=prog, description="Flower species classifier by transfer learning.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     subparsers = {}
-    for name, (add_arguments, _, help_text, _) in COMMANDS.items():
+    for name, (_, _, help_text, _) in COMMANDS.items():
         subparsers[name] = sub.add_parser(name, help=help_text, description=help_text)
-        add_arguments(subparsers[name])
+        add_arguments(name, subparsers[name])
     return parser, subparsers
 
 
@@ -50,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subparsers = build_parser()
     name = argv[0] if argv and argv[0] in COMMANDS else None
+    mistyped = argv and not name and not argv[0].startswith("-")
+    near = difflib.get_close_matches(argv[0], COMMANDS, n=1) if mistyped else []
+    if near:
+        parser.error(f"unknown command {argv[0]!r}; did you mean {near[0]}?")
     return parse_and_run(parser, argv, name, subparsers.get(name), skip=1)
 
 
@@ -57,7 +72,7 @@ def single_command_main(command: str, prog: str, argv: list[str] | None = None) 
     """`train.py` / `predict.py`: one subcommand as its own program."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog=prog, description=COMMANDS[command][2])
-    COMMANDS[command][0](parser)
+    add_arguments(command, parser)
     return parse_and_run(parser, argv, command, parser, skip=0)
 
 
@@ -65,7 +80,7 @@ def _run_with_threads(run, args) -> int:
     """The command, with --threads applied to all it computes (and torch's own setting back after)."""
     if getattr(args, "threads", None) is None:
         return run(args)
-    from ..devices import threads  # imports torch: only for the commands that compute with it
+    from ..devices import threads
 
     with threads(args.threads, chosen=True):
         return run(args)

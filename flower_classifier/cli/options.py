@@ -86,6 +86,8 @@ SHARED = {
     "--category_names": dict(default=None, help="JSON file of category -> flower name"),
     "--negatives": dict(default=None, metavar="DIR", help="a folder of photos that are none of the species (animals, "
                         "objects, food, ...)"),
+    "--tta": dict(action="store_true", help="test-time augmentation: the model also sees each photo mirrored "
+                  "left-right, and the two answers are averaged; about twice the time (default: off)"),
 }
 
 

@@ -24,7 +24,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     # 10,000: more rows than any classifier here has categories; the model's own count is checked later.
     p.add_argument("--top_k", type=Number(int, 1, 10_000).parse, default=None,
                    help="how many classes to show, at most the model's (default: up to 5)")
-    add_shared(p, "--category_names", "--gpu", category_names={
+    add_shared(p, "--category_names", "--gpu", "--tta", category_names={
         "help": "JSON file of category -> flower name (default: the names saved in the checkpoint, else category "
                 "numbers)"})
     p.add_argument("--json", action="store_true",
@@ -95,7 +95,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     single = photos == args.images and len(photos) == 1  # one photo file: today's output, and its error
     results = []
-    for result in predictor.predict_many(photos, top_k, unknown=args.unknown):
+    for result in predictor.predict_many(photos, top_k, unknown=args.unknown, tta=args.tta):
         results.append(result)
         if result.error and single:
             raise UserError(result.error)
@@ -173,7 +173,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint saved by train.py")
     p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
     add_config_options(p, "batch_size", batch_size="images per batch")
-    add_shared(p, "--workers", "--threads", "--gpu", "--negatives", negatives={
+    add_shared(p, "--workers", "--threads", "--gpu", "--negatives", "--tta", negatives={
         "help": "a folder of photos that are none of the species, kept apart from any threshold choice: measure how "
                 "well the model tells them from its species"})
 
@@ -183,7 +183,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..evaluation import calibration_lines, evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                            batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives)
+                            batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives,
+                            tta=args.tta)
     print(f"top-1 accuracy: {100 * m['accuracy']:.1f}%  top-5 accuracy: {100 * m['top5']:.1f}%  "
           f"images: {m['count']}  (loss {m['loss']:.4f})")
     print("\n".join(calibration_lines(m)))
@@ -211,7 +212,8 @@ def run_report(args: argparse.Namespace) -> int:
     from ..evaluation import report_checkpoint, write_report
 
     report = report_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                               batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives)
+                               batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives,
+                               tta=args.tta)
     files = write_report(report, args.out, mistakes=args.mistakes)
     print(report.table(args.top))
     print(f"\nWrote {', '.join(p.name for p in files.values())} to {args.out}")
@@ -243,6 +245,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     # Each run already uses every core: more than 64 at once only queues for memory.
     p.add_argument("--parallel", type=Number(int, 1, 64).parse, default=1,
                    help="model runs at once; each already uses every CPU core (default: 1)")
+    add_shared(p, "--tta", tta={"help": "test-time augmentation by default: the model also sees each photo mirrored "
+                                "left-right, about twice the time; a request's ?tta=false or ?tta=true overrides "
+                                "it (default: off)"})
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -251,5 +256,6 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise UserError(f"serving needs the app packages ({e.name} is missing): "
                         f"`pip install -r requirements.txt`") from None
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, parallel=args.parallel)
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, parallel=args.parallel,
+          tta=args.tta)
     return 0

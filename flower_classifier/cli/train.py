@@ -20,7 +20,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                category_names={"help": "JSON file of category -> flower name to store in the checkpoint (default: "
                                "DATA_DIR/cat_to_name.json when there is one, else none)"})
     add_shared(p, "--negatives", negatives={"help": "a folder of photos that are none of the species: choose the "
-                                            "unknown threshold with them too (default: from validation photos alone)"})
+                                            "unknown threshold with them too (default: from the species photos alone)"})
     p.add_argument("--resume", nargs="?", const="__save_dir__", default=None,
                    help="continue from --save_dir's last checkpoint, or from the given last.pth")
     p.add_argument("--test", action="store_true", help="at the end, evaluate the best epoch on DATA_DIR/test and put "
@@ -90,7 +90,8 @@ def run_train(args: argparse.Namespace) -> int:
     best = max(result.state.history, key=lambda h: h["valid_accuracy"]) if result.state.history else None
     if best and main_process:
         size_mb = result.best_path.stat().st_size / 1e6
-        saved = "Saved" if result.epochs_run else "Kept in"
+        # "Saved" only for a best epoch this call trained, not one from before a resume.
+        saved = "Saved" if best["epoch"] > result.state.epoch - result.epochs_run else "Kept in"
         print(f"Best epoch {best['epoch']}: valid accuracy {100 * best['valid_accuracy']:.1f}%. "
               f"{saved} {result.best_path} ({size_mb:.1f} MB); last epoch in {result.last_path}")
     return 0
@@ -151,7 +152,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     add_config_options(p, "unknown_score", "keep")
     add_shared(p, "--negatives", "--cache_dir", "--workers", "--gpu", "--quiet", negatives={
         "help": "a folder of photos that are none of the species: choose the unknown threshold with them too "
-                "(default: from validation photos alone)"})
+                "(default: from the species photos alone)"})
 
 
 def run_calibrate(args: argparse.Namespace) -> int:

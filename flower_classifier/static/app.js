@@ -6,6 +6,9 @@ const drop = document.getElementById("drop");
 const preview = document.getElementById("preview");
 const status = document.getElementById("status");
 const results = document.getElementById("results");
+const tta = document.getElementById("tta");  // test-time augmentation; starts as the server's default
+
+fetch("/health").then((r) => r.json()).then((body) => { tta.checked = body.tta === true; }).catch(() => {});
 
 function say(text, isError = false) {
   status.textContent = text;
@@ -37,7 +40,7 @@ async function classify(file) {
   const form = new FormData();
   form.append("file", file, file.name || "photo.jpg");
   try {
-    const response = await fetch("/predict", { method: "POST", body: form });
+    const response = await fetch("/predict?tta=" + tta.checked, { method: "POST", body: form });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
       const detail = typeof body.detail === "string" ? body.detail : response.statusText;
