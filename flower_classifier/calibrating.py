@@ -9,13 +9,14 @@ that are none of the species) the threshold is chosen with them too.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .backbones import Backbone
+from .backbones import Backbone, get_spec
 from . import devices
 from .calibration import CROSS_FOLDS, Calibration, fit_calibration, stratified_folds
 from .config import TrainConfig
@@ -130,6 +131,39 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
                        else head_logits(head_state, config.hidden_units, len(classes), negatives))
     return fit_calibration(logits, y, fold, method=method, features=x, keep=keep,
                            negative_logits=negative_logits, negative_features=negatives)
+
+
+@torch.no_grad()
+def through_top(data: CalibrationData, top: torch.nn.Module, shape, *, device: torch.device | str = "cpu",
+                batch_size: int = 256) -> CalibrationData:
+    """`data` as the head of a fine-tuned checkpoint sees it: each split's activation rows (N, prod(shape))
+    through the top blocks `top` (in eval mode, as trained), in batches -> features (N, D)."""
+    top = top.eval().to(device)
+
+    def features(rows: np.ndarray | None) -> np.ndarray | None:
+        if rows is None:
+            return None
+        parts = [top(torch.from_numpy(rows[i:i + batch_size]).to(device).view(-1, *shape)).float().cpu().numpy()
+                 for i in range(0, len(rows), batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+    return dataclasses.replace(data, train=(features(data.train[0]), data.train[1]),
+                               valid=(features(data.valid[0]), data.valid[1]), negatives=features(data.negatives))
+
+
+def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, method: str, keep: float,
+                         top: torch.nn.Module | None = None,
+                         device: torch.device | str = "cpu") -> tuple[Calibration, CalibrationData]:
+    """The calibration of one checkpoint (see `calibrate_head`). `data` holds what
+    the frozen part gives (`backbones.frozen_part` at the checkpoint's --finetune): the features, or for
+    a fine-tuned checkpoint the activations, which go through its blocks (`top`, `split_backbone`'s,
+    loaded here with the checkpoint's weights) first. Returns it and the features it was fitted on."""
+    if ckpt.config.finetune:
+        top.load_state_dict(ckpt.top_state)
+        data = through_top(data, top, get_spec(ckpt.arch).split_shapes[ckpt.config.finetune], device=device)
+    calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=method, keep=keep,
+                                 epochs=ckpt.epoch)
+    return calibration, data
 
 
 def describe(calibration: Calibration, data: CalibrationData) -> str:

@@ -267,13 +267,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fl
 # ---------------------------------------------------------------- resume state (beside the checkpoint)
 
 def save_training_state(path: str | Path, *, epoch: int, optimizer_state: dict, history: list[dict],
-                        best_metric: float, head_state: dict, run_id: str | None) -> None:
-    """All that `--resume` needs: no random-number state, since each epoch is seeded from (seed, epoch)."""
-    if not all(bool(torch.isfinite(v).all()) for v in head_state.values()):
+                        best_metric: float, head_state: dict, run_id: str | None, top_state: dict | None = None,
+                        scheduler_state: dict | None = None) -> None:
+    """All that `--resume` needs: no random-number state, since each epoch is seeded from (seed, epoch);
+    the fine-tuned blocks' weights (`--finetune`) and the learning-rate schedule's state when there are."""
+    weights = {**head_state, **(top_state or {})}
+    if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
         raise UserError(f"not saving {path}: the head's weights are not all finite numbers (nan or inf)")
     atomic_save({"format": STATE_FORMAT, "format_version": FORMAT_VERSION, "epoch": epoch,
                  "optimizer": optimizer_state, "history": history, "best_metric": best_metric,
-                 "head_state": _to_plain(head_state), "run_id": run_id}, path)
+                 "head_state": _to_plain(head_state), "run_id": run_id,
+                 **({"top_state": _to_plain(top_state)} if top_state else {}),
+                 **({"scheduler": scheduler_state} if scheduler_state is not None else {})}, path)
 
 
 def load_training_state(path: str | Path) -> dict:
@@ -294,4 +299,8 @@ def load_training_state(path: str | Path) -> dict:
              "a dict of tensors")
     d.setdefault("run_id", None)
     field_of("run_id", _is_run_id, "None or a short string")
+    d.setdefault("top_state", {})  # a frozen backbone's run, or one from before fine-tuning
+    field_of("top_state", lambda v: isinstance(v, dict), "a dict of tensors")  # checked by `runfolder.load_resume`
+    d.setdefault("scheduler", None)
+    field_of("scheduler", lambda v: v is None or isinstance(v, dict), "None or a dict (the schedule's state)")
     return d

@@ -4,7 +4,6 @@ spots, limits, how to load it); and, when asked, the same epochs in TensorBoard 
 The file names are the run folder's (`runfolder`)."""
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import platform
@@ -91,15 +90,14 @@ def evaluate_on(model: torch.nn.Module, loader, split: str, *, classes: list[str
 
 
 def record_run(run: RunFolder, *, config: TrainConfig, data_dir, classes: list[str], cat_to_name, history: list[dict],
-               head: torch.nn.Module, backbone, valid_loader, test: bool, device, run_id: str | None,
-               log: Callable[[str], None] = print) -> tuple[list[Path], Evaluated]:
+               head: torch.nn.Module, backbone, valid_model: torch.nn.Module, valid_loader, test: bool, device,
+               run_id: str | None, log: Callable[[str], None] = print) -> tuple[list[Path], Evaluated]:
     """At a run's end: the best epoch evaluated on DATA/test (`test`, through the backbone) or else on
-    the validation loader, then its record written in the run folder. Returns the files and the figures."""
-    from .checkpoint import load_checkpoint
+    the validation loader (`valid_model`: its inputs -> logits), then its record written in the run
+    folder. `head`, `backbone.module` (its fine-tuned blocks) and `valid_model` hold the best epoch's
+    weights. Returns the files and the figures."""
     from .model import FlowerClassifier
 
-    head = copy.deepcopy(head)  # the best epoch's weights; the run ends on its last epoch's
-    head.load_state_dict(load_checkpoint(run.best).head_state)
     if test:
         test_set = load_split(data_dir, "test", backbone.preprocessing, classes=classes)
         loader = make_loader(test_set, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers)
@@ -108,9 +106,8 @@ def record_run(run: RunFolder, *, config: TrainConfig, data_dir, classes: list[s
         best = max(history, key=lambda h: h["valid_accuracy"])["epoch"]
         log(f"Test split, best epoch {best}: top-1 accuracy {_pct(evaluated.accuracy)}  top-5 accuracy "
             f"{_pct(evaluated.top5)}  images: {evaluated.count}")
-    else:  # valid_loader's inputs are features on the cached path, images on the classic one
-        model = head if config.feature_cache else FlowerClassifier(backbone.module, head)
-        evaluated = evaluate_on(model, valid_loader, "valid", classes=classes, cat_to_name=cat_to_name, device=device)
+    else:  # valid_loader's inputs: features or activations on the cached path, images on the classic one
+        evaluated = evaluate_on(valid_model, valid_loader, "valid", classes=classes, cat_to_name=cat_to_name, device=device)
     card = model_card(config=config, data_dir=data_dir, classes=classes, cat_to_name=cat_to_name, history=history,
                       evaluated=evaluated, run=run, feature_dim=backbone.feature_dim,
                       preprocessing=backbone.preprocessing, run_id=run_id)
@@ -145,12 +142,16 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
              f"{len(classes)} categories" + ("" if cat_to_name else " (category numbers are shown instead)") + ".",
              f"Categories: {', '.join(f'{name(c)} ({c})' if name(c) != c else c for c in classes)}.", "",
              "## Model", "",
-             f"- Backbone `{config.arch}`, frozen (its weights never change; {feature_dim} features per photo), "
+             f"- Backbone `{config.arch}`, " + (f"its top {config.finetune} blocks fine-tuned at "
+                                                 f"{config.backbone_lr_factor:g} x the head's learning rate, the rest "
+                                                 f"frozen ({feature_dim} features per photo), " if config.finetune else
+                                                 f"frozen (its weights never change; {feature_dim} features per photo), ")
+             + 
              f"its preprocessing: resize to {preprocessing.resize_size}, centre crop {preprocessing.input_size}, "
              f"mean {list(preprocessing.mean)}, std {list(preprocessing.std)}.",
              f"- Head: {' -> '.join(map(str, [feature_dim, *config.hidden_units, len(classes)]))} "
              f"(ReLU, dropout {config.dropout}), trained with AdamW.",
-             f"- Training: {'the backbone once per photo, the head on its cached features' if config.feature_cache else 'the classic loop, the backbone on every photo in every epoch'}.",
+             f"- Training: {_how_trained(config)}.",
              "", "## Config", "",
              f"`train.py {data_dir} --arch {config.arch} {as_flags({k: v for k, v in config.to_dict().items() if k not in ('arch', 'num_workers', 'extra')})}`",
              "", "## Metrics", "",
@@ -184,8 +185,11 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
     lines += ["## Limits", "",
               f"- It knows only these {len(classes)} categories: any photo, a flower of another species or no "
               f"flower at all, gets one of their names. Read a low top-1 probability as \"not sure\".",
-              f"- The backbone ({config.arch}) is frozen: it learnt its features from other photos (ImageNet for "
-              f"the pretrained ones), and only the head learnt from these, so pictures far from ordinary photos "
+              f"- The backbone ({config.arch}) is " + (f"frozen below its top {config.finetune} blocks"
+                                                        if config.finetune else "frozen") +
+              ": it learnt its features from other photos (ImageNet for "
+              f"the pretrained ones), and only the " + ("top blocks and the " if config.finetune else "") +
+              "head learnt from these, so pictures far from ordinary photos "
               f"(drawings, microscope images, night shots) are out of its range.",
               "- Photos are centre-cropped: a flower at the edge of a wide shot may be cut off."]
     if few < FEW_PHOTOS:
@@ -201,6 +205,15 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
               "print(fc.predict(\"PHOTO.jpg\", model, top_k=5).rows())  # [(name, category, probability), ...]",
               "```", ""]
     return "\n".join(lines)
+
+
+def _how_trained(config: TrainConfig) -> str:
+    if not config.feature_cache:
+        return "the classic loop, the backbone on every photo in every epoch"
+    if config.finetune:
+        return (f"the frozen blocks once per photo view, the top {config.finetune} blocks and the head on their cached "
+                f"activations")
+    return "the backbone once per photo, the head on its cached features"
 
 
 def write_record(run: RunFolder, *, history: list[dict], card: str) -> list[Path]:

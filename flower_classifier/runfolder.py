@@ -3,7 +3,8 @@ that keeps two runs from writing into it at once.
 
     checkpoint.pth   the best epoch by validation accuracy: what predict.py loads
     last.pth         the latest finished epoch
-    last.state.pth   the latest epoch's head, optimizer state and history: what --resume continues
+    last.state.pth   the latest epoch's head (and fine-tuned blocks), optimizer and schedule state and
+                     history: what --resume continues
     train.lock       held while a run writes here: its process id, machine and start time
     history.csv, training_curves.png, MODEL_CARD.md
                      the run's record, written at its end (see `record`)
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpoint import Checkpoint, check_head, load_checkpoint, load_training_state, save_checkpoint, \
+from .checkpoint import Checkpoint, check_head, check_top, load_checkpoint, load_training_state, save_checkpoint, \
     save_training_state
 from .config import TrainConfig
 from .errors import UserError
@@ -38,9 +39,10 @@ HISTORY_NAME = "history.csv"
 CURVES_NAME = "training_curves.png"
 CARD_NAME = "MODEL_CARD.md"
 
-# Options that leave the head alone. engine: its features equal the other's to 1e-4, and each engine
-# has its own files in the cache (the precision, onnx-fp32 or fp32, is part of a view's key).
-RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep", "engine")
+# Options that leave the trained weights alone. engine: its features equal the other's to 1e-4, and each
+# engine has its own files in the cache (the precision, onnx-fp32 or fp32, is part of a view's key).
+# patience: when to stop, not how to train.
+RESUME_MAY_CHANGE = ("epochs", "num_workers", "extra", "unknown_score", "keep", "engine", "patience")
 
 
 @contextmanager
@@ -119,6 +121,7 @@ def load_resume(path: str | Path, config: TrainConfig, classes: list[str]) -> Re
                         f"history) does not follow {path} (epoch {last.epoch}); resume from a folder one run wrote")
     check_head(state["head_state"], arch=last.arch, hidden_units=last.config.hidden_units,
                num_classes=len(last.classes), where=str(state_path))
+    check_top(state["top_state"], arch=last.arch, finetune=last.config.finetune, where=str(state_path))
     return Resumed(path, last, state)
 
 
@@ -143,7 +146,7 @@ class RunFolder:
     # -- saving
 
     def save_epoch(self, snapshot: Checkpoint, *, improved: bool, optimizer_state: dict,
-                   best_accuracy: float) -> None:
+                   best_accuracy: float, scheduler_state: dict | None = None) -> None:
         """Write an epoch: best (if improved), then the training state, then last. The state holds the
         head too, so that a stop between these saves still resumes. A failed write (a full disk) leaves
         the previous files whole and ends the run in one line."""
@@ -152,7 +155,8 @@ class RunFolder:
                 save_checkpoint(snapshot, self.best)
             save_training_state(self.state, epoch=snapshot.epoch, optimizer_state=optimizer_state,
                                 history=snapshot.history, best_metric=best_accuracy,
-                                head_state=snapshot.head_state, run_id=snapshot.run_id)
+                                head_state=snapshot.head_state, run_id=snapshot.run_id,
+                                top_state=snapshot.top_state, scheduler_state=scheduler_state)
             save_checkpoint(snapshot, self.last)
         except OSError as e:
             kept = f"epochs 1-{snapshot.epoch - 1} stay saved there" if snapshot.epoch > 1 else "no epoch was saved"
@@ -166,11 +170,12 @@ class RunFolder:
             return
         history = resumed.state["history"]
         accuracy = lambda epoch: history[epoch - 1].get("valid_accuracy", -1.0)  # noqa: E731
-        heads = {resumed.last.epoch: resumed.last.head_state, resumed.state["epoch"]: resumed.state["head_state"]}
-        epoch = max(heads, key=lambda e: (accuracy(e), -e))
+        weights = {resumed.last.epoch: (resumed.last.head_state, resumed.last.top_state),
+                   resumed.state["epoch"]: (resumed.state["head_state"], resumed.state["top_state"])}
+        epoch = max(weights, key=lambda e: (accuracy(e), -e))
         best = max(range(1, len(history) + 1), key=lambda e: (accuracy(e), -e))
         save_checkpoint(dataclasses.replace(
-            resumed.last, head_state=heads[epoch], epoch=epoch, history=history[:epoch],
+            resumed.last, head_state=weights[epoch][0], top_state=weights[epoch][1], epoch=epoch, history=history[:epoch],
             metrics={k: v for k, v in history[epoch - 1].items() if k != "epoch"}), self.best)
         resumed.state["best_metric"] = accuracy(epoch)  # a later epoch that beats it replaces it
         if accuracy(epoch) >= accuracy(best):

@@ -8,6 +8,7 @@ exactly as the uninterrupted run would have: no random-number state needs saving
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import random
@@ -22,13 +23,13 @@ from torch import nn
 
 from .progress import progress_bar
 from . import devices, distributed
-from .backbones import Backbone, build_backbone, get_spec
+from .backbones import Backbone, build_backbone, frozen_part, get_spec, split_backbone
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
 from .data import epoch_seed, find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
-from .model import FlowerClassifier, build_head
+from .model import FlowerClassifier, TunedHead, build_head
 from .names import as_category_names, check_names
 from .runfolder import Resumed, RunFolder, interrupts_deferred, load_resume, new_run_id
 
@@ -57,8 +58,8 @@ def _progress(loader, desc: str, enabled: bool):
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                    device: torch.device, *, desc: str = "train", progress: bool = True) -> dict:
-    """One pass over `loader`, stepping `optimizer`. Returns mean loss and accuracy."""
+                    device: torch.device, *, scheduler=None, desc: str = "train", progress: bool = True) -> dict:
+    """One pass over `loader`, stepping `optimizer` (and `scheduler`, per batch). Returns mean loss and accuracy."""
     model.train()
     total_loss, correct, count = 0.0, 0, 0
     for batch in _progress(loader, desc, progress):
@@ -73,6 +74,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         total_loss += loss_value * len(targets)
         correct += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
@@ -143,9 +146,52 @@ def loss_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) ->
     return (len(labels) / (num_classes * counts.clamp(min=1))).float()
 
 
-def make_optimizer(head: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    # Only the head's parameters: the backbone is frozen and must not even be seen by the optimizer.
-    return torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+def make_optimizer(head: nn.Module, config: TrainConfig, top: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW over the head's parameters and, when fine-tuning, the top blocks' (a second group, at the
+    head's rate times `config.backbone_lr_factor`). The frozen backbone is never seen by the optimizer."""
+    groups = [{"params": list(head.parameters())}]
+    tuned = [p for p in top.parameters() if p.requires_grad] if top is not None else []
+    if tuned:
+        groups.append({"params": tuned, "lr": config.learning_rate * config.backbone_lr_factor})
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+ONECYCLE_START, ONECYCLE_WARMUP, COSINE_WARMUP = 1 / 25, 0.25, 0.05  # torch's OneCycleLR's start; warm-up shares
+
+
+def lr_multiplier(schedule: str, step: int, total: int) -> float:
+    """The learning rate of step `step` (0-based) of `total`, as a share of the configured rate (each
+    parameter group's own, so the blocks keep their factor): constant; onecycle, a linear rise from
+    1/25 over the first quarter, then half a cosine down to 0; cosine, a linear rise over the first
+    twentieth, then the same fall."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    warm = max(1, round(total * (ONECYCLE_WARMUP if schedule == "onecycle" else COSINE_WARMUP)))
+    if step < warm:
+        start = ONECYCLE_START if schedule == "onecycle" else 0.0
+        return start + (1 - start) * (step + 1) / warm
+    return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / (total - warm)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """The per-batch schedule of `config.schedule` over `config.epochs` epochs of `steps_per_epoch`
+    (None for constant). Its state goes into the training state, so that --resume continues the curve."""
+    if config.schedule == "constant":
+        return None
+    total = config.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(config.schedule, step, total))
+
+
+def early_stop(history: list[dict], patience: int) -> str | None:
+    """Why training stops now (`--patience`: that many epochs without a lower validation loss), or None."""
+    if not patience or not history:
+        return None
+    best = min(history, key=lambda h: h["valid_loss"])  # the first of equals
+    waited = history[-1]["epoch"] - best["epoch"]
+    if waited < patience:
+        return None
+    return (f"Early stop: the validation loss has not improved for {waited} epochs (best {best['valid_loss']:.4f} "
+            f"at epoch {best['epoch']}; --patience {patience})")
 
 
 @dataclass
@@ -163,7 +209,8 @@ class FitState:
 
 
 def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
-        device: torch.device, state: FitState | None = None, run: RunFolder | None = None,
+        device: torch.device, top: nn.Module | None = None, scheduler=None,
+        state: FitState | None = None, run: RunFolder | None = None,
         template: Checkpoint | None = None, class_weights: torch.Tensor | None = None,
         log: Callable[[str], None] = print, progress: bool = True,
         on_epoch: Callable[[dict], None] | None = None) -> FitState:
@@ -171,8 +218,10 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
     save each epoch there as `last` and (if better) `best`. The one loop of train.py and `search`.
 
     `model` maps the loaders' inputs to logits (backbone+head on images, or the head on cached
-    features); `head` is the part that is saved. `template` carries what the checkpoint needs
-    besides the head's weights. `class_weights` (see `loss_weights`) weigh the training loss only.
+    features, or `model.TunedHead` on cached activations); `head` and the fine-tuned `top` blocks
+    (`--finetune`) are the parts that are saved. `scheduler` is stepped per batch. `template` carries
+    what the checkpoint needs besides those weights. With `config.patience`, training stops early (see
+    `early_stop`). `class_weights` (see `loss_weights`) weigh the training loss only.
     `on_epoch(record)` sees each epoch's figures (TensorBoard, say).
     """
     state = state or FitState()
@@ -182,10 +231,15 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
     # with and without class weights (and search's trials) are compared on the same measure.
     valid_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     for epoch in range(state.epoch + 1, config.epochs + 1):
+        stop = early_stop(state.history, config.patience)
+        if stop:
+            log(stop)
+            break
         start = time.perf_counter()
         seed_epoch(train_loader, config.seed, epoch)
         desc = f"epoch {epoch}/{config.epochs}"
-        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device, desc=f"{desc} train", progress=progress)
+        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device, scheduler=scheduler,
+                             desc=f"{desc} train", progress=progress)
         va = evaluate(model, valid_loader, device, loss_fn=valid_loss_fn, desc=f"{desc} valid", progress=progress)
         if not math.isfinite(va["loss"]):  # the last step broke the weights: nothing of it is saved
             raise diverged(f"{desc} valid", va["loss"], optimizer)
@@ -203,13 +257,19 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
             on_epoch(record)
         with interrupts_deferred():  # the epoch's files and `state.epoch` change together
             if run is not None and distributed.is_main():  # under torchrun every process holds the same head
-                snapshot = dataclasses.replace(template, head_state=head.state_dict(), epoch=epoch,
-                                               metrics={k: v for k, v in record.items() if k != "epoch"},
+                snapshot = dataclasses.replace(template, head_state=head.state_dict(), top_state=top_state(top),
+                                               epoch=epoch, metrics={k: v for k, v in record.items() if k != "epoch"},
                                                history=list(state.history))
                 run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
+                               scheduler_state=None if scheduler is None else scheduler.state_dict(),
                                best_accuracy=state.best_accuracy)
             state.epoch = epoch  # only now is the epoch done (and saved)
     return state
+
+
+def top_state(top: nn.Module | None) -> dict:
+    """What a checkpoint keeps of the fine-tuned blocks: their state_dict ({} for a frozen backbone)."""
+    return {} if top is None else top.state_dict()
 
 
 @dataclass
@@ -251,7 +311,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     config = config.replace(engine=resolve_engine(config.engine, device) if config.feature_cache else "torch")
     seed_everything(config.seed)
     # Everything that can be refused is checked before weights are downloaded or features computed.
-    get_spec(config.arch)
+    check_finetune(config)
     train_dir, _ = split_dir(data_dir, "train"), split_dir(data_dir, "valid")
     if test:
         split_dir(data_dir, "test")
@@ -291,15 +351,28 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
                 board.close()
 
 
+def check_finetune(config: TrainConfig) -> None:
+    """--arch is known and has the --finetune blocks asked for (shapes only: nothing is built)."""
+    spec = get_spec(config.arch)
+    if config.finetune and config.finetune > spec.num_blocks:  # a frozen run needs no shapes worked out
+        raise UserError(f"--finetune {config.finetune}: {config.arch} has {spec.num_blocks} blocks; choose 0 (frozen "
+                        f"backbone) to {spec.num_blocks}")
+
+
 def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | None, *, device, cat_to_name,
            backbone, cache_dir, negatives, log, progress, test, on_epoch) -> TrainResult:
     """run_training's work once every check has passed and the run folder is locked."""
     backbone = backbone or build_backbone(config.arch)
+    if config.finetune:  # training changes the top blocks: work on a copy, leaving the caller's backbone as it was
+        backbone = dataclasses.replace(backbone, module=copy.deepcopy(backbone.module))
+    frozen, top = split_for_training(backbone, config.finetune)
     if config.feature_cache:
         from .features import cached_training_data  # only the cached path needs it
-        train_loader, valid_loader, classes, engine = cached_training_data(config, data_dir, backbone, device=device,
-                                                                           log=log, progress=progress,
-                                                                           cache_dir=cache_dir)
+
+        # Rows of what the frozen part gives: the features, or the activations below the top blocks.
+        train_loader, valid_loader, classes, engine = cached_training_data(
+            config, data_dir, frozen, device=device, log=log, progress=progress,
+            cache_dir=cache_dir)
         config = config.replace(engine=engine)  # torch where the backbone could not be exported
         train_labels = train_loader.dataset.labels  # the images that decoded, each view counted
     else:
@@ -315,34 +388,32 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
 
     torch.manual_seed(config.seed)  # the head's initial weights do not depend on how the data was set up
     head = build_head(backbone.feature_dim, config.hidden_units, len(classes), config.dropout)
-    model = FlowerClassifier(backbone.module, head) if not config.feature_cache else head
+    model = trained_model(config, head, top, backbone)
     model.to(device)  # before the optimizer, so that resumed optimizer state lands on the same device
-    optimizer = make_optimizer(head, config)
+    optimizer = make_optimizer(head, config, top)
+    scheduler = make_scheduler(optimizer, config, len(train_loader))
     template = Checkpoint(arch=config.arch, preprocessing=backbone.preprocessing, head_state={},
                           classes=classes, config=config, cat_to_name=cat_to_name,
                           run_id=resumed.last.run_id if resumed else new_run_id())
     state = FitState()
     if resumed is not None:
-        head.load_state_dict(resumed.state["head_state"])  # its shapes were checked by load_resume
-        try:
-            optimizer.load_state_dict(resumed.state["optimizer"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise UserError(f"cannot resume: the optimizer state in {run.state.name} beside {resumed.path} does not "
-                            f"fit this head ({type(e).__name__}); train again without --resume") from None
-        state = FitState.restored(resumed.state)
+        state = _restore(resumed, run, head, top, optimizer, scheduler, config, log)
     first_epoch = state.epoch
     model = distributed.wrap(model, device)  # after resume: every process starts from the same weights
-    how = "cached features" if config.feature_cache else "images (classic loop)"
+    how = ("cached activations" if config.finetune else "cached features") if config.feature_cache \
+        else "images (classic loop)"
+    what = f"top {config.finetune} blocks + head" if config.finetune else "head"
     procs = f" x {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-    log(f"Training {config.arch} head {list(config.hidden_units)} on {len(classes)} categories, "
+    log(f"Training {config.arch} {what} {list(config.hidden_units)} on {len(classes)} categories, "
         f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation {how}, "
         f"on {device}{procs}")
-    small = config.feature_cache and device.type == "cpu"  # a head alone: threads by its size
+    small = config.feature_cache and not config.finetune and device.type == "cpu"  # a head alone: threads by its size
     try:
         with devices.threads(head_threads([backbone.feature_dim, *config.hidden_units, len(classes)],
                                           config.batch_size) if small else None):
-            state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, state=state,
-                        run=run, template=template, class_weights=loss_weights(config, train_labels, len(classes)),
+            state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, top=top,
+                        scheduler=scheduler, state=state, run=run, template=template,
+                        class_weights=loss_weights(config, train_labels, len(classes)),
                         log=log, progress=progress, on_epoch=on_epoch)
     except KeyboardInterrupt:
         if state.epoch:
@@ -355,7 +426,7 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
-    if config.feature_cache:  # the features training used (centre crops first, then any augmented views)
+    if config.feature_cache:  # the rows training used (centre crops first, then any augmented views)
         splits = {name: (loader.dataset.features.float().numpy(), loader.dataset.labels.numpy())
                   for name, loader in (("train", train_loader), ("valid", valid_loader))}
     else:
@@ -366,31 +437,78 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
     if distributed.is_main():
         from .record import record_run
 
+        # The run ends on the last epoch's weights; the record is of the best epoch's head and blocks.
+        load_weights(load_checkpoint(run.best), head, top)
         result.record, result.evaluated = record_run(
             run, config=config, data_dir=data_dir, classes=classes, cat_to_name=cat_to_name, history=state.history,
-            head=head, backbone=backbone, valid_loader=valid_loader, test=test, device=device,
-            run_id=template.run_id, log=log)
+            head=head, backbone=backbone, valid_model=trained_model(config, head, top, backbone).to(device),
+            valid_loader=valid_loader, test=test, device=device, run_id=template.run_id, log=log)
     return result
+
+
+def split_for_training(backbone: Backbone, n: int) -> tuple[Backbone, nn.Module]:
+    """(the frozen part whose outputs the cache holds, the top n blocks that train: `backbone`'s own
+    modules). n = 0: the backbone as it is, whatever its module, and an empty top."""
+    if not n:
+        return backbone, nn.Sequential()
+    return frozen_part(backbone, n), split_backbone(backbone, n)[1]
+
+
+def trained_model(config: TrainConfig, head: nn.Module, top: nn.Module, backbone: Backbone) -> nn.Module:
+    """What maps the loaders' inputs to logits: the head on cached features; the top blocks and the head
+    on cached activations (`--finetune`); the whole network on images (--classic)."""
+    if not config.feature_cache:
+        return FlowerClassifier(backbone.module, head)  # the top's parameters, and only they, want gradients
+    if config.finetune:
+        return TunedHead(top, head, get_spec(config.arch).split_shapes[config.finetune])
+    return head
+
+
+def load_weights(ckpt: Checkpoint, head: nn.Module, top: nn.Module) -> None:
+    """A checkpoint's head and fine-tuned blocks into `head` and `top` (`split_backbone`'s)."""
+    head.load_state_dict(ckpt.head_state)
+    if ckpt.top_state:
+        top.load_state_dict(ckpt.top_state)
+
+
+def _restore(resumed: Resumed, run: RunFolder, head, top, optimizer, scheduler, config: TrainConfig, log) -> FitState:
+    """A resumed run's weights, optimizer (every parameter group) and schedule, from its training state."""
+    saved = resumed.state
+    head.load_state_dict(saved["head_state"])  # its shapes were checked by load_resume
+    if config.finetune:
+        top.load_state_dict(saved["top_state"])  # checked by load_resume too
+    try:
+        optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"cannot resume: the optimizer state in {run.state.name} beside {resumed.path} does not "
+                        f"fit this model ({type(e).__name__}); train again without --resume") from None
+    if scheduler is not None and resumed.last.config.epochs != config.epochs:
+        log(f"note: --epochs {config.epochs} (saved run: {resumed.last.config.epochs}): the {config.schedule} "
+            f"schedule continues on the curve of {config.epochs} epochs")
+    return FitState.restored(saved)
 
 
 def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], backbone: Backbone, *,
                   negatives=None, cache_dir=None, device="cpu", log: Callable[[str], None] = print,
                   progress: bool = True, splits: dict | None = None, skip=()) -> None:
-    """Calibrate the run's best and last checkpoints (each its own head, so its own temperature) on
-    the data folder (or the train/valid features `splits` already at hand; `skip`: photos found
-    unreadable), and rewrite them (atomically) with it. Under torchrun every process helps compute
-    the features; the main process writes."""
-    from .calibrating import calibrate_head, calibration_data, describe
+    """Calibrate the run's best and last checkpoints (each its own head and blocks, so its own
+    temperature) on the data folder (or the train/valid rows `splits` already at hand, as the frozen
+    part gives them; `skip`: photos found unreadable), and rewrite them (atomically) with it. Under
+    torchrun every process helps compute the rows; the main process writes."""
+    from .calibrating import calibrate_checkpoint, calibration_data, describe
 
-    data = calibration_data(data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
-                            num_workers=config.num_workers, progress=progress,
+    frozen, top = split_for_training(backbone, config.finetune)
+    data = calibration_data(data_dir, classes, frozen, negatives=negatives,
+                            cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=progress,
                             engine=getattr(config, "engine", "torch"), splits=splits, skip=skip)
     if not distributed.is_main():
         return
     for path in (run.best, run.last):
         ckpt = load_checkpoint(path)
-        ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=config.unknown_score,
-                                          keep=config.keep, epochs=ckpt.epoch)
+        ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=config.unknown_score,
+                                                       keep=config.keep, top=top, device=device)
         save_checkpoint(ckpt, path)
         if path == run.best:
-            log(describe(ckpt.calibration, data))
+            log(describe(ckpt.calibration, seen))

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,37 +48,43 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path):
             assert torch.allclose(gathered[view.name][0], alone.half().float(), atol=1e-6)
 
 
-def _train(data, save_dir, cache_dir, *launcher):
+def _train(data, save_dir, cache_dir, *launcher, options=()):
     """train.py on the tiny backbone, alone or under a launcher; returns its stdout."""
     # Dropout off: each process would draw its own mask for its half of the batch, so the two
     # processes could not give the one process's result (nor should they have to).
     run = subprocess.run([sys.executable, *launcher, "train.py", str(data), "--arch", "tiny", "--workers", "0",
                           "--quiet", "--epochs", "3", "--dropout", "0", "--learning_rate", "0.01",
-                          "--save_dir", str(save_dir), "--cache_dir", str(cache_dir)],
+                          "--save_dir", str(save_dir), "--cache_dir", str(cache_dir), *options],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
 
 
-def test_torchrun_trains_with_two_processes_as_one_process_does(tmp_path):
+@pytest.mark.parametrize("options", [(), ("--finetune", "1", "--schedule", "onecycle")], ids=["frozen", "finetune"])
+def test_torchrun_trains_with_two_processes_as_one_process_does(tmp_path, options):
     """16 training rows, in one batch (the default 32): one process takes the mean gradient over all
-    16; two take it over 8 each and DistributedDataParallel averages the two. Same seed, same head."""
+    16; two take it over 8 each and DistributedDataParallel averages the two. Same seed, same head
+    (and, with --finetune, the same top block, trained on the cached activations below it)."""
     data = make_dataset(tmp_path / "d", TWELVE[:4], per_split={"train": 4, "valid": 2})
     out = _train(data, tmp_path / "ck", tmp_path / "c", "-m", "torch.distributed.run", "--standalone",
-                 "--nproc_per_node", "2")
+                 "--nproc_per_node", "2", options=options)
     assert "x 2 processes" in out
-    assert out.count("Epoch 1/3") == 1 and out.count("Features:") == 1  # only rank 0 speaks
+    rows = "Activations below the top 1 blocks:" if options else "Features:"
+    assert out.count("Epoch 1/3") == 1 and out.count(rows) == 1  # only rank 0 speaks
     assert out.count("Category names:") == 1  # also before the processes join (RANK says who is first)
     # Each process wrote its own share as its own shard: 16 + 8 centre crops in all.
     shards = list((tmp_path / "c").rglob("*.npy"))
     assert len(shards) == 2 and sum(len(np.load(s)) for s in shards) == 24
-    _train(data, tmp_path / "alone", tmp_path / "c2")
+    _train(data, tmp_path / "alone", tmp_path / "c2", options=options)
     two, one = (load_checkpoint(tmp_path / folder / "last.pth") for folder in ("ck", "alone"))
     assert two.epoch == one.epoch == 3
     # Not bit-identical: the two halves' means averaged by all_reduce round differently from one mean
     # over 16 rows (float32 sums in another order), ~1e-7 per step; three AdamW steps keep it ~1e-6.
     for key, weight in one.head_state.items():
         assert torch.allclose(two.head_state[key], weight, rtol=0, atol=1e-5), key
+    assert bool(one.top_state) == bool(options)
+    for key, weight in (one.top_state or {}).items():
+        assert torch.allclose(two.top_state[key], weight, rtol=0, atol=1e-5), key
     for mine, theirs in zip(two.history, one.history):
         for metric in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_top5"):
             assert abs(mine[metric] - theirs[metric]) < 1e-5, (metric, mine, theirs)

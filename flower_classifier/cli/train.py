@@ -54,13 +54,12 @@ def _say_saved_defaults(args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from .. import distributed
-    from ..backbones import get_spec
     from ..devices import select_device
-    from ..training import run_training
+    from ..training import check_finetune, run_training
 
     config = TrainConfig(**{name: getattr(args, name) for name in FIELDS if hasattr(args, name)})
     # run_training checks these too; here they come before the device note and torchrun's start-up.
-    get_spec(config.arch)
+    check_finetune(config)
     names, said = names_for_run(args.category_names, args.data_dir)
     if distributed.is_main():
         _say_saved_defaults(args)
@@ -112,11 +111,11 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    from ..backbones import build_backbone, get_spec
+    from ..backbones import build_backbone, frozen_part, get_spec
     from ..data import split_dir
     from ..devices import select_device
     from ..features import load_feature_data, resolve_engine
-    from ..search import SEARCHED, random_search, save_best
+    from ..search import SEARCHED, random_search, rows_per_split, save_best
 
     get_spec(args.arch)
     for split in ("train", "valid"):
@@ -125,12 +124,14 @@ def run_search(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
     device = select_device(args.gpu)
-    data = load_feature_data(args.data_dir, build_backbone(args.arch), augmented_views=args.augmented_views,
-                             cache_dir=args.cache_dir, device=device, num_workers=args.workers,
-                             progress=not args.quiet, engine=resolve_engine(args.engine, device))
+    backbone = build_backbone(args.arch)
+    # The rows below the top n blocks, for the trials that fine-tune n (the features for n = 0).
+    data = rows_per_split(lambda n: load_feature_data(
+        args.data_dir, frozen_part(backbone, n), augmented_views=args.augmented_views, cache_dir=args.cache_dir,
+        device=device, num_workers=args.workers, progress=not args.quiet, engine=resolve_engine(args.engine, device)))
     base = TrainConfig(arch=args.arch, seed=args.seed, augmented_views=args.augmented_views,
-                       num_workers=args.workers, engine=data.stats.engine or resolve_engine(args.engine, device))
-    results = random_search(data, base, trials=args.trials, seed=args.seed, device=device,
+                       num_workers=args.workers, engine=data(0).stats.engine or resolve_engine(args.engine, device))
+    results = random_search(data, base, trials=args.trials, seed=args.seed, backbone=backbone, device=device,
                             progress=not args.quiet)
     best = results[0]
     save_best(results, base, out, data_dir=args.data_dir)
@@ -155,8 +156,8 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..backbones import build_backbone
-    from ..calibrating import calibrate_head, calibration_data, describe, negative_photos
+    from ..backbones import build_backbone, frozen_part, split_backbone
+    from ..calibrating import calibrate_checkpoint, calibration_data, describe, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
@@ -169,12 +170,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
     split_dir(args.data_dir, "valid")
     if args.negatives is not None:
         negative_photos(args.negatives)
-    data = calibration_data(args.data_dir, classes, build_backbone(ckpt.arch), negatives=args.negatives,
-                            cache_dir=args.cache_dir, device=select_device(args.gpu), num_workers=args.workers,
+    # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
+    backbone, tuned, device = build_backbone(ckpt.arch), ckpt.config.finetune, select_device(args.gpu)
+    data = calibration_data(args.data_dir, classes, frozen_part(backbone, tuned), negatives=args.negatives,
+                            cache_dir=args.cache_dir, device=device, num_workers=args.workers,
                             progress=not args.quiet)
-    ckpt.calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=args.unknown_score,
-                                      keep=args.keep, epochs=ckpt.epoch)
+    top = split_backbone(backbone, tuned)[1] if tuned else None
+    ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
+                                                  top=top, device=device)
     save_checkpoint(ckpt, args.checkpoint)
-    print(describe(ckpt.calibration, data))
+    print(describe(ckpt.calibration, seen))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
