@@ -31,7 +31,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from flower_classifier import calibration as cal  # noqa: E402
 from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402

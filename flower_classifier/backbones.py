@@ -443,8 +443,12 @@ def _stack_to_split(backbone: Backbone, n: int) -> BlockStack:
     stack = get_spec(backbone.name).stack(backbone.module)
     k = len(stack.blocks)
     if not 0 <= n <= k:
-        raise UserError(f"--finetune {n}: {backbone.name} has {k} blocks; choose 0 (frozen backbone) to {k}")
+        raise too_many_blocks(backbone.name, n, k)
     return stack
+
+
+def too_many_blocks(name: str, n: int, blocks: int) -> UserError:
+    return UserError(f"--finetune {n}: {name} has {blocks} blocks; choose 0 (frozen backbone) to {blocks}")
 
 
 def _bottom(stack: BlockStack, n: int) -> nn.Sequential:
@@ -476,9 +480,9 @@ def frozen_part(backbone: Backbone, n: int) -> Backbone:
     activations (N, prod(split_shapes[n])): what the cache stores, keyed apart per split, when the
     top n blocks are fine-tuned. It shares the backbone's modules (as `split_backbone` does) and
     leaves the top's alone. n = 0: the backbone itself, so the frozen default's cache is unchanged."""
-    stack = _stack_to_split(backbone, n)
     if n == 0:
         return backbone
+    stack = _stack_to_split(backbone, n)
     module = freeze(nn.Sequential(*_bottom(stack, n), nn.Flatten()))  # (N, 3, S, S) -> (N, prod(shape))
     shape = get_spec(backbone.name).split_shapes[n]
     return Backbone(backbone.name, module, math.prod(shape), backbone.preprocessing, split=n)

@@ -589,9 +589,10 @@ def cached_features(backbone: Backbone, paths: list[Path], view: View, store: Fe
 class FeatureSet(Dataset):
     """(features, label) rows: float16 `Rows` (memory-mapped shards or memory), handed out as float32 batches."""
 
-    def __init__(self, features: Rows | torch.Tensor, labels: torch.Tensor):
+    def __init__(self, features: Rows | torch.Tensor, labels: torch.Tensor, *, centre: int | None = None):
         self.rows = features if isinstance(features, Rows) else Rows.of(features)  # N rows of D
         self.labels = labels  # (N,) int64
+        self.centre = len(labels) if centre is None else centre  # the first rows, one per photo: centre crops
 
     @property
     def dim(self) -> int:
@@ -601,6 +602,11 @@ class FeatureSet(Dataset):
     def features(self) -> torch.Tensor:
         """All rows in memory, (N, D) float16: for inspection; training reads batches (`__getitems__`)."""
         return self.rows.tensor()
+
+    def centre_crops(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows (n, D) float32, labels (n,)): one row per photo, its centre crop, without the
+        augmented copies (calibration cross-fits by photo: a copy must not stand in for its original)."""
+        return self.rows.take(np.arange(self.centre)).astype(np.float32), self.labels[:self.centre].numpy()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -707,7 +713,7 @@ def load_feature_data(data_dir: str | Path, backbone: Backbone, *, augmented_vie
         aug, aug_ok = cached_rows(backbone, train_paths, view, store, **common, digests=train_digests)
         xs.append(aug.select(np.flatnonzero(aug_ok.numpy())))
         ys.append(train_labels[aug_ok])
-    train = FeatureSet(Rows.cat(xs), torch.cat(ys))
+    train = FeatureSet(Rows.cat(xs), torch.cat(ys), centre=len(ys[0]))
     valid = FeatureSet(centre.select(n + np.flatnonzero(valid_ok)), valid_labels[ok[n:]])
     # The head must not train on a category none of whose photos could be read.
     refuse_unreadable_categories(train_set.root, train_set.classes, set(train_labels[ok[:n]].tolist()))

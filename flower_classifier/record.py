@@ -185,12 +185,12 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
     lines += ["## Limits", "",
               f"- It knows only these {len(classes)} categories: any photo, a flower of another species or no "
               f"flower at all, gets one of their names. Read a low top-1 probability as \"not sure\".",
-              f"- The backbone ({config.arch}) is " + (f"frozen below its top {config.finetune} blocks"
-                                                        if config.finetune else "frozen") +
-              ": it learnt its features from other photos (ImageNet for "
-              f"the pretrained ones), and only the " + ("top blocks and the " if config.finetune else "") +
-              "head learnt from these, so pictures far from ordinary photos "
-              f"(drawings, microscope images, night shots) are out of its range.",
+              f"- The backbone ({config.arch}) is "
+              + (f"frozen below its top {config.finetune} blocks" if config.finetune else "frozen")
+              + ": it learnt its features from other photos (ImageNet for the pretrained ones), and only the "
+              + ("top blocks and the " if config.finetune else "")
+              + "head learnt from these, so pictures far from ordinary photos (drawings, microscope images, "
+              "night shots) are out of its range.",
               "- Photos are centre-cropped: a flower at the edge of a wide shot may be cut off."]
     if few < FEW_PHOTOS:
         lines.append(f"- Few training photos ({few:.0f} per category on average): each test or validation photo "

@@ -23,7 +23,7 @@ from torch import nn
 
 from .progress import progress_bar
 from . import devices, distributed
-from .backbones import Backbone, build_backbone, frozen_part, get_spec, split_backbone
+from .backbones import Backbone, build_backbone, frozen_part, get_spec, split_backbone, too_many_blocks
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
@@ -355,8 +355,7 @@ def check_finetune(config: TrainConfig) -> None:
     """--arch is known and has the --finetune blocks asked for (shapes only: nothing is built)."""
     spec = get_spec(config.arch)
     if config.finetune and config.finetune > spec.num_blocks:  # a frozen run needs no shapes worked out
-        raise UserError(f"--finetune {config.finetune}: {config.arch} has {spec.num_blocks} blocks; choose 0 (frozen "
-                        f"backbone) to {spec.num_blocks}")
+        raise too_many_blocks(config.arch, config.finetune, spec.num_blocks)
 
 
 def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | None, *, device, cat_to_name,
@@ -426,9 +425,9 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
-    if config.feature_cache:  # the rows training used (centre crops first, then any augmented views)
-        splits = {name: (loader.dataset.features.float().numpy(), loader.dataset.labels.numpy())
-                  for name, loader in (("train", train_loader), ("valid", valid_loader))}
+    if config.feature_cache:  # the rows training used, one per photo (its centre crop)
+        splits = {name: loader.dataset.centre_crops() for name, loader in (("train", train_loader),
+                                                                            ("valid", valid_loader))}
     else:
         splits = None
     calibrate_run(run, config, data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,

@@ -1,7 +1,6 @@
 """Issue 13 end to end: calibration fitted after training and by `calibrate`, stored and validated in
 the checkpoint and the ONNX file, the same unknown decisions from PyTorch and ONNX Runtime, and what
 predict.py, --json, the API, evaluate and the report show."""
-import contextlib
 import io
 import json
 import warnings
@@ -68,6 +67,19 @@ def test_training_calibrates_best_and_last_and_says_what_it_chose(run):
         assert calibration is not None and calibration.method == "mahalanobis"
         assert calibration.arrays["means"].shape == (len(CLASSES), 16)  # the tiny backbone's 16 features
     assert torch.load(result.best_path, weights_only=True)["calibration"]["version"] == 1  # plain data
+
+
+def test_calibration_cross_fits_photos_not_their_augmented_copies(tmp_path):
+    # A copy of a held-out photo in the other folds would make its score look too good.
+    data = make_dataset(tmp_path / "flowers", CLASSES, per_split={"train": 5, "valid": 4})
+    config = TrainConfig(arch="tiny", hidden_units=(16,), epochs=1, num_workers=0, augmented_views=2)
+    lines = []
+    run_training(config, data, save_dir=tmp_path / "ck", cache_dir=tmp_path / "cache", progress=False,
+                 log=lines.append)
+    training = next(line for line in lines if line.startswith("Training"))
+    assert "60 training" in training  # 20 photos x (centre crop + 2 views) trained the head...
+    said = next(line for line in lines if line.startswith("Calibrated on"))
+    assert "36 train+valid photos" in said  # ...but calibration saw each of the 20 + 16 photos once
 
 
 @pytest.mark.parametrize("edit, needle", [
