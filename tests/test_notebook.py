@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, make_dataset
+from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.notebook import execute_notebook, inject_parameters, knob_names, main, parse_value
 
 NOTEBOOK = ROOT / "Image_Classifier_Project.ipynb"
@@ -161,13 +162,18 @@ def test_notebook_runs_top_to_bottom(executed):
     # Its own folder, so that it leaves train.py's checkpoints/checkpoint.pth alone.
     assert (tmp / "checkpoints" / "notebook" / "checkpoint.pth").is_file()
     assert not (tmp / "checkpoints" / "checkpoint.pth").exists()
+    # Section 12 fine-tuned the top block of the tiny backbone's two, on cached activations.
+    assert "tiny has 2 blocks; the top 1 train with a new head" in text
+    assert re.search(r"top 1 blocks fine-tuned too: test accuracy [\d.]+%", text)
+    assert load_checkpoint(tmp / "checkpoints" / "notebook" / "finetuned" / "checkpoint.pth").top_state
     images = sum(1 for c in _notebook_cells(nb) for o in c.outputs if "image/png" in o.get("data", {}))
     assert images >= 6  # grid, curves, confusion matrix, mistakes, imshow pair, sanity check
 
 
 def _epochs(text: str) -> list[str]:
     """The training cell's epoch lines, without their timings."""
-    return [re.sub(r"  \([\d.]+ s\)$", "", line) for line in text.splitlines() if line.startswith("Epoch ")]
+    return [re.sub(r"  \([\d.]+ s\)$", "", line) for line in text.splitlines()
+            if line.startswith("Epoch ") and "training loss" in line]  # not section 12's run_training lines
 
 
 def test_rerunning_the_training_cell_repeats_the_run(executed):
