@@ -198,7 +198,8 @@ def _record_threads(monkeypatch, module):
     real_fit = module.fit
 
     def fit(*args, **kwargs):
-        seen.append((torch.get_num_threads(), devices.chosen_threads()))
+        if not args[5].finetune:  # a head alone (a search trial may fine-tune blocks: threads by default)
+            seen.append((torch.get_num_threads(), devices.chosen_threads()))
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(module, "fit", fit)
