@@ -149,7 +149,7 @@ def run_search(args: argparse.Namespace) -> int:
 def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint saved by train.py, rewritten (atomically) with its new calibration")
     add_shared(p, "data_dir")
-    add_config_options(p, "unknown_score", "keep")
+    add_config_options(p, "unknown_score", "keep", "engine")
     add_shared(p, "--negatives", "--cache_dir", "--workers", "--gpu", "--quiet", negatives={
         "help": "a folder of photos that are none of the species: choose the unknown threshold with them too "
                 "(default: from the species photos alone)"})
@@ -161,6 +161,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
+    from ..features import resolve_engine
 
     ckpt = load_checkpoint(args.checkpoint)
     classes = find_classes(split_dir(args.data_dir, "train"))
@@ -174,7 +175,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     backbone, tuned, device = build_backbone(ckpt.arch), ckpt.config.finetune, select_device(args.gpu)
     data = calibration_data(args.data_dir, classes, frozen_part(backbone, tuned), negatives=args.negatives,
                             cache_dir=args.cache_dir, device=device, num_workers=args.workers,
-                            progress=not args.quiet)
+                            progress=not args.quiet, engine=resolve_engine(args.engine, device))
     top = split_backbone(backbone, tuned)[1] if tuned else None
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
