@@ -430,7 +430,7 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
                                                                             ("valid", valid_loader))}
     else:
         splits = None
-    calibrate_run(run, config, data_dir, classes, backbone, negatives=negatives, cache_dir=cache_dir, device=device,
+    calibrate_run(run, config, data_dir, classes, frozen, top, negatives=negatives, cache_dir=cache_dir, device=device,
                   log=log, progress=progress, splits=splits, skip=skipped)
     result = TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
     if distributed.is_main():
@@ -489,16 +489,17 @@ def _restore(resumed: Resumed, run: RunFolder, head, top, optimizer, scheduler, 
     return FitState.restored(saved)
 
 
-def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], backbone: Backbone, *,
-                  negatives=None, cache_dir=None, device="cpu", log: Callable[[str], None] = print,
-                  progress: bool = True, splits: dict | None = None, skip=()) -> None:
+def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], frozen: Backbone,
+                  top: nn.Module, *, negatives=None, cache_dir=None, device="cpu",
+                  log: Callable[[str], None] = print, progress: bool = True, splits: dict | None = None,
+                  skip=()) -> None:
     """Calibrate the run's best and last checkpoints (each its own head and blocks, so its own
     temperature) on the data folder (or the train/valid rows `splits` already at hand, as the frozen
-    part gives them; `skip`: photos found unreadable), and rewrite them (atomically) with it. Under
-    torchrun every process helps compute the rows; the main process writes."""
+    part gives them; `skip`: photos found unreadable), and rewrite them (atomically) with it.
+    `frozen`, `top`: the run's `split_for_training`; each checkpoint's blocks are loaded into `top`.
+    Under torchrun every process helps compute the rows; the main process writes."""
     from .calibrating import calibrate_checkpoint, calibration_data, describe
 
-    frozen, top = split_for_training(backbone, config.finetune)
     data = calibration_data(data_dir, classes, frozen, negatives=negatives,
                             cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=progress,
                             engine=getattr(config, "engine", "torch"), splits=splits, skip=skip)

@@ -156,12 +156,13 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..backbones import build_backbone, frozen_part, split_backbone
+    from ..backbones import build_backbone
     from ..calibrating import calibrate_checkpoint, calibration_data, describe, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
     from ..features import resolve_engine
+    from ..training import split_for_training
 
     ckpt = load_checkpoint(args.checkpoint)
     classes = find_classes(split_dir(args.data_dir, "train"))
@@ -172,11 +173,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.negatives is not None:
         negative_photos(args.negatives)
     # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
-    backbone, tuned, device = build_backbone(ckpt.arch), ckpt.config.finetune, select_device(args.gpu)
-    data = calibration_data(args.data_dir, classes, frozen_part(backbone, tuned), negatives=args.negatives,
+    device = select_device(args.gpu)
+    frozen, top = split_for_training(build_backbone(ckpt.arch), ckpt.config.finetune)
+    data = calibration_data(args.data_dir, classes, frozen, negatives=args.negatives,
                             cache_dir=args.cache_dir, device=device, num_workers=args.workers,
                             progress=not args.quiet, engine=resolve_engine(args.engine, device))
-    top = split_backbone(backbone, tuned)[1] if tuned else None
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
     save_checkpoint(ckpt, args.checkpoint)
