@@ -25,6 +25,7 @@ from .errors import UserError
 from .files import atomic_save, safe_load
 from .model import FlowerClassifier, build_head
 
+BEST_NAME = "checkpoint.pth"  # a run folder's best checkpoint (`runfolder`): what predict.py loads
 FORMAT = "flower_classifier.checkpoint"
 FORMAT_VERSION = 1
 STATE_FORMAT = "flower_classifier.training_state"
@@ -45,9 +46,6 @@ class Checkpoint:
     calibration: Calibration | None = None  # fitted once training ends (or by `calibrate`); None before
     # `split_backbone(arch, config.finetune)`'s top: its state_dict; {} for a frozen backbone (and before it)
     top_state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def name_of(self, category: str) -> str:
-        return (self.cat_to_name or {}).get(category, category)
 
 
 def _to_plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,8 +148,6 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint file, every field checked for type and range before use: UserError naming the
     file and the field otherwise (an edited or damaged file must not allocate, crash or mispredict)."""
-    from .runfolder import BEST_NAME  # runfolder imports this module
-
     d = safe_load(path, example=BEST_NAME)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker); "

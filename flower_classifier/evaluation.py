@@ -20,7 +20,7 @@ from . import calibration as cal, unknown
 from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
 from .errors import UserError
 from .predictor import average_views, load_predictor
-from .training import _progress, topk_correct
+from .fitting import _progress, topk_correct
 
 
 @dataclass
