@@ -22,6 +22,7 @@ from .backbones import Backbone, get_spec
 from .calibration import Calibration, fit_calibration
 from .config import TrainConfig
 from .data import FlowerFolder, split_dir
+from .datacheck import seen_in_training
 from .errors import UserError
 from .features import FeatureSet, FeatureStore, cached_features, centre_view, feature_loader
 from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, new_head, seed_epoch, train_one_epoch
@@ -43,14 +44,19 @@ class CalibrationData:
     views: np.ndarray | None = None
 
 
-def negative_photos(folder: str | Path, *, option: str = "--negatives") -> list[Path]:
-    """The photos of a folder of non-species photos; refused in one line when there are none."""
+def negative_photos(folder: str | Path, *, option: str = "--negatives", data_dir: str | Path | None = None) -> list[Path]:
+    """The photos of a folder of non-species photos; refused in one line when there are none, or (given
+    the `data_dir` trained on) when some are the species' own train or valid photos."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{option} {folder}: no such directory; pass a folder of photos that are none of the species")
     photos = list_photos(folder)
     if not photos:
         raise UserError(f"{option} {folder} holds no photos; pass a folder of photos that are none of the species")
+    shared = seen_in_training(photos, data_dir) if data_dir is not None else []
+    if shared:
+        raise UserError(f"{option} {folder}: {len(shared)} of its photos are the species' own training or validation "
+                        f"photos (e.g. {shared[0][0]} = {shared[0][1]}); pass photos that are none of the species")
     return photos
 
 

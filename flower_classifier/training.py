@@ -90,7 +90,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     if negatives is not None:
         from .calibrating import negative_photos
 
-        negative_photos(negatives)
+        negative_photos(negatives, data_dir=data_dir)
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)

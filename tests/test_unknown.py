@@ -2,6 +2,7 @@
 the checkpoint and the ONNX file, the same unknown decisions from PyTorch and ONNX Runtime, and what
 predict.py, --json, the API, evaluate and the report show."""
 import io
+from pathlib import Path
 import json
 import warnings
 
@@ -220,11 +221,26 @@ def test_calibrate_rewrites_a_checkpoint_and_refuses_bad_input_leaving_it_whole(
     wrong = make_dataset(tmp_path / "wrong", ["x", "y"], per_split={"train": 1, "valid": 1})
     for args, needle in (([str(wrong)], "are not those of"), ([str(data), "--negatives", str(tmp_path / "no")],
                                                               "no such directory"),
-                         ([str(data / "test")], "train")):
+                         ([str(data / "test")], "train"),
+                         ([str(data), "--negatives", str(data / "train" / "a")], "own training or validation photos")):
         assert main(["calibrate", str(target), *args, "--quiet", "--workers", "0"]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
         assert target.read_bytes() == before
+
+
+def test_calibrate_refuses_an_unwritable_checkpoint_folder_before_any_work(run, tmp_path, capsys, monkeypatch):
+    import os
+
+    from flower_classifier import calibrating
+
+    data, _, result, _ = run
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != result.best_path.parent and real(path, mode))
+    monkeypatch.setattr(calibrating, "calibration_data", lambda *a, **k: pytest.fail("worked before checking"))
+    assert main(["calibrate", str(result.best_path), str(data), "--quiet", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------- the same answer from both backends
