@@ -206,7 +206,7 @@ def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, met
     return calibration, data
 
 
-def describe(calibration: Calibration, data: CalibrationData) -> str:
+def calibrated_line(calibration: Calibration, data: CalibrationData) -> str:
     """The one line saying what was chosen, and on what."""
     on = (f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)"
           + (f" and {len(data.negatives)} photos of {data.negatives_dir}"

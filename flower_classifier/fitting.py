@@ -100,22 +100,29 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, *, loss_fn: nn.Module | None = None,
-             desc: str = "eval", progress: bool = True) -> dict:
-    """Mean loss, top-1 and top-5 accuracy (fractions) and the image count over `loader`."""
+             desc: str = "eval", progress: bool = True, outputs: bool = False) -> dict:
+    """Mean loss, top-1 and top-5 accuracy (fractions) and the image count over `loader`; with
+    `outputs`, also every row's "logits" (N, C) and "targets" (N,), on the CPU, for a per-class report."""
     model.eval()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     total_loss, top1, top5, count = 0.0, 0, 0, 0
+    kept = []
     for batch in _progress(loader, desc, progress):
-        if batch is None:
+        if batch is None:  # every image of this batch failed to load (each was warned about)
             continue
         inputs, targets = batch[0].to(device), batch[1].to(device)
-        logits = model(inputs)
+        logits = model(inputs)  # (N, C)
         total_loss += loss_fn(logits, targets).item() * len(targets)
         hits = topk_correct(logits, targets)
         top1, top5, count = top1 + hits[1], top5 + hits[5], count + len(targets)
+        if outputs:
+            kept.append((logits.float().cpu(), targets.cpu()))
     if count == 0:
-        raise UserError("no image could be loaded for evaluation")
-    return {"loss": total_loss / count, "accuracy": top1 / count, "top5": top5 / count, "count": count}
+        raise UserError(f"no image could be loaded for evaluation ({desc})")
+    figures = {"loss": total_loss / count, "accuracy": top1 / count, "top5": top5 / count, "count": count}
+    if outputs:
+        figures["logits"], figures["targets"] = (torch.cat(parts) for parts in zip(*kept))
+    return figures
 
 
 WORK_PER_THREAD = 5e8  # multiply-adds per step a thread is worth; below it one thread is fastest (measured)
@@ -274,14 +281,14 @@ def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer
         improved = va["accuracy"] > state.best_accuracy
         if improved:
             state.best_accuracy = va["accuracy"]
-            state.best = (epoch, _copy(head.state_dict()), _copy(top_state(top)))
+            state.best = (epoch, _copy(head.state_dict()), _copy(blocks_state(top)))
         log(f"Epoch {epoch}/{config.epochs}  train loss {tr['loss']:.4f}  valid loss {va['loss']:.4f}  "
             f"valid accuracy {100 * va['accuracy']:.1f}%  ({seconds:.1f} s){'  *best' if improved else ''}")
         if on_epoch is not None:
             on_epoch(record)
         with interrupts_deferred():  # the epoch's files and `state.epoch` change together
             if run is not None and distributed.is_main():  # under torchrun every process holds the same head
-                snapshot = dataclasses.replace(template, head_state=head.state_dict(), top_state=top_state(top),
+                snapshot = dataclasses.replace(template, head_state=head.state_dict(), top_state=blocks_state(top),
                                                epoch=epoch, metrics={k: v for k, v in record.items() if k != "epoch"},
                                                history=list(state.history))
                 run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
@@ -295,6 +302,6 @@ def _copy(state: dict) -> dict:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def top_state(top: nn.Module | None) -> dict:
+def blocks_state(top: nn.Module | None) -> dict:
     """What a checkpoint keeps of the fine-tuned blocks: their state_dict ({} for a frozen backbone)."""
     return {} if top is None else top.state_dict()

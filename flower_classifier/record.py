@@ -22,6 +22,7 @@ from .images import list_photos
 from .errors import UserError
 from .evaluation import EvaluationReport, build_report
 from .files import atomic_write
+from .fitting import evaluate
 from .runfolder import RunFolder
 
 # history.csv's columns, in order: what `training.fit` records for each epoch.
@@ -73,22 +74,13 @@ def split_counts(data_dir: str | Path) -> dict[str, tuple[int, int]]:
 
 
 
-@torch.inference_mode()
 def evaluate_on(model: torch.nn.Module, loader, split: str, *, classes: list[str], cat_to_name, device) -> Evaluated:
-    """Run `model` (the loader's inputs -> logits) over `loader` and report per class."""
-    model.eval()
-    targets, probabilities = [], []
-    for batch in loader:
-        if batch is None:  # every image of the batch was unreadable (each was warned about)
-            continue
-        probabilities.append(torch.softmax(model(batch[0].to(device)).float(), dim=1).cpu())  # (N, C)
-        targets.append(batch[1])
-    if not targets:
-        raise UserError(f"no {split} image could be loaded to evaluate the best epoch")
-    targets, probabilities = torch.cat(targets), torch.cat(probabilities)
-    top5 = probabilities.topk(min(5, len(classes)), dim=1).indices.eq(targets[:, None]).any(1).float().mean()
-    report = build_report(targets.numpy(), probabilities.numpy(), classes, cat_to_name=cat_to_name)
-    return Evaluated(split, report.accuracy, float(top5), report.count, report)
+    """Run `model` (the loader's inputs -> logits) over `loader` (`fitting.evaluate`, the one evaluation
+    loop) and report per class."""
+    figures = evaluate(model, loader, device, desc=f"the best epoch on {split}", progress=False, outputs=True)
+    probabilities = torch.softmax(figures["logits"], dim=1)  # (N, C)
+    report = build_report(figures["targets"].numpy(), probabilities.numpy(), classes, cat_to_name=cat_to_name)
+    return Evaluated(split, report.accuracy, figures["top5"], report.count, report)
 
 
 def record_run(run: RunFolder, *, config: TrainConfig, data_dir, classes: list[str], cat_to_name, history: list[dict],

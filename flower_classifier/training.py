@@ -221,7 +221,7 @@ def finish(run: RunFolder, state: FitState, template: Checkpoint, *, config: Tra
     `fit` kept, or the run folder's best file when this call did not train it. A best file already
     calibrated by this score is kept as it is unless this call trained epochs. Every process helps
     compute the calibration's rows and train its fold heads (under torchrun)."""
-    from .calibrating import calibrate_checkpoint, calibration_data, describe
+    from .calibrating import calibrate_checkpoint, calibration_data, calibrated_line
 
     if state.best is not None:
         epoch, head_state, top_state = state.best
@@ -248,7 +248,7 @@ def finish(run: RunFolder, state: FitState, template: Checkpoint, *, config: Tra
                                                   top=top, device=device)
     if distributed.is_main():
         save_checkpoint(best, run.best)
-        log(describe(best.calibration, seen))
+        log(calibrated_line(best.calibration, seen))
     return best
 
 

@@ -166,7 +166,7 @@ def check_rewritable(path: Path) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone
-    from ..calibrating import calibrate_checkpoint, calibration_data, describe, negative_photos
+    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
@@ -191,6 +191,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
     save_checkpoint(ckpt, args.checkpoint)
-    print(describe(ckpt.calibration, seen))
+    print(calibrated_line(ckpt.calibration, seen))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
