@@ -103,7 +103,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
             if distributed.is_main():
                 run.restore_best(resumed, log)
             done = resumed.state["epoch"]
-            missing = run.unfinished(len(resumed.state["history"])) if distributed.is_main() else []
+            missing = run.unfinished(len(resumed.state["history"]))  # every process: all of them finish it together
             if done >= config.epochs and not missing:
                 log(f"{resumed.path} already finished {done} of {config.epochs} epochs; nothing to train "
                     f"(raise --epochs to train more)")
