@@ -20,6 +20,7 @@ import torch
 from . import devices, distributed
 from .backbones import Backbone, get_spec
 from .calibration import Calibration, fit_calibration
+from .checkpoint import load_weights
 from .config import TrainConfig
 from .data import FlowerFolder, split_dir
 from .datacheck import seen_in_training
@@ -199,7 +200,7 @@ def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, met
     `split_backbone`'s, loaded here with the checkpoint's weights) first. Returns it and the features
     it was fitted on."""
     if ckpt.config.finetune:
-        top.load_state_dict(ckpt.top_state)
+        load_weights(ckpt, None, top)
         data = through_top(data, top, get_spec(ckpt.arch).split_shapes[ckpt.config.finetune], device=device)
     calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=method, keep=keep,
                                  epochs=ckpt.epoch, device=device)

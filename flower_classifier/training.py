@@ -22,7 +22,7 @@ from torch import nn
 
 from . import devices, distributed
 from .backbones import Backbone, build_backbone, frozen_part, get_spec, split_backbone, too_many_blocks
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
 from .data import find_classes, load_split, make_loader, skipped_images, split_dir
@@ -258,13 +258,6 @@ def split_for_training(backbone: Backbone, n: int) -> tuple[Backbone, nn.Module]
     if not n:
         return backbone, nn.Sequential()
     return frozen_part(backbone, n), split_backbone(backbone, n)[1]
-
-
-def load_weights(ckpt: Checkpoint, head: nn.Module, top: nn.Module) -> None:
-    """A checkpoint's head and fine-tuned blocks into `head` and `top` (`split_backbone`'s)."""
-    head.load_state_dict(ckpt.head_state)
-    if ckpt.top_state:
-        top.load_state_dict(ckpt.top_state)
 
 
 def _restore(resumed: Resumed, run: RunFolder, head, top, optimizer, scheduler, config: TrainConfig, log) -> FitState:
