@@ -155,9 +155,18 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
                 "(default: from the species photos alone)"})
 
 
+def check_rewritable(path: Path) -> None:
+    """`calibrate` replaces the checkpoint (a new file renamed over it): its folder must take new files."""
+    import os
+
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: its folder {path.parent} is not writable, so the calibrated checkpoint could not be "
+                        f"saved there; copy the checkpoint into a folder you can write to and calibrate that copy")
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone
-    from ..calibrating import calibrate_checkpoint, calibration_data, describe, negative_photos
+    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
@@ -171,7 +180,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                         f"{args.checkpoint} ({len(ckpt.classes)}); pass the data folder it was trained on")
     split_dir(args.data_dir, "valid")
     if args.negatives is not None:
-        negative_photos(args.negatives)
+        negative_photos(args.negatives, data_dir=args.data_dir)
+    check_rewritable(Path(args.checkpoint))  # before the work, not after it
     # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
     device = select_device(args.gpu)
     frozen, top = split_for_training(build_backbone(ckpt.arch), ckpt.config.finetune)
@@ -181,6 +191,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
     save_checkpoint(ckpt, args.checkpoint)
-    print(describe(ckpt.calibration, seen))
+    print(calibrated_line(ckpt.calibration, seen))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
