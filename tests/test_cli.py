@@ -75,8 +75,8 @@ def test_a_names_file_that_disagrees_with_the_trained_names_is_flagged(trained, 
     captured = capsys.readouterr()
     [warning] = captured.err.strip().splitlines()
     assert f"{other} names 6 of the 12 categories otherwise than the names the model was trained with" in warning
-    assert "(category 1: 'not flower 1', not 'flower 1')" in warning and "leave out --category_names" in warning
-    assert "not flower 1" in captured.out  # the file given still wins
+    assert "(category 1: 'not flower 1', not 'flower 1')" in warning and "showing the model's own names" in warning
+    assert "not flower" not in captured.out and "flower 1" in captured.out  # no wrong name printed
 
 
 def test_predict_without_names_shows_category_numbers(trained, tmp_path, capsys):
