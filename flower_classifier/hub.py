@@ -5,8 +5,6 @@ model build (half a minute on a busy machine)."""
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from pathlib import Path
 
 from .errors import UserError
@@ -44,6 +42,9 @@ def weights_cached(arch: str) -> bool:
 def reachable(host: tuple[str, int] = WEIGHTS_HOST, timeout: float = PROBE_S) -> str | None:
     """None if a connection to `host` opens (or no answer came in `timeout`: undecided), else why not.
     A proxy set in the environment is trusted: the download goes through it."""
+    import socket
+    import threading
+
     if any(os.getenv(v) for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")):
         return None
     outcome: list[str | None] = []

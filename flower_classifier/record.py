@@ -218,8 +218,8 @@ def _unknown_limit(run: RunFolder, species: int) -> str:
     return (f"- It knows only these {species} categories. A photo unlike them (a flower of another species, or no "
             f"flower at all) gets the answer \"unknown: not one of the {species} species\" instead of a name, when "
             f"its unknown score ({c.method}) is above the threshold {c.threshold:.4g}. The threshold {c.rule}: it "
-            f"was tuned to turn away about {1 - ckpt.config.keep:.0%} of photos of its own species as unknown too, "
-            f"and it catches only the unlike photos that score above it. `predict.py --no_unknown` always names "
+            f"was tuned to turn away at most about {1 - ckpt.config.keep:.0%} of photos of its own species as unknown "
+            f"too, and it catches only the unlike photos that score above it. `predict.py --no_unknown` always names "
             f"the nearest species.")
 
 

@@ -393,12 +393,15 @@ def test_an_offline_torchvision_backbone_is_one_line_and_nothing_else(tmp_path, 
 
     import torch.hub
 
+    from flower_classifier import hub
+
     from conftest import make_dataset
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(hub, "reachable", lambda *a, **k: None)  # the quick probe could not tell: the download fails
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))  # nothing cached
     data = make_dataset(tmp_path / "d", TWELVE[:2], per_split={"train": 1, "valid": 1})
     code = main(["train", str(data), "--arch", "vgg16", "--save_dir", str(tmp_path / "ck"), "--workers", "0",
