@@ -47,7 +47,7 @@ def test_an_unknown_photo_says_so_on_its_first_line_then_the_nearest_labelled(mo
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{one}: unknown: not one of the 6 species this model knows (score " \
                        f"{float(lines[0].split('score ')[1].split(',')[0]):.4g}, above its threshold -1)"
-    assert lines[1] == "Nearest of its species, none of them the answer:" and len(lines) == 5
+    assert lines[1] == "Nearest species (the photo is none of them):" and len(lines) == 5
     assert main(["predict", str(one), str(two), str(models[model])]) == 0  # several photos: each leads with it
     blocks = capsys.readouterr().out.split("\n\n")
     assert [b.splitlines()[0].split(": unknown: ")[0] for b in blocks] == [str(one), str(two)]

@@ -194,7 +194,7 @@ def _print_answer(photo: str, prediction, top_k: int, *, blank_line: bool, unkno
     print("\n" if blank_line else "", end="")
     if unknown:
         print(f"{photo}: {unknown}")
-        print(f"Nearest of its species, none of them the answer:")
+        print("Nearest species (the photo is none of them):")
     else:
         print(f"Top {top_k} for {photo}:")
     width = max(len(n) for n in prediction.names)
