@@ -88,6 +88,17 @@ def test_a_kind_of_unknown_slots_in_after_the_word():
     assert unknown_line(Prediction([1.0], ["1"], ["rose"], unknown=False, score=0.1), 5, 0.5) is None
 
 
+def test_one_more_unknown_field_is_one_edit_for_every_output(models, tmp_path, monkeypatch, capsys):
+    from flower_classifier.cli import predict as command
+
+    monkeypatch.setattr(command, "UNKNOWN_FIELDS", ("unknown", "kind", "score"))
+    table = tmp_path / "t.csv"
+    assert main(["predict", *map(str, models["photos"]), str(models["all.onnx"]), "--json", "--csv", str(table)]) == 0
+    assert all(list(json.loads(line))[:4] == ["path", "unknown", "kind", "score"]
+               for line in capsys.readouterr().out.splitlines())
+    assert table.read_text().startswith("path,unknown,kind,score,name_1,")
+
+
 def test_the_json_help_names_the_fields_json_gives(models, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["predict", "--help"])

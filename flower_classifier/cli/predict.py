@@ -74,15 +74,15 @@ def photo_paths(arguments: list[str]) -> tuple[list[str], list[str]]:
 
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)  # http://, https://, ftp://, s3://, ...
 
-# The fields that say whether a photo is one of the species, in this order in the JSON and the CSV.
-# A field added to `unknown_fields` (a kind of unknown, say) is added here too, and every output has it.
+# The Prediction fields that say whether a photo is one of the species, in this order in the JSON
+# and the CSV, before the species rows. A field added here (a kind of unknown, say) is in every output.
 UNKNOWN_FIELDS = ("unknown", "score")
 
 
 def unknown_fields(prediction) -> dict:
     """{"unknown": True/False, or None when not asked (no calibration, --no_unknown); "score": the
-    unknown score, or None without calibration}."""
-    return {"unknown": prediction.unknown, "score": prediction.score}
+    unknown score, or None without calibration}: UNKNOWN_FIELDS of the prediction."""
+    return {f: getattr(prediction, f, None) for f in UNKNOWN_FIELDS}
 
 
 def unknown_line(prediction, num_classes: int, threshold: float | None) -> str | None:
