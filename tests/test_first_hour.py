@@ -134,8 +134,10 @@ def test_bad_inputs_are_refused_before_any_model_loads(models, tmp_path, capsys,
     def loaded(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
+    from flower_classifier import export
+
     for module, name in ((predictor, "load_predictor"), (evaluation, "evaluate_checkpoint"),
-                         (evaluation, "report_checkpoint"), (devices, "select_device")):
+                         (evaluation, "report_checkpoint"), (devices, "select_device"), (export, "export_onnx")):
         monkeypatch.setattr(module, name, loaded)
     photo, ckpt = str(models["photos"][0]), str(models["none"])
     not_json = tmp_path / "names.json"
@@ -154,6 +156,8 @@ def test_bad_inputs_are_refused_before_any_model_loads(models, tmp_path, capsys,
         (["evaluate", str(tmp_path / "gone.pth"), str(split)], ["gone.pth not found"]),
         (["evaluate", ckpt, str(tmp_path / "nowhere")], ["nowhere: no such directory"]),
         (["report", ckpt, str(tmp_path / "nowhere")], ["nowhere: no such directory"]),
+        (["export", str(tmp_path / "gone.pth"), str(tmp_path / "m.onnx")], ["gone.pth not found"]),
+        (["serve", str(tmp_path / "gone.onnx")], ["gone.onnx not found", "export"]),
     ]
     for argv, needles in cases:
         try:

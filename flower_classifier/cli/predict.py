@@ -309,6 +309,7 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    check_model_file(args.checkpoint, onnx=False)
     from ..export import export_onnx
 
     path = export_onnx(args.checkpoint, args.out)
@@ -334,6 +335,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    check_model_file(args.model, onnx=args.model.lower().endswith(".onnx"))
     try:
         from ..serving import serve
     except ImportError as e:
