@@ -186,9 +186,7 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
             lines.append(f"| {r['category']} | {r['name']} | {r['images']} | {_pct(r['recall'])} | {taken} |")
         lines.append("")
     few = counts.get("train", (0, 1))[0] / max(len(classes), 1)
-    lines += ["## Limits", "",
-              f"- It knows only these {len(classes)} categories: any photo, a flower of another species or no "
-              f"flower at all, gets one of their names. Read a low top-1 probability as \"not sure\".",
+    lines += ["## Limits", "", _unknown_limit(run, len(classes)),
               f"- The backbone ({config.arch}) is "
               + (f"frozen below its top {config.finetune} blocks" if config.finetune else "frozen")
               + ": it learnt its features from other photos (ImageNet for the pretrained ones), and only the "
@@ -209,6 +207,24 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
               "print(fc.predict(\"PHOTO.jpg\", model, top_k=5).rows())  # [(name, category, probability), ...]",
               "```", ""]
     return "\n".join(lines)
+
+
+def _unknown_limit(run: RunFolder, species: int) -> str:
+    """The card's line on photos of none of the species, from the saved best checkpoint's calibration."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run.best) if run.best.is_file() else None
+    if ckpt is None or ckpt.calibration is None:
+        return (f"- It knows only these {species} categories and has no calibration, so any photo, a flower of "
+                f"another species or no flower at all, gets one of their names; add the \"unknown\" answer with "
+                f"`python -m flower_classifier calibrate`.")
+    c = ckpt.calibration
+    return (f"- It knows only these {species} categories. A photo unlike them (a flower of another species, or no "
+            f"flower at all) gets the answer \"unknown: not one of the {species} species\" instead of a name, when "
+            f"its unknown score ({c.method}) is above the threshold {c.threshold:.4g}. The threshold {c.rule}: it "
+            f"was tuned to turn away at most about {1 - ckpt.config.keep:.0%} of photos of its own species as unknown "
+            f"too, and it catches only the unlike photos that score above it. `predict.py --no_unknown` always names "
+            f"the nearest species.")
 
 
 def _how_trained(config: TrainConfig) -> str:

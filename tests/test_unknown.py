@@ -117,7 +117,9 @@ def test_predict_prints_the_unknown_line_and_json_fields_and_no_unknown_turns_it
     flower = make_image(tmp_path / "p.png", (200, 60, 60))
     assert main(["predict", str(flower), str(everything)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[-1].startswith("not one of the 4 species this model knows (score 0.")
+    # The answer first; the nearest species after it, labelled as no answer.
+    assert out.splitlines()[0].startswith(f"{flower}: unknown: not one of the 4 species this model knows (score 0.")
+    assert "above its threshold -1" in out.splitlines()[0] and "the photo is none of them" in out.splitlines()[1]
     assert out.count("%") == 4  # the top-K rows are still shown
     assert main(["predict", str(flower), str(everything), "--no_unknown"]) == 0
     assert "not one of" not in capsys.readouterr().out
