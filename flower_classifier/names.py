@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import UserError
+from .files import check_regular_file
 
 
 def read_category_names(path: str | Path) -> dict[str, str]:
     """{category folder: flower name} from a JSON file; UserError naming the file if it is not one."""
-    path = Path(path)
+    path = check_regular_file(path, "--category_names")  # a FIFO would block read_text
     try:
         names = json.loads(path.read_text())
     except FileNotFoundError:

@@ -86,6 +86,9 @@ SHARED = {
     "--category_names": dict(default=None, help="JSON file of category -> flower name"),
     "--negatives": dict(default=None, metavar="DIR", help="a folder of photos that are none of the species (animals, "
                         "objects, food, ...)"),
+    "--overwrite": dict(action="store_true", help="replace a file already at the output path; never an input, "
+                        "a checkpoint, a link or a folder (default: refuse, unless it is this command's own earlier "
+                        "output)"),
     "--tta": dict(action="store_true", help="test-time augmentation: the model also sees each photo mirrored "
                   "left-right, and the two answers are averaged; about twice the time (default: off)"),
 }

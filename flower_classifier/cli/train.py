@@ -106,7 +106,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                        augmented_views="augmented copies per training image, as in train.py")
     p.add_argument("--out", default=str(DEFAULTS_FILE),
                    help=f"where the best values go; train.py reads them as defaults (default: {DEFAULTS_FILE})")
-    add_shared(p, "--cache_dir", "--workers", "--threads", "--gpu", "--quiet",
+    add_shared(p, "--cache_dir", "--workers", "--threads", "--gpu", "--quiet", "--overwrite",
                workers={"help": "data-loading worker processes for feature extraction (default: min(4, CPU count))"})
 
 
@@ -115,14 +115,15 @@ def run_search(args: argparse.Namespace) -> int:
     from ..data import split_dir
     from ..devices import select_device
     from ..features import load_feature_data, resolve_engine
+    from ..files import check_output, head
     from ..search import SEARCHED, random_search, rows_per_split, save_best
 
     get_spec(args.arch)
     for split in ("train", "valid"):
         split_dir(args.data_dir, split)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    # Before any work: never an input, a checkpoint or a stranger's file (an earlier search's is replaced).
+    out = check_output(args.out, option="--out", overwrite=args.overwrite,
+                       ours=lambda p: head(p).startswith(b'{\n  "hyperparameters"'))
     device = select_device(args.gpu)
     backbone = build_backbone(args.arch)
     # The rows below the top n blocks, for the trials that fine-tune n (the features for n = 0).
@@ -162,8 +163,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ..data import find_classes, split_dir
     from ..devices import select_device
     from ..features import resolve_engine
+    from ..files import check_rewrite
     from ..training import split_for_training
 
+    target = check_rewrite(args.checkpoint)  # before any work: the folder must take the rewritten file
     ckpt = load_checkpoint(args.checkpoint)
     classes = find_classes(split_dir(args.data_dir, "train"))
     if classes != ckpt.classes:
@@ -180,7 +183,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                             progress=not args.quiet, engine=resolve_engine(args.engine, device))
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
-    save_checkpoint(ckpt, args.checkpoint)
+    save_checkpoint(ckpt, target)
     print(describe(ckpt.calibration, seen))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
