@@ -29,7 +29,7 @@ class Number:
         """Why `value` is not acceptable, or None."""
         if not _is(value, numbers.Integral if self.kind is int else numbers.Real):
             return f"must be {'an integer' if self.kind is int else 'a number'} (got {quoted(value)})"
-        if not math.isfinite(value):
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # isfinite(10**400) overflows
             return f"must be a finite number (got {quoted(value)})"
         if value < self.lo or (self.lo_open and value == self.lo):
             return f"must be {'>' if self.lo_open else '>='} {self._show(self.lo)} (got {quoted(value)})"

@@ -7,6 +7,7 @@ import difflib
 import os
 
 from ..config import FIELDS, THREADS, WORKERS, TrainConfig, flag
+from ..errors import bounded
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -17,7 +18,7 @@ class Parser(argparse.ArgumentParser):
     `--learning_rate`; an unknown option gets the nearest known one."""
 
     def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {bounded(message)} (see --help)\n")
 
     def respell(self, argv: list[str]) -> list[str]:
         """Options spelled with hyphens, as their underscore form when that is one of ours."""
