@@ -55,8 +55,10 @@ def check_size(label: str, width: int, height: int, max_pixels: int = MAX_IMAGE_
     if width * height > max_pixels:
         raise ImageTooLarge(label, f"too large to read ({width}x{height} pixels; the limit is {max_pixels:,})")
     short, long = sorted((width, height))
-    if short < 1 or long > MAX_ASPECT * short:
-        raise ImageTooLarge(label, f"too thin to use ({width}x{height} pixels, {long / max(short, 1):,.0f}:1): "
+    if short < 1:
+        raise UnreadableImage(label, f"has no pixels ({width}x{height})")
+    if long > MAX_ASPECT * short:
+        raise ImageTooLarge(label, f"too thin to use ({width}x{height} pixels, {long / short:,.0f}:1): "
                                    f"scaling its shorter side up to the model's input would take more memory than "
                                    f"any photo; at most {MAX_ASPECT}:1 is read, so crop it")
 

@@ -178,3 +178,11 @@ def test_a_thin_photo_is_one_line_alone_and_skipped_among_others(models, album, 
     assert predict(album / "strip.png", album / "daisy.jpg", models["pytorch"]) == 0
     out, err = capsys.readouterr()
     assert "warning: skipping" in err and "too thin" in err and out.count("Top ") == 1
+
+
+def test_a_names_file_with_a_huge_name_warns_in_short_lines(models, album, tmp_path, capsys):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "x" * 10_000_000, "2": "dandelion"}))
+    assert predict(album / "daisy.jpg", models["pytorch"], "--category_names", names, "--top_k", "1") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings and all(len(line) < 600 for line in warnings), [len(w) for w in warnings]
