@@ -94,10 +94,10 @@ def test_a_batch_of_only_broken_files_is_left_out(tmp_path, capfd):
     assert capfd.readouterr().err.count("warning: skipping") == len(BROKEN)
 
 
-def test_readme_states_the_corpus_size():
+def test_the_docs_state_the_corpus_size():
     from conftest import ROOT
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "docs" / "robustness.md").read_text().split())
     assert (f"The test corpus (`tests/bad_images.py`) tries {len(CORPUS)} odd or broken files: training uses "
             f"{len(USABLE)} of them") in readme
     assert f"skips the other {len(BROKEN)}," in readme
