@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -84,12 +85,19 @@ def test_csv_never_replaces_what_it_must_not(models, daisy, tmp_path, capsys, ta
     assert snapshot(path) == before
 
 
-def test_csv_onto_a_device_is_refused(models, daisy, capsys):
-    if not os.path.exists("/dev/null"):
-        pytest.skip("no /dev/null")
-    assert predict(daisy, models["onnx"], "--csv", "/dev/null") == 2
+def test_csv_onto_a_device_is_refused(models, daisy, tmp_path, capsys):
+    """On a null device node of the test's own (never the system's /dev/null: without the check,
+    the output would replace it with a regular file)."""
+    import stat
+
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (OSError, AttributeError):
+        pytest.skip("making a device node needs root")
+    assert predict(daisy, models["onnx"], "--csv", device) == 2
     assert "is a device" in one_error_line(capsys)
-    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert device.is_char_device()
 
 
 def test_csv_replaces_its_own_table_and_a_stranger_only_with_overwrite(models, daisy, tmp_path, capsys):
@@ -213,10 +221,20 @@ def test_decode_image_and_safe_load_never_open_a_fifo(tmp_path):
 
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    with pytest.raises(UserError, match="named pipe"):
-        decode_image(fifo)
-    with pytest.raises(UserError, match="named pipe"):
-        files.safe_load(fifo)
+
+    def unblock():  # should a reader open it, a writer comes after 10 s, so that the test fails, not hangs
+        if not done.wait(10):
+            os.close(os.open(fifo, os.O_WRONLY))
+
+    done = threading.Event()
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        with pytest.raises(UserError, match="named pipe"):
+            decode_image(fifo)
+        with pytest.raises(UserError, match="named pipe"):
+            files.safe_load(fifo)
+    finally:
+        done.set()
 
 
 # ---------------------------------------------------------------- a full disk while saving
