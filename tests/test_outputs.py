@@ -127,7 +127,7 @@ def test_an_unwritable_folder_is_one_line_before_any_work(models, daisy, tmp_pat
     monkeypatch.setattr("flower_classifier.predictor.load_predictor",
                         lambda *a, **k: pytest.fail("the model was loaded before the output was checked"))
     assert predict(daisy, models["onnx"], "--csv", folder / "out.csv") == 2
-    assert "cannot write in" in one_error_line(capsys)
+    assert "is not writable (Permission denied)" in one_error_line(capsys)
 
 
 # ---------------------------------------------------------------- export, report, search, calibrate
