@@ -10,7 +10,7 @@ import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, quoted
 
 # `search` writes its best values here; training's defaults read them (see `load_defaults`).
 DEFAULTS_FILE = Path("hyperparameters.json")
@@ -28,13 +28,13 @@ class Number:
     def problem(self, value) -> str | None:
         """Why `value` is not acceptable, or None."""
         if not _is(value, numbers.Integral if self.kind is int else numbers.Real):
-            return f"must be {'an integer' if self.kind is int else 'a number'} (got {value!r})"
-        if not math.isfinite(value):
-            return f"must be a finite number (got {value})"
+            return f"must be {'an integer' if self.kind is int else 'a number'} (got {quoted(value)})"
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):  # isfinite(10**400) overflows
+            return f"must be a finite number (got {quoted(value)})"
         if value < self.lo or (self.lo_open and value == self.lo):
-            return f"must be {'>' if self.lo_open else '>='} {self._show(self.lo)} (got {value})"
+            return f"must be {'>' if self.lo_open else '>='} {self._show(self.lo)} (got {quoted(value)})"
         if value > self.hi:
-            return f"must be <= {self._show(self.hi)} (got {value})"
+            return f"must be <= {self._show(self.hi)} (got {quoted(value)})"
         return None
 
     def _show(self, bound: float) -> str:
@@ -47,7 +47,7 @@ class Number:
         try:
             value = self.kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {self.kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{quoted(text)} is not a valid {self.kind.__name__}") from None
         problem = self.problem(value)
         if problem:
             raise argparse.ArgumentTypeError(problem)
@@ -170,7 +170,7 @@ def field_problem(name: str, value) -> str | None:
     meta = FIELDS[name].metadata
     if name == "hidden_units":
         if not isinstance(value, (list, tuple)) or not value or not all(_is(h, numbers.Integral) for h in value):
-            return f"must be a list of integers, e.g. [512] (got {value!r})"
+            return f"must be a list of integers, e.g. [512] (got {quoted(value)})"
         if len(value) > MAX_HIDDEN_LAYERS:
             return f"must have at most {MAX_HIDDEN_LAYERS} layers (got {len(value)})"
         return next(filter(None, map(HIDDEN.problem, value)), None)
@@ -179,9 +179,9 @@ def field_problem(name: str, value) -> str | None:
     kind = dict if name == "extra" else type(FIELDS[name].default)  # extra's default is a factory
     what = {str: "a string", bool: "True or False", dict: "a dict"}[kind]
     if not _is(value, kind):
-        return f"must be {what} (got {value!r})"
+        return f"must be {what} (got {quoted(value)})"
     choices = meta["argparse"].get("choices")
-    return f"must be one of {', '.join(choices)} (got {value!r})" if choices and value not in choices else None
+    return f"must be one of {', '.join(choices)} (got {quoted(value)})" if choices and value not in choices else None
 
 
 def flag(name: str) -> str:

@@ -111,7 +111,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                        augmented_views="augmented copies per training image, as in train.py")
     p.add_argument("--out", default=str(DEFAULTS_FILE),
                    help=f"where the best values go; train.py reads them as defaults (default: {DEFAULTS_FILE})")
-    add_shared(p, "--cache_dir", "--workers", "--threads", "--gpu", "--quiet",
+    add_shared(p, "--cache_dir", "--workers", "--threads", "--gpu", "--quiet", "--overwrite",
                workers={"help": "data-loading worker processes for feature extraction (default: min(4, CPU count))"})
 
 
@@ -120,15 +120,16 @@ def run_search(args: argparse.Namespace) -> int:
     from ..data import split_dir
     from ..devices import select_device
     from ..features import load_feature_data, resolve_engine
+    from ..files import check_output, head
     from ..search import SEARCHED, random_search, rows_per_split, save_best
 
     get_spec(args.arch)
     for split in ("train", "valid"):
         split_dir(args.data_dir, split)
     check_weights_reachable(args.arch)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    # Before any work: never an input, a checkpoint or a stranger's file (an earlier search's is replaced).
+    out = check_output(args.out, option="--out", overwrite=args.overwrite,
+                       ours=lambda p: head(p).startswith(b'{\n  "hyperparameters"'))
     device = select_device(args.gpu)
     backbone = build_backbone(args.arch)
     # The rows below the top n blocks, for the trials that fine-tune n (the features for n = 0).
@@ -161,15 +162,6 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
                 "(default: from the species photos alone)"})
 
 
-def check_rewritable(path: Path) -> None:
-    """`calibrate` replaces the checkpoint (a new file renamed over it): its folder must take new files."""
-    import os
-
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: its folder {path.parent} is not writable, so the calibrated checkpoint could not be "
-                        f"saved there; copy the checkpoint into a folder you can write to and calibrate that copy")
-
-
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone
     from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, negative_photos
@@ -177,8 +169,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ..data import find_classes, split_dir
     from ..devices import select_device
     from ..features import resolve_engine
+    from ..files import check_rewrite
     from ..training import split_for_training
 
+    target = check_rewrite(args.checkpoint)  # before any work: the folder must take the rewritten file
     ckpt = load_checkpoint(args.checkpoint)
     classes = find_classes(split_dir(args.data_dir, "train"))
     if classes != ckpt.classes:
@@ -187,7 +181,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     split_dir(args.data_dir, "valid")
     if args.negatives is not None:
         negative_photos(args.negatives, data_dir=args.data_dir)
-    check_rewritable(Path(args.checkpoint))  # before the work, not after it
     # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
     device = select_device(args.gpu)
     frozen, top = split_for_training(build_backbone(ckpt.arch), ckpt.config.finetune)
@@ -196,7 +189,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                             progress=not args.quiet, engine=resolve_engine(args.engine, device))
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
-    save_checkpoint(ckpt, args.checkpoint)
+    save_checkpoint(ckpt, target)
     print(calibrated_line(ckpt.calibration, seen))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
