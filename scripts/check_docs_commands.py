@@ -9,7 +9,8 @@ environment, and `../shared` at the shared data (--shared), so that `../shared/d
 as written. Commands that need internet, a GPU, a data folder this machine lacks, a placeholder
 filled in, or a long or interactive run are skipped, each with its reason, listed at the end.
 `serve` starts in the background (on a free port instead of 8000, which curl commands follow) and
-stops at the end of its page.
+stops at the end of its page. Where a page shows a command's output, the lines it shows that the
+real run did not print are listed at the end as notes (numbers move from run to run; read them).
 
     .venv/bin/python scripts/check_docs_commands.py --shared ../shared          # run what can run
     .venv/bin/python scripts/check_docs_commands.py --list                      # only say what would run
@@ -49,6 +50,7 @@ class Command:
     page: str  # path relative to the repository
     line: int  # line number of the command's first line
     text: str  # as shown, continuation lines joined
+    shown: tuple[str, ...] = ()  # the output a session block shows after it
 
 
 def pages(root: Path = ROOT) -> list[Path]:
@@ -97,7 +99,11 @@ def extract(text: str, page: str = "") -> list[Command]:
                     k += 1
                     parts[-1] = parts[-1][:-1].rstrip()
                     parts.append(body[k].strip())
-                commands.append(Command(page, body_start + start + 1, " ".join(parts).strip()))
+                shown = []
+                while session and k + 1 < len(body) and not body[k + 1].startswith("$ "):
+                    k += 1
+                    shown.append(body[k])
+                commands.append(Command(page, body_start + start + 1, " ".join(parts).strip(), tuple(shown)))
                 k += 1
         i = j + 1
     return commands
@@ -135,6 +141,20 @@ def skip_reason(cmd: str, *, shared: bool, long_runs: bool) -> str | None:
                           or re.search(r"--trials\s+([2-9]\d|\d{3,})", code)):
         return "long run (minutes to an hour): pass --long to run it"
     return None
+
+
+def last_lines(output: str, n: int = 6) -> list[str]:
+    """The last n lines a reader would see: progress bars' redrawn lines and blank lines left out."""
+    lines = [line.rsplit("\r", 1)[-1].rstrip() for line in output.splitlines()]
+    return [line for line in lines if line.strip() and not re.search(r"\|\s*[\d/?]+ \[.*(it|batch)/s", line)][-n:]
+
+
+def differing_lines(shown: tuple[str, ...], output: str) -> list[str]:
+    """The shown output lines that the real output lacks (spacing aside; lines cut with '...' left out)."""
+    def norm(line: str) -> str:
+        return " ".join(line.split())
+    real = {norm(line.rsplit("\r", 1)[-1]) for line in output.splitlines()}
+    return [line for line in shown if line.strip() and "..." not in line and norm(line) not in real]
 
 
 def free_port() -> int:
@@ -230,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     port = str(free_port())
     server: Server | None = None
     page_of_server = None
-    failed, skipped, ran = [], [], 0
+    failed, skipped, notes, ran = [], [], [], 0
     try:
         for c, reason in plan:
             if server and c.page != page_of_server:
@@ -268,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                 output, rc = str(timeout.stdout or "") + str(timeout.stderr or ""), "timeout"
             ran += 1
             seconds = time.monotonic() - start
-            tail = "\n".join(line.rsplit("\r", 1)[-1] for line in output.strip().splitlines()[-6:])
+            tail = "\n".join(last_lines(output))
             if rc == 0:
                 print(f"ok ({seconds:.1f} s)\n{tail}")
+                differ = differing_lines(c.shown, output)
+                if differ:  # numbers move from run to run: a note to read, not a failure
+                    notes.append((c, differ))
+                    print(f"note: {len(differ)} of the {len(c.shown)} output lines shown differ")
             else:
                 print(f"FAILED (exit {rc}, {seconds:.1f} s)\n{tail}")
                 failed.append((c, f"exit {rc}: {tail}"))
@@ -283,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{ran} commands ran, {len(failed)} failed, {len(skipped)} skipped:")
     for c, reason in skipped:
         print(f"  skipped  {c.page}:{c.line}  {c.text[:100]}\n           ({reason})")
+    for c, differ in notes:
+        print(f"  differs  {c.page}:{c.line}  {c.text[:100]}\n           shown but not printed now: "
+              + " | ".join(line.strip() for line in differ[:4]) + (" | ..." if len(differ) > 4 else ""))
     for c, why in failed:
         print(f"  FAILED   {c.page}:{c.line}  {c.text}\n           {why}")
     return 1 if failed else 0

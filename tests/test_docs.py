@@ -162,6 +162,15 @@ def test_checker_extracts_shell_lines_and_session_commands():
                      (10, "python predict.py a.jpg m.pth")]
 
 
+def test_checker_notes_shown_output_that_a_run_no_longer_prints():
+    checker = load_checker()
+    (command,) = checker.extract("```\n$ python predict.py a.jpg m.pth\nTop 1 for a.jpg:\n  1. daisy   81.33%\n"
+                                 "...\n```\n", "p.md")
+    assert command.shown == ("Top 1 for a.jpg:", "  1. daisy   81.33%", "...")
+    assert checker.differing_lines(command.shown, "Top 1 for a.jpg:\n  1. daisy 81.33%\n") == []
+    assert checker.differing_lines(command.shown, "Top 1 for a.jpg:\n  1. rose 50.00%\n") == ["  1. daisy   81.33%"]
+
+
 @pytest.mark.parametrize("command, reason", [
     ("python train.py ../shared/data/flower_photos_sample --arch efficientnet_lite0", None),
     ("python train.py ../shared/data/flower_photos_sample", "internet"),
