@@ -109,9 +109,14 @@ def extract(text: str, page: str = "") -> list[Command]:
     return commands
 
 
+def without_comment(cmd: str) -> str:
+    """The command without its trailing shell comment (` # ...`)."""
+    return cmd.split(" #", 1)[0].rstrip()
+
+
 def skip_reason(cmd: str, *, shared: bool, long_runs: bool) -> str | None:
     """Why a command is not run here, or None to run it (a curl runs only while `serve` runs: main decides)."""
-    code = cmd.split(" #", 1)[0]  # the shell comment, if any, says nothing about what runs
+    code = without_comment(cmd)  # the shell comment, if any, says nothing about what runs
     words = code.split()
     if not words:
         return "empty"
@@ -269,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             if re.search(r"flower_classifier serve\b", text):
                 if server:
                     server.stop()
+                text = without_comment(text)  # so that --port is not appended to the comment
                 server = Server(f"{text} --port {port}" if "--port" not in text else text, repo, env, int(port))
                 page_of_server = c.page
                 ran += 1

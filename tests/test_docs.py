@@ -171,6 +171,13 @@ def test_checker_notes_shown_output_that_a_run_no_longer_prints():
     assert checker.differing_lines(command.shown, "Top 1 for a.jpg:\n  1. rose 50.00%\n") == ["  1. daisy   81.33%"]
 
 
+def test_checker_drops_a_trailing_comment_but_not_a_url():
+    checker = load_checker()
+    assert checker.without_comment("python -m flower_classifier serve model.onnx   # or a .pth") == \
+        "python -m flower_classifier serve model.onnx"
+    assert checker.without_comment("curl 'http://127.0.0.1:8000/predict#x'") == "curl 'http://127.0.0.1:8000/predict#x'"
+
+
 @pytest.mark.parametrize("command, reason", [
     ("python train.py ../shared/data/flower_photos_sample --arch efficientnet_lite0", None),
     ("python train.py ../shared/data/flower_photos_sample", "internet"),
