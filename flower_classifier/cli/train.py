@@ -5,7 +5,7 @@ import argparse
 import signal
 from pathlib import Path
 
-from ..config import DEFAULTS_FILE, FIELDS, Number, TrainConfig, load_defaults
+from ..config import DEFAULTS_FILE, FIELDS, RECIPES, Number, TrainConfig, flag, load_defaults, recipe_flags
 from ..errors import UserError
 from ..names import names_for_run
 from .options import add_config_options, add_shared, as_flags
@@ -32,10 +32,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Let `search`'s best values replace the built-in defaults; flags on the command line still win."""
+    """Let --recipe's values, then `search`'s best values, replace the built-in defaults; flags on the
+    command line still win."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--defaults", default=None)
+    pre.add_argument(flag("recipe"), dest="recipe", default=TrainConfig().recipe)
     known, _ = pre.parse_known_args(argv)
+    if known.recipe in RECIPES:  # an unknown name is refused by the parser itself, in one line
+        parser.set_defaults(**RECIPES[known.recipe])
     path = Path(known.defaults or DEFAULTS_FILE)
     if known.defaults and not path.is_file():
         raise UserError(f"--defaults {path}: no such file; run `search` to write one, or drop --defaults")
@@ -62,6 +66,8 @@ def run_train(args: argparse.Namespace) -> int:
     check_finetune(config)
     names, said = names_for_run(args.category_names, args.data_dir)
     if distributed.is_main():
+        if RECIPES[config.recipe]:
+            print(f"Recipe {config.recipe}: {recipe_flags(config.recipe)}; flags given here win")
         _say_saved_defaults(args)
     device = select_device(args.gpu)
     if distributed.launched():  # started by torchrun: join the other processes
