@@ -68,7 +68,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
 
 
-def probe(f: dict, tta: bool) -> tuple[float, float, float]:
+def probe(f: dict, tta: bool, lams=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)) -> tuple[float, float, float]:
     """L2 logistic regression on the standardised centre-crop features, solved to convergence by
     L-BFGS; its strength chosen on valid. (C, valid, test)."""
     x, _, y = f["train"]
@@ -76,7 +76,7 @@ def probe(f: dict, tta: bool) -> tuple[float, float, float]:
     z = lambda a: torch.from_numpy((a - mu) / sd)  # noqa: E731
     xt, yt = z(x), torch.from_numpy(y)
     best = None
-    for lam in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
+    for lam in lams:
         torch.manual_seed(0)
         lin = nn.Linear(x.shape[1], int(y.max()) + 1)
         opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=500, history_size=20, line_search_fn="strong_wolfe")
@@ -102,7 +102,7 @@ def _tta(run, split, tta: bool) -> np.ndarray:
 
 
 def head(f: dict, seed: int, *, hidden=(512,), dropout=0.2, label_smoothing=0.0, epochs=5, views=0,
-         learning_rate=1e-3, weight_decay=0.0, batch_size=32, **_) -> tuple[nn.Module, int]:
+         learning_rate=1e-3, weight_decay=0.0, batch_size=32) -> tuple[nn.Module, int]:
     """train.py's cached path on these features: the head, trained as `training.fit` trains it, at
     the epoch with the best validation accuracy (the first such), and that epoch."""
     torch.manual_seed(seed)
@@ -137,10 +137,9 @@ def logits_of(model: nn.Module, f: dict, split: str, tta: bool) -> np.ndarray:
         return _tta(lambda a: model(torch.from_numpy(a)).numpy(), f[split], tta)
 
 
-# name -> options of `head` that differ from train.py's defaults, and whether predictions use mirror TTA.
+# name -> options of `head` that differ from train.py's defaults (every row is also scored with mirror TTA).
 VARIANTS = {
     "default": {},
-    "default + tta": {"tta": True},
     "linear head (no hidden layer)": {"hidden": ()},
     "hidden 1024": {"hidden": (1024,)},
     "hidden 256": {"hidden": (256,)},
@@ -152,7 +151,7 @@ VARIANTS = {
     "views 4": {"views": 4},
     "views 4, epochs 10": {"views": 4, "epochs": 10},
     "views 4, epochs 10, ls 0.1": {"views": 4, "epochs": 10, "label_smoothing": 0.1},
-    "views 4, epochs 10, ls 0.1 + tta": {"views": 4, "epochs": 10, "label_smoothing": 0.1, "tta": True},
+    "views 2, epochs 10, ls 0.1": {"views": 2, "epochs": 10, "label_smoothing": 0.1},
 }
 
 
@@ -162,33 +161,33 @@ def show(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):.1f}% ({100 * min(xs):.1f}-{100 * max(xs):.1f})"
 
 
-def table(arch: str, f: dict, variants: list[str], seeds: list[int]) -> None:
+def table(arch: str, f: dict, variants: list[str], seeds: list[int], probes: bool = True) -> None:
+    """One row per variant: valid and test top-1 of its heads, plain and with mirror TTA (the same
+    heads), mean (min-max) over seeds, then the ensemble of the seeds' heads (softmax averaged)."""
     print(f"\n{arch}: train {len(f['train'][2])} / valid {len(f['valid'][2])} / test {len(f['test'][2])} photos; "
           f"seeds {seeds}")
-    print(f"| {arch} | valid | test | s per seed |\n| --- | --- | --- | ---: |")
-    for tta in (False, True):
+    print(f"| {arch} | valid | test | valid, tta | test, tta | ensemble valid, tta | ensemble test, tta | s per seed |")
+    print("| --- | --- | --- | --- | --- | --- | --- | ---: |")
+    if probes:
         start = time.perf_counter()
-        lam, valid, test = probe(f, tta)
-        print(f"| logistic-regression probe{' + tta' if tta else ''} (L2 {lam:g}, chosen on valid) | {show([valid])} "
-              f"| {show([test])} | {time.perf_counter() - start:.1f} |", flush=True)
+        lam, valid, test = probe(f, False)
+        _, valid_tta, test_tta = probe(f, True, lams=(lam,))
+        print(f"| logistic-regression probe (L2 {lam:g}, chosen on valid) | {show([valid])} | {show([test])} "
+              f"| {show([valid_tta])} | {show([test_tta])} | | | {time.perf_counter() - start:.1f} |", flush=True)
     for name in variants:
-        options = dict(VARIANTS[name])
-        tta = options.pop("tta", False)
-        valid, test, ensemble, start = [], [], {"valid": 0, "test": 0}, time.perf_counter()
+        scores = {(split, tta): [] for split in ("valid", "test") for tta in (False, True)}
+        ensemble, start = {"valid": 0, "test": 0}, time.perf_counter()
         for seed in seeds:
-            model, _ = head(f, seed, **options)
-            for split, scores in (("valid", valid), ("test", test)):
+            model, _ = head(f, seed, **VARIANTS[name])
+            for (split, tta), got in scores.items():
                 out = logits_of(model, f, split, tta)
-                scores.append(accuracy(out, f[split][2]))
-                ensemble[split] = ensemble[split] + torch.softmax(torch.from_numpy(out), 1).numpy()
+                got.append(accuracy(out, f[split][2]))
+                if tta:
+                    ensemble[split] = ensemble[split] + torch.softmax(torch.from_numpy(out), 1).numpy()
         seconds = (time.perf_counter() - start) / len(seeds)
-        print(f"| {name} | {show(valid)} | {show(test)} | {seconds:.1f} |", flush=True)
-        if name in ENSEMBLED and len(seeds) > 1:
-            print(f"| {name}: ensemble of the {len(seeds)} seeds | {show([accuracy(ensemble['valid'], f['valid'][2])])} "
-                  f"| {show([accuracy(ensemble['test'], f['test'][2])])} | {seconds * len(seeds):.1f} |", flush=True)
-
-
-ENSEMBLED = {"default", "views 4, epochs 10, ls 0.1 + tta"}
+        together = [show([accuracy(ensemble[s], f[s][2])]) if len(seeds) > 1 else "" for s in ("valid", "test")]
+        print(f"| {name} | {' | '.join(show(v) for v in scores.values())} | {' | '.join(together)} "
+              f"| {seconds:.1f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -199,12 +198,13 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=4, help="augmented views of train to compute (default: 4)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                    help="rows of VARIANTS to run (default: all)")
+    p.add_argument("--no_probe", action="store_true", help="leave out the probe rows")
     p.add_argument("--cache_dir", default=None, help="feature cache (default: the project's)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     for arch in args.arch:
         f = load(args.data_dir, arch, args.views, args.cache_dir)
-        table(arch, f, args.variants, args.seeds)
+        table(arch, f, args.variants, args.seeds, not args.no_probe)
     return 0
 
 
