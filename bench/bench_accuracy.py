@@ -175,7 +175,7 @@ def table(arch: str, f: dict, variants: list[str], seeds: list[int], probes: boo
         print(f"| logistic-regression probe (L2 {lam:g}, chosen on valid) | {show([valid])} | {show([test])} "
               f"| {show([valid_tta])} | {show([test_tta])} | | | {time.perf_counter() - start:.1f} |", flush=True)
     for name in variants:
-        scores = {(split, tta): [] for split in ("valid", "test") for tta in (False, True)}
+        scores = {(split, tta): [] for tta in (False, True) for split in ("valid", "test")}  # the header's order
         ensemble, start = {"valid": 0, "test": 0}, time.perf_counter()
         for seed in seeds:
             model, _ = head(f, seed, **VARIANTS[name])
