@@ -5,7 +5,7 @@ epochs, augmented views, mirror TTA, seed ensembles), for each backbone asked fo
     python bench/bench_accuracy.py ../shared/data/flower_photos_2k --arch efficientnet_lite0 efficientnet_lite2
 
 Each backbone's features are computed once through the project's feature cache (centre crop of
-train/valid/test, their mirror images for TTA, and `--views` augmented views of train) and every
+train/valid/test, the mirror images of valid/test for TTA, and `--views` augmented views of train) and every
 row trains on them, so the table costs seconds once the cache is warm. Head rows replay train.py's
 cached path (the same head, AdamW, batches of 32, the epoch kept by validation accuracy) over
 `--seeds`: mean (min-max). The probe is L2 logistic regression on the centre-crop features, its
@@ -43,7 +43,8 @@ def mirror_view(backbone) -> View:
 
 
 def load(data_dir: str, arch: str, views: int, cache_dir: str | None) -> dict:
-    """{split: (centre (N, D), mirror (N, D), labels (N,))} and "aug": [(N_train, D)] * views, float32."""
+    """{split: (centre (N, D), mirror (N, D) or None for train, labels (N,))} and "aug": [(N_train, D)] * views,
+    float32."""
     backbone = build_backbone(arch)
     store = FeatureStore(cache_dir, backbone)
     train = FlowerFolder(split_dir(data_dir, "train"))
@@ -56,7 +57,8 @@ def load(data_dir: str, arch: str, views: int, cache_dir: str | None) -> dict:
             got, ok = cached_rows(backbone, paths, view, store, engine="auto", progress=False)
             assert bool(ok.all()), f"unreadable photos in {split}"
             return got.tensor().float().numpy()
-        out[split] = (rows(centre_view(backbone)), rows(mirror_view(backbone)), labels)
+        # Mirror images only where TTA predicts: valid and test.
+        out[split] = (rows(centre_view(backbone)), None if split == "train" else rows(mirror_view(backbone)), labels)
         if split == "train":
             out["aug"] = [rows(augmented_view(backbone, i)) for i in range(1, views + 1)]
     print(f"{arch}: features of {sum(len(out[s][2]) for s in SPLITS)} photos ({views} augmented views of train) "
