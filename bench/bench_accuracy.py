@@ -66,6 +66,24 @@ def load(data_dir: str, arch: str, views: int, cache_dir: str | None) -> dict:
     return out
 
 
+def pass_cost(data_dir: str, archs: list[str], photos: int, rounds: int = 2) -> None:
+    """Seconds per photo of a cold feature pass (no cache, the engine train.py uses) for each backbone,
+    interleaved over `rounds` so that a busy spell slows all alike; the ratio is to the first."""
+    paths = [p for p, _ in FlowerFolder(split_dir(data_dir, "train")).samples][:photos]
+    backbones = {arch: build_backbone(arch) for arch in archs}
+    for backbone in backbones.values():  # warm-up: the ONNX export and the first session
+        cached_rows(backbone, paths[:4], centre_view(backbone), None, engine="auto", progress=False)
+    seconds = {arch: 0.0 for arch in archs}
+    for _ in range(rounds):
+        for arch, backbone in backbones.items():
+            start = time.perf_counter()
+            cached_rows(backbone, paths, centre_view(backbone), None, engine="auto", progress=False)
+            seconds[arch] += time.perf_counter() - start
+    first = seconds[archs[0]]
+    print("cold feature pass: " + "; ".join(f"{arch} {1000 * t / (rounds * len(paths)):.0f} ms/photo "
+                                            f"({t / first:.2f}x)" for arch, t in seconds.items()), flush=True)
+
+
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logits.argmax(1) == labels).mean())
 
@@ -200,9 +218,14 @@ def main(argv=None) -> int:
     p.add_argument("--views", type=int, default=4, help="augmented views of train to compute (default: 4)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                    help="rows of VARIANTS to run (default: all)")
+    p.add_argument("--cost", type=int, default=0, metavar="N",
+                   help="only time a cold feature pass over N training photos per backbone (default: off)")
     p.add_argument("--no_probe", action="store_true", help="leave out the probe rows")
     p.add_argument("--cache_dir", default=None, help="feature cache (default: the project's)")
     args = p.parse_args(argv)
+    if args.cost:
+        pass_cost(args.data_dir, args.arch, args.cost)
+        return 0
     torch.set_num_threads(1)
     for arch in args.arch:
         f = load(args.data_dir, arch, args.views, args.cache_dir)

@@ -27,6 +27,12 @@ def started(monkeypatch):
     return run
 
 
+def another_value() -> tuple[str, float]:
+    """A number option the best recipe sets, and a valid value for it other than the recipe's."""
+    key, value = next((k, v) for k, v in RECIPES["best"].items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    return key, type(value)(value / 2)
+
+
 def test_every_recipe_sets_only_valid_options_and_best_changes_something():
     assert all(recipe_problem(name) is None for name in RECIPES)
     assert RECIPES["best"] and RECIPES["plain"] == {}
@@ -50,16 +56,16 @@ def test_recipe_flag_gives_its_values_and_flags_beside_it_win(started, data, tmp
     assert plain.recipe == "plain" and best.recipe == "best"
     for key, value in RECIPES["best"].items():
         assert getattr(best, key) == TrainConfig.of_recipe("best").__getattribute__(key) != getattr(plain, key)
-    key = next(k for k, v in RECIPES["best"].items() if isinstance(v, int) and not isinstance(v, bool))
-    mine = started([str(data), "--recipe", "best", f"--{key}", "3"])
-    assert getattr(mine, key) == 3 and mine.recipe == "best"
+    key, value = another_value()
+    mine = started([str(data), "--recipe", "best", f"--{key}", str(value)])
+    assert getattr(mine, key) == value and mine.recipe == "best"
 
 
 def test_saved_search_values_win_over_the_recipe(started, data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    key = next(k for k, v in RECIPES["best"].items() if isinstance(v, int) and not isinstance(v, bool))
-    (tmp_path / "hyperparameters.json").write_text(json.dumps({key: 2}))
-    assert getattr(started([str(data), "--recipe", "best"]), key) == 2
+    key, value = another_value()
+    (tmp_path / "hyperparameters.json").write_text(json.dumps({key: value}))
+    assert getattr(started([str(data), "--recipe", "best"]), key) == value
 
 
 def test_an_unknown_recipe_is_one_line(data, capsys):
