@@ -25,6 +25,7 @@ from .errors import UserError
 from .files import atomic_save, safe_load
 from .model import FlowerClassifier, build_head
 
+BEST_NAME = "checkpoint.pth"  # a run folder's best checkpoint (`runfolder`): what predict.py loads
 FORMAT = "flower_classifier.checkpoint"
 FORMAT_VERSION = 1
 STATE_FORMAT = "flower_classifier.training_state"
@@ -45,9 +46,6 @@ class Checkpoint:
     calibration: Calibration | None = None  # fitted once training ends (or by `calibrate`); None before
     # `split_backbone(arch, config.finetune)`'s top: its state_dict; {} for a frozen backbone (and before it)
     top_state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def name_of(self, category: str) -> str:
-        return (self.cat_to_name or {}).get(category, category)
 
 
 def _to_plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,8 +148,6 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint file, every field checked for type and range before use: UserError naming the
     file and the field otherwise (an edited or damaged file must not allocate, crash or mispredict)."""
-    from .runfolder import BEST_NAME  # runfolder imports this module
-
     d = safe_load(path, example=BEST_NAME)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker); "
@@ -240,6 +236,15 @@ def _is_run_id(v) -> bool:
     return v is None or isinstance(v, str) and 0 < len(v) <= 64
 
 
+def load_weights(ckpt: Checkpoint, head: torch.nn.Module | None, top: torch.nn.Module | None = None) -> None:
+    """The one place a checkpoint's weights go into modules: its head into `head`, its fine-tuned
+    blocks (if any) into `top` (`split_backbone`'s top at its --finetune); None: leave that part."""
+    if head is not None:
+        head.load_state_dict(ckpt.head_state)
+    if top is not None and ckpt.top_state:
+        top.load_state_dict(ckpt.top_state)
+
+
 def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
     """Backbone (rebuilt from its name, or the one given) with its fine-tuned top blocks loaded
     (`--finetune`), + head with the saved weights: frozen, in eval mode, for predicting."""
@@ -247,12 +252,11 @@ def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
                num_classes=len(ckpt.classes), where="cannot build the model")
     check_top(ckpt.top_state, arch=ckpt.arch, finetune=ckpt.config.finetune, where="cannot build the model")
     backbone = backbone or build_backbone(ckpt.arch)
-    if ckpt.config.finetune:
-        _, top = split_backbone(backbone, ckpt.config.finetune)  # shares the backbone's modules
-        top.load_state_dict(ckpt.top_state)
-        freeze(top)
+    top = split_backbone(backbone, ckpt.config.finetune)[1] if ckpt.config.finetune else None  # the backbone's own
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
-    head.load_state_dict(ckpt.head_state)
+    load_weights(ckpt, head, top)
+    if top is not None:
+        freeze(top)
     return FlowerClassifier(backbone.module, head, classes=ckpt.classes, cat_to_name=ckpt.cat_to_name,
                             preprocessing=ckpt.preprocessing, calibration=ckpt.calibration).eval()
 

@@ -73,11 +73,10 @@ def atomic_save(obj, path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def safe_load(path: str | Path, what: str = "checkpoint", *, example: str | None = None):
-    """torch.load with weights_only=True, turning every failure into one clear UserError.
-    `example`: the file to suggest when `path` is a folder (a run folder's checkpoint, say)."""
-    import torch
-
+def check_file(path: str | Path, what: str, *, example: str | None = None, fix: str | None = None) -> Path:
+    """`path` as a Path if it names a file, else one UserError calling it `what`: a folder (with
+    `example`, the file in it to suggest) or nothing there (`fix`: what to do). Torch-free, so that a
+    command refuses a wrong path before it loads anything."""
     path = Path(path)
     if path.is_dir():
         inside = path / example if example else None
@@ -85,7 +84,16 @@ def safe_load(path: str | Path, what: str = "checkpoint", *, example: str | None
                         (f" such as {inside}" if inside and inside.is_file() else " in it"))
     if not path.is_file():
         raise UserError(f"{what} {path} not found" + ("" if path.parent.is_dir() else
-                        f" (folder {path.parent} does not exist)") + "; train first or pass the right path")
+                        f" (folder {path.parent} does not exist)") + f"; {fix or 'train first or pass the right path'}")
+    return path
+
+
+def safe_load(path: str | Path, what: str = "checkpoint", *, example: str | None = None):
+    """torch.load with weights_only=True, turning every failure into one clear UserError.
+    `example`: the file to suggest when `path` is a folder (a run folder's checkpoint, say)."""
+    import torch
+
+    path = check_file(path, what, example=example)
     if path.suffix.lower() == ".onnx":
         raise UserError(f"{path} is an exported ONNX model; this command needs the .pth {what} it was exported "
                         f"from (predict.py and serve take .onnx files)")

@@ -79,9 +79,11 @@ def test_json_lines_and_csv(models, album, tmp_path, capsys):
     assert f"wrote {table} (3 rows)" in err.lower()
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "name_1", "category_1", "probability_1", "name_2", "category_2",
-                             "probability_2", "name_3", "category_3", "probability_3", "error"]
+    assert list(rows[0]) == ["path", "unknown", "score", "name_1", "category_1", "probability_1", "name_2",
+                             "category_2", "probability_2", "name_3", "category_3", "probability_3", "error"]
     assert [r["path"] for r in rows] == [str(p) for p in photos]
+    # No calibration in this model: not asked, so empty cells, as the JSON's nulls.
+    assert (rows[0]["unknown"], rows[0]["score"]) == ("", "") and lines[0]["unknown"] is None
     first = lines[0]["predictions"]
     assert [rows[0]["name_1"], rows[0]["category_1"]] == [first[0]["name"], first[0]["category"]]
     assert float(rows[0]["probability_2"]) == pytest.approx(first[1]["probability"])

@@ -51,7 +51,7 @@ def test_a_bad_recipe_entry_is_named(monkeypatch):
 
 def test_recipe_flag_gives_its_values_and_flags_beside_it_win(started, data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no hyperparameters.json here
-    plain = started([str(data)])
+    plain = started([str(data), "--arch", "tiny"])  # vgg16, the built-in default, would need a download
     best = started([str(data), "--recipe", "best"])
     assert plain.recipe == "plain" and best.recipe == "best"
     for key, value in RECIPES["best"].items():

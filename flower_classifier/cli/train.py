@@ -7,8 +7,9 @@ from pathlib import Path
 
 from ..config import DEFAULTS_FILE, FIELDS, RECIPES, Number, TrainConfig, flag, load_defaults, recipe_flags
 from ..errors import UserError
+from ..hub import check_weights_reachable
 from ..names import names_for_run
-from .options import add_config_options, add_shared, as_flags
+from .options import add_config_options, add_shared, as_flags, require
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Let --recipe's values, then `search`'s best values, replace the built-in defaults; flags on the
     command line still win."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--defaults", default=None)
     pre.add_argument(flag("recipe"), dest="recipe", default=TrainConfig().recipe)
     known, _ = pre.parse_known_args(argv)
@@ -57,14 +58,18 @@ def _say_saved_defaults(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    require("torch")
+    config = TrainConfig(**{name: getattr(args, name) for name in FIELDS if hasattr(args, name)})
+    names, said = names_for_run(args.category_names, args.data_dir)
+    if Path(args.data_dir, "train").is_dir():  # else the missing folder is what to fix first
+        check_weights_reachable(config.arch)  # before torch loads: an offline vgg16 is refused in a second
+
     from .. import distributed
     from ..devices import select_device
     from ..training import check_finetune, run_training
 
-    config = TrainConfig(**{name: getattr(args, name) for name in FIELDS if hasattr(args, name)})
     # run_training checks these too; here they come before the device note and torchrun's start-up.
     check_finetune(config)
-    names, said = names_for_run(args.category_names, args.data_dir)
     if distributed.is_main():
         if RECIPES[config.recipe]:
             print(f"Recipe {config.recipe}: {recipe_flags(config.recipe)}; flags given here win")
@@ -126,6 +131,7 @@ def run_search(args: argparse.Namespace) -> int:
     get_spec(args.arch)
     for split in ("train", "valid"):
         split_dir(args.data_dir, split)
+    check_weights_reachable(args.arch)
     out = Path(args.out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: folder {out.parent} does not exist")
@@ -161,9 +167,18 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
                 "(default: from the species photos alone)"})
 
 
+def check_rewritable(path: Path) -> None:
+    """`calibrate` replaces the checkpoint (a new file renamed over it): its folder must take new files."""
+    import os
+
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: its folder {path.parent} is not writable, so the calibrated checkpoint could not be "
+                        f"saved there; copy the checkpoint into a folder you can write to and calibrate that copy")
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone
-    from ..calibrating import calibrate_checkpoint, calibration_data, describe, negative_photos
+    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
@@ -177,7 +192,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                         f"{args.checkpoint} ({len(ckpt.classes)}); pass the data folder it was trained on")
     split_dir(args.data_dir, "valid")
     if args.negatives is not None:
-        negative_photos(args.negatives)
+        negative_photos(args.negatives, data_dir=args.data_dir)
+    check_rewritable(Path(args.checkpoint))  # before the work, not after it
     # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
     device = select_device(args.gpu)
     frozen, top = split_for_training(build_backbone(ckpt.arch), ckpt.config.finetune)
@@ -187,6 +203,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
     save_checkpoint(ckpt, args.checkpoint)
-    print(describe(ckpt.calibration, seen))
+    print(calibrated_line(ckpt.calibration, seen))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
