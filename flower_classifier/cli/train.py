@@ -5,7 +5,7 @@ import argparse
 import signal
 from pathlib import Path
 
-from ..config import DEFAULTS_FILE, FIELDS, Number, TrainConfig, load_defaults
+from ..config import DEFAULTS_FILE, FIELDS, RECIPES, Number, TrainConfig, flag, load_defaults, recipe_flags
 from ..errors import UserError
 from ..hub import check_weights_reachable
 from ..names import names_for_run
@@ -33,10 +33,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Let `search`'s best values replace the built-in defaults; flags on the command line still win."""
+    """Let --recipe's values, then `search`'s best values, replace the built-in defaults; flags on the
+    command line still win."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--defaults", default=None)
+    pre.add_argument(flag("recipe"), dest="recipe", default=TrainConfig().recipe)
     known, _ = pre.parse_known_args(argv)
+    if known.recipe in RECIPES:  # an unknown name is refused by the parser itself, in one line
+        parser.set_defaults(**RECIPES[known.recipe])
     path = Path(known.defaults or DEFAULTS_FILE)
     if known.defaults and not path.is_file():
         raise UserError(f"--defaults {path}: no such file; run `search` to write one, or drop --defaults")
@@ -67,6 +71,8 @@ def run_train(args: argparse.Namespace) -> int:
     # run_training checks these too; here they come before the device note and torchrun's start-up.
     check_finetune(config)
     if distributed.is_main():
+        if RECIPES[config.recipe]:
+            print(f"Recipe {config.recipe}: {recipe_flags(config.recipe)}; flags given here win")
         _say_saved_defaults(args)
     device = select_device(args.gpu)
     if distributed.launched():  # started by torchrun: join the other processes
