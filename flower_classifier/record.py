@@ -22,7 +22,7 @@ from .images import list_photos
 from .errors import UserError
 from .evaluation import EvaluationReport, build_report
 from .files import atomic_write
-from .fitting import evaluate
+from . import fitting
 from .runfolder import RunFolder
 
 # history.csv's columns, in order: what `training.fit` records for each epoch.
@@ -77,7 +77,7 @@ def split_counts(data_dir: str | Path) -> dict[str, tuple[int, int]]:
 def evaluate_on(model: torch.nn.Module, loader, split: str, *, classes: list[str], cat_to_name, device) -> Evaluated:
     """Run `model` (the loader's inputs -> logits) over `loader` (`fitting.evaluate`, the one evaluation
     loop) and report per class."""
-    figures = evaluate(model, loader, device, desc=f"the best epoch on {split}", progress=False, outputs=True)
+    figures = fitting.evaluate(model, loader, device, desc=f"the best epoch on {split}", progress=False, outputs=True)
     probabilities = torch.softmax(figures["logits"], dim=1)  # (N, C)
     report = build_report(figures["targets"].numpy(), probabilities.numpy(), classes, cat_to_name=cat_to_name)
     return Evaluated(split, report.accuracy, figures["top5"], report.count, report)

@@ -9,7 +9,7 @@ import torch
 
 from bad_images import CORPUS
 from conftest import class_color, make_dataset, make_image
-from flower_classifier import data, features, images, training
+from flower_classifier import data, features, images, fitting, training
 from flower_classifier.backbones import build_backbone
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
@@ -241,7 +241,7 @@ def test_unreadable_categories_are_listed_in_one_line(tmp_path):
 # ---------------------------------------------------------------- one home for each rule
 
 def test_the_epoch_seed_and_photo_loading_have_one_home():
-    assert training.epoch_seed is data.epoch_seed
+    assert fitting.epoch_seed is data.epoch_seed  # the loop seeds its epochs with it
     sampler = data.EpochSampler(10, seed=7)
     sampler.set_epoch(3)
     g = torch.Generator().manual_seed(data.epoch_seed(7, 3))

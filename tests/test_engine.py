@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import TWELVE, make_dataset
-from flower_classifier import backbones, devices, features, training
+from flower_classifier import backbones, devices, features, fitting, training
 from flower_classifier.backbones import Backbone, build_backbone
 from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.cli import main
@@ -187,10 +187,10 @@ def test_decoders_and_engine_threads_share_the_cores(monkeypatch):
 
 def test_small_heads_train_on_one_thread_large_ones_on_more(monkeypatch):
     monkeypatch.setattr(devices, "cpu_cores", lambda: 8)
-    assert training.head_threads([1280, 512, 102], 32) == 1  # EfficientNet's head
-    assert training.head_threads([25088, 4096, 4096, 102], 64) == 8  # capped by the cores
+    assert fitting.head_threads([1280, 512, 102], 32) == 1  # EfficientNet's head
+    assert fitting.head_threads([25088, 4096, 4096, 102], 64) == 8  # capped by the cores
     with devices.threads(2, chosen=True):
-        assert training.head_threads([1280, 512, 102], 32) == 2
+        assert fitting.head_threads([1280, 512, 102], 32) == 2
 
 
 def _record_threads(monkeypatch, module):

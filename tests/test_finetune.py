@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import QUIET, TWELVE, make_dataset
-from flower_classifier import training
+from flower_classifier import fitting, training
 from flower_classifier.backbones import build_backbone, split_backbone
 from flower_classifier.checkpoint import build_model, load_checkpoint
 from flower_classifier.cli import main, single_command_main
@@ -85,33 +85,33 @@ def test_head_and_blocks_get_their_own_learning_rates(tiny):
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
 def test_schedules_rise_then_fall_and_keep_the_blocks_factor(schedule):
     total = 100
-    m = [training.lr_multiplier(schedule, step, total) for step in range(total)]
+    m = [fitting.lr_multiplier(schedule, step, total) for step in range(total)]
     peak = int(np.argmax(m))
     assert m[0] <= 0.2 and m[peak] == pytest.approx(1.0) and m[-1] < 0.01
     assert all(a <= b for a, b in zip(m[:peak], m[1:peak + 1])) and all(a >= b for a, b in zip(m[peak:], m[peak + 1:]))
     assert peak == (24 if schedule == "onecycle" else 4)
-    assert training.lr_multiplier("constant", 37, total) == 1.0
+    assert fitting.lr_multiplier("constant", 37, total) == 1.0
     head, block = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     config = TrainConfig(**FAST, finetune=1, backbone_lr_factor=0.1, schedule=schedule, epochs=10)
     optimizer = training.make_optimizer(head, config, torch.nn.Sequential(block))
-    scheduler = training.make_scheduler(optimizer, config, steps_per_epoch=10)
+    scheduler = fitting.make_scheduler(optimizer, config, steps_per_epoch=10)
     for _ in range(30):
         optimizer.step()
         scheduler.step()
     head_lr, block_lr = (g["lr"] for g in optimizer.param_groups)
-    assert head_lr == pytest.approx(0.01 * training.lr_multiplier(schedule, 30, 100))
+    assert head_lr == pytest.approx(0.01 * fitting.lr_multiplier(schedule, 30, 100))
     assert block_lr == pytest.approx(0.1 * head_lr)
 
 
 def test_patience_stops_when_the_validation_loss_stops_improving(data, tmp_path, monkeypatch):
     losses = iter([1.0, 0.8, 0.9, 0.85, 0.7, 0.6])  # best at epoch 2, then two epochs without a lower one
-    real = training.evaluate
+    real = fitting.evaluate
 
     def evaluate(*args, **kwargs):
         figures = real(*args, **kwargs)
         return {**figures, "loss": next(losses)}
 
-    monkeypatch.setattr(training, "evaluate", evaluate)
+    monkeypatch.setattr(fitting, "evaluate", evaluate)
     said = []
     config = TrainConfig(**FAST, epochs=6, patience=2)
     result = training.run_training(config, data, save_dir=tmp_path / "ck", cache_dir=tmp_path / "c",
@@ -119,7 +119,7 @@ def test_patience_stops_when_the_validation_loss_stops_improving(data, tmp_path,
     assert [h["epoch"] for h in result.state.history] == [1, 2, 3, 4]
     [stop] = [line for line in said if line.startswith("Early stop")]
     assert "2 epochs" in stop and "epoch 2" in stop and "--patience 2" in stop
-    assert training.early_stop([{"epoch": 1, "valid_loss": 1.0}], 0) is None  # 0: off
+    assert fitting.early_stop([{"epoch": 1, "valid_loss": 1.0}], 0) is None  # 0: off
 
 
 def test_a_resumed_fine_tune_ends_as_an_uninterrupted_one(data, tmp_path, monkeypatch):
