@@ -22,7 +22,9 @@ from .calibration import CROSS_FOLDS, Calibration, fit_calibration, stratified_f
 from .config import TrainConfig
 from .data import FlowerFolder, epoch_seed, split_dir
 from .errors import UserError
-from .features import FeatureStore, cached_features, centre_view
+from .feature_store import FeatureStore
+from .features import cached_features
+from .frozen_pass import centre_view
 from .images import list_photos
 from .model import build_head
 from .training import head_threads, loss_weights, make_optimizer

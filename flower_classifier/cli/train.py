@@ -114,7 +114,8 @@ def run_search(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone, frozen_part, get_spec
     from ..data import split_dir
     from ..devices import select_device
-    from ..features import load_feature_data, resolve_engine
+    from ..features import load_feature_data
+    from ..frozen_pass import resolve_engine
     from ..search import SEARCHED, random_search, rows_per_split, save_best
 
     get_spec(args.arch)
@@ -161,7 +162,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
-    from ..features import resolve_engine
+    from ..frozen_pass import resolve_engine
     from ..training import split_for_training
 
     ckpt = load_checkpoint(args.checkpoint)
