@@ -186,6 +186,26 @@ def test_decoders_and_engine_threads_share_the_cores(monkeypatch):
     assert frozen_pass.share_cores(4, torch.device("cuda")) == (4, None)
 
 
+def test_the_decoding_thread_and_worker_processes_give_the_same_features(data, monkeypatch):
+    """2 cores decode in a thread beside the engine, 8 in worker processes: the same rows, in order,
+    augmented views included (one thread draws each photo's seeded randomness in turn), and an
+    unreadable photo skipped by both."""
+    tiny = build_backbone("tiny")
+    paths = sorted(data.rglob("*.jpg"))
+    (data / "bad.jpg").write_text("not a photo")
+    paths = paths[:3] + [data / "bad.jpg"] + paths[3:]
+    got = {}
+    for cores in (2, 8):
+        monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
+        assert (frozen_pass.share_cores(2, torch.device("cpu"))[0] > 0) == (cores == 8)
+        got[cores] = [frozen_pass.extract_features(tiny, paths, view, num_workers=2, batch_size=3, progress=False)
+                      for view in (frozen_pass.centre_view(tiny), frozen_pass.augmented_view(tiny, 1))]
+    for (thread, thread_ok), (process, process_ok) in zip(got[2], got[8]):
+        assert thread_ok.tolist() == process_ok.tolist() == [p.name != "bad.jpg" for p in paths]
+        assert torch.equal(thread, process) and thread[thread_ok].abs().sum() > 0
+    assert not torch.equal(got[2][0][0], got[2][1][0])  # the augmented view is another picture
+
+
 def test_small_heads_train_on_one_thread_large_ones_on_more(monkeypatch):
     monkeypatch.setattr(devices, "cpu_cores", lambda: 8)
     assert training.head_threads([1280, 512, 102], 32) == 1  # EfficientNet's head
