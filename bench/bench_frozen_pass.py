@@ -83,7 +83,8 @@ def measure(backbone, paths: list[Path], rounds: int, workers: int) -> dict[str,
     p, view = backbone.preprocessing, centre_view(backbone)
     session = bare_session(frozen_pass._export(backbone))
     decoded = np.stack([preprocess(decode_image(x, min_size=p.resize_size), p) for x in paths])
-    ours = lambda: extract_features(backbone, paths, view, engine="onnx", num_workers=workers, progress=False)  # noqa: E731
+    ours = lambda: extract_features(backbone, paths, view, engine="onnx",  # noqa: E731
+                                    num_workers=workers, progress=False)
     real = frozen_pass.share_cores
 
     def before():

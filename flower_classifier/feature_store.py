@@ -25,20 +25,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, shards
 from .backbones import Backbone, get_spec
 from .errors import UserError
 from .shards import ShardStore
 
 CACHE_ENV = "FLOWER_CLASSIFIER_CACHE"  # overrides the default cache folder (tests point it at a temp dir)
 CACHE_FORMAT = 2  # 2: checksummed memory-mapped shards. Bump when the stored layout changes: old entries miss
-STORE_DTYPE = torch.float16  # features on disk, in memory and in a checkpoint's calibration arrays; no accuracy cost
 SAY_SIZE_BYTES = 100 << 20  # a frozen backbone's cache pass says its size from this much on (VGG: 2,000 views)
 
 
-def numpy_dtype() -> np.dtype:
-    """STORE_DTYPE as numpy spells it."""
-    return torch.empty(0, dtype=STORE_DTYPE).numpy().dtype
+def stored(features: torch.Tensor) -> torch.Tensor:
+    """`features` rounded to the precision the store keeps them in (`shards.STORE_DTYPE`)."""
+    return features.to(torch.from_numpy(np.empty(0, shards.STORE_DTYPE)).dtype)
 
 
 def default_cache_dir() -> Path:
@@ -119,7 +118,7 @@ class Rows:
     def take(self, index) -> np.ndarray:
         """(B, D) rows at `index`, read shard by shard (from a memory map, only the pages they touch)."""
         source, row = self.source[index], self.row[index]
-        out = np.zeros((len(source), self.dim), dtype=self.arrays[0].dtype if self.arrays else numpy_dtype())
+        out = np.zeros((len(source), self.dim), dtype=self.arrays[0].dtype if self.arrays else shards.STORE_DTYPE)
         for s in np.unique(source[source >= 0]):
             mine = source == s
             out[mine] = self.arrays[s][row[mine]]
@@ -151,7 +150,7 @@ class FeatureStore:
 
     def view(self, view_key: str) -> ShardStore:
         if view_key not in self._views:
-            self._views[view_key] = ShardStore(self.dir / view_key, self.dim, numpy_dtype(),
+            self._views[view_key] = ShardStore(self.dir / view_key, self.dim, shards.STORE_DTYPE,
                                                format_version=CACHE_FORMAT, warn=warn)
         return self._views[view_key]
 
@@ -201,7 +200,7 @@ def check_room(store: FeatureStore, backbone: Backbone, passes: list[tuple[str, 
     missing = sum(int((~store.lookup(key, digests)[1]).sum()) for key, digests in passes)
     if not missing:
         return
-    needed = missing * backbone.feature_dim * numpy_dtype().itemsize
+    needed = missing * backbone.feature_dim * np.dtype(shards.STORE_DTYPE).itemsize
     if backbone.split:
         shape = "x".join(map(str, get_spec(backbone.name).split_shapes[backbone.split]))
         what = f"{backbone.name} activations below the top {backbone.split} blocks: {shape} = "

@@ -23,11 +23,9 @@ from .backbones import Backbone
 from .config import TrainConfig
 from .data import EpochSampler, FlowerFolder, refuse_unreadable_categories, split_dir
 from .errors import UserError
-from . import feature_store
-from .feature_store import CacheStats, FeatureStore, Rows, check_room, file_digest
+from .feature_store import CacheStats, FeatureStore, Rows, check_room, file_digest, stored
 from .frozen_pass import (View, augmented_view, centre_view, frozen_pass, precision_on, resolve_engine,
                           usable_engine, view_seeds)
-
 
 PIECE_BYTES = 32 << 20  # a feature pass writes a shard every this many bytes of rows...
 PIECE_ROWS = 2048  # ...or rows, whichever comes first: a killed pass keeps all but the last piece
@@ -90,7 +88,8 @@ def cached_rows(backbone: Backbone, paths: list[Path], view: View, store: Featur
 
     def flush():
         where = torch.cat([w for w, _ in piece])
-        block = torch.cat([f for _, f in piece]).to(feature_store.STORE_DTYPE)  # rounded now: a cached rerun trains identically
+        # Rounded now, to what the store keeps: a cached rerun trains identically.
+        block = stored(torch.cat([f for _, f in piece]))
         piece.clear()
         finite = torch.isfinite(block).all(dim=1)  # a non-finite row is never stored (it would read as damage)
         if store is not None and finite.any() and store.add(key, [digests[i] for i in where[finite].tolist()],

@@ -24,7 +24,7 @@ from . import devices, distributed
 from .backbones import Backbone
 from .data import PhotoList, eval_transform, skip_none_collate, train_transform
 from .errors import UserError
-from .feature_store import STORE_DTYPE, backbone_key, file_digest, short_hash, warn
+from .feature_store import backbone_key, file_digest, short_hash, stored, warn
 from .files import atomic_write
 from .progress import progress_bar
 
@@ -320,5 +320,5 @@ def extract_features(backbone: Backbone, paths: list[Path], view: View, *, devic
     if distributed.world_size() == 1:
         return features, ok
     # Gathered as stored (float16: half the traffic) and as uint8 (gloo has no bool).
-    features = distributed.gather_shares(features.to(STORE_DTYPE), len(paths)).float()
+    features = distributed.gather_shares(stored(features), len(paths)).float()
     return features, distributed.gather_shares(ok.to(torch.uint8), len(paths)).bool()

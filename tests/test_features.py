@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import QUIET, ROOT, class_color, make_image
-from flower_classifier import feature_store, features
+from flower_classifier import feature_store, features, shards
 from flower_classifier.backbones import Backbone, build_backbone
 from flower_classifier.images import Preprocessing
 from flower_classifier.cli import main, single_command_main
@@ -30,7 +30,7 @@ def _losses(result):
 def test_cached_path_trains_the_same_head_as_the_classic_loop(data, tiny, tmp_path, monkeypatch):
     """Without augmentation the two paths see the same inputs in the same order: identical training
     (up to float rounding) once the store keeps float32."""
-    monkeypatch.setattr(feature_store, "STORE_DTYPE", torch.float32)
+    monkeypatch.setattr(shards, "STORE_DTYPE", np.float32)
     runs = {}
     for cached in (True, False):
         runs[cached] = run_training(_config(feature_cache=cached, augment=False), data, save_dir=tmp_path / str(cached),
