@@ -17,7 +17,7 @@ re-encoded, as large as Oxford 102's 500-1,000 px photos; put DIR under /tmp). F
   Runtime's default options, all serial;
 - inference only: that session on photos decoded beforehand (the engine's own ceiling).
 
-`--check_draft`: on the full-size photos, whether decoding large JPEGs at reduced size (the centre
+`--check_draft`: on the full-size photos (`--draft_train` of train/, all of test/), whether decoding large JPEGs at reduced size (the centre
 crop's `min_size`, as prediction does) changes accuracy: a linear head fitted on the train split's
 features, the test split's accuracy with and without reduced-size decoding (features of both).
 Prints the load average before and after: on a shared machine the figures hold for that load.
@@ -106,11 +106,12 @@ def measure(backbone, paths: list[Path], rounds: int, workers: int) -> dict[str,
     return {name: len(paths) / seconds for name, seconds in timed_rounds(runs, rounds).items()}
 
 
-def check_draft(backbone, full: Path) -> None:
+def check_draft(backbone, full: Path, train_photos: int) -> None:
     """Test accuracy of a linear head on full-size photos, with and without reduced-size decoding."""
     p = backbone.preprocessing
-    train, test = FlowerFolder(split_dir(full, "train")), None
+    train = FlowerFolder(split_dir(full, "train"))
     test = FlowerFolder(split_dir(full, "test"), classes=train.classes)
+    train.samples = train.samples[::max(1, len(train.samples) // train_photos)]  # every category, fewer photos
     views = {"reduced-size decoding (as trained and predicted)": centre_view(backbone),
              "full decoding": View("centre", centre_view(backbone).transform)}
     feats = {}
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, fastest kept (default 2)")
     parser.add_argument("--arch", default="efficientnet_lite0")
     parser.add_argument("--check_draft", action="store_true", help="also the accuracy check (needs --full)")
+    parser.add_argument("--draft_train", type=int, default=600, help="training photos for that check (default 600)")
     args = parser.parse_args()
     backbone = build_backbone(args.arch)
     workers = TrainConfig().num_workers
@@ -178,7 +180,7 @@ def main() -> None:
             print(f"| {run:<45} | {rate:8.1f} | {rate / bare:9.2f} |")
     if args.check_draft and args.full:
         print()
-        check_draft(backbone, Path(args.full))
+        check_draft(backbone, Path(args.full), args.draft_train)
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
           f"(1, 5, 15 min; the machine may be shared with other jobs)")
 
