@@ -32,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.data import FlowerFolder, eval_transform, split_dir  # noqa: E402
-from flower_classifier.features import FeatureStore, View, augmented_view, cached_rows, centre_view  # noqa: E402
+from flower_classifier.feature_store import FeatureStore  # noqa: E402
+from flower_classifier.features import cached_rows  # noqa: E402
+from flower_classifier.frozen_pass import View, augmented_view, centre_view  # noqa: E402
 from flower_classifier.model import build_head  # noqa: E402
 
 SPLITS = ("train", "valid", "test")

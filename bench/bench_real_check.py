@@ -29,7 +29,7 @@ from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
 from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
 from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402
-from flower_classifier.features import centre_view, extract_features  # noqa: E402
+from flower_classifier.frozen_pass import centre_view, extract_features  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
 
 

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flower_classifier import shards  # noqa: E402
-from flower_classifier.features import FeatureSet, Rows  # noqa: E402
+from flower_classifier.feature_store import Rows  # noqa: E402
+from flower_classifier.features import FeatureSet  # noqa: E402
 
 
 def memory() -> dict[str, float]:

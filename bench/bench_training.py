@@ -43,9 +43,9 @@ from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
 from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
 from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402
-from flower_classifier import features  # noqa: E402
+from flower_classifier import frozen_pass  # noqa: E402
 from flower_classifier.devices import cpu_cores, select_device  # noqa: E402
-from flower_classifier.features import centre_view, extract_features, share_cores  # noqa: E402
+from flower_classifier.frozen_pass import centre_view, extract_features, share_cores  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
 
 
@@ -94,20 +94,20 @@ def cpu_seconds() -> float:
 
 def time_splits(backbone, paths, repeat: int, workers: int) -> int:
     """The ONNX Runtime feature pass over `paths` with each (decode workers, engine threads) on this
-    machine's cores, in interleaved rounds, the fastest of each: what `features.share_cores` chooses
+    machine's cores, in interleaved rounds, the fastest of each: what `frozen_pass.share_cores` chooses
     from. Also the CPU seconds of the pass, decode workers included, which contention disturbs less,
     and the load average before and after (other jobs on a shared machine)."""
     cores = cpu_cores()
     splits = [(w, t) for w in sorted({0, 1, 2, max(1, cores // 4), cores}) for t in sorted({1, 2, cores})]
-    chosen = features.share_cores(workers, torch.device("cpu"))
+    chosen = frozen_pass.share_cores(workers, torch.device("cpu"))
     best, cpu = {}, {}
-    real = features.share_cores
+    real = frozen_pass.share_cores
     load_before = os.getloadavg()
     try:
         extract_features(backbone, paths[:8], centre_view(backbone), progress=False, engine="onnx")  # the export
         for round_ in range(repeat):
             for split in splits:
-                features.share_cores = lambda n, device, split=split: split
+                frozen_pass.share_cores = lambda n, device, split=split: split
                 start = cpu_seconds()
                 _, wall, _ = timed(lambda: extract_features(backbone, paths, centre_view(backbone), progress=False,
                                                             num_workers=split[0], engine="onnx"))
@@ -115,13 +115,13 @@ def time_splits(backbone, paths, repeat: int, workers: int) -> int:
                     best[split], cpu[split] = wall, cpu_seconds() - start
             print(f"round {round_ + 1}/{repeat} done, load average {os.getloadavg()[0]:.1f}", flush=True)
     finally:
-        features.share_cores = real
+        frozen_pass.share_cores = real
     load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (1 min)"
     print(f"\n{len(paths)} images, ONNX Runtime, {cores} cores, fastest of {repeat} interleaved rounds; {load}")
     print(f"{'decode workers':>14} {'engine threads':>14} {'seconds':>8} {'images/s':>9} {'CPU s':>6}")
     for (w, t), wall in sorted(best.items(), key=lambda item: item[1]):
         print(f"{w:>14} {t:>14} {wall:>8.1f} {len(paths) / wall:>9.1f} {cpu[(w, t)]:>6.1f}"
-              f"{'  <- default (features.share_cores)' if (w, t) == chosen else ''}")
+              f"{'  <- default (frozen_pass.share_cores)' if (w, t) == chosen else ''}")
     return 0
 
 
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
         def train_run(name, config, fresh_cache=False, clock=False):
             def once():
                 if fresh_cache:  # cold: nothing cached on disk, nothing exported in this process
-                    features._onnx_sessions.clear()
+                    frozen_pass._onnx_sessions.clear()
                 cache = tmp / (f"cache{next(caches)}" if fresh_cache else "cache0")
                 log = StageClock() if clock else quiet["log"]
                 result = run_training(config, args.data_dir, save_dir=tmp / f"{name}{next(caches)}", cache_dir=cache,

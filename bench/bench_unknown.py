@@ -42,7 +42,9 @@ from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
 from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
 from flower_classifier.images import list_photos  # noqa: E402
-from flower_classifier.features import FeatureStore, cached_features, centre_view  # noqa: E402
+from flower_classifier.feature_store import FeatureStore  # noqa: E402
+from flower_classifier.features import cached_features  # noqa: E402
+from flower_classifier.frozen_pass import centre_view  # noqa: E402
 from flower_classifier.model import build_head  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
 

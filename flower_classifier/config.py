@@ -129,7 +129,7 @@ class TrainConfig:
     # Each view is one more backbone pass over the training split.
     augmented_views: int = option(0, "cached path: augmented copies of each training image, computed once, besides "
                                   "its centre crop", Number(int, 0, 100))
-    # "auto" is resolved where the device is known (`features.resolve_engine`): the engine a run used
+    # "auto" is resolved where the device is known (`frozen_pass.resolve_engine`): the engine a run used
     # is what its cache entries and its checkpoint's config record.
     engine: str = option("auto", "what runs the frozen backbone for the feature pass: onnx (ONNX Runtime, CPU, "
                          "fp32), torch, or auto: onnx on the CPU, torch on CUDA/MPS", choices=ENGINES)

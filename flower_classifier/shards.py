@@ -31,6 +31,9 @@ import numpy as np
 
 from .files import atomic_write
 
+# The precision rows are kept in: the feature cache's, and a checkpoint's calibration arrays (half
+# the size of float32; bench/bench_training.py shows no accuracy cost). Torch-free, for ONNX prediction.
+STORE_DTYPE = np.float16
 TARGET_BYTES = 64 << 20  # a compacted shard's size: small enough that a damaged one costs little to recompute
 COMPACT_AT = 8  # this many small shards (under half the target) trigger a merge
 STALE_SECONDS = 3600  # a shard file without its manifest this old was left by a killed writer

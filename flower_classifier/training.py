@@ -71,7 +71,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     `test`. `tensorboard`: a folder for TensorBoard's event files.
     """
     device = check_device(device)
-    from .features import resolve_engine
+    from .frozen_pass import resolve_engine
 
     # What runs the feature pass, recorded as resolved: the classic loop runs PyTorch every epoch.
     config = config.replace(engine=resolve_engine(config.engine, device) if config.feature_cache else "torch")

@@ -9,7 +9,7 @@ import torch
 
 from bad_images import CORPUS
 from conftest import class_color, make_dataset, make_image
-from flower_classifier import data, features, images, fitting, training
+from flower_classifier import data, features, frozen_pass, images, fitting, training
 from flower_classifier.backbones import build_backbone
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
@@ -247,14 +247,14 @@ def test_the_epoch_seed_and_photo_loading_have_one_home():
     g = torch.Generator().manual_seed(data.epoch_seed(7, 3))
     torch.randint(0, 2**62, (10,), generator=g)
     assert list(sampler) == torch.randperm(10, generator=g).tolist()
-    assert features.PhotoList is data.PhotoList and not hasattr(features, "_Images")
+    assert frozen_pass.PhotoList is data.PhotoList and not hasattr(frozen_pass, "_Images")
 
 
 def test_the_feature_pass_warns_once_per_unreadable_photo_as_training_does(tmp_path, tiny, capfd):
     root = make_dataset(tmp_path / "d", ["1", "2"], per_split={"train": 2, "valid": 1})
     (root / "train" / "1" / "bad.jpg").write_text("text")
     paths = [p for p, _ in data.FlowerFolder(root / "train").samples]
-    _, ok = features.extract_features(tiny, paths, features.centre_view(tiny), progress=False)
+    _, ok = frozen_pass.extract_features(tiny, paths, frozen_pass.centre_view(tiny), progress=False)
     assert ok.tolist() == [p.name != "bad.jpg" for p in paths]
     (line,) = capfd.readouterr().err.splitlines()
     assert line == f"warning: skipping {root / 'train' / '1' / 'bad.jpg'}: not a readable image (not a format " \

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import ROOT, TWELVE, make_dataset
-from flower_classifier import distributed, features
+from flower_classifier import distributed, frozen_pass
 from flower_classifier.backbones import build_backbone
 from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.data import FlowerFolder
@@ -27,8 +27,8 @@ def _extract_in_process(rank: int, world: int, port: int, paths: list, out: str)
     try:
         assert distributed.my_share(5) == list(range(rank, 5, world))
         backbone = build_backbone("tiny")
-        result = {view.name: features.extract_features(backbone, paths, view)
-                  for view in (features.centre_view(backbone), features.augmented_view(backbone, 1))}
+        result = {view.name: frozen_pass.extract_features(backbone, paths, view)
+                  for view in (frozen_pass.centre_view(backbone), frozen_pass.augmented_view(backbone, 1))}
         torch.save(result, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -41,8 +41,8 @@ def test_two_processes_extract_the_same_features_as_one(tmp_path):
     backbone = build_backbone("tiny")
     for rank in (0, 1):
         gathered = torch.load(tmp_path / f"f.{rank}", weights_only=True)
-        for view in (features.centre_view(backbone), features.augmented_view(backbone, 1)):
-            alone, ok = features.extract_features(backbone, paths, view)
+        for view in (frozen_pass.centre_view(backbone), frozen_pass.augmented_view(backbone, 1)):
+            alone, ok = frozen_pass.extract_features(backbone, paths, view)
             assert ok.all() and torch.equal(gathered[view.name][1], ok)
             # Gathered as float16 (as the cache stores them): equal to one process's up to that rounding.
             assert torch.allclose(gathered[view.name][0], alone.half().float(), atol=1e-6)

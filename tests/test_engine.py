@@ -13,7 +13,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import TWELVE, make_dataset
-from flower_classifier import backbones, devices, features, fitting, training
+from flower_classifier import backbones, devices, features, fitting, frozen_pass, training
 from flower_classifier.backbones import Backbone, build_backbone
 from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.cli import main
@@ -35,8 +35,8 @@ def data(tmp_path):
 @pytest.fixture(autouse=True)
 def fresh_sessions(monkeypatch):
     """Each test exports afresh: no ONNX session or failed export carried over from another test."""
-    monkeypatch.setattr(features, "_onnx_sessions", {})
-    monkeypatch.setattr(features, "_not_exportable", set())
+    monkeypatch.setattr(frozen_pass, "_onnx_sessions", {})
+    monkeypatch.setattr(frozen_pass, "_not_exportable", set())
 
 
 def _with_weights(name: str) -> bool:
@@ -55,20 +55,20 @@ BACKBONES = [(name, _with_weights(name)) for name in backbones.BACKBONES
 def test_onnx_features_match_pytorch_on_real_photos(name, pretrained):
     """Every backbone, on real photos, through the feature pass itself (decode, draft, transform)."""
     backbone = build_backbone(name, pretrained=pretrained)
-    view = features.centre_view(backbone)
-    exact, ok = features.extract_features(backbone, PHOTOS, view, engine="torch", progress=False)
-    onnx, onnx_ok = features.extract_features(backbone, PHOTOS, view, engine="onnx", progress=False)
+    view = frozen_pass.centre_view(backbone)
+    exact, ok = frozen_pass.extract_features(backbone, PHOTOS, view, engine="torch", progress=False)
+    onnx, onnx_ok = frozen_pass.extract_features(backbone, PHOTOS, view, engine="onnx", progress=False)
     assert ok.all() and onnx_ok.all() and exact.abs().max() > 0
     assert torch.allclose(onnx, exact, atol=1e-4, rtol=1e-4), (onnx - exact).abs().max()
 
 
 def test_auto_is_onnx_on_the_cpu_torch_on_a_gpu_and_the_run_records_what_ran(data, tmp_path):
-    assert features.resolve_engine("auto", "cpu") == "onnx"
-    assert features.resolve_engine("auto", "cuda") == features.resolve_engine("auto", "mps") == "torch"
-    assert features.resolve_engine("torch", "cpu") == "torch"
+    assert frozen_pass.resolve_engine("auto", "cpu") == "onnx"
+    assert frozen_pass.resolve_engine("auto", "cuda") == frozen_pass.resolve_engine("auto", "mps") == "torch"
+    assert frozen_pass.resolve_engine("torch", "cpu") == "torch"
     for device in ("cuda", "mps"):  # checked without the device: only the name is looked at
         with pytest.raises(UserError, match="--engine onnx runs the feature pass on the CPU"):
-            features.resolve_engine("onnx", device)
+            frozen_pass.resolve_engine("onnx", device)
     messages = []
     config = TrainConfig(arch="tiny", epochs=1, hidden_units=(8,), num_workers=0)
     assert config.engine == "auto"
@@ -119,11 +119,11 @@ def test_the_export_is_kept_in_the_cache_and_a_damaged_copy_is_made_again(data, 
     first = features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", engine="onnx", **QUIET)
     (kept,) = (tmp_path / "c").rglob("backbone-*.onnx")
     exports = []
-    real_export = features._export
-    monkeypatch.setattr(features, "_export", lambda b: exports.append(b) or real_export(b))
+    real_export = frozen_pass._export
+    monkeypatch.setattr(frozen_pass, "_export", lambda b: exports.append(b) or real_export(b))
 
     def rerun():  # as a new process would: no session in memory, the rows of one view gone
-        features._onnx_sessions.clear()
+        frozen_pass._onnx_sessions.clear()
         for view_dir in kept.parent.glob("centre-*"):
             for f in view_dir.iterdir():
                 f.unlink()
@@ -166,23 +166,44 @@ def test_large_jpegs_decode_at_reduced_size_never_below_the_resize_target(size, 
 
 def test_the_centre_view_decodes_at_reduced_size_and_is_cached_apart(tmp_path):
     tiny = build_backbone("tiny")
-    view = features.centre_view(tiny)
+    view = frozen_pass.centre_view(tiny)
     assert view.min_size == tiny.preprocessing.resize_size
-    assert features.augmented_view(tiny, 1).min_size is None  # a random crop may enlarge a small part
-    assert view.key("fp32") != features.View(view.name, view.transform).key("fp32")
+    assert frozen_pass.augmented_view(tiny, 1).min_size is None  # a random crop may enlarge a small part
+    assert view.key("fp32") != frozen_pass.View(view.name, view.transform).key("fp32")
 
 
 # ---------------------------------------------------------------- threads
 
 def test_decoders_and_engine_threads_share_the_cores(monkeypatch):
     cpu = torch.device("cpu")
-    for cores, workers, expected in [(2, 4, (1, 1)), (1, 2, (1, 1)), (16, 4, (4, 12)), (16, 2, (2, 14)),
-                                     (8, 0, (0, 8))]:
+    # Under CORES_PER_DECODER cores no worker process: one thread decodes beside the engine on every core.
+    for cores, workers, expected in [(2, 4, (0, 2)), (1, 2, (0, 1)), (3, 4, (0, 3)), (16, 4, (4, 12)),
+                                     (16, 2, (2, 14)), (8, 0, (0, 8))]:
         monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
-        assert features.share_cores(workers, cpu) == expected
+        assert frozen_pass.share_cores(workers, cpu) == expected
     with devices.threads(3, chosen=True):
-        assert features.share_cores(4, cpu) == (2, 3)  # --threads wins; decoders still by the cores
-    assert features.share_cores(4, torch.device("cuda")) == (4, None)
+        assert frozen_pass.share_cores(4, cpu) == (2, 3)  # --threads wins; decoders still by the cores
+    assert frozen_pass.share_cores(4, torch.device("cuda")) == (4, None)
+
+
+def test_the_decoding_thread_and_worker_processes_give_the_same_features(data, monkeypatch):
+    """2 cores decode in a thread beside the engine, 8 in worker processes: the same rows, in order,
+    augmented views included (one thread draws each photo's seeded randomness in turn), and an
+    unreadable photo skipped by both."""
+    tiny = build_backbone("tiny")
+    paths = sorted(data.rglob("*.jpg"))
+    (data / "bad.jpg").write_text("not a photo")
+    paths = paths[:3] + [data / "bad.jpg"] + paths[3:]
+    got = {}
+    for cores in (2, 8):
+        monkeypatch.setattr(devices, "cpu_cores", lambda: cores)
+        assert (frozen_pass.share_cores(2, torch.device("cpu"))[0] > 0) == (cores == 8)
+        got[cores] = [frozen_pass.extract_features(tiny, paths, view, num_workers=2, batch_size=3, progress=False)
+                      for view in (frozen_pass.centre_view(tiny), frozen_pass.augmented_view(tiny, 1))]
+    for (thread, thread_ok), (process, process_ok) in zip(got[2], got[8]):
+        assert thread_ok.tolist() == process_ok.tolist() == [p.name != "bad.jpg" for p in paths]
+        assert torch.equal(thread, process) and thread[thread_ok].abs().sum() > 0
+    assert not torch.equal(got[2][0][0], got[2][1][0])  # the augmented view is another picture
 
 
 def test_small_heads_train_on_one_thread_large_ones_on_more(monkeypatch):
@@ -214,7 +235,7 @@ def test_threads_option_applies_to_the_whole_command_and_is_given_back(command, 
     monkeypatch.chdir(tmp_path)
     seen = _record_threads(monkeypatch, training if command == "train" else search)
     sessions = []
-    monkeypatch.setattr(features, "_onnx_sessions", _Recording(sessions))
+    monkeypatch.setattr(frozen_pass, "_onnx_sessions", _Recording(sessions))
     before = torch.get_num_threads()
     extra = ["--save_dir", "ck", "--epochs", "1"] if command == "train" else ["--trials", "2"]
     common = [command, str(data), "--arch", "tiny", "--workers", "0", "--quiet", "--cache_dir", "c", *extra]
@@ -233,7 +254,7 @@ def test_threads_option_applies_to_the_whole_command_and_is_given_back(command, 
 
 
 class _Recording(dict):
-    """features._onnx_sessions, noting each (backbone key, threads) a session is made for."""
+    """frozen_pass._onnx_sessions, noting each (backbone key, threads) a session is made for."""
 
     def __init__(self, log):
         super().__init__()

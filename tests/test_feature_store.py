@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import QUIET, TWELVE, make_dataset
-from flower_classifier import features, shards
+from flower_classifier import feature_store, features, frozen_pass, shards
 from flower_classifier.backbones import Backbone, build_backbone
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
@@ -24,11 +24,11 @@ from flower_classifier.training import run_training
 def small_pieces(monkeypatch):
     """Shards of 8 rows: 24 images make 3 shards, so damage to one costs 8 recomputed rows."""
     monkeypatch.setattr(features, "PIECE_ROWS", 8)
-    monkeypatch.setattr(features, "EXTRACT_BATCH", 4)
+    monkeypatch.setattr(frozen_pass, "EXTRACT_BATCH", 4)
 
 
 def _view_dir(cache, backbone):
-    (view_dir,) = (cache / features.backbone_key(backbone)).glob("centre-*")
+    (view_dir,) = (cache / feature_store.backbone_key(backbone)).glob("centre-*")
     return view_dir
 
 
@@ -41,7 +41,7 @@ def _forge(shard, array, digests=None):
     manifest_file = shard.with_suffix(".json")
     digests = digests if digests is not None else json.loads(manifest_file.read_text())["digests"]
     np.save(shard, array)
-    manifest = {"format": features.CACHE_FORMAT, "digests": digests, "checksum": shards.checksum(shard, digests)}
+    manifest = {"format": feature_store.CACHE_FORMAT, "digests": digests, "checksum": shards.checksum(shard, digests)}
     manifest_file.write_text(json.dumps(manifest))
 
 
@@ -171,8 +171,8 @@ def test_killed_pass_keeps_the_pieces_it_wrote(data, tiny, tmp_path, small_piece
         features.load_feature_data(data, backbone, cache_dir=tmp_path / "c", engine="torch", **QUIET)
     train = FlowerFolder(data / "train")
     paths = [p for p, _ in train.samples + FlowerFolder(data / "valid", classes=train.classes).samples]
-    store = features.FeatureStore(tmp_path / "c", backbone)
-    _, found = store.lookup(features.centre_view(backbone).key("fp32"), [features.file_digest(p) for p in paths])
+    store = feature_store.FeatureStore(tmp_path / "c", backbone)
+    _, found = store.lookup(frozen_pass.centre_view(backbone).key("fp32"), [feature_store.file_digest(p) for p in paths])
     assert found.tolist() == [True] * 16 + [False] * 8  # the pass's first rows, in its order
     stopping.calls = -1  # never again
     again = features.load_feature_data(data, backbone, cache_dir=tmp_path / "c", engine="torch", **QUIET)
@@ -240,7 +240,7 @@ def test_concurrent_writers_lose_no_rows(tmp_path, monkeypatch):
 
 def test_old_cache_format_simply_misses(data, tiny, tmp_path, monkeypatch):
     features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", **QUIET)
-    monkeypatch.setattr(features, "CACHE_FORMAT", features.CACHE_FORMAT + 1)
+    monkeypatch.setattr(feature_store, "CACHE_FORMAT", feature_store.CACHE_FORMAT + 1)
     assert features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", **QUIET).stats.computed == 24
 
 
@@ -273,8 +273,8 @@ def _cached_in_process(rank, world, port, paths, cache, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         backbone = build_backbone("tiny")
-        view = features.centre_view(backbone)
-        store = features.FeatureStore(cache, backbone)
+        view = frozen_pass.centre_view(backbone)
+        store = feature_store.FeatureStore(cache, backbone)
         result = {"memory": features.cached_features(backbone, paths, view, None, progress=False),
                   "store": features.cached_features(backbone, paths, view, store, progress=False)}
         torch.save(result, f"{out}.{rank}")
@@ -295,7 +295,7 @@ def test_two_processes_write_their_own_shards_and_read_the_union(tmp_path):
         port = s.getsockname()[1]
     tmp.spawn(_cached_in_process, args=(2, port, paths, tmp_path / "c", str(tmp_path / "f")), nprocs=2)
     backbone = build_backbone("tiny")
-    alone, ok = features.cached_features(backbone, paths, features.centre_view(backbone), None, progress=False)
+    alone, ok = features.cached_features(backbone, paths, frozen_pass.centre_view(backbone), None, progress=False)
     assert ok.sum() == 9 and not ok.all()
     for rank in (0, 1):
         result = torch.load(tmp_path / f"f.{rank}", weights_only=True)
@@ -316,9 +316,9 @@ def test_onnx_engine_matches_torch_and_is_cached_apart(arch, tmp_path):
                                           engine="onnx", **QUIET)
     assert onnx_run.stats.computed == 10  # its own cache entries, not torch's
     paths = [p for p, _ in FlowerFolder(data / "train").samples]
-    view = features.centre_view(backbone)
-    exact_torch, _ = features.extract_features(backbone, paths, view, progress=False)
-    exact_onnx, _ = features.extract_features(backbone, paths, view, progress=False, engine="onnx")
+    view = frozen_pass.centre_view(backbone)
+    exact_torch, _ = frozen_pass.extract_features(backbone, paths, view, progress=False)
+    exact_onnx, _ = frozen_pass.extract_features(backbone, paths, view, progress=False, engine="onnx")
     assert torch.allclose(exact_onnx, exact_torch, atol=1e-4, rtol=1e-4)
     # Stored as float16 both ways: equal up to that rounding.
     assert torch.allclose(onnx_run.train.features.float(), torch_run.train.features.float(), atol=2e-3, rtol=2e-3)
@@ -332,11 +332,11 @@ def test_onnx_engine_refuses_the_gpu_and_unknown_engines(data, tiny, tmp_path):
 
     paths = sorted((data / "train").rglob("*.jpg"))
     with pytest.raises(UserError, match="--engine"):
-        features.extract_features(tiny, paths, features.centre_view(tiny), engine="tensorrt", progress=False)
+        frozen_pass.extract_features(tiny, paths, frozen_pass.centre_view(tiny), engine="tensorrt", progress=False)
     features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", **QUIET)
     with pytest.raises(UserError, match="--engine tensorrt"):  # refused even when everything is cached
         features.load_feature_data(data, tiny, cache_dir=tmp_path / "c", engine="tensorrt", **QUIET)
     if torch.cuda.is_available():
         with pytest.raises(UserError, match="--engine onnx"):
-            features.extract_features(tiny, paths, features.centre_view(tiny), engine="onnx", device="cuda",
+            frozen_pass.extract_features(tiny, paths, frozen_pass.centre_view(tiny), engine="onnx", device="cuda",
                                       progress=False)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import QUIET, ROOT, class_color, make_image
-from flower_classifier import features
+from flower_classifier import feature_store, features, shards
 from flower_classifier.backbones import Backbone, build_backbone
 from flower_classifier.images import Preprocessing
 from flower_classifier.cli import main, single_command_main
@@ -30,7 +30,7 @@ def _losses(result):
 def test_cached_path_trains_the_same_head_as_the_classic_loop(data, tiny, tmp_path, monkeypatch):
     """Without augmentation the two paths see the same inputs in the same order: identical training
     (up to float rounding) once the store keeps float32."""
-    monkeypatch.setattr(features, "STORE_DTYPE", torch.float32)
+    monkeypatch.setattr(shards, "STORE_DTYPE", np.float32)
     runs = {}
     for cached in (True, False):
         runs[cached] = run_training(_config(feature_cache=cached, augment=False), data, save_dir=tmp_path / str(cached),
@@ -67,15 +67,15 @@ def test_edited_photo_and_other_preprocessing_miss_the_cache(data, tiny, tmp_pat
     resized = Backbone(tiny.name, tiny.module, tiny.feature_dim, Preprocessing(28, 32))
     other = features.load_feature_data(data, resized, cache_dir=tmp_path / "c", **QUIET)
     assert other.stats.computed == 24
-    assert features.backbone_key(resized) != features.backbone_key(tiny)
-    assert features.backbone_key(build_backbone("tiny", pretrained=False)) == features.backbone_key(tiny)
+    assert feature_store.backbone_key(resized) != feature_store.backbone_key(tiny)
+    assert feature_store.backbone_key(build_backbone("tiny", pretrained=False)) == feature_store.backbone_key(tiny)
 
 
 def test_other_weights_miss_the_cache(tiny):
     changed = build_backbone("tiny")
     with torch.no_grad():
         next(changed.module.parameters())[0, 0, 0, 0] += 1e-3
-    assert features.backbone_key(changed) != features.backbone_key(tiny)
+    assert feature_store.backbone_key(changed) != feature_store.backbone_key(tiny)
 
 
 def test_augmented_views_are_cached_once_and_fixed_per_image(data, tiny, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import QUIET, TWELVE, make_dataset
-from flower_classifier import features
+from flower_classifier import feature_store, features, frozen_pass
 from flower_classifier.backbones import build_backbone, frozen_part, get_spec, split_backbone
 from flower_classifier.data import FlowerFolder, PhotoList
 from flower_classifier.errors import UserError
@@ -20,8 +20,8 @@ KEYS_BEFORE_SPLITS = {"tiny": "tiny-30dfc82633c46a9b", "efficientnet_lite0": "ef
 def test_the_frozen_default_keeps_its_backbone_and_cache_key(arch):
     backbone = build_backbone(arch)
     assert frozen_part(backbone, 0) is backbone
-    assert features.backbone_key(backbone) == KEYS_BEFORE_SPLITS[arch]
-    keys = {features.backbone_key(frozen_part(backbone, n)) for n in (0, 1, 2)}
+    assert feature_store.backbone_key(backbone) == KEYS_BEFORE_SPLITS[arch]
+    keys = {feature_store.backbone_key(frozen_part(backbone, n)) for n in (0, 1, 2)}
     assert len(keys) == 3 and all(k.startswith(f"{arch}-") for k in keys)
     assert {k.split("-")[1] for k in keys} >= {"below1", "below2"}
 
@@ -65,11 +65,11 @@ def test_cached_activations_are_the_bottoms_output_in_float16(arch, n, engine, t
     assert run.stats.engine == engine and run.stats.computed == 6  # 4 centre crops, 2 augmented
     train, valid = (FlowerFolder(data / s).samples for s in ("train", "valid"))
     bottom, top = split_backbone(backbone, n)
-    digest = lambda samples: [features.file_digest(p) for p, _ in samples]  # noqa: E731
+    digest = lambda samples: [feature_store.file_digest(p) for p, _ in samples]  # noqa: E731
     expected_train = torch.cat([
-        _expected_rows(bottom, [p for p, _ in train], features.centre_view(part), digest(train)),
-        _expected_rows(bottom, [p for p, _ in train], features.augmented_view(part, 1), digest(train))])
-    expected_valid = _expected_rows(bottom, [p for p, _ in valid], features.centre_view(part), digest(valid))
+        _expected_rows(bottom, [p for p, _ in train], frozen_pass.centre_view(part), digest(train)),
+        _expected_rows(bottom, [p for p, _ in train], frozen_pass.augmented_view(part, 1), digest(train))])
+    expected_valid = _expected_rows(bottom, [p for p, _ in valid], frozen_pass.centre_view(part), digest(valid))
     for got, want in ((run.train.features, expected_train), (run.valid.features, expected_valid)):
         assert got.dtype == torch.float16 and got.shape == want.shape == (len(want), part.feature_dim)
         scale = want.abs().max().item()
@@ -78,11 +78,11 @@ def test_cached_activations_are_the_bottoms_output_in_float16(arch, n, engine, t
     shape = get_spec(arch).split_shapes[n]
     with torch.inference_mode():
         tuned = top(run.valid.features.float().view(-1, *shape))
-        whole = backbone.module(torch.stack([PhotoList(valid, features.centre_view(part).transform)[i][0]
+        whole = backbone.module(torch.stack([PhotoList(valid, frozen_pass.centre_view(part).transform)[i][0]
                                              for i in range(len(valid))]))
     assert torch.allclose(tuned, whole, atol=2e-2 * whole.abs().max().item())
     # Stored under the split's own key, read back memory-mapped and unchanged.
-    store_dir = tmp_path / "c" / features.backbone_key(part)
+    store_dir = tmp_path / "c" / feature_store.backbone_key(part)
     assert f"-below{n}-" in store_dir.name and any(store_dir.rglob("*.npy"))
     again = features.load_feature_data(data, part, augmented_views=1, cache_dir=tmp_path / "c", engine=engine,
                                        **QUIET)
@@ -102,33 +102,33 @@ def test_the_size_is_said_before_the_pass_and_a_disk_without_room_refuses_it(tmp
     said = []
     load = lambda: features.load_feature_data(data, part, augmented_views=1, cache_dir=tmp_path / "c",  # noqa: E731
                                               engine="torch", log=said.append, progress=False)
-    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(needed - 1))
+    monkeypatch.setattr(feature_store.shutil, "disk_usage", _disk_with(needed - 1))
     with pytest.raises(UserError) as refused:
         load()
     message = str(refused.value)
     assert "\n" not in message and str(tmp_path / "c") in message and f"takes {needed / 1e3:.1f} kB" in message
     assert all(word in message for word in ("--cache_dir", "--augmented_views", "--finetune")), message
     assert not list((tmp_path / "c").rglob("*.npy"))  # refused before computing anything
-    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(needed))
+    monkeypatch.setattr(feature_store.shutil, "disk_usage", _disk_with(needed))
     run = load()
     assert run.stats.computed == 10
     assert said[0] == (f"caching tiny activations below the top 1 blocks: 8x16x16 = 2,048 numbers per view, "
-                       f"10 views, {needed / 1e3:.1f} kB in {tmp_path / 'c' / features.backbone_key(part)}")
+                       f"10 views, {needed / 1e3:.1f} kB in {tmp_path / 'c' / feature_store.backbone_key(part)}")
     assert said[-1].startswith("Activations below the top 1 blocks: 10 computed")
     # Nothing left to compute: nothing to say, and no room needed.
     said.clear()
-    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(0))
+    monkeypatch.setattr(feature_store.shutil, "disk_usage", _disk_with(0))
     assert load().stats.cached == 10 and not any(line.startswith("caching") for line in said)
 
 
 def test_the_frozen_default_says_nothing_of_small_features_but_still_checks_the_disk(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "d", TWELVE[:2], per_split={"train": 2, "valid": 1})
     said = []
-    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(6 * 16 * 2))
+    monkeypatch.setattr(feature_store.shutil, "disk_usage", _disk_with(6 * 16 * 2))
     features.load_feature_data(data, build_backbone("tiny"), cache_dir=tmp_path / "c", engine="torch",
                                log=said.append, progress=False)
     assert len(said) == 1 and said[0].startswith("Features: 6 computed")
-    monkeypatch.setattr(features.shutil, "disk_usage", _disk_with(4 * 16 * 2 - 1))
+    monkeypatch.setattr(feature_store.shutil, "disk_usage", _disk_with(4 * 16 * 2 - 1))
     with pytest.raises(UserError, match=r"caching tiny features: 16 numbers per view, 10 views \(4 to compute\) "
                                         r"takes 0.1 kB and its disk has 0.1 kB free; .*--augmented_views\)$"):
         features.load_feature_data(data, build_backbone("tiny"), augmented_views=1, cache_dir=tmp_path / "c",

@@ -172,3 +172,53 @@ def test_the_api_answers_with_tta_when_asked_or_by_the_servers_default(models, p
         assert [r["probability"] for r in batch.json()["results"][0]["predictions"]] == pytest.approx(
             with_tta.probabilities, rel=1e-5)
         assert httpx.post(f"{url}/predict?tta=maybe", files={"file": ("p.png", b"x", "image/png")}).status_code == 422
+
+
+@pytest.fixture(scope="module")
+def handed_models(tmp_path_factory):
+    """A tiny checkpoint (and its ONNX export) whose linear head tells a photo from its mirror image
+    by far: logits (6, 0) for the photo, (0, 2) for its mirror. The mean of the logits, (3, 1), and
+    the mean of the probabilities then give clearly different answers (0.88 against 0.56)."""
+    import torch
+
+    from flower_classifier.backbones import build_backbone
+    from flower_classifier.checkpoint import Checkpoint
+    from flower_classifier.config import TrainConfig
+
+    tmp = tmp_path_factory.mktemp("tta_handed")
+    photo = lopsided(tmp / "photo.png", 7)
+    backbone = build_backbone("tiny")
+    config = TrainConfig(arch="tiny", hidden_units=(2,), dropout=0.0)
+    eye, zero = torch.eye(2), torch.zeros(2)
+    head = {"0.weight": torch.zeros(2, backbone.feature_dim), "0.bias": zero, "3.weight": eye, "3.bias": zero}
+    path = save_checkpoint(Checkpoint("tiny", backbone.preprocessing, head, ["1", "2"], config), tmp / "handed.pth")
+    predictor = load_predictor(path)
+    image = predictor.prepare(photo)[None]  # (1, 3, S, S)
+    _, (f,) = predictor.outputs(image)
+    _, (g,) = predictor.outputs(np.ascontiguousarray(image[..., ::-1]))
+    d = torch.from_numpy(f - g).double()
+    unit = d / d.dot(d)  # x . unit: 1 more for the photo than for its mirror
+    f, g = torch.from_numpy(f).double(), torch.from_numpy(g).double()
+    # hidden = (6 (x - g) . unit, 2 (f - x) . unit) + 1 (positive: ReLU passes it), logits = hidden - 1
+    head = {"0.weight": torch.stack([6 * unit, -2 * unit]).float(),
+            "0.bias": (torch.stack([-6 * g.dot(unit), 2 * f.dot(unit)]) + 1).float(), "3.weight": eye,
+            "3.bias": -torch.ones(2)}
+    save_checkpoint(Checkpoint("tiny", backbone.preprocessing, head, ["1", "2"], config), path)
+    return {"pytorch": path, "onnx": export_onnx(path, tmp / "handed.onnx")}, photo
+
+
+@pytest.mark.parametrize("backend", ["pytorch", "onnx"])
+def test_tta_averages_logits_not_probabilities(handed_models, backend):
+    models, photo = handed_models
+    predictor = load_predictor(models[backend])
+    image = predictor.prepare(photo)[None]
+    (plain,), _ = predictor.outputs(image)
+    (mirror,), _ = predictor.outputs(np.ascontiguousarray(image[..., ::-1]))
+    np.testing.assert_allclose([plain, mirror], [[6, 0], [0, 2]], atol=0.05)  # the views differ by far
+    softmax = lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()  # noqa: E731
+    of_logits, of_probabilities = softmax((plain + mirror) / 2)[0], (softmax(plain) + softmax(mirror))[0] / 2
+    assert of_logits - of_probabilities > 0.3  # 0.88 against 0.56
+    (probabilities,) = predictor.probabilities(image, tta=True)
+    assert probabilities[0] == pytest.approx(of_logits, abs=0.01)
+    (answer,) = predictor.answer(image, top_k=2, tta=True)
+    assert answer.probabilities[0] == pytest.approx(of_logits, abs=0.01)

@@ -125,8 +125,9 @@ def run_search(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone, frozen_part, get_spec
     from ..data import split_dir
     from ..devices import select_device
-    from ..features import load_feature_data, resolve_engine
+    from ..features import load_feature_data
     from ..files import check_output, head
+    from ..frozen_pass import resolve_engine
     from ..search import SEARCHED, random_search, rows_per_split, save_best
 
     get_spec(args.arch)
@@ -174,8 +175,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
-    from ..features import resolve_engine
     from ..files import check_rewrite
+    from ..frozen_pass import resolve_engine
     from ..training import split_for_training
 
     target = check_rewrite(args.checkpoint)  # before any work: the folder must take the rewritten file
