@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", type=Path, default=Path(sys.prefix),
                    help="the environment the pages call .venv (default: the one running this script)")
     p.add_argument("--only", metavar="REGEX", help="run only commands matching REGEX (others are listed as skipped)")
+    p.add_argument("--pages", metavar="REGEX", help="only the pages whose path matches REGEX, e.g. README")
     p.add_argument("--long", action="store_true", help="also run the benchmarks and other long runs")
     p.add_argument("--list", action="store_true", help="say what would run and what would be skipped; run nothing")
     p.add_argument("--timeout", type=float, default=900, help="seconds one command may take (default: 900)")
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plan: list[tuple[Command, str | None]] = []
     for page in pages():
+        if args.pages and not re.search(args.pages, str(page.relative_to(ROOT))):
+            continue
         for c in extract(page.read_text(encoding="utf-8"), str(page.relative_to(ROOT))):
             reason = skip_reason(c.text, shared=shared is not None, long_runs=args.long)
             if reason is None and args.only and not re.search(args.only, c.text):
