@@ -21,7 +21,7 @@ from .calibration import Calibration
 from .images import Preprocessing
 from .config import TrainConfig
 from .devices import check_device
-from .errors import UserError
+from .errors import UserError, quoted
 from .files import atomic_save, safe_load
 from .model import FlowerClassifier, build_head
 
@@ -76,15 +76,15 @@ def check_head(head_state, *, arch: str, hidden_units, num_classes: int, where: 
     for key, want in expected.items():
         got = head_state.get(key)
         if got is None or got.shape != want.shape:
-            raise UserError(f"{where}: head_state {key!r} has shape {None if got is None else list(got.shape)}, "
+            raise UserError(f"{where}: head_state {quoted(key)} has shape {None if got is None else list(got.shape)}, "
                             f"but backbone {arch} ({feature_dim} features), hidden_units {list(hidden_units)} and "
                             f"{num_classes} categories need {list(want.shape)}")
     extra = sorted(set(head_state) - set(expected))
     if extra:
-        raise UserError(f"{where}: head_state holds {extra[0]!r}, which the head has not")
+        raise UserError(f"{where}: head_state holds {quoted(extra[0])}, which the head has not")
     for key, value in head_state.items():
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-            raise UserError(f"{where}: the head's weights {key!r} are not all finite numbers (nan or inf): the "
+            raise UserError(f"{where}: the head's weights {quoted(key)} are not all finite numbers (nan or inf): the "
                             f"training that made them diverged; train again with a lower --learning_rate")
 
 
@@ -105,21 +105,20 @@ def check_top(top_state, *, arch: str, finetune: int, where: str) -> None:
         got = top_state.get(key)
         if got is None or got.shape != want.shape or got.dtype != want.dtype:
             found = "is missing" if got is None else f"is {got.dtype} of shape {list(got.shape)}"
-            raise UserError(f"{where}: top_state {key!r} {found}, but the top {finetune} blocks of {arch} "
+            raise UserError(f"{where}: top_state {quoted(key)} {found}, but the top {finetune} blocks of {arch} "
                             f"(config finetune {finetune}) need {want.dtype} of shape {list(want.shape)}")
     extra = sorted(set(top_state) - set(expected))
     if extra:
-        raise UserError(f"{where}: top_state holds {extra[0]!r}, which the top {finetune} blocks of {arch} "
+        raise UserError(f"{where}: top_state holds {quoted(extra[0])}, which the top {finetune} blocks of {arch} "
                         f"(config finetune {finetune}) have not")
     for key, value in top_state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise UserError(f"{where}: the fine-tuned blocks' weights {key!r} are not all finite numbers (nan or "
+            raise UserError(f"{where}: the fine-tuned blocks' weights {quoted(key)} are not all finite numbers (nan or "
                             f"inf): the training that made them diverged; train again with a lower --learning_rate")
 
 
 def _show(value) -> str:
-    text = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else quoted(value)
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
@@ -156,12 +155,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     field_of = _FieldChecker(d, path, "checkpoint")
     arch = field_of("arch", lambda v: isinstance(v, str), "a backbone name")
     if arch not in BACKBONES:
-        raise UserError(f"{path}: made with backbone {arch!r}, which this version does not know "
+        raise UserError(f"{path}: made with backbone {quoted(arch)}, which this version does not know "
                         f"(known: {', '.join(BACKBONES)})")
     preprocessing = Preprocessing.from_dict(d.get("preprocessing"), where=f"{path}: field 'preprocessing'")
     config = _config(field_of("config", lambda v: isinstance(v, dict), "a dict of training options"), path)
     if config.arch != arch:
-        raise UserError(f"{path}: field 'config' names backbone {config.arch!r}, field 'arch' {arch!r}; "
+        raise UserError(f"{path}: field 'config' names backbone {quoted(config.arch)}, field 'arch' {quoted(arch)}; "
                         f"the file was edited: use one train.py saved")
     classes = field_of("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v)
                        and len(set(v)) == len(v), "a non-empty list of unique category names")

@@ -7,6 +7,7 @@ import difflib
 import os
 
 from ..config import FIELDS, THREADS, WORKERS, TrainConfig, flag
+from ..errors import bounded
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -22,7 +23,7 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {bounded(message)} (see --help)\n")
 
     def respell(self, argv: list[str]) -> list[str]:
         """Options spelled with hyphens, as their underscore form when that is one of ours."""
@@ -100,6 +101,9 @@ SHARED = {
     "--category_names": dict(default=None, help="JSON file of category -> flower name"),
     "--negatives": dict(default=None, metavar="DIR", help="a folder of photos that are none of the species (animals, "
                         "objects, food, ...)"),
+    "--overwrite": dict(action="store_true", help="replace a file already at the output path; never an input, "
+                        "a checkpoint, a link or a folder (default: refuse, unless it is this command's own earlier "
+                        "output)"),
     "--tta": dict(action="store_true", help="test-time augmentation: the model also sees each photo mirrored "
                   "left-right, and the two answers are averaged; about twice the time (default: off)"),
 }

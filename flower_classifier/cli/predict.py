@@ -39,6 +39,7 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write a table to FILE: path, unknown (true: none of the species), score, then name, "
                         "category and probability of each of the top K, and why a skipped photo could not be read "
                         "(default: none)")
+    add_shared(p, "--overwrite")
 
 
 def photo_paths(arguments: list[str]) -> tuple[list[str], list[str]]:
@@ -104,7 +105,8 @@ def run_predict(args: argparse.Namespace) -> int:
     photos, problems = photo_paths(args.images)
     if not photos:
         raise UserError("; ".join(problems))
-    table = _check_table(args.csv) if args.csv else None
+    table = _check_table(args.csv, [*photos, args.checkpoint, *filter(None, [args.category_names])],
+                         args.overwrite) if args.csv else None
     given_names = read_category_names(args.category_names) if args.category_names else None
     check_model_file(args.checkpoint, onnx=onnx)
     for problem in problems:
@@ -203,15 +205,21 @@ def _print_answer(photo: str, prediction, top_k: int, *, blank_line: bool, unkno
         print(f"{rank:>3}. {label}  {100 * prob:6.2f}%")
 
 
-def _check_table(path: str) -> Path:
-    """--csv FILE, refused before any work if it cannot be written there."""
-    table = Path(path)
-    if table.is_dir():
-        raise UserError(f"--csv {table} is a folder; pass a file name, e.g. {table / 'predictions.csv'}")
-    if not table.parent.is_dir():
-        raise UserError(f"--csv {table}: {table.parent} " + ("is a file, not a folder" if table.parent.exists()
-                                                              else "does not exist"))
-    return table
+def _check_table(path: str, inputs: list[str], overwrite: bool) -> Path:
+    """--csv FILE, refused before any work if it cannot be written there or would replace something
+    (an input, a checkpoint, a link, another file without --overwrite; see `files.check_output`)."""
+    from ..files import check_output
+
+    return check_output(path, option="--csv", inputs=inputs, overwrite=overwrite, ours=_is_table,
+                        example="predictions.csv")
+
+
+def _is_table(path: Path) -> bool:
+    """Whether `path` is a table an earlier `--csv` wrote (its header), which a new one may replace."""
+    from ..files import head
+
+    header = head(path).split(b"\n", 1)[0]
+    return header.startswith(b"path,") and b"probability_1" in header
 
 
 def _write_table(table: Path, results: list, top_k: int) -> None:
@@ -285,6 +293,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
                    help="confused pairs to list (default: 10)")
     p.add_argument("--mistakes", type=Number(int, 1, 1_000).parse, default=8,
                    help="mistakes in the gallery (default: 8)")
+    add_shared(p, "--overwrite")
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -292,8 +301,13 @@ def run_report(args: argparse.Namespace) -> int:
     check_model_file(args.checkpoint, onnx=False)
     check_split_dir(args.split_dir)
     from ..devices import select_device
-    from ..evaluation import report_checkpoint, write_report
+    from ..evaluation import REPORT_FILES, report_checkpoint, write_report
+    from ..files import check_output_folder, head
 
+    # A folder holding an earlier report (its report.txt) is rewritten; other files need --overwrite.
+    check_output_folder(args.out, REPORT_FILES.values(), option="--out", inputs=[args.checkpoint],
+                        overwrite=args.overwrite,
+                        ours=lambda folder: head(folder / REPORT_FILES["table"]).startswith(b"accuracy "))
     report = report_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
                                batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives,
                                tta=args.tta)
@@ -306,13 +320,14 @@ def run_report(args: argparse.Namespace) -> int:
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint saved by train.py")
     p.add_argument("out", help="ONNX file to write, e.g. model.onnx")
+    add_shared(p, "--overwrite")
 
 
 def run_export(args: argparse.Namespace) -> int:
     check_model_file(args.checkpoint, onnx=False)
     from ..export import export_onnx
 
-    path = export_onnx(args.checkpoint, args.out)
+    path = export_onnx(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): try `python predict.py PHOTO {path}` "
           f"or `python -m flower_classifier serve {path}`")
     return 0
