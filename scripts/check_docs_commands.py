@@ -153,7 +153,7 @@ def skip_reason(cmd: str, *, shared: bool, long_runs: bool) -> str | None:
 def last_lines(output: str, n: int = 6) -> list[str]:
     """The last n lines a reader would see: progress bars' redrawn lines and blank lines left out."""
     lines = [line.rsplit("\r", 1)[-1].rstrip() for line in output.splitlines()]
-    return [line for line in lines if line.strip() and not re.search(r"\|\s*[\d/?]+ \[.*(it|batch)/s", line)][-n:]
+    return [line for line in lines if line.strip() and not re.search(r"\d%\|", line)][-n:]
 
 
 def differing_lines(shown: tuple[str, ...], output: str) -> list[str]:
