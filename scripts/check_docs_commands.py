@@ -122,6 +122,8 @@ def skip_reason(cmd: str, *, shared: bool, long_runs: bool) -> str | None:
         return "empty"
     if re.search(r"(^|\s|/)(setup\.sh|run_tests\.sh)\b", code) and "&&" not in code:
         return "installs or runs the whole test suite: run it yourself"
+    if "check_docs_commands.py" in code and "--list" not in words:
+        return "this check itself"
     if "--gpu" in words:
         return "needs a GPU"
     if "pip install" in code or "pip3 install" in code:
@@ -151,7 +153,7 @@ def skip_reason(cmd: str, *, shared: bool, long_runs: bool) -> str | None:
 def last_lines(output: str, n: int = 6) -> list[str]:
     """The last n lines a reader would see: progress bars' redrawn lines and blank lines left out."""
     lines = [line.rsplit("\r", 1)[-1].rstrip() for line in output.splitlines()]
-    return [line for line in lines if line.strip() and not re.search(r"\|\s*[\d/?]+ \[.*(it|batch)/s", line)][-n:]
+    return [line for line in lines if line.strip() and not re.search(r"\d%\|", line)][-n:]
 
 
 def differing_lines(shown: tuple[str, ...], output: str) -> list[str]:
@@ -227,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--venv", type=Path, default=Path(sys.prefix),
                    help="the environment the pages call .venv (default: the one running this script)")
     p.add_argument("--only", metavar="REGEX", help="run only commands matching REGEX (others are listed as skipped)")
+    p.add_argument("--pages", metavar="REGEX", help="only the pages whose path matches REGEX, e.g. README")
     p.add_argument("--long", action="store_true", help="also run the benchmarks and other long runs")
     p.add_argument("--list", action="store_true", help="say what would run and what would be skipped; run nothing")
     p.add_argument("--timeout", type=float, default=900, help="seconds one command may take (default: 900)")
@@ -238,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plan: list[tuple[Command, str | None]] = []
     for page in pages():
+        if args.pages and not re.search(args.pages, str(page.relative_to(ROOT))):
+            continue
         for c in extract(page.read_text(encoding="utf-8"), str(page.relative_to(ROOT))):
             reason = skip_reason(c.text, shared=shared is not None, long_runs=args.long)
             if reason is None and args.only and not re.search(args.only, c.text):

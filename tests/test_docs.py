@@ -189,6 +189,8 @@ def test_checker_drops_a_trailing_comment_but_not_a_url():
     ("python -m flower_classifier.notebook N.ipynb -p DATA_DIR ../shared/data/s -p ARCH efficientnet_lite0", None),
     ("python -m flower_classifier.notebook N.ipynb -p DATA_DIR ../shared/data/s -p ARCH densenet121", "internet"),
     ("./run_tests.sh", "test suite"),
+    (".venv/bin/python scripts/check_docs_commands.py", "itself"),
+    (".venv/bin/python scripts/check_docs_commands.py --list", None),
 ])
 def test_checker_says_why_it_skips_a_command(command, reason):
     found = load_checker().skip_reason(command, shared=True, long_runs=False)
