@@ -18,7 +18,8 @@ import torch
 
 from .backbones import Backbone, get_spec
 from . import devices
-from .calibration import CROSS_FOLDS, Calibration, fit_calibration, stratified_folds
+from .calibration import Calibration, fit_calibration
+from .unknown import CROSS_FOLDS, stratified_folds
 from .config import TrainConfig
 from .data import FlowerFolder, epoch_seed, split_dir
 from .errors import UserError

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import calibration as cal
+from . import calibration as cal, unknown
 from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
 from .errors import UserError
 from .predictor import average_views, load_predictor
@@ -82,7 +82,7 @@ def calibration_figures(outputs: Outputs, calibration: cal.Calibration | None,
         species = calibration.scores(outputs.logits, outputs.features)
         others = calibration.scores(negatives.logits, negatives.features)
         correct = outputs.logits.argmax(1) == outputs.targets
-        figures["unknown"] = {**cal.detection_metrics(species, correct, others, calibration.threshold),
+        figures["unknown"] = {**unknown.detection_metrics(species, correct, others, calibration.threshold),
                               "species_scores": species, "negative_scores": others, "negatives": len(others),
                               "threshold": calibration.threshold, "method": calibration.method}
     return figures
@@ -289,10 +289,10 @@ def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int
     plots.plot_mistakes(report, limit=mistakes, save_to=files["worst_mistakes"])
     if report.calibration:
         files["calibration"] = out / "calibration.png"
-        cal.plot_reliability(*report.calibration["reliability"], save_to=files["calibration"])
+        plots.plot_reliability(*report.calibration["reliability"], save_to=files["calibration"])
     if report.calibration.get("unknown"):
         u = report.calibration["unknown"]
         files["unknown_scores"] = out / "unknown_scores.png"
-        cal.plot_score_histograms(u["species_scores"], u["negative_scores"], u["threshold"], method=u["method"],
+        plots.plot_score_histograms(u["species_scores"], u["negative_scores"], u["threshold"], method=u["method"],
                                   save_to=files["unknown_scores"])
     return files

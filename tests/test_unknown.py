@@ -16,7 +16,8 @@ from app_models import PHOTO_CATEGORY, lite0_checkpoint, live_server, photo, tin
 from conftest import make_dataset, make_image
 from flower_classifier.backbones import build_backbone
 from flower_classifier.calibrating import cross_fitted_logits
-from flower_classifier.calibration import Calibration, fit_feature_arrays, stratified_folds
+from flower_classifier.calibration import Calibration
+from flower_classifier.unknown import fit_feature_arrays, stratified_folds
 from flower_classifier.checkpoint import load_checkpoint, save_checkpoint
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
