@@ -249,7 +249,7 @@ def crossfit(fit, score, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.n
     """(N,) scores of each photo from `fit` on the other folds (`calibration.cross_fitted_scores`, for
     any fit(x, dense labels) -> arrays and score(x, arrays))."""
     out = np.full(len(y), np.nan)
-    inside = cal.covered(y, fold)
+    inside = unk.covered(y, fold)
     for k in np.unique(fold):
         rest, held = fold != k, (fold == k) & inside
         _, dense = np.unique(y[rest], return_inverse=True)
@@ -259,8 +259,8 @@ def crossfit(fit, score, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.n
 
 def fit_relative(x: np.ndarray, y: np.ndarray) -> dict:
     """Relative Mahalanobis: the class Gaussians' arrays and one background Gaussian of all photos."""
-    arrays = cal.fit_feature_arrays("mahalanobis", x, y)
-    background = cal.fit_feature_arrays("mahalanobis", x, np.zeros(len(y), dtype=np.int64))
+    arrays = unk.fit_feature_arrays("mahalanobis", x, y)
+    background = unk.fit_feature_arrays("mahalanobis", x, np.zeros(len(y), dtype=np.int64))
     return {**arrays, **{f"bg_{k}": v for k, v in background.items()}}
 
 
@@ -272,7 +272,7 @@ def relative_score(x: np.ndarray, arrays: dict) -> np.ndarray:
 
 
 def _class_d2(x: np.ndarray, arrays: dict) -> np.ndarray:
-    x = cal._unit(x).astype(np.float64)
+    x = unk._unit(x).astype(np.float64)
     means, basis, variances, rest = arrays["means"], arrays["basis"], arrays["variances"], float(arrays["rest"])
     sq = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]
     proj = (x @ basis.T)[:, None, :] - (means @ basis.T)[None]
@@ -299,27 +299,40 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
     """Every candidate's scores: "crossed" (the known species' train+valid photos, cross-fitted: what
     sets the threshold) and each of SETS, all higher = less like the known species."""
     x, y, fold = a["x"], a["y"], a["fold"]
-    inside = cal.covered(y, fold)
+    inside = unk.covered(y, fold)
     t = cal.fit_temperature(a["crossed"][inside], y[inside])
     out = {}
-    for method in cal.LOGIT_METHODS:
-        out[method] = {"crossed": cal.logit_score(method, a["crossed"], t),
-                       **{s: cal.logit_score(method, a[f"{s}_logits"], t) for s in SETS}}
-    feature = {"mahalanobis": (lambda x, y: cal.fit_feature_arrays("mahalanobis", x, y),
-                               lambda x, arr: cal.feature_score("mahalanobis", x, arr)),
+    for method in unk.LOGIT_METHODS:
+        out[method] = {"crossed": unk.logit_score(method, a["crossed"], t),
+                       **{s: unk.logit_score(method, a[f"{s}_logits"], t) for s in SETS}}
+    feature = {"mahalanobis": (lambda x, y: unk.fit_feature_arrays("mahalanobis", x, y),
+                               lambda x, arr: unk.feature_score("mahalanobis", x, arr)),
                "rel_mahalanobis": (fit_relative, relative_score),
-               "cosine": (lambda x, y: cal.fit_feature_arrays("cosine", x, y),
-                          lambda x, arr: cal.feature_score("cosine", x, arr))}
-    for k in (1, 5, 20):
-        feature[f"knn{k}"] = (lambda x, y, k=k: cal.fit_feature_arrays("knn", x, y, k=k),
-                              lambda x, arr: cal.feature_score("knn", x, arr))
+               "cosine": (lambda x, y: unk.fit_feature_arrays("cosine", x, y),
+                          lambda x, arr: unk.feature_score("cosine", x, arr))}
+    for k in (1, 5):
+        feature[f"knn{k}"] = (lambda x, y, k=k: unk.fit_feature_arrays("knn", x, y, k=k),
+                              lambda x, arr: unk.feature_score("knn", x, arr))
     for name, (fit, score) in feature.items():
         arrays = fit(x, y)
         out[name] = {"crossed": crossfit(fit, score, x, y, fold), **{s: score(a[f"{s}_x"], arrays) for s in SETS}}
-    for combo in (("energy", "mahalanobis"), ("max_logit", "mahalanobis"), ("msp", "mahalanobis"),
-                  ("energy", "rel_mahalanobis"), ("max_logit", "rel_mahalanobis"), ("energy", "knn5"),
-                  ("rel_mahalanobis", "mahalanobis"), ("energy", "rel_mahalanobis", "mahalanobis"),
-                  ("max_logit", "rel_mahalanobis", "mahalanobis")):
+    logits = {"crossed": a["crossed"], **{s: a[f"{s}_logits"] for s in SETS}}
+    for base in ("energy", "max_logit", "margin"):
+        # standardized by the predicted class's cross-fitted scores (what near_far's near part does)
+        raw = {k: -np.diff(np.sort(v / t, 1)[:, -2:], axis=1)[:, 0] if base == "margin" else out[base][k]
+               for k, v in logits.items()}
+        centre, spread = unk.standardization(raw["crossed"][inside], a["crossed"][inside].argmax(1),
+                                             a["crossed"].shape[1])
+        out[f"std_{base}"] = {k: (v - centre[logits[k].argmax(1)]) / spread[logits[k].argmax(1)] for k, v in raw.items()}
+    for share in (0.005, 0.01, 0.02):
+        arrays, crossed = unk.fit_near_far(a["crossed"], y, fold, x, t, far_share=share)
+        full = np.full(len(y), np.nan)
+        full[inside] = crossed
+        parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
+        out[f"near_far (far share {share:.1%})"] = {"crossed": full, **{s: np.maximum(*parts[s]) for s in SETS},
+                                                    "far_part": {s: parts[s][1] for s in SETS}}
+    for combo in (("energy", "mahalanobis"), ("max_logit", "mahalanobis"), ("energy", "rel_mahalanobis"),
+                  ("std_energy", "mahalanobis"), ("std_energy", "std_margin")):
         pc = [loo_p_values(out[c]["crossed"][inside]) for c in combo]
         ps = {s: [p_values(out[c]["crossed"][inside], out[c][s]) for c in combo] for s in SETS}
         for how, join in (("max", lambda ps: -np.log(np.min(ps, axis=0))),
@@ -331,12 +344,12 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
 
 
 def leave_species_out(backbone, feats: dict, classes: list[str], seeds: int, keep: float, cache_dir,
-                      arrays_dir: Path | None) -> None:
+                      arrays_dir: Path | None, held_out: list[int] | None = None) -> None:
     """Each species in turn held out of training: every candidate score's catch of it ("near"), of the
     held-out half of the negatives ("far") and its keep of the known species' test photos, at the
     threshold keeping `keep` of the cross-fitted train+valid photos; AUROC of each against "own"."""
     runs = []
-    for held in range(len(classes)):
+    for held in held_out or range(len(classes)):
         for seed in range(seeds):
             path = arrays_dir / f"held{held}_seed{seed}.npz" if arrays_dir else None
             if path is not None and path.is_file():
@@ -353,13 +366,21 @@ def leave_species_out(backbone, feats: dict, classes: list[str], seeds: int, kee
         tune, evaluate = negative_halves(n_far, seed)
         for name, sc in candidate_scores(a).items():
             crossed = sc["crossed"][np.isfinite(sc["crossed"])]
-            threshold, _ = cal.choose_threshold(crossed, keep=keep)
-            tuned, _ = cal.choose_threshold(crossed, sc["far"][tune], keep=keep)
+            threshold, _ = unk.choose_threshold(crossed, keep=keep)
+            tuned, _ = unk.choose_threshold(crossed, sc["far"][tune], keep=keep)
             far = sc["far"][evaluate]
-            rows.setdefault(name, []).append({
+            kinds = {}
+            if "far_part" in sc:  # which kind the answer names: "not a flower" where the far part fires
+                for s in ("near", "far"):
+                    part, score = sc["far_part"][s], sc[s]
+                    if s == "far":
+                        part, score = part[evaluate], score[evaluate]
+                    called = score > threshold
+                    kinds[f"{s} as far"] = float((part[called] > threshold).mean()) if called.any() else float("nan")
+            rows.setdefault(name, []).append({**kinds,
                 "held": held, "near": float((sc["near"] > threshold).mean()), "far": float((far > threshold).mean()),
-                "kept": float((sc["own"] <= threshold).mean()), "auroc_near": cal.auroc(sc["own"], sc["near"]),
-                "auroc_far": cal.auroc(sc["own"], far), "near*": float((sc["near"] > tuned).mean()),
+                "kept": float((sc["own"] <= threshold).mean()), "auroc_near": unk.auroc(sc["own"], sc["near"]),
+                "auroc_far": unk.auroc(sc["own"], far), "near*": float((sc["near"] > tuned).mean()),
                 "far*": float((far > tuned).mean()), "kept*": float((sc["own"] <= tuned).mean())})
     cols = ("near", "far", "kept", "auroc_near", "auroc_far", "near*", "far*", "kept*")
     print(f"\nleave-species-out: each of the {len(classes)} species held out of training in turn, {seeds} seed(s); "
@@ -367,11 +388,21 @@ def leave_species_out(backbone, feats: dict, classes: list[str], seeds: int, kee
           f"species' test photos kept; at the threshold keeping {keep:.0%} of the cross-fitted train+valid photos "
           f"(starred: chosen with the tuning half of the negatives too). Mean over held-out species:")
     print(f"{'score':<42}" + "".join(f"{c:>11}" for c in cols) + "  near AUROC per held-out species")
+    held_out = sorted({r["held"] for rs in rows.values() for r in rs})
     for name, rs in rows.items():
         mean = {c: statistics.mean(r[c] for r in rs) for c in cols}
-        per = [statistics.mean(r["auroc_near"] for r in rs if r["held"] == h) for h in range(len(classes))]
+        per = [statistics.mean(r["auroc_near"] for r in rs if r["held"] == h) for h in held_out]
         print(f"{name:<42}" + "".join(f"{mean[c]:>11.3f}" if c.startswith("auroc") else f"{100 * mean[c]:>10.1f}%"
                                       for c in cols) + "  " + " ".join(f"{v:.3f}" for v in per))
+    for name, rs in rows.items():
+        if "near as far" not in rs[0]:
+            continue
+        print(f"\n{name}, per held-out species ({', '.join(classes[h] for h in held_out)}; mean over seeds):")
+        for c in ("near", "far", "kept", "auroc_near", "auroc_far", "near as far", "far as far"):
+            per = [statistics.mean(r[c] for r in rs if r["held"] == h) for h in held_out]
+            print(f"  {c:<12}" + " ".join(f"{v:>7.3f}" if c.startswith("auroc") else f"{100 * v:>6.1f}%" for v in per))
+    print("near as far / far as far: of the photos called unknown, the share answered \"not a flower\" (the far "
+          "part above the threshold); the rest are answered \"a flower it was not trained on\"")
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -397,12 +428,15 @@ def main(argv=None) -> int:
                    help="only the leave-species-out study: each species held out of training in turn, scored as unknown")
     p.add_argument("--arrays_dir", type=Path, default=None,
                    help="--leave_species_out: keep each run's logits and features here and reuse them")
+    p.add_argument("--held_out", type=int, nargs="+", default=None,
+                   help="--leave_species_out: only these species (0-based, in folder order; default all)")
     args = p.parse_args(argv)
     if args.leave_species_out:
         backbone = build_backbone(args.arch)
         feats = split_features(backbone, args.data_dir, args.negatives, args.cache_dir, resolve_engine("auto", "cpu"))
         classes = FlowerFolder(split_dir(args.data_dir, "train")).classes
-        leave_species_out(backbone, feats, classes, args.seeds, args.keep, args.cache_dir, args.arrays_dir)
+        leave_species_out(backbone, feats, classes, args.seeds, args.keep, args.cache_dir, args.arrays_dir,
+                          args.held_out)
         return 0
     if args.write_halves:
         write_halves(args.negatives, args.write_halves)
