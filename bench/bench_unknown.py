@@ -315,7 +315,9 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
                               lambda x, arr: unk.feature_score("knn", x, arr))
     for name, (fit, score) in feature.items():
         arrays = fit(x, y)
-        out[name] = {"crossed": crossfit(fit, score, x, y, fold), **{s: score(a[f"{s}_x"], arrays) for s in SETS}}
+        crossed = (unk.cross_fitted_scores(name, x, y, fold) if name == "mahalanobis"  # the package's, faster
+                   else crossfit(fit, score, x, y, fold))
+        out[name] = {"crossed": crossed, **{s: score(a[f"{s}_x"], arrays) for s in SETS}}
     logits = {"crossed": a["crossed"], **{s: a[f"{s}_logits"] for s in SETS}}
     for base in ("energy", "max_logit", "margin"):
         # standardized by the predicted class's cross-fitted scores (what near_far's near part does)
@@ -325,7 +327,8 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
                                              a["crossed"].shape[1])
         out[f"std_{base}"] = {k: (v - centre[logits[k].argmax(1)]) / spread[logits[k].argmax(1)] for k, v in raw.items()}
     for share in (0.005, 0.01, 0.02):
-        arrays, crossed = unk.fit_near_far(a["crossed"], y, fold, x, t, far_share=share)
+        arrays, crossed = unk.fit_near_far(a["crossed"], y, fold, x, t, far_share=share,
+                                           distance=out["mahalanobis"]["crossed"])
         full = np.full(len(y), np.nan)
         full[inside] = crossed
         parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
@@ -340,6 +343,26 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
             crossed = np.full(len(y), np.nan)
             crossed[inside] = join(pc)
             out[f"{how}({'+'.join(combo)})"] = {"crossed": crossed, **{s: join(ps[s]) for s in SETS}}
+    return out
+
+
+def saved_scores(a: dict, path: Path | None) -> dict:
+    """`candidate_scores(a)`, kept in `path` (flat "name|set" keys) and read back from it when it is
+    there: delete it after changing the candidates."""
+    if path is not None and path.is_file():
+        out = {}
+        for key, value in np.load(path).items():
+            name, *where = key.split("|")
+            slot = out.setdefault(name, {})
+            for w in where[:-1]:
+                slot = slot.setdefault(w, {})
+            slot[where[-1]] = value
+        return out
+    out = candidate_scores(a)
+    if path is not None:
+        flat = {f"{name}|{k}": v for name, sc in out.items() for k, v in sc.items() if k != "far_part"}
+        flat.update({f"{name}|far_part|{k}": v for name, sc in out.items() for k, v in sc.get("far_part", {}).items()})
+        np.savez(path, **flat)
     return out
 
 
@@ -364,7 +387,7 @@ def leave_species_out(backbone, feats: dict, classes: list[str], seeds: int, kee
     rows = {}
     for held, seed, a in runs:
         tune, evaluate = negative_halves(n_far, seed)
-        for name, sc in candidate_scores(a).items():
+        for name, sc in saved_scores(a, arrays_dir and arrays_dir / f"held{held}_seed{seed}_scores.npz").items():
             crossed = sc["crossed"][np.isfinite(sc["crossed"])]
             threshold, _ = unk.choose_threshold(crossed, keep=keep)
             tuned, _ = unk.choose_threshold(crossed, sc["far"][tune], keep=keep)

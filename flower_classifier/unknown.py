@@ -328,10 +328,8 @@ def standardization(scores: np.ndarray, predicted: np.ndarray, classes: int) -> 
     predicted as each class; a class predicted fewer than twice takes those of all photos."""
     scores, predicted = np.asarray(scores, dtype=np.float64), np.asarray(predicted)
     centre, spread = np.full(classes, scores.mean()), np.full(classes, scores.std())
-    for c in range(classes):
-        mine = scores[predicted == c]
-        if len(mine) >= 2:
-            centre[c], spread[c] = mine.mean(), mine.std()
+    for c in (c for c in range(classes) if (predicted == c).sum() >= 2):
+        centre[c], spread[c] = scores[predicted == c].mean(), scores[predicted == c].std()
     # Identical scores (a tiny class, or a head sure of everything) must not divide by zero.
     return centre, np.maximum(spread, max(1e-3 * float(scores.std()), 1e-6))
 
@@ -346,32 +344,37 @@ def near_score(logits: np.ndarray, temperature: float, centre: np.ndarray, sprea
 
 def near_far_parts(logits: np.ndarray, features: np.ndarray, temperature: float,
                    arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(near (N,), far (N,)): both parts on the near part's scale; the score is their maximum. The
-    far part is the Mahalanobis distance past its cut in units of `far_scale`, plus the near cut: it
-    passes the threshold exactly when the distance passes its cut."""
-    near = near_score(logits, temperature, arrays["centre"], arrays["spread"])
-    distance = feature_score("mahalanobis", features, arrays)
-    far = float(arrays["near_cut"]) + (distance - float(arrays["far_cut"])) / float(arrays["far_scale"])
-    return near, far
+    """(near (N,), far (N,)): both on the near part's scale, the score is their maximum."""
+    return (near_score(logits, temperature, arrays["centre"], arrays["spread"]),
+            _far_part(feature_score("mahalanobis", features, arrays), arrays))
+
+
+def _far_part(distance: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The Mahalanobis distance past its cut in units of `far_scale`, plus the near cut: above the
+    near cut exactly when the distance is above its own."""
+    return float(arrays["near_cut"]) + (distance - float(arrays["far_cut"])) / float(arrays["far_scale"])
 
 
 def fit_near_far(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, features: np.ndarray,
                  temperature: float, *, keep: float = KEEP, far_share: float = FAR_SHARE,
-                 max_rank: int = MAX_RANK) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                 max_rank: int = MAX_RANK, distance: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The near_far arrays and the cross-fitted scores of the photos whose class is in other folds.
 
-    logits (N, C): cross-fitted; features (N, D). The far cut keeps all but `far_share` of the
+    logits (N, C): cross-fitted; features (N, D); `distance` (N,): their cross-fitted Mahalanobis
+    scores when already at hand (`cross_fitted_scores`, with the same folds). The far cut keeps all but `far_share` of the
     cross-fitted Mahalanobis distances (at most half of 1 - keep); the near cut is the lowest that,
     with it, keeps `keep` of the photos. The Mahalanobis arrays come from all photos."""
-    labels, fold, logits = np.asarray(labels), np.asarray(fold), np.asarray(logits, dtype=np.float64)
+    labels, fold = np.asarray(labels), np.asarray(fold)
     inside = covered(labels, fold)
-    logits, classes = logits[inside], logits.shape[1]
+    logits = np.asarray(logits, dtype=np.float64)[inside]
     # Every array at the precision it is stored in (float16), the cuts rounded up, so that the scores
     # here are those a saved calibration gives and the cuts keep at least what they should.
     centre, spread = (_as16(a) for a in standardization(logit_score(NEAR_BASE, logits, temperature),
-                                                        logits.argmax(1), classes))
+                                                        logits.argmax(1), logits.shape[1]))
     near = near_score(logits, temperature, centre, spread)
-    distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)[inside]
+    if distance is None:
+        distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
+    distance = np.asarray(distance)[inside]
     share = min(far_share, (1 - keep) / 2)
     far_cut = _up16(np.sort(distance)[max(math.ceil((1 - share) * len(distance)) - 1, 0)])
     within = distance <= far_cut
@@ -382,8 +385,7 @@ def fit_near_far(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, featu
     arrays = {**{name: _as16(a) for name, a in fit_feature_arrays("mahalanobis", features, labels,
                                                                    max_rank=max_rank).items()},
               "centre": centre, "spread": spread, "near_cut": near_cut, "far_cut": far_cut, "far_scale": far_scale}
-    far = float(near_cut) + (distance - float(far_cut)) / float(far_scale)
-    return arrays, np.maximum(near, far)
+    return arrays, np.maximum(near, _far_part(distance, arrays))
 
 
 def _as16(value) -> np.ndarray:
@@ -392,6 +394,6 @@ def _as16(value) -> np.ndarray:
 
 
 def _up16(value: float) -> np.ndarray:
-    """`value` rounded up to a float16 (as stored): a cut rounded down would keep fewer photos than asked."""
-    rounded = np.float16(value)
-    return _as16(np.nextafter(rounded, np.float16(np.inf)) if rounded < value else rounded)
+    """`value` rounded up to a float16: a cut rounded down would keep fewer photos than asked."""
+    r = np.float16(value)
+    return _as16(np.nextafter(r, np.float16(np.inf)) if r < value else r)
