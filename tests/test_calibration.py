@@ -386,7 +386,8 @@ def test_near_far_keeps_the_asked_share_and_gives_the_far_part_its_budget():
 
 def test_near_score_is_standardized_by_the_predicted_class():
     logits = np.array([[4.0, 0], [6, 0], [0, 1], [0, 3], [0, 5]])
-    raw = unk.logit_score(unk.NEAR_BASE, logits, 1.0)
+    raw = unk.near_base(logits, 1.0)
+    assert raw[0] == -4 and raw[3] == -3  # minus the gap between the two largest logits
     centre, spread = unk.standardization(raw, logits.argmax(1), 3)
     assert centre[0] == pytest.approx(raw[:2].mean()) and spread[1] == pytest.approx(raw[2:].std())
     assert centre[2] == pytest.approx(raw.mean())  # never predicted: all photos' figures
