@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError
-from .unknown import (FEATURE_METHODS, KEEP, KIND_FAR, KIND_NEAR, KIND_UNKNOWN, MAX_RANK, METHODS, NEAR_FAR,
+from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, NEAR_FAR,
                       choose_threshold, covered, cross_fitted_scores, feature_score, fit_feature_arrays, fit_near_far,
                       log_softmax, logit_score, near_far_parts, softmax)
 
@@ -111,9 +111,9 @@ class Assessment:
     probabilities: np.ndarray  # (N, C) softmax(logits / T)
     scores: np.ndarray  # (N,) higher = less like the training species
     unknown: np.ndarray  # (N,) bool: score above the threshold
-    # (N,) str: "" for a photo of the species, else unknown.KIND_FAR ("not a flower"), KIND_NEAR ("a
-    # flower it was not trained on") or, for a score that cannot tell them apart, KIND_UNKNOWN ("unknown")
-    kind: np.ndarray | None = None
+    # (N,) bool, near_far only: its far part (Mahalanobis) alone is above the threshold. A diagnostic,
+    # not an answer: it does not tell non-flowers from other species reliably (see `unknown`).
+    far: np.ndarray | None = None
 
 
 @dataclass
@@ -138,7 +138,7 @@ class Calibration:
         return self._parts(logits, features)[0]
 
     def _parts(self, logits: np.ndarray, features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(scores (N,), far (N,) or None): near_far's far part, which says "not a flower" above the threshold."""
+        """(scores (N,), far (N,) or None): near_far's far part."""
         if self.needs_features and features is None:
             raise ValueError(f"the {self.method} score needs the backbone's features")
         if self.method == NEAR_FAR:
@@ -151,19 +151,14 @@ class Calibration:
     def assess(self, logits: np.ndarray, features: np.ndarray | None = None) -> Assessment:
         """The one call both backends make per batch: logits (N, C), features (N, D) -> Assessment."""
         scores, far = self._parts(logits, features)
-        unknown = scores > self.threshold
-        if far is None:
-            kind = np.where(unknown, KIND_UNKNOWN, "")
-        else:
-            kind = np.where(far > self.threshold, KIND_FAR, np.where(unknown, KIND_NEAR, ""))
-        return Assessment(self.probabilities(logits), scores, unknown, kind.astype(object))
+        return Assessment(self.probabilities(logits), scores, scores > self.threshold,
+                          None if far is None else far > self.threshold)
 
     def refusal(self) -> str:
         """The threshold's cost, for the model card: what share of its own species it refuses, and
         what the threshold was tuned on."""
         kept = f"{1 - self.kept:.0%}" if self.kept is not None else f"about {1 - KEEP:.0%}"
-        how = {NEAR_FAR: "as a flower it was not trained on or as not a flower"}.get(self.method, "as unknown")
-        return (f"It refuses {kept} of photos of its own species {how} (the {self.method} score above "
+        return (f"It refuses {kept} of photos of its own species as unknown (the {self.method} score above "
                 f"{self.threshold:.4g}); the threshold {self.rule or 'was set by hand'}.")
 
     def summary(self) -> str:

@@ -145,7 +145,7 @@ def test_round_trip_through_json_gives_the_same_answers(method):
     a, b = c.assess(logits, probe), back.assess(logits, probe)
     np.testing.assert_array_equal(a.scores, b.scores)  # arrays are stored as fitted (float16 values)
     np.testing.assert_array_equal(a.unknown, b.unknown)
-    np.testing.assert_array_equal(a.kind, b.kind)
+    np.testing.assert_array_equal(a.far, b.far)
     np.testing.assert_allclose(b.probabilities.sum(1), 1.0)
     assert back.storage_bytes() == c.storage_bytes() and back.kept == c.kept is not None
 
@@ -355,20 +355,15 @@ def flowers_and_others(rng, *, classes=4, dim=32, per_class=60):
     return (x, logits, y), (test_x, test_logits), (near_x, near_logits), (far_x, far_logits)
 
 
-def test_near_far_refuses_other_species_and_non_flowers_and_names_the_kind():
+def test_near_far_refuses_other_species_and_non_flowers_and_its_far_part_fires_for_the_far_ones():
     (x, logits, y), test, near, far = flowers_and_others(np.random.default_rng(20))
     c = cal.fit_calibration(logits, y, unk.stratified_folds(y), method=unk.NEAR_FAR, features=x)
     own, other, odd = (c.assess(lg, f) for f, lg in (test, near, far))
     assert unk.auroc(own.scores, other.scores) > 0.95 and unk.auroc(own.scores, odd.scores) > 0.99
     assert own.unknown.mean() < 0.15 and other.unknown.mean() > 0.8 and odd.unknown.mean() > 0.95
-    # The far part alone says "not a flower": the other species' photos look like flowers.
-    assert (odd.kind == unk.KIND_FAR).mean() > 0.95
-    assert (other.kind[other.unknown] == unk.KIND_NEAR).mean() > 0.9
-    assert set(own.kind[~own.unknown]) == {""} and set(own.kind[own.unknown]) <= {unk.KIND_NEAR, unk.KIND_FAR}
-    # A logit score cannot tell the kinds apart: one word for all.
-    msp = cal.fit_calibration(logits, y, unk.stratified_folds(y), method="msp")
-    assessed = msp.assess(*near[::-1])
-    assert set(assessed.kind[assessed.unknown]) == {unk.KIND_UNKNOWN}
+    # The far part fires for the non-flowers, hardly for the other species (which look like flowers).
+    assert odd.far.mean() > 0.95 and other.far.mean() < 0.1 and not own.far[~own.unknown].any()
+    assert cal.fit_calibration(logits, y, unk.stratified_folds(y), method="msp").assess(*near[::-1]).far is None
 
 
 def test_near_far_keeps_the_asked_share_and_gives_the_far_part_its_budget():
@@ -401,7 +396,7 @@ def test_refusal_sentence_states_the_share_refused_and_what_it_was_tuned_on():
     c = fitted(unk.NEAR_FAR)
     sentence = c.refusal()
     assert f"{1 - c.kept:.0%} of photos of its own species" in sentence
-    assert "cross-fitted train+valid photos" in sentence and "not a flower" in sentence
+    assert "cross-fitted train+valid photos" in sentence and "as unknown" in sentence
     assert "negatives" in fitted(unk.NEAR_FAR, negatives=True).refusal()
 
 
