@@ -326,7 +326,7 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         centre, spread = unk.standardization(raw["crossed"][inside], a["crossed"][inside].argmax(1),
                                              a["crossed"].shape[1])
         out[f"std_{base}"] = {k: (v - centre[logits[k].argmax(1)]) / spread[logits[k].argmax(1)] for k, v in raw.items()}
-    for share in (0.005, 0.01, 0.02):
+    for share in (0.01, unk.FAR_SHARE, 0.02):
         arrays, crossed = unk.fit_near_far(a["crossed"], y, fold, x, t, far_share=share,
                                            distance=out["mahalanobis"]["crossed"])
         full = np.full(len(y), np.nan)
