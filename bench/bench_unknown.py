@@ -17,6 +17,14 @@ test species wrongly called unknown, top-1 on the test species accepted; ECE (15
 after each rule's temperature, with its noise floor (the ECE a perfectly calibrated model shows on
 that few photos). Averaged over several head seeds and negative splits.
 
+Flowers of species it was not trained on: `--leave_species_out` (with `--arrays_dir DIR` to keep and
+reuse each run) trains train.py's default head on all species but one, each in turn, and prints per
+candidate score the held-out species' photos caught, the held-out half of the negatives caught, the
+known species' test photos kept and AUROC of each, at the cross-fitted keep-95% threshold:
+
+    python bench/bench_unknown.py ../shared/data/flower_photos_2k --negatives ../shared/data/not_flowers \
+        --leave_species_out --seeds 1 --arrays_dir /tmp/lso
+
 The rule was chosen without the test split: `--resplits N` deals the 250 train+valid photos anew N
 times into 150 train / 50 valid / 50 "test", runs train.py's training (which calibrates by the
 cross-fitted rule) on each, and scores both rules on each pseudo-test; ECE is pooled over all of them
