@@ -8,7 +8,7 @@ the backbone's features: Mahalanobis distance to the nearest class mean under on
 covariance ("mahalanobis"), cosine distance to the nearest class mean ("cosine") or to the k-th
 nearest training photo ("knn"). Both ("near_far"): the top-two logit gap per predicted class for
 other species, or Mahalanobis for non-flowers, each with its own cut. Unknown: score > threshold.
-Which part fired does not tell the kinds apart reliably (26% of other species refused by the far part).
+Which part fired does not tell the kinds apart reliably (27% of other species refused by the far part).
 
 Cross-fitting: the species photos are dealt into folds (`stratified_folds`), and each photo is
 scored by a fit on the other folds alone (`cross_fitted_scores`), so that it scores as an unseen
