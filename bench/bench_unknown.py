@@ -17,6 +17,14 @@ test species wrongly called unknown, top-1 on the test species accepted; ECE (15
 after each rule's temperature, with its noise floor (the ECE a perfectly calibrated model shows on
 that few photos). Averaged over several head seeds and negative splits.
 
+Flowers of species it was not trained on: `--leave_species_out` (with `--arrays_dir DIR` to keep and
+reuse each run) trains train.py's default head on all species but one, each in turn, and prints per
+candidate score the held-out species' photos caught, the held-out half of the negatives caught, the
+known species' test photos kept and AUROC of each, at the cross-fitted keep-95% threshold:
+
+    python bench/bench_unknown.py ../shared/data/flower_photos_2k --negatives ../shared/data/not_flowers \
+        --leave_species_out --seeds 1 --arrays_dir /tmp/lso
+
 The rule was chosen without the test split: `--resplits N` deals the 250 train+valid photos anew N
 times into 150 train / 50 valid / 50 "test", runs train.py's training (which calibrates by the
 cross-fitted rule) on each, and scores both rules on each pseudo-test; ECE is pooled over all of them
@@ -44,7 +52,7 @@ from flower_classifier.data import FlowerFolder, split_dir  # noqa: E402
 from flower_classifier.images import list_photos  # noqa: E402
 from flower_classifier.feature_store import FeatureStore  # noqa: E402
 from flower_classifier.features import cached_features  # noqa: E402
-from flower_classifier.frozen_pass import centre_view  # noqa: E402
+from flower_classifier.frozen_pass import centre_view, resolve_engine  # noqa: E402
 from flower_classifier.model import build_head  # noqa: E402
 from flower_classifier.training import run_training  # noqa: E402
 
@@ -69,9 +77,9 @@ def write_halves(negatives_dir: Path, out: Path, seed: int = 0) -> None:
     print(f"{out}/tuning and {out}/held_out: seed {seed}'s halves of the {len(photos)} photos of {negatives_dir}")
 
 
-def split_features(backbone, data_dir: Path, negatives_dir: Path, cache_dir) -> dict[str, tuple]:
+def split_features(backbone, data_dir: Path, negatives_dir: Path, cache_dir, engine: str = "torch") -> dict[str, tuple]:
     """(features (N, D) float32 of the float16 cache, labels (N,), paths) per split, and the negatives
-    (label -1)."""
+    (label -1); `engine` computes missing ones (train.py's own on the CPU: onnx)."""
     store = FeatureStore(cache_dir, backbone)
     train = FlowerFolder(split_dir(data_dir, "train"))
     folders = {"train": train, "valid": FlowerFolder(split_dir(data_dir, "valid"), classes=train.classes),
@@ -80,7 +88,8 @@ def split_features(backbone, data_dir: Path, negatives_dir: Path, cache_dir) -> 
     samples["negatives"] = [(p, -1) for p in list_photos(negatives_dir)]
     out = {}
     for name, pairs in samples.items():
-        x, ok = cached_features(backbone, [p for p, _ in pairs], centre_view(backbone), store, progress=False)
+        x, ok = cached_features(backbone, [p for p, _ in pairs], centre_view(backbone), store, progress=False,
+                                engine=engine)
         out[name] = (x[ok].float().numpy(), np.array([y for _, y in pairs])[ok.numpy()],
                      [p for (p, _), good in zip(pairs, ok.tolist()) if good])
     return out
@@ -216,6 +225,219 @@ def resplit_study(backbone, feats: dict, classes: list[str], count: int, keep: f
               f"{100 * caught.mean():>19.1f}%{100 * caught.min():>7.1f}%{ece}")
 
 
+# ---------------------------------------------------------------- leave-species-out: flowers it was not trained on
+
+def held_out_run(backbone, feats: dict, classes: list[str], held: int, seed: int, cache_dir) -> dict:
+    """train.py's default head on every species but `held` (links to their train/valid photos), and what
+    the scores need, as arrays: the known species' train+valid features `x`, labels `y`, folds and
+    cross-fitted logits (as `calibrating.calibrate_head` makes them); the head's logits and the
+    features of their test photos ("own"), of all photos of the held-out species ("near") and of the
+    negatives ("far"); the threshold of train.py's own calibration."""
+    known = [c for c in range(len(classes)) if c != held]
+    index = np.full(len(classes), -1)
+    index[known] = np.arange(len(known))
+    part = {}
+    for split in ("train", "valid", "test"):
+        x, y, paths = feats[split]
+        mine = y != held
+        part[split] = (x[mine], index[y[mine]], [p for p, m in zip(paths, mine) if m])
+    near = [feats[split][0][feats[split][1] == held] for split in ("train", "valid", "test")]
+    part["near"] = (np.concatenate(near), None, None)
+    part["far"] = feats["negatives"]
+    with tempfile.TemporaryDirectory() as tmp:
+        link_folder(Path(tmp), {split: [(p, classes[known[y]]) for p, y in zip(part[split][2], part[split][1])]
+                                for split in ("train", "valid")})
+        logits, ckpt = train_head_logits(backbone, Path(tmp), part, seed, cache_dir)
+    crossed, y, fold, x = crossed_inputs(ckpt, part, len(known))
+    return {"x": x, "y": y, "fold": fold, "crossed": crossed, "own_y": part["test"][1],
+            "today": np.array(ckpt.calibration.threshold),
+            **{f"{name}_logits": logits[split] for name, split in (("own", "test"), ("near", "near"), ("far", "far"))},
+            **{f"{name}_x": part[split][0] for name, split in (("own", "test"), ("near", "near"), ("far", "far"))}}
+
+
+def crossfit(fit, score, x: np.ndarray, y: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """(N,) scores of each photo from `fit` on the other folds (`calibration.cross_fitted_scores`, for
+    any fit(x, dense labels) -> arrays and score(x, arrays))."""
+    out = np.full(len(y), np.nan)
+    inside = unk.covered(y, fold)
+    for k in np.unique(fold):
+        rest, held = fold != k, (fold == k) & inside
+        _, dense = np.unique(y[rest], return_inverse=True)
+        out[held] = score(x[held], fit(x[rest], dense))
+    return out
+
+
+def fit_relative(x: np.ndarray, y: np.ndarray) -> dict:
+    """Relative Mahalanobis: the class Gaussians' arrays and one background Gaussian of all photos."""
+    arrays = unk.fit_feature_arrays("mahalanobis", x, y)
+    background = unk.fit_feature_arrays("mahalanobis", x, np.zeros(len(y), dtype=np.int64))
+    return {**arrays, **{f"bg_{k}": v for k, v in background.items()}}
+
+
+def relative_score(x: np.ndarray, arrays: dict) -> np.ndarray:
+    """min over classes of d2(x, class) - d2(x, background) (squared Mahalanobis distances)."""
+    d2 = _class_d2(x, arrays)
+    d2_0 = _class_d2(x, {k[3:]: v for k, v in arrays.items() if k.startswith("bg_")})
+    return d2.min(1) - d2_0[:, 0]
+
+
+def _class_d2(x: np.ndarray, arrays: dict) -> np.ndarray:
+    x = unk._unit(x).astype(np.float64)
+    means, basis, variances, rest = arrays["means"], arrays["basis"], arrays["variances"], float(arrays["rest"])
+    sq = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]
+    proj = (x @ basis.T)[:, None, :] - (means @ basis.T)[None]
+    return sq / rest + (proj ** 2 @ (1 / variances - 1 / rest))
+
+
+def p_values(reference: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The share of reference scores at or above each score, (1 + count) / (1 + n): small = unusual."""
+    reference = np.sort(reference[np.isfinite(reference)])
+    above = len(reference) - np.searchsorted(reference, scores, side="left")
+    return (1 + above) / (1 + len(reference))
+
+
+def loo_p_values(reference: np.ndarray) -> np.ndarray:
+    """Each reference score's p-value against the others."""
+    ranks = np.argsort(np.argsort(-reference, kind="stable"), kind="stable")  # 0 for the highest
+    return (1 + ranks) / (1 + len(reference) - 1)
+
+
+SETS = ("own", "near", "far")
+
+
+def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Every candidate's scores: "crossed" (the known species' train+valid photos, cross-fitted: what
+    sets the threshold) and each of SETS, all higher = less like the known species."""
+    x, y, fold = a["x"], a["y"], a["fold"]
+    inside = unk.covered(y, fold)
+    t = cal.fit_temperature(a["crossed"][inside], y[inside])
+    out = {}
+    for method in unk.LOGIT_METHODS:
+        out[method] = {"crossed": unk.logit_score(method, a["crossed"], t),
+                       **{s: unk.logit_score(method, a[f"{s}_logits"], t) for s in SETS}}
+    feature = {"mahalanobis": (lambda x, y: unk.fit_feature_arrays("mahalanobis", x, y),
+                               lambda x, arr: unk.feature_score("mahalanobis", x, arr)),
+               "rel_mahalanobis": (fit_relative, relative_score),
+               "cosine": (lambda x, y: unk.fit_feature_arrays("cosine", x, y),
+                          lambda x, arr: unk.feature_score("cosine", x, arr))}
+    for k in (1, 5):
+        feature[f"knn{k}"] = (lambda x, y, k=k: unk.fit_feature_arrays("knn", x, y, k=k),
+                              lambda x, arr: unk.feature_score("knn", x, arr))
+    for name, (fit, score) in feature.items():
+        arrays = fit(x, y)
+        crossed = (unk.cross_fitted_scores(name, x, y, fold) if name == "mahalanobis"  # the package's, faster
+                   else crossfit(fit, score, x, y, fold))
+        out[name] = {"crossed": crossed, **{s: score(a[f"{s}_x"], arrays) for s in SETS}}
+    logits = {"crossed": a["crossed"], **{s: a[f"{s}_logits"] for s in SETS}}
+    for base in ("energy", "max_logit", "margin"):
+        # standardized by the predicted class's cross-fitted scores (what near_far's near part does)
+        raw = {k: -np.diff(np.sort(v / t, 1)[:, -2:], axis=1)[:, 0] if base == "margin" else out[base][k]
+               for k, v in logits.items()}
+        centre, spread = unk.standardization(raw["crossed"][inside], a["crossed"][inside].argmax(1),
+                                             a["crossed"].shape[1])
+        out[f"std_{base}"] = {k: (v - centre[logits[k].argmax(1)]) / spread[logits[k].argmax(1)] for k, v in raw.items()}
+    for share in (0.01, unk.FAR_SHARE, 0.02):
+        arrays, crossed = unk.fit_near_far(a["crossed"], y, fold, x, t, far_share=share,
+                                           distance=out["mahalanobis"]["crossed"])
+        full = np.full(len(y), np.nan)
+        full[inside] = crossed
+        parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
+        out[f"near_far (far share {share:.1%})"] = {"crossed": full, **{s: np.maximum(*parts[s]) for s in SETS},
+                                                    "far_part": {s: parts[s][1] for s in SETS}}
+    for combo in (("energy", "mahalanobis"), ("max_logit", "mahalanobis"), ("energy", "rel_mahalanobis"),
+                  ("std_energy", "mahalanobis"), ("std_energy", "std_margin")):
+        pc = [loo_p_values(out[c]["crossed"][inside]) for c in combo]
+        ps = {s: [p_values(out[c]["crossed"][inside], out[c][s]) for c in combo] for s in SETS}
+        for how, join in (("max", lambda ps: -np.log(np.min(ps, axis=0))),
+                          ("fisher", lambda ps: -np.log(ps).sum(0))):
+            crossed = np.full(len(y), np.nan)
+            crossed[inside] = join(pc)
+            out[f"{how}({'+'.join(combo)})"] = {"crossed": crossed, **{s: join(ps[s]) for s in SETS}}
+    return out
+
+
+def saved_scores(a: dict, path: Path | None) -> dict:
+    """`candidate_scores(a)`, kept in `path` (flat "name|set" keys) and read back from it when it is
+    there: delete it after changing the candidates."""
+    if path is not None and path.is_file():
+        out = {}
+        for key, value in np.load(path).items():
+            name, *where = key.split("|")
+            slot = out.setdefault(name, {})
+            for w in where[:-1]:
+                slot = slot.setdefault(w, {})
+            slot[where[-1]] = value
+        return out
+    out = candidate_scores(a)
+    if path is not None:
+        flat = {f"{name}|{k}": v for name, sc in out.items() for k, v in sc.items() if k != "far_part"}
+        flat.update({f"{name}|far_part|{k}": v for name, sc in out.items() for k, v in sc.get("far_part", {}).items()})
+        np.savez(path, **flat)
+    return out
+
+
+def leave_species_out(backbone, feats: dict, classes: list[str], seeds: int, keep: float, cache_dir,
+                      arrays_dir: Path | None, held_out: list[int] | None = None) -> None:
+    """Each species in turn held out of training: every candidate score's catch of it ("near"), of the
+    held-out half of the negatives ("far") and its keep of the known species' test photos, at the
+    threshold keeping `keep` of the cross-fitted train+valid photos; AUROC of each against "own"."""
+    runs = []
+    for held in held_out or range(len(classes)):
+        for seed in range(seeds):
+            path = arrays_dir / f"held{held}_seed{seed}.npz" if arrays_dir else None
+            if path is not None and path.is_file():
+                a = dict(np.load(path))
+            else:
+                a = held_out_run(backbone, feats, classes, held, seed, cache_dir)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.savez(path, **a)
+            runs.append((held, seed, a))
+    n_far = len(feats["negatives"][1])
+    rows = {}
+    for held, seed, a in runs:
+        tune, evaluate = negative_halves(n_far, seed)
+        for name, sc in saved_scores(a, arrays_dir and arrays_dir / f"held{held}_seed{seed}_scores.npz").items():
+            crossed = sc["crossed"][np.isfinite(sc["crossed"])]
+            threshold, _ = unk.choose_threshold(crossed, keep=keep)
+            tuned, _ = unk.choose_threshold(crossed, sc["far"][tune], keep=keep)
+            far = sc["far"][evaluate]
+            kinds = {}
+            if "far_part" in sc:  # which kind the answer names: "not a flower" where the far part fires
+                for s in ("near", "far"):
+                    part, score = sc["far_part"][s], sc[s]
+                    if s == "far":
+                        part, score = part[evaluate], score[evaluate]
+                    called = score > threshold
+                    kinds[f"{s} as far"] = float((part[called] > threshold).mean()) if called.any() else float("nan")
+            rows.setdefault(name, []).append({**kinds,
+                "held": held, "near": float((sc["near"] > threshold).mean()), "far": float((far > threshold).mean()),
+                "kept": float((sc["own"] <= threshold).mean()), "auroc_near": unk.auroc(sc["own"], sc["near"]),
+                "auroc_far": unk.auroc(sc["own"], far), "near*": float((sc["near"] > tuned).mean()),
+                "far*": float((far > tuned).mean()), "kept*": float((sc["own"] <= tuned).mean())})
+    cols = ("near", "far", "kept", "auroc_near", "auroc_far", "near*", "far*", "kept*")
+    print(f"\nleave-species-out: each of the {len(classes)} species held out of training in turn, {seeds} seed(s); "
+          f"near: its photos called unknown; far: held-out half of the negatives called unknown; kept: the known "
+          f"species' test photos kept; at the threshold keeping {keep:.0%} of the cross-fitted train+valid photos "
+          f"(starred: chosen with the tuning half of the negatives too). Mean over held-out species:")
+    print(f"{'score':<42}" + "".join(f"{c:>11}" for c in cols) + "  near AUROC per held-out species")
+    held_out = sorted({r["held"] for rs in rows.values() for r in rs})
+    for name, rs in rows.items():
+        mean = {c: statistics.mean(r[c] for r in rs) for c in cols}
+        per = [statistics.mean(r["auroc_near"] for r in rs if r["held"] == h) for h in held_out]
+        print(f"{name:<42}" + "".join(f"{mean[c]:>11.3f}" if c.startswith("auroc") else f"{100 * mean[c]:>10.1f}%"
+                                      for c in cols) + "  " + " ".join(f"{v:.3f}" for v in per))
+    for name, rs in rows.items():
+        if "near as far" not in rs[0]:
+            continue
+        print(f"\n{name}, per held-out species ({', '.join(classes[h] for h in held_out)}; mean over seeds):")
+        for c in ("near", "far", "kept", "auroc_near", "auroc_far", "near as far", "far as far"):
+            per = [statistics.mean(r[c] for r in rs if r["held"] == h) for h in held_out]
+            print(f"  {c:<12}" + " ".join(f"{v:>7.3f}" if c.startswith("auroc") else f"{100 * v:>6.1f}%" for v in per))
+    print("near as far / far as far: of the photos called unknown, the share answered \"not a flower\" (the far "
+          "part above the threshold); the rest are answered \"a flower it was not trained on\"")
+
+
 def print_table(rows: dict[str, dict]) -> None:
     print(f"{'score':<22}" + "".join(f"{c:>10}" for c in COLUMNS))
     for name, row in rows.items():
@@ -235,7 +457,20 @@ def main(argv=None) -> int:
     p.add_argument("--cache_dir", default=None, help="feature cache (default: $FLOWER_CLASSIFIER_CACHE or ~/.cache)")
     p.add_argument("--write_halves", type=Path, default=None, metavar="DIR",
                    help="only write DIR/tuning and DIR/held_out (links to seed 0's halves of --negatives) and stop")
+    p.add_argument("--leave_species_out", action="store_true",
+                   help="only the leave-species-out study: each species held out of training in turn, scored as unknown")
+    p.add_argument("--arrays_dir", type=Path, default=None,
+                   help="--leave_species_out: keep each run's logits and features here and reuse them")
+    p.add_argument("--held_out", type=int, nargs="+", default=None,
+                   help="--leave_species_out: only these species (0-based, in folder order; default all)")
     args = p.parse_args(argv)
+    if args.leave_species_out:
+        backbone = build_backbone(args.arch)
+        feats = split_features(backbone, args.data_dir, args.negatives, args.cache_dir, resolve_engine("auto", "cpu"))
+        classes = FlowerFolder(split_dir(args.data_dir, "train")).classes
+        leave_species_out(backbone, feats, classes, args.seeds, args.keep, args.cache_dir, args.arrays_dir,
+                          args.held_out)
+        return 0
     if args.write_halves:
         write_halves(args.negatives, args.write_halves)
         return 0

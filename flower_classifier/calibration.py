@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError
-from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, choose_threshold, covered, cross_fitted_scores,
-                      feature_score, fit_feature_arrays, log_softmax, logit_score, softmax)
+from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, NEAR_FAR,
+                      choose_threshold, covered, cross_fitted_scores, feature_score, fit_feature_arrays, fit_near_far,
+                      log_softmax, logit_score, near_far_parts, softmax)
 
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -110,6 +111,9 @@ class Assessment:
     probabilities: np.ndarray  # (N, C) softmax(logits / T)
     scores: np.ndarray  # (N,) higher = less like the training species
     unknown: np.ndarray  # (N,) bool: score above the threshold
+    # (N,) bool, near_far only: its far part (Mahalanobis) alone is above the threshold. A diagnostic,
+    # not an answer: it does not tell non-flowers from other species reliably (see `unknown`).
+    far: np.ndarray | None = None
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Calibration:
     threshold: float = 1.0  # unknown when the score is above it
     rule: str = ""  # how the threshold was chosen, in words
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # what a feature score needs
+    kept: float | None = None  # share of the species photos the threshold keeps (None: not recorded)
 
     @property
     def needs_features(self) -> bool:
@@ -130,16 +135,31 @@ class Calibration:
         return softmax(logits, self.temperature)
 
     def scores(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        return self._parts(logits, features)[0]
+
+    def _parts(self, logits: np.ndarray, features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(scores (N,), far (N,) or None): near_far's far part."""
+        if self.needs_features and features is None:
+            raise ValueError(f"the {self.method} score needs the backbone's features")
+        if self.method == NEAR_FAR:
+            near, far = near_far_parts(logits, features, self.temperature, self.arrays)
+            return np.maximum(near, far), far
         if self.needs_features:
-            if features is None:
-                raise ValueError(f"the {self.method} score needs the backbone's features")
-            return feature_score(self.method, features, self.arrays)
-        return logit_score(self.method, logits, self.temperature)
+            return feature_score(self.method, features, self.arrays), None
+        return logit_score(self.method, logits, self.temperature), None
 
     def assess(self, logits: np.ndarray, features: np.ndarray | None = None) -> Assessment:
         """The one call both backends make per batch: logits (N, C), features (N, D) -> Assessment."""
-        scores = self.scores(logits, features)
-        return Assessment(self.probabilities(logits), scores, scores > self.threshold)
+        scores, far = self._parts(logits, features)
+        return Assessment(self.probabilities(logits), scores, scores > self.threshold,
+                          None if far is None else far > self.threshold)
+
+    def refusal(self) -> str:
+        """The threshold's cost, for the model card: what share of its own species it refuses, and
+        what the threshold was tuned on."""
+        kept = f"{1 - self.kept:.0%}" if self.kept is not None else f"about {1 - KEEP:.0%}"
+        return (f"It refuses {kept} of photos of its own species as unknown (the {self.method} score above "
+                f"{self.threshold:.4g}); the threshold {self.rule or 'was set by hand'}.")
 
     def summary(self) -> str:
         """One line for train.py and `calibrate` to say what they chose."""
@@ -153,7 +173,8 @@ class Calibration:
         """JSON-ready: for the checkpoint as it is, for ONNX metadata as json.dumps of it."""
         return {"version": FORMAT_VERSION, "temperature": float(self.temperature), "method": self.method,
                 "threshold": float(self.threshold), "rule": self.rule,
-                "arrays": {name: _encode(a) for name, a in self.arrays.items()}}
+                "arrays": {name: _encode(a) for name, a in self.arrays.items()},
+                **({} if self.kept is None else {"kept": float(self.kept)})}
 
     @classmethod
     def from_dict(cls, d, *, where: str = "calibration", num_classes: int | None = None,
@@ -178,6 +199,9 @@ class Calibration:
             fail("method", f"must be one of {', '.join(METHODS)} (got {d.get('method')!r})")
         if not isinstance(d.get("rule", ""), str):
             fail("rule", "must be a string")
+        kept = d.get("kept")
+        if kept is not None and not (_is_real(kept) and 0 <= kept <= 1):
+            fail("kept", f"must be a share from 0 to 1 (got {kept!r})")
         raw = d.get("arrays", {})
         if not isinstance(raw, dict) or set(raw) != set(_SHAPES.get(d["method"], {})):
             fail("arrays", f"must hold exactly {sorted(_SHAPES.get(d['method'], {})) or 'nothing'} for "
@@ -201,17 +225,21 @@ class Calibration:
                                            f"{sizes[letter]} (the model's or another array's)")
             if arrays[name].dtype.kind == "f" and (shape and min(shape) == 0):
                 fail(f"arrays.{name}", "is empty")
-        positive = [n for n in ("variances", "rest", "k") if n in arrays and not (arrays[n] > 0).all()]
+        positive = [n for n in ("variances", "rest", "k", "spread", "far_scale")
+                    if n in arrays and not (arrays[n] > 0).all()]
         if positive:
             fail(f"arrays.{positive[0]}", "must be positive")
         if "k" in arrays and int(arrays["k"]) > len(arrays["bank"]):
             fail("arrays.k", f"must be at most the {len(arrays['bank'])} stored photos")
-        return cls(float(d["temperature"]), d["method"], float(d["threshold"]), d.get("rule", ""), arrays)
+        return cls(float(d["temperature"]), d["method"], float(d["threshold"]), d.get("rule", ""), arrays,
+                   None if kept is None else float(kept))
 
 
 # The dimensions of each method's arrays: C classes, D feature size, R kept directions, M stored photos.
 _SHAPES = {"mahalanobis": {"means": "CD", "basis": "RD", "variances": "R", "rest": ""},
            "cosine": {"directions": "CD"}, "knn": {"bank": "MD", "k": ""}}
+_SHAPES[NEAR_FAR] = {**_SHAPES["mahalanobis"], "centre": "C", "spread": "C", "near_cut": "", "far_cut": "",
+                     "far_scale": ""}
 _DTYPES = {"float16": np.float16, "int32": np.int32}
 
 
@@ -280,7 +308,12 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
         raise UserError("calibrating needs a species with at least two photos across the train and valid splits")
     logits = np.asarray(logits)
     calibration = Calibration(fit_temperature(logits[inside], labels[inside]), method)
-    if method in FEATURE_METHODS:
+    if method == NEAR_FAR:
+        if features is None:
+            raise ValueError(f"the {method} score needs the species photos' features")
+        calibration.arrays, species = fit_near_far(logits, labels, fold, features, calibration.temperature,
+                                                   keep=keep, max_rank=max_rank)
+    elif method in FEATURE_METHODS:
         if features is None:
             raise ValueError(f"the {method} score needs the species photos' features")
         calibration.arrays = as_stored(fit_feature_arrays(method, features, labels, max_rank=max_rank))
@@ -292,4 +325,5 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
         negatives = calibration.scores(negative_logits, negative_features)
     calibration.threshold, calibration.rule = choose_threshold(
         species, negatives, keep=keep, of="cross-fitted train+valid photos")
+    calibration.kept = float((species <= calibration.threshold).mean())
     return calibration

@@ -79,7 +79,7 @@ def shifted_clusters(rng, *, classes=4, dim=32, per_class=40):
     return train, labels, test, test_labels, unknown, weights
 
 
-@pytest.mark.parametrize("method", cal.METHODS)
+@pytest.mark.parametrize("method", [m for m in cal.METHODS if m != unk.NEAR_FAR])  # near_far: test_unknown_kinds
 def test_each_score_separates_a_shifted_cluster(method):
     train, labels, test, _, unknown, w = shifted_clusters(np.random.default_rng(3))
     c = cal.Calibration(method=method, arrays=unk.fit_feature_arrays(method, train, labels)
@@ -145,8 +145,9 @@ def test_round_trip_through_json_gives_the_same_answers(method):
     a, b = c.assess(logits, probe), back.assess(logits, probe)
     np.testing.assert_array_equal(a.scores, b.scores)  # arrays are stored as fitted (float16 values)
     np.testing.assert_array_equal(a.unknown, b.unknown)
+    np.testing.assert_array_equal(a.far, b.far)
     np.testing.assert_allclose(b.probabilities.sum(1), 1.0)
-    assert back.storage_bytes() == c.storage_bytes()
+    assert back.storage_bytes() == c.storage_bytes() and back.kept == c.kept is not None
 
 
 def damaged(d: dict, change) -> dict:
@@ -328,3 +329,89 @@ def test_temperature_from_cross_fitted_logits_and_arrays_from_every_photo():
     assert c.arrays["directions"].shape == (5, 8) and "300 cross-fitted" in c.rule
     with pytest.raises(UserError, match="at least two photos"):
         cal.fit_calibration(logits[:3], np.arange(3), np.zeros(3, dtype=int), method="msp")
+
+
+# ---------------------------------------------------------------- near_far: other species and non-flowers
+
+def flowers_and_others(rng, *, classes=4, dim=32, per_class=60):
+    """Known species: features around their class centre, the head sure of their class. A flower of
+    another species: features near a known centre (it looks like one), the head torn between two
+    classes. A non-flower: features far from every centre, and a head as sure as for a known one."""
+    centres = rng.normal(size=(classes, dim)) * 3
+    def known(n):
+        y = rng.integers(0, classes, n)
+        logits = rng.normal(size=(n, classes))
+        logits[np.arange(n), y] += 6
+        return centres[y] + rng.normal(size=(n, dim)), logits, y
+    x, logits, y = known(classes * per_class)
+    test_x, test_logits, _ = known(80)
+    n = 60
+    near_x = centres[rng.integers(0, classes, n)] + rng.normal(size=(n, dim))
+    near_logits = rng.normal(size=(n, classes))
+    near_logits[:, :2] += 2.5  # between the first two classes
+    far_x = rng.normal(size=(n, dim)) * 3 + 12 * rng.normal(size=dim)  # a place no species is
+    far_logits = rng.normal(size=(n, classes))
+    far_logits[np.arange(n), rng.integers(0, classes, n)] += 6
+    return (x, logits, y), (test_x, test_logits), (near_x, near_logits), (far_x, far_logits)
+
+
+def test_near_far_refuses_other_species_and_non_flowers_and_its_far_part_fires_for_the_far_ones():
+    (x, logits, y), test, near, far = flowers_and_others(np.random.default_rng(20))
+    c = cal.fit_calibration(logits, y, unk.stratified_folds(y), method=unk.NEAR_FAR, features=x)
+    own, other, odd = (c.assess(lg, f) for f, lg in (test, near, far))
+    assert unk.auroc(own.scores, other.scores) > 0.95 and unk.auroc(own.scores, odd.scores) > 0.99
+    assert own.unknown.mean() < 0.15 and other.unknown.mean() > 0.8 and odd.unknown.mean() > 0.95
+    # The far part fires for the non-flowers, hardly for the other species (which look like flowers).
+    assert odd.far.mean() > 0.95 and other.far.mean() < 0.1 and not own.far[~own.unknown].any()
+    assert cal.fit_calibration(logits, y, unk.stratified_folds(y), method="msp").assess(*near[::-1]).far is None
+
+
+def test_near_far_keeps_the_asked_share_and_gives_the_far_part_its_budget():
+    (x, logits, y), *_ = flowers_and_others(np.random.default_rng(21))
+    fold = unk.stratified_folds(y)
+    temperature = cal.fit_temperature(logits, y)
+    arrays, scores = unk.fit_near_far(logits, y, fold, x, temperature, keep=0.9, far_share=0.02)
+    assert 0.9 <= (scores <= arrays["near_cut"]).mean() < 0.9 + 1.5 / len(y)
+    distance = unk.cross_fitted_scores("mahalanobis", x, y, fold)
+    assert (distance > arrays["far_cut"]).mean() == pytest.approx(0.02, abs=1.5 / len(y))
+    # With keep 1 nothing of its own is refused, and the far part gets none of the (empty) budget.
+    arrays, scores = unk.fit_near_far(logits, y, fold, x, temperature, keep=1.0)
+    assert (scores <= arrays["near_cut"]).all()
+
+
+def test_near_score_is_standardized_by_the_predicted_class():
+    logits = np.array([[4.0, 0], [6, 0], [0, 1], [0, 3], [0, 5]])
+    raw = unk.near_base(logits, 1.0)
+    assert raw[0] == -4 and raw[3] == -3  # minus the gap between the two largest logits
+    centre, spread = unk.standardization(raw, logits.argmax(1), 3)
+    assert centre[0] == pytest.approx(raw[:2].mean()) and spread[1] == pytest.approx(raw[2:].std())
+    assert centre[2] == pytest.approx(raw.mean())  # never predicted: all photos' figures
+    z = unk.near_score(logits, 1.0, centre, spread)
+    assert z[:2].mean() == pytest.approx(0) and z[2:].std() == pytest.approx(1)
+    same = unk.standardization(np.ones(4), np.zeros(4, dtype=int), 1)[1]
+    assert np.isfinite(same).all() and (same > 0).all()  # identical scores divide by a floor, not by 0
+
+
+def test_refusal_sentence_states_the_share_refused_and_what_it_was_tuned_on():
+    c = fitted(unk.NEAR_FAR)
+    sentence = c.refusal()
+    assert f"{1 - c.kept:.0%} of photos of its own species" in sentence
+    assert "cross-fitted train+valid photos" in sentence and "as unknown" in sentence
+    assert "negatives" in fitted(unk.NEAR_FAR, negatives=True).refusal()
+
+
+NEAR_FAR_DAMAGE = {
+    "arrays.spread": lambda d: d["arrays"].update(spread=cal._encode(np.zeros(4))),
+    "arrays.far_scale": lambda d: d["arrays"].update(far_scale=cal._encode(np.array(-1.0))),
+    "arrays.centre": lambda d: d["arrays"].update(centre=cal._encode(np.zeros(5))),
+    "arrays": lambda d: d["arrays"].pop("near_cut"),
+    "kept": lambda d: d.update(kept=1.5),
+}
+
+
+@pytest.mark.parametrize("field", NEAR_FAR_DAMAGE)
+def test_from_dict_refuses_damaged_near_far_values(field):
+    good = fitted(unk.NEAR_FAR).to_dict()
+    cal.Calibration.from_dict(good, num_classes=4, feature_dim=32)
+    with pytest.raises(UserError, match=rf"model.pth: calibration field '{field}'"):
+        cal.Calibration.from_dict(damaged(good, NEAR_FAR_DAMAGE[field]), where="model.pth", num_classes=4)
