@@ -94,24 +94,57 @@ def _equal(a, b) -> bool:
         return a is b
 
 
-def reads(source: str | ast.AST) -> set[str]:
-    """The names a cell reads before it assigns them itself, in source order (close enough for
-    notebook cells: `x = f(x)` counts as assigning first)."""
+_NESTED = (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)  # scopes of their own
+
+
+def _statement_flow(statement: ast.stmt) -> tuple[set[str], set[str]]:
+    """(the names a top-level statement reads, the names it binds). A function reads what its body
+    reads but does not bind itself; the variables of a comprehension or lambda are not the cell's."""
+    if isinstance(statement, (ast.Import, ast.ImportFrom)):
+        return set(), {(a.asname or a.name).split(".")[0] for a in statement.names}
+    names = [n for n in ast.walk(statement) if isinstance(n, ast.Name)]
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        local = {a.arg for a in ast.walk(statement) if isinstance(a, ast.arg)}
+        local |= {n.id for n in names if not isinstance(n.ctx, ast.Load)}
+        return {n.id for n in names if isinstance(n.ctx, ast.Load)} - local, {statement.name}
+    nested = {id(n) for scope in ast.walk(statement) if isinstance(scope, _NESTED)
+              for n in ast.walk(scope) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    binds = {n.id for n in names if not isinstance(n.ctx, ast.Load) and id(n) not in nested}
+    inner = {n.id for n in names if id(n) in nested}
+    if isinstance(statement, (ast.Assign, ast.AugAssign, ast.AnnAssign)):  # the value is read before the binding
+        return {n.id for n in names if isinstance(n.ctx, ast.Load)} - inner, binds
+    # A loop or block: a name bound before it is read (a loop variable) is not read from before the cell.
+    first: dict[str, bool] = {}
+    for n in sorted(names, key=lambda n: (n.lineno, n.col_offset)):
+        first.setdefault(n.id, isinstance(n.ctx, ast.Load))
+    return {name for name, load in first.items() if load} - inner, binds
+
+
+def cell_flow(source: str | ast.AST) -> tuple[set[str], dict[str, set[str]]]:
+    """(the names a cell reads from before it ran, and for each name it binds, the names from before
+    it that went into it), statement by statement: `fig = show(photo)` depends on `photo`, not on
+    everything else the cell reads."""
     tree = ast.parse(source) if isinstance(source, str) else source
-    names = sorted((n for n in ast.walk(tree) if isinstance(n, ast.Name)), key=lambda n: (n.lineno, n.col_offset))
-    assigned, read = set(), set()
-    for n in names:
-        if isinstance(n.ctx, ast.Load) and n.id not in assigned:
-            read.add(n.id)
-        elif not isinstance(n.ctx, ast.Load):
-            assigned.add(n.id)
-    return read
+    outside: set[str] = set()
+    made: dict[str, set[str]] = {}
+    for statement in tree.body:
+        reads, binds = _statement_flow(statement)
+        sources = set()
+        for name in reads:
+            if name in made:
+                sources |= made[name]
+            else:
+                sources.add(name)
+                outside.add(name)
+        for name in binds:
+            made[name] = sources | (made.get(name, set()) if isinstance(statement, ast.AugAssign) else set())
+    return outside, made
 
 
 @dataclass
 class Made:
     cell: int  # the execution count of the cell that made it, as Jupyter shows it: In [cell]
-    inputs: dict[str, int]  # the names it was made from -> their version then
+    inputs: dict[str, tuple[int, int]]  # the names it was made from -> (their version then, the cell that read it)
 
 
 class CellWatch:
@@ -119,66 +152,85 @@ class CellWatch:
 
     def __init__(self, namespace: dict):
         self.namespace = namespace
-        self.version: dict[str, int] = {}  # name -> how many times it was made (a knob: its value changed)
+        self.version: dict[str, int] = {}  # name -> how many times it was made; a knob -> which of its values
         self.made: dict[str, Made] = {}
-        self.knob_values: dict[str, object] = {}
-        self.before: dict[str, int] = {}  # id() of each name's value when the running cell started
-        self.read: set[str] = set()  # the names the running cell reads
+        self.knob_values: dict[str, list] = {}  # knob -> the values it has held
+        self.before: dict[str, int] | None = None  # id() of each name's value when the running cell started
+        self.flow: tuple[set[str], dict[str, set[str]]] = (set(), {})  # the running cell's `cell_flow`
         self.note_knobs()
 
     def note_knobs(self) -> None:
+        """A knob's version is which of its values it holds: set back as it was, it is what it was."""
         for name, value in list(self.namespace.items()):
-            if is_knob(name) and _tracked(name) and not (
-                    name in self.knob_values and _equal(self.knob_values[name], value)):
+            if not (is_knob(name) and _tracked(name)):
+                continue
+            seen = self.knob_values.setdefault(name, [])
+            version = next((i for i, old in enumerate(seen) if _equal(old, value)), None)
+            if version is None:
                 try:
-                    self.knob_values[name] = copy.deepcopy(value)
+                    seen.append(copy.deepcopy(value))  # a copy: a list edited in place is a new value
                 except Exception:
-                    self.knob_values[name] = value
-                self.version[name] = self.version.get(name, 0) + 1
+                    seen.append(value)
+                version = len(seen) - 1
+            self.version[name] = version
 
-    def changed(self, name: str, seen: set[str]) -> str | None:
-        """The knob or name, among those `name` was made from (directly or not), changed since."""
-        made = self.made.get(name)
-        for source, version in (made.inputs.items() if made else ()):
+    def changed(self, name: str, seen: set[str]) -> set[str]:
+        """The knobs and names, among those `name` was made from (directly or not), changed since."""
+        made, causes = self.made.get(name), set()
+        for source, (version, _) in (made.inputs.items() if made else ()):
             if self.version.get(source, 0) != version:
-                return source
-            if source not in seen:
+                causes.add(source)
+            elif source not in seen:
                 seen.add(source)
-                cause = self.changed(source, seen)
-                if cause:
-                    return cause
-        return None
+                causes |= self.changed(source, seen)
+        return causes
 
     def problem(self, source: str | ast.AST) -> str | None:
         """Why a cell with this code must not run now, in one line, or None."""
         self.note_knobs()  # a knob assigned outside the knobs cell counts too
-        for name in sorted(reads(source)):
-            cause = self.changed(name, set()) if _tracked(name) else None
-            if cause:
-                users = [m.cell for m in self.made.values() if m.inputs.get(cause, self.version[cause]) != self.version[cause]]
-                first = min(users)
-                what = (f"{cause} changed" if is_knob(cause)
-                        else f"`{cause}` was made again (cell [{self.made[cause].cell}])")
-                return (f"{what} after cell [{first}] used it, and this cell reads `{name}`, made from the old "
-                        f"{'value' if is_knob(cause) else 'one'}: run the cells from [{first}] down to this one "
-                        f"again, in order (or Kernel → Restart Kernel and Run All Cells)")
-        return None
+        stale = {name: self.changed(name, set()) for name in sorted(cell_flow(source)[0]) if _tracked(name)}
+        stale = {name: causes for name, causes in stale.items() if causes}
+        if not stale:
+            return None
+        # The learner's own change first: a knob edited, else the name made again.
+        name, cause = min(((n, c) for n, causes in stale.items() for c in causes), key=lambda nc: (not is_knob(nc[1]), nc))
+        first = min(cell for m in self.made.values() for source, (version, cell) in m.inputs.items()
+                    if source == cause and version != self.version[cause])
+        what = f"{cause} changed" if is_knob(cause) else f"`{cause}` was made again (cell [{self.made[cause].cell}])"
+        return (f"{what} after cell [{first}] used it, and this cell reads `{name}`, made from the old "
+                f"{'value' if is_knob(cause) else 'one'}: run the cells from [{first}] down to this one "
+                f"again, in order (or Kernel → Restart Kernel and Run All Cells)")
 
     def start(self, tree: ast.Module) -> None:
         self.before = {name: id(value) for name, value in self.namespace.items()}
-        self.read = reads(tree)
+        self.flow = cell_flow(tree)
 
     def finish(self, cell: int) -> None:
-        """After a cell ran (or failed part way): what it (re)made, and from what."""
+        """After a cell ran (or failed part way): what it (re)made, and from what. A cell refused by
+        `problem` (or run before the watch began) made nothing."""
         self.note_knobs()
+        if self.before is None:
+            return
         remade = [name for name, value in self.namespace.items()
                   if _tracked(name) and not is_knob(name) and self.before.get(name) != id(value)]
+        outside, made = self.flow
+        prior = {name: self.made.get(name) for name in remade}
+
+        def versions(sources: set[str]) -> dict[str, tuple[int, int]]:
+            out = {}
+            for source in sorted(sources):
+                if source in prior:  # read as it was before this cell made it again: what that was made from
+                    out.update(prior[source].inputs if prior[source] else {})
+                elif _tracked(source) and source in self.namespace:
+                    out[source] = (self.version.get(source, 0), cell)
+            return out
+
+        # A name changed without being assigned (by a call) counts as made from all the cell read.
+        inputs = {name: versions(made.get(name, outside)) for name in remade}
         for name in remade:
             self.version[name] = self.version.get(name, 0) + 1
-        inputs = {name: self.version.get(name, 0) for name in self.read if _tracked(name) and name in self.namespace}
-        for name in remade:
-            self.made[name] = Made(cell, {k: v for k, v in inputs.items() if k != name})
-        self.before, self.read = {}, set()
+            self.made[name] = Made(cell, inputs[name])
+        self.before, self.flow = None, (set(), {})
 
 
 class _Guard(ast.NodeTransformer):
@@ -195,7 +247,7 @@ class _Guard(ast.NodeTransformer):
         if problem is None:
             self.watch.start(node)
             return node
-        self.watch.before, self.watch.read = {}, set()
+        self.watch.before, self.watch.flow = None, (set(), {})
         stop = ast.parse(f"raise __import__('flower_classifier.errors', fromlist=['UserError']).UserError({problem!r})")
         return ast.fix_missing_locations(stop)
 

@@ -327,6 +327,7 @@ class _Cells:
         tree = ast.parse(source)
         problem = self.watch.problem(tree)
         if problem:
+            self.watch.finish(self.count)  # IPython tells the watch that the (refused) cell ended, too
             raise UserError(problem)
         self.watch.start(tree)
         try:
@@ -337,18 +338,23 @@ class _Cells:
 
 def test_the_guard_stops_a_cell_that_mixes_old_and_new():
     cells = _cells_run()
-    cells.run("print(head)")  # nothing changed: it runs
-    cells.run("ARCH = 'b'")  # [5]
+    cells.run("print(head)")  # [5] nothing changed: it runs
+    cells.run("ARCH = 'b'")
     with pytest.raises(UserError, match=r"^ARCH changed after cell \[2\] used it, and this cell reads `head`, made "
                                         r"from the old value: run the cells from \[2\] down to this one again"):
-        cells.run("print(head)")
+        cells.run("print(head)")  # [7], refused
     cells.run("ARCH = 'a'")  # back as it was: nothing is stale
     cells.run("print(head)")
-    cells.run("features = ARCH * 3")  # [8] made again from the same knob
-    with pytest.raises(UserError, match=r"^`features` was made again \(cell \[8\]\) after cell \[3\] used it"):
+    cells.run("features = ARCH * 3")  # [10] made again; cell [4] made head from the old one
+    with pytest.raises(UserError, match=r"^`features` was made again \(cell \[10\]\) after cell \[4\] used it, "
+                                        r"and this cell reads `head`, made from the old one: run the cells from \[4\]"):
         cells.run("print(head)")
     cells.run("head = features + '!'")  # a cell that makes it anew is fine
     cells.run("print(head)")
+    cells.run("backbone = backbone.lower()")  # made again from its old self: still made from ARCH
+    cells.run("ARCH = 'c'")
+    with pytest.raises(UserError, match=r"^ARCH changed after cell \[2\] used it, and this cell reads `backbone`"):
+        cells.run("print(backbone)")
 
 
 def _cells_run() -> "_Cells":
@@ -361,10 +367,15 @@ def _cells_run() -> "_Cells":
 
 
 def test_the_guard_counts_only_names_read_before_the_cell_makes_them():
-    from flower_classifier.tutorial import reads
+    from flower_classifier.tutorial import cell_flow
 
-    assert reads("head = make(x)\nhead.train()\nprint(head, y)") == {"make", "x", "print", "y"}
-    assert reads("for f, l in loader:\n    out = f + l") == {"loader"}
+    outside, made = cell_flow("head = make(x)\nhead.train()\nfig = show(head, y)\nx = f(x)\n"
+                              "def g(a):\n    b = a + z\n    return b\nfor f, l in loader:\n    out = f + l + w\n"
+                              "names = [m.name for m in models]\nimport numpy as np")
+    assert outside == {"make", "x", "show", "y", "f", "z", "loader", "w", "models"}
+    assert made["fig"] == {"show", "make", "x", "y"} and made["x"] == {"f", "x"} and made["g"] == {"z"}
+    assert made["out"] == {"loader", "w"} and made["names"] == {"models"} and made["np"] == set()
+    assert "m" not in made and "b" not in made
     cells = _cells_run()
     cells.run("SEED = 1")
     cells.run("head = features + str(SEED)\nprint(head)")  # remakes head before reading it: runs
@@ -389,12 +400,13 @@ def _probes(nb, tmp) -> list[tuple[str, str]]:
     shutil.copy(ROOT / "tests" / "data" / "daisy.jpg", elsewhere)
     missing_gpu = "mps" if torch.cuda.is_available() else "cuda"
     return [
-        ("title", 'print("title:", fig.axes[0].get_title())'),
-        ("rerun", training),
+        ("title", _tagged(nb, "build-plot") + '\nprint("title:", fig.axes[0].get_title())'),
         ("photo-outside-the-data", f"PHOTO = {str(ROOT / 'tests' / 'data' / 'daisy.jpg')!r}"),
         ("photo-outside-the-data-shown", photo),
         ("photo-in-a-category-named-folder-elsewhere", f"PHOTO = {str(elsewhere)!r}"),
         ("photo-in-a-category-named-folder-elsewhere-shown", photo),
+        ("rerun", training),
+        ("rerun-then-predict!", _tagged(nb, "build-top-k")),  # the calibration is the old head's
         ("knobs-rerun-unchanged", knobs),
         ("knobs-rerun-unchanged-then-train", training),
         ("ARCH-edited", 'ARCH = "efficientnet_lite0"'),
@@ -487,6 +499,8 @@ def test_rerunning_the_training_cell_repeats_the_run(executed):
     first, rerun = _epochs(_text(nb)), _epochs(printed)
     assert len(first) == 3 and not error
     assert rerun == first  # a fresh head from the same seed, not two more epochs of the old one
+    _, error = _probe(nb, "rerun-then-predict!")  # the calibration and predictor below were the first run's
+    assert re.match(r"UserError: `(head|best)` was made again \(cell \[\d+\]\) after cell \[\d+\] used it", error)
 
 
 def test_the_best_epoch_is_tested_and_saved(executed):
