@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from flower_classifier import calibration as cal  # noqa: E402
+from flower_classifier import calibration as cal, unknown as unk  # noqa: E402
 from flower_classifier.evaluation import evaluate_checkpoint  # noqa: E402
 from flower_classifier.images import decode_image, list_photos, preprocess, to_rgb  # noqa: E402
 from flower_classifier.predictor import load_predictor, mirrored  # noqa: E402
@@ -123,7 +123,7 @@ def figures(calibration, outputs: dict, seconds: dict, names: list[str], targets
         species = calibration.scores(logits[:n_test], features[:n_test])
         others = calibration.scores(np.mean([negatives[n][0] for n in names], axis=0),
                                     np.mean([negatives[n][1] for n in names], axis=0))
-        row.update(auroc=cal.auroc(species, others), caught=float((others > calibration.threshold).mean()),
+        row.update(auroc=unk.auroc(species, others), caught=float((others > calibration.threshold).mean()),
                    rejected=float((species > calibration.threshold).mean()))
     return row
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from flower_classifier import calibration as cal  # noqa: E402
+from flower_classifier import calibration as cal, unknown as unk  # noqa: E402
 from flower_classifier.calibrating import cross_fitted_logits  # noqa: E402
 from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
@@ -113,7 +113,7 @@ def crossed_inputs(ckpt, feats: dict, num_classes: int) -> tuple:
     """(logits, labels, fold, features) of the train+valid photos as `calibrating.calibrate_head` makes them."""
     x = np.concatenate([feats["train"][0], feats["valid"][0]])
     y = np.concatenate([feats["train"][1], feats["valid"][1]]).astype(np.int64)
-    fold = cal.stratified_folds(y, cal.CROSS_FOLDS, seed=ckpt.config.seed)
+    fold = unk.stratified_folds(y, unk.CROSS_FOLDS, seed=ckpt.config.seed)
     return cross_fitted_logits(ckpt.config, ckpt.epoch or ckpt.config.epochs, x, y, num_classes, fold), y, fold, x
 
 
@@ -137,8 +137,8 @@ def figures(rule: str, method: str, feats: dict, logits: dict, crossed: tuple, t
     species = plain.scores(logits["test"], xte)
     negatives = plain.scores(logits["negatives"][held], xneg[held])
     correct = logits["test"].argmax(1) == yte
-    a = cal.detection_metrics(species, correct, negatives, plain.threshold)
-    b = cal.detection_metrics(species, correct, negatives, tuned.threshold)
+    a = unk.detection_metrics(species, correct, negatives, plain.threshold)
+    b = unk.detection_metrics(species, correct, negatives, tuned.threshold)
     everyone = plain.scores(logits["negatives"], xneg)  # no negative chose the threshold without them
     return {"AUROC": a["auroc"], "caught": a["negatives_caught"], "all": float((everyone > plain.threshold).mean()),
             "rejected": a["species_rejected"],

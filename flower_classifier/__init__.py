@@ -1,14 +1,17 @@
 """Name a flower's species from a photo: a frozen pretrained CNN with a new trainable head.
 
-Modules in the order data flows through them (README *Code map*): `config` (every option, once)
--> `data` / `images` (photo folders, decoding, preprocessing) -> `backbones` -> `features` /
-`shards` (the frozen pass, computed once, and its store) -> `model` (the head) -> `training` /
-`search` / `distributed` -> `runfolder` (a save folder: files, saving, resuming, the lock) and
-`record` (the history, curves and model card a run leaves there) -> `checkpoint` / `files` ->
-`calibration` / `calibrating` -> `predictor` (a checkpoint or an ONNX file, one interface) ->
-`export` / `serving`; `evaluation` and `plots` measure; `cli` and `notebook` are the faces (the
-notebook's out-of-order checks in `tutorial`, its keep-awake helpers in `workspace`); `names`,
-`devices`, `progress`, `errors`, `datacheck`, `oxford102` serve them.
+Modules in the order data flows through them, each importing only those before it (README *Code
+map*): `config` (every option, once) -> `data` / `images` / `datacheck` (photo folders, decoding,
+preprocessing, the look-over) -> `backbones` -> `features` / `shards` (the frozen pass, computed
+once, and its store) -> `model` (the head) -> `unknown` (the unknown scores and thresholds, numpy
+only) -> `calibration` (temperature, ECE, the stored `Calibration`) -> `checkpoint` / `files` ->
+`runfolder` (a save folder: files, saving an epoch, resuming, the lock) -> `fitting` (the one loop:
+`train_one_epoch`, `evaluate`, `fit`), with `search` and `distributed` -> `calibrating` (a head's
+calibration: its fold heads go through `fitting`) -> `predictor` (a checkpoint or an ONNX file, one
+interface) -> `evaluation` / `plots` (measuring) -> `record` (history, curves, model card) ->
+`training` (`run_training`: the run, stage after stage) -> `export` / `serving`; `cli` and
+`notebook` are the faces (the notebook's out-of-order checks in `tutorial`, its keep-awake helpers
+in `workspace`); `names`, `devices`, `progress`, `errors`, `oxford102` serve them.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.

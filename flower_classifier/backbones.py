@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .hub import OFFLINE_CHOICE, TORCHVISION_WEIGHTS as _TV_WEIGHTS  # torch-free: train.py asks it first
 from .images import Preprocessing  # torch-free, beside the decoding: ONNX prediction reads it too
-
-OFFLINE_CHOICE = "efficientnet_lite0"
 
 
 @dataclass
@@ -106,15 +105,6 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------- torchvision backbones
-
-# The weights each torchvision backbone loads, named once: they also decide its preprocessing.
-# SWAG linear: the SWAG trunk (weakly supervised on Instagram hashtags, arXiv 2201.08371) kept frozen
-# under a linear ImageNet classifier at 224 px: features meant to be used as they are, like ours.
-_TV_WEIGHTS = {"vgg16": "IMAGENET1K_V1", "vgg13": "IMAGENET1K_V1", "resnet50": "IMAGENET1K_V2",
-               "densenet121": "IMAGENET1K_V1", "efficientnet_b0": "IMAGENET1K_V1",
-               "vit_b_16": "IMAGENET1K_SWAG_LINEAR_V1", "regnet_y_16gf": "IMAGENET1K_SWAG_LINEAR_V1",
-               "convnext_tiny": "IMAGENET1K_V1", "efficientnet_v2_s": "IMAGENET1K_V1"}
-
 
 def _tv_weights(arch: str):
     import torchvision

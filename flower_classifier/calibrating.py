@@ -1,11 +1,12 @@
-"""Fitting a head's calibration on its photo folder: the torch side of `calibration`, shared by
-train.py (once training ends) and the `calibrate` command (on an existing checkpoint).
+"""Fitting a head's calibration on its photo folder: the torch side of `calibration`, used by the
+run (`training`, once for the checkpoint a user loads) and by the `calibrate` command.
 
-The temperature and the threshold come from the species photos of the train and valid splits
-(centre crops, as the feature cache stores them), cross-fitted: each photo's logits from a head
-trained as the checkpoint's was on the other folds, its feature score from class means and
-covariance fitted without it (`calibration.fit_calibration`); with `negatives` (a folder of photos
-that are none of the species) the threshold is chosen with them too.
+The temperature and the threshold come from the species photos of the train and valid splits,
+cross-fitted: each photo's logits from a head trained as the checkpoint's was on the other folds (its
+recipe: the same loop, augmented views, schedule, for the checkpoint's own epoch count), its feature
+score from class means and covariance fitted without it (`calibration.fit_calibration`); with
+`negatives` (a folder of photos that are none of the species) the threshold is chosen with them too.
+The fold heads train all at once (`model.StackedHeads`), through `fitting.train_one_epoch`.
 """
 from __future__ import annotations
 
@@ -16,16 +17,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import devices, distributed
 from .backbones import Backbone, get_spec
-from . import devices
-from .calibration import CROSS_FOLDS, Calibration, fit_calibration, stratified_folds
+from .calibration import Calibration, fit_calibration
+from .checkpoint import load_weights
 from .config import TrainConfig
-from .data import FlowerFolder, epoch_seed, split_dir
+from .data import FlowerFolder, split_dir
+from .datacheck import seen_in_training
 from .errors import UserError
-from .features import FeatureStore, cached_features, centre_view
+from .features import FeatureSet, FeatureStore, cached_features, centre_view, feature_loader
+from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, new_head, seed_epoch, train_one_epoch
 from .images import list_photos
-from .model import build_head
-from .training import head_threads, loss_weights, make_optimizer
+from .model import StackedHeads, build_head
+from .unknown import CROSS_FOLDS, stratified_folds
 
 
 @dataclass
@@ -37,25 +41,34 @@ class CalibrationData:
     valid: tuple[np.ndarray, np.ndarray]
     negatives: np.ndarray | None = None
     negatives_dir: Path | None = None
+    # The training photos' augmented views (V * n, D), view after view: row j shows training photo j % n.
+    views: np.ndarray | None = None
 
 
-def negative_photos(folder: str | Path, *, option: str = "--negatives") -> list[Path]:
-    """The photos of a folder of non-species photos; refused in one line when there are none."""
+def negative_photos(folder: str | Path, *, option: str = "--negatives", data_dir: str | Path | None = None) -> list[Path]:
+    """The photos of a folder of non-species photos; refused in one line when there are none, or (given
+    the `data_dir` trained on) when some are the species' own train or valid photos."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{option} {folder}: no such directory; pass a folder of photos that are none of the species")
     photos = list_photos(folder)
     if not photos:
         raise UserError(f"{option} {folder} holds no photos; pass a folder of photos that are none of the species")
+    shared = seen_in_training(photos, data_dir) if data_dir is not None else []
+    if shared:
+        raise UserError(f"{option} {folder}: {len(shared)} of its photos are the species' own training or validation "
+                        f"photos (e.g. {shared[0][0]} = {shared[0][1]}); pass photos that are none of the species")
     return photos
 
 
 def calibration_data(data_dir: str | Path, classes: list[str], backbone: Backbone, *,
                      negatives: str | Path | None = None, cache_dir: str | Path | None = None,
                      device: torch.device | str = "cpu", num_workers: int = 0, progress: bool = True,
-                     engine: str = "torch", skip=(), splits: dict | None = None) -> CalibrationData:
+                     engine: str = "torch", skip=(), splits: dict | None = None,
+                     views: np.ndarray | None = None) -> CalibrationData:
     """The features calibration needs. `skip`: photos already found unreadable (not read, nor warned
-    about, again); `splits`: the train and valid (features, labels) when the caller has them already."""
+    about, again); `splits`: the train and valid (features, labels) when the caller has them already,
+    and `views` the training photos' augmented views (see `CalibrationData`)."""
     store = FeatureStore(cache_dir, backbone)
     common = dict(device=device, num_workers=num_workers, progress=progress, engine=engine)
 
@@ -76,56 +89,89 @@ def calibration_data(data_dir: str | Path, classes: list[str], backbone: Backbon
     if negative_x is not None and len(negative_x) == 0:
         raise UserError(f"--negatives {negatives}: none of its photos could be read")
     return CalibrationData(splits["train"], splits["valid"], negative_x,
-                           Path(negatives) if negatives is not None else None)
+                           Path(negatives) if negatives is not None else None, views)
 
 
 @torch.inference_mode()
+def forward(module: torch.nn.Module, rows: np.ndarray, *, shape=None, device: torch.device | str = "cpu",
+            batch_size: int = 256) -> np.ndarray:
+    """`module` (in eval mode) over rows (N, ...) in batches -> (N, ...) float32; `shape`: one row's
+    shape as the module takes it (activations stored flat)."""
+    module = module.eval().to(device)
+    parts = [module(torch.from_numpy(rows[i:i + batch_size]).float().to(device).view(
+        -1, *(shape or rows.shape[1:]))).float().cpu().numpy() for i in range(0, len(rows), batch_size)]
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+
+
 def head_logits(head_state: dict, hidden_units, num_classes: int, features: np.ndarray) -> np.ndarray:
     """(N, D) features -> (N, num_classes) logits of the head with `head_state`."""
     head = build_head(features.shape[1], hidden_units, num_classes, 0.0)
     head.load_state_dict(head_state)
-    return head.eval()(torch.from_numpy(features).float()).numpy()
+    return forward(head, features)
+
+
+def fold_rows(features: np.ndarray, labels: np.ndarray, fold: np.ndarray, views: np.ndarray | None = None,
+              viewed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """What the fold heads train on: rows (M, D), the photos' `features` (N, D), then `views`, the
+    augmented views (V * n, D) of the first n = `viewed` photos, view after view (row j shows photo j % n);
+    targets (M, K), each row's label for the heads whose folds hold none of its photo, and -100 (the
+    loss's ignore_index) for the head of its own fold."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rows, photo = [features], [np.arange(len(labels))]
+    if views is not None and len(views):
+        if not 0 < viewed <= len(labels) or len(views) % viewed:
+            raise ValueError(f"{len(views)} views are not whole passes over {viewed} photos")
+        rows.append(views)
+        photo.append(np.arange(len(views)) % viewed)
+    photo = np.concatenate(photo)
+    targets = np.repeat(labels[photo][:, None], int(fold.max()) + 1, axis=1)
+    targets[np.arange(len(photo)), fold[photo]] = -100
+    return np.concatenate(rows).astype(np.float32), targets
 
 
 def cross_fitted_logits(config: TrainConfig, epochs: int, features: np.ndarray, labels: np.ndarray,
-                        num_classes: int, fold: np.ndarray) -> np.ndarray:
-    """(N, num_classes) logits, each photo's from a head trained as `config` says, for `epochs` epochs
-    (the checkpoint's: a head stopped at its best epoch is less sure than one run to the end), on
-    the other folds of `fold` (N,). Seconds on cached features; in one process, even under torchrun."""
-    logits = np.zeros((len(labels), num_classes), dtype=np.float32)
-    dims = [features.shape[1], *config.hidden_units, num_classes]
+                        num_classes: int, fold: np.ndarray, *, views: np.ndarray | None = None, viewed: int = 0,
+                        device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, num_classes) logits of the photos' `features` (N, D), each photo's from a head trained on
+    the other folds of `fold` (N,) alone (and `views`: see `fold_rows`), as train.py trains the head:
+    the same loop, optimizer, schedule (over `config.epochs`), seeds and class weights, for `epochs`
+    epochs (the checkpoint's: a head stopped at its best epoch is less sure than one run to the end).
+    Under torchrun every process trains its share of the rows, as for the head."""
+    fold = np.asarray(fold)
+    rows, targets = fold_rows(features, labels, fold, views, viewed)
+    folds, dim = targets.shape[1], rows.shape[1]
+    loader = feature_loader(FeatureSet(torch.from_numpy(rows), torch.from_numpy(targets)),
+                            batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    row_labels = torch.from_numpy(targets.max(1))  # each row's label (only one of its K targets is -100)
+    device = torch.device(device)
     # fork_rng: the seeds set here leave torch's global random state as the caller had it.
-    with devices.threads(head_threads(dims, config.batch_size)), torch.enable_grad(), torch.random.fork_rng(devices=[]):
-        for k in np.unique(fold):
-            rest = fold != k
-            x, y = torch.from_numpy(features[rest]).float(), torch.from_numpy(labels[rest])
-            seed = config.seed + int(k)
-            torch.manual_seed(seed)
-            head = build_head(features.shape[1], config.hidden_units, num_classes, config.dropout).train()
-            optimizer = make_optimizer(head, config)
-            loss_fn = torch.nn.CrossEntropyLoss(weight=loss_weights(config, y, num_classes),
-                                                label_smoothing=config.label_smoothing)
-            for epoch in range(1, epochs + 1):
-                torch.manual_seed(epoch_seed(seed, epoch))  # this epoch's order and dropout
-                order = torch.randperm(len(y))
-                for batch in order.split(config.batch_size):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_fn(head(x[batch]), y[batch]).backward()
-                    optimizer.step()
-            with torch.inference_mode():
-                logits[fold == k] = head.eval()(torch.from_numpy(features[fold == k]).float()).numpy()
-    return logits
+    with torch.random.fork_rng(devices=[]), torch.enable_grad(), devices.threads(
+            fit_threads(config, [dim, *config.hidden_units, num_classes], device, heads=folds)):
+        heads = StackedHeads([new_head(config, dim, num_classes, seed=config.seed + k) for k in range(folds)])
+        model = distributed.wrap(heads.to(device), device)
+        optimizer = make_optimizer(heads, config)
+        scheduler = make_scheduler(optimizer, config, len(loader))
+        loss_fn = torch.nn.CrossEntropyLoss(weight=loss_weights(config, row_labels, num_classes),
+                                            label_smoothing=config.label_smoothing)  # ignore_index -100
+        for epoch in range(1, epochs + 1):
+            seed_epoch(loader, config.seed, epoch)
+            train_one_epoch(model, loader, optimizer, loss_fn, device, scheduler=scheduler,
+                            desc=f"calibration: {folds} fold heads, epoch {epoch}/{epochs}", progress=False)
+    n = len(fold)
+    logits = forward(heads, rows[:n], device=device)  # (N, C, K)
+    return logits[np.arange(n), :, fold]
 
 
 def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], data: CalibrationData, *,
-                   method: str, keep: float, epochs: int = 0) -> Calibration:
+                   method: str, keep: float, epochs: int = 0, device: torch.device | str = "cpu") -> Calibration:
     """The calibration of the head with `head_state`, trained with `config` for `epochs` epochs (0:
     config.epochs), on `data`: cross-fitted over train and valid (see the module docstring); the head
     itself scores only the negatives."""
     x = np.concatenate([data.train[0], data.valid[0]])
     y = np.concatenate([data.train[1], data.valid[1]]).astype(np.int64)
     fold = stratified_folds(y, CROSS_FOLDS, seed=config.seed)
-    logits = cross_fitted_logits(config, epochs or config.epochs, x, y, len(classes), fold)
+    logits = cross_fitted_logits(config, epochs or config.epochs, x, y, len(classes), fold, views=data.views,
+                                 viewed=len(data.train[1]), device=device)
     negatives = data.negatives
     negative_logits = (None if negatives is None
                        else head_logits(head_state, config.hidden_units, len(classes), negatives))
@@ -133,40 +179,35 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
                            negative_logits=negative_logits, negative_features=negatives)
 
 
-@torch.no_grad()
-def through_top(data: CalibrationData, top: torch.nn.Module, shape, *, device: torch.device | str = "cpu",
-                batch_size: int = 256) -> CalibrationData:
+def through_top(data: CalibrationData, top: torch.nn.Module, shape, *,
+                device: torch.device | str = "cpu") -> CalibrationData:
     """`data` as the head of a fine-tuned checkpoint sees it: each split's activation rows (N, prod(shape))
-    through the top blocks `top` (in eval mode, as trained), in batches -> features (N, D)."""
-    top = top.eval().to(device)
-
+    through the top blocks `top` (in eval mode, as trained) -> features (N, D)."""
     def features(rows: np.ndarray | None) -> np.ndarray | None:
-        if rows is None:
-            return None
-        parts = [top(torch.from_numpy(rows[i:i + batch_size]).to(device).view(-1, *shape)).float().cpu().numpy()
-                 for i in range(0, len(rows), batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        return None if rows is None else forward(top, rows, shape=shape, device=device)
 
     return dataclasses.replace(data, train=(features(data.train[0]), data.train[1]),
-                               valid=(features(data.valid[0]), data.valid[1]), negatives=features(data.negatives))
+                               valid=(features(data.valid[0]), data.valid[1]), negatives=features(data.negatives),
+                               views=features(data.views))
 
 
 def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, method: str, keep: float,
                          top: torch.nn.Module | None = None,
                          device: torch.device | str = "cpu") -> tuple[Calibration, CalibrationData]:
-    """The calibration of one checkpoint (see `calibrate_head`). `data` holds what
-    the frozen part gives (`backbones.frozen_part` at the checkpoint's --finetune): the features, or for
-    a fine-tuned checkpoint the activations, which go through its blocks (`top`, `split_backbone`'s,
-    loaded here with the checkpoint's weights) first. Returns it and the features it was fitted on."""
+    """The calibration of one checkpoint (see `calibrate_head`), for its own epoch count. `data` holds
+    what the frozen part gives (`backbones.frozen_part` at the checkpoint's --finetune): the features,
+    or for a fine-tuned checkpoint the activations, which go through its blocks (`top`,
+    `split_backbone`'s, loaded here with the checkpoint's weights) first. Returns it and the features
+    it was fitted on."""
     if ckpt.config.finetune:
-        top.load_state_dict(ckpt.top_state)
+        load_weights(ckpt, None, top)
         data = through_top(data, top, get_spec(ckpt.arch).split_shapes[ckpt.config.finetune], device=device)
     calibration = calibrate_head(ckpt.head_state, ckpt.config, classes, data, method=method, keep=keep,
-                                 epochs=ckpt.epoch)
+                                 epochs=ckpt.epoch, device=device)
     return calibration, data
 
 
-def describe(calibration: Calibration, data: CalibrationData) -> str:
+def calibrated_line(calibration: Calibration, data: CalibrationData) -> str:
     """The one line saying what was chosen, and on what."""
     on = (f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)"
           + (f" and {len(data.negatives)} photos of {data.negatives_dir}"

@@ -1,23 +1,18 @@
-"""Probabilities that mean what they say, and "not one of my species": numpy and scipy only, so the
-PyTorch checkpoint and the torch-free ONNX app share this one implementation.
+"""Probabilities that mean what they say, and the stored calibration: numpy only, so the PyTorch
+checkpoint and the torch-free ONNX app share this one implementation (scipy's scalar search is
+imported only where a temperature is fitted).
 
 Temperature scaling: one scalar T, fitted by minimising the negative log-likelihood of cross-fitted
 logits; the probabilities shown are softmax(logits / T). Expected calibration error (ECE) over
 equal-width confidence bins measures how far "80%" is from "right 8 times in 10".
 
-Unknown scores: higher means less like the training species. From the logits: 1 - maximum softmax
-probability ("msp"), energy (-T logsumexp(logits / T)), minus the largest logit ("max_logit"). From
-the backbone's features: Mahalanobis distance to the nearest class mean under one shared, shrunk
-covariance ("mahalanobis"), cosine distance to the nearest class mean ("cosine") or to the k-th
-nearest training photo ("knn"). A photo is unknown when its score is above the threshold.
-
-Cross-fitting (`fit_calibration`): the species photos of train and valid are dealt into CROSS_FOLDS
-folds, and each photo is scored (logits and unknown score) by a fit on the other folds alone, so every
-one of them scores as an unseen photo would. T and the threshold (keep 95% of those scores; and, when
-given, a folder of photos that are none of the species) come from all of them, not from the 50 of a
-small validation split, whose quantile and temperature swing from split to split (measured: README,
-"Unknown photos and calibrated probabilities"). A feature score's arrays are then fitted on all of
-train and valid.
+`fit_calibration` puts T together with an unknown score and its threshold (`unknown`: the scores,
+their arrays, the thresholds). Cross-fitted: the species photos of train and valid are dealt into
+folds, and each photo is scored (logits and unknown score) by a fit on the other folds alone, so
+every one of them scores as an unseen photo would. T and the threshold (keep 95% of those scores;
+and, when given, a folder of photos that are none of the species) come from all of them, not from
+the 50 of a small validation split, whose quantile and temperature swing from split to split. A
+feature score's arrays are then fitted on all of train and valid.
 
 `Calibration` holds all that prediction needs (T, method, threshold, the score's arrays) as plain
 data: `to_dict` gives JSON-ready values (arrays as base64 float16), `from_dict` checks every field.
@@ -30,33 +25,21 @@ import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, logsumexp
-from scipy.stats import rankdata
 
-from .config import KEEP, UNKNOWN_SCORES as METHODS  # KEEP: default share of species photos kept
 from .errors import UserError
+from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, choose_threshold, covered, cross_fitted_scores,
+                      feature_score, fit_feature_arrays, log_softmax, logit_score, softmax)
 
-LOGIT_METHODS, FEATURE_METHODS = METHODS[:3], METHODS[3:]
 ECE_BINS = 15
-MAX_RANK = 64  # covariance directions kept for Mahalanobis; the rest share one variance
-KNN_K = 5
 TEMPERATURE_RANGE = (0.05, 20.0)
-STORE_DTYPE = np.float16  # arrays as stored (the feature cache's own precision); computed in float32
 FORMAT_VERSION = 1
-CROSS_FOLDS = 5  # folds of the cross-fitting: each fit sees 80% of the species photos (measured as good as 10)
 
 
 # ---------------------------------------------------------------- temperature and calibration error
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """(N, C) logits -> (N, C) probabilities of softmax(logits / temperature)."""
-    return np.exp(log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1))
-
-
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the true labels under softmax(logits / temperature)."""
-    logp = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+    logp = log_softmax(logits, temperature)
     return float(-logp[np.arange(len(labels)), labels].mean())
 
 
@@ -66,6 +49,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     The NLL is convex in 1/T, so a bounded scalar search over log T finds the one minimum; the bounds
     only bite when no photo is wrong (the NLL then keeps falling as T -> 0).
     """
+    from scipy.optimize import minimize_scalar  # here: prediction never fits, and scipy costs start-up time
+
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if len(labels) == 0:
         raise UserError("fitting a temperature needs at least one species photo")
@@ -116,153 +101,6 @@ def ece_noise_floor(probabilities: np.ndarray, bins: int = ECE_BINS, draws: int 
     rng = np.random.default_rng(seed)
     return float(np.mean([reliability(probabilities, np.where(rng.random(len(confidence)) < confidence,
                                                                predicted, -1), bins).ece for _ in range(draws)]))
-
-
-# ---------------------------------------------------------------- unknown scores (higher = less known)
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)  # float32 squares overflow for features past ~1e19
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def logit_score(method: str, logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """(N, C) logits -> (N,) scores by "msp", "energy" or "max_logit"."""
-    logits = np.asarray(logits, dtype=np.float64)
-    if method == "msp":
-        return 1.0 - softmax(logits, temperature).max(1)
-    if method == "energy":
-        return -temperature * logsumexp(logits / temperature, axis=1)
-    if method == "max_logit":
-        return -logits.max(1)
-    raise ValueError(f"not a logit score: {method}")
-
-
-def fit_feature_arrays(method: str, features: np.ndarray, labels: np.ndarray, *,
-                       max_rank: int = MAX_RANK, k: int = KNN_K) -> dict[str, np.ndarray]:
-    """What a feature score needs, from the training split's features (N, D) and labels (N,).
-
-    All on unit-length features. mahalanobis: class means (C, D); the shared within-class covariance,
-    shrunk towards a multiple of the identity by the Ledoit-Wolf rule, kept as its top `max_rank`
-    directions (R, D) with their variances (R,) and one variance for all other directions ("rest").
-    cosine: unit class means (C, D). knn: the unit training features (N, D) and k. Rounded to
-    STORE_DTYPE, as stored.
-    """
-    # On the unit sphere: what a photo shows lies in its features' direction more than in their length
-    # (measured on the sample: Mahalanobis AUROC 0.85 on raw features, 0.99 on unit ones).
-    if features is None or labels is None:
-        raise ValueError(f"the {method} score needs the training split's features and labels")
-    x, labels = _unit(features).astype(np.float64), np.asarray(labels)
-    classes = int(labels.max()) + 1
-    counts = np.bincount(labels, minlength=classes)
-    if (counts == 0).any():
-        raise UserError(f"class {int(np.argmin(counts))} has no training features to describe it")
-    means = np.zeros((classes, x.shape[1]))
-    np.add.at(means, labels, x)
-    means /= counts[:, None]
-    if method == "cosine":
-        arrays = {"directions": _unit(means)}
-    elif method == "knn":
-        arrays = {"bank": x, "k": np.array(min(k, len(x)))}
-    elif method == "mahalanobis":
-        arrays = {"means": means, **_shrunk_covariance(x - means[labels], max_rank)}
-    else:
-        raise ValueError(f"not a feature score: {method}")
-    return {name: a if a.dtype.kind == "i" else a.astype(STORE_DTYPE).astype(np.float32)
-            for name, a in arrays.items()}
-
-
-def _shrunk_covariance(residuals: np.ndarray, max_rank: int) -> dict[str, np.ndarray]:
-    n, d = residuals.shape
-    _, s, vt = np.linalg.svd(residuals, full_matrices=False)  # residuals = U diag(s) Vt
-    eig = s ** 2 / n  # eigenvalues of the covariance, largest first (at most min(N, D) nonzero)
-    mu = eig.sum() / d  # the identity target's scale: the mean variance
-    # Ledoit-Wolf: the shrinkage that minimises the expected squared error to the true covariance.
-    spread = (eig ** 2).sum() - d * mu ** 2  # |S - mu I|^2
-    noise = ((np.linalg.norm(residuals, axis=1) ** 4).sum() / n - (eig ** 2).sum()) / n
-    shrink = 1.0 if spread <= 0 else min(max(noise, 0.0) / spread, 1.0)
-    rank = min(max_rank, len(eig))
-    kept = (1 - shrink) * eig[:rank] + shrink * mu
-    rest = (1 - shrink) * eig[rank:].sum() / max(d - rank, 1) + shrink * mu
-    # No shrinkage and no variance left (N <= R, or one photo per class): keep it invertible, also once
-    # stored as float16 (whose smallest positive value is 6e-8).
-    rest = max(rest, 1e-6 * mu, 1e-7)
-    return {"basis": vt[:rank], "variances": np.maximum(kept, rest), "rest": np.array(rest)}
-
-
-def feature_score(method: str, features: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """(N, D) features -> (N,) scores by "mahalanobis", "cosine" or "knn" (see `fit_feature_arrays`)."""
-    x = _unit(features).astype(np.float64 if method == "mahalanobis" else np.float32)
-    if method == "cosine":
-        return 1.0 - (x @ arrays["directions"].T).max(1)
-    if method == "knn":
-        similarity = x @ arrays["bank"].T  # (N, M)
-        k = int(arrays["k"])
-        return 1.0 - np.partition(similarity, -k, axis=1)[:, -k]
-    if method == "mahalanobis":
-        means, basis, variances, rest = arrays["means"], arrays["basis"], arrays["variances"], float(arrays["rest"])
-        # |x - m|^2 / rest, corrected along the kept directions: (x-m)' P (x-m) without a (D, D) matrix.
-        sq = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]  # (N, C)
-        proj = (x @ basis.T)[:, None, :] - (means @ basis.T)[None]  # (N, C, R)
-        d2 = sq / rest + (proj ** 2 @ (1 / variances - 1 / rest))
-        return np.sqrt(np.maximum(d2.min(1), 0.0))
-    raise ValueError(f"not a feature score: {method}")
-
-
-# ---------------------------------------------------------------- thresholds and how well they work
-
-def auroc(known_scores: np.ndarray, unknown_scores: np.ndarray) -> float:
-    """The chance that an unknown photo scores above a known one (ties count half): Mann-Whitney U."""
-    known, unknown = np.ravel(known_scores), np.ravel(unknown_scores)
-    if len(known) == 0 or len(unknown) == 0:
-        raise ValueError("AUROC needs scores of both kinds")
-    ranks = rankdata(np.concatenate([known, unknown]))  # ties get their average rank
-    u = ranks[len(known):].sum() - len(unknown) * (len(unknown) + 1) / 2
-    return float(u / (len(known) * len(unknown)))
-
-
-def choose_threshold(species_scores: np.ndarray, negative_scores: np.ndarray | None = None, *,
-                     keep: float = KEEP, of: str = "validation photos") -> tuple[float, str]:
-    """The threshold (unknown: score > threshold) and a sentence saying how it was chosen; `of` names
-    the species photos `species_scores` belong to.
-
-    Species photos only: the lowest threshold keeping at least `keep` of them.
-    With negatives (photos that are none of the species): among thresholds still keeping at least
-    `keep` of them, the one with the best balanced accuracy (mean of species kept and negatives
-    caught), in the middle of the gap between the two kinds when several tie; so a clean separation
-    puts it half-way between them rather than at the edge of the species photos.
-    """
-    valid = np.sort(np.ravel(species_scores))
-    if not 0 < keep <= 1 or len(valid) == 0:
-        raise UserError(f"choosing a threshold needs species photos and 0 < keep <= 1 (got {keep})")
-    lowest = float(valid[max(math.ceil(keep * len(valid)) - 1, 0)])
-    if negative_scores is None or len(negative_scores) == 0:
-        kept = float((valid <= lowest).mean())
-        return lowest, f"keeps {kept:.0%} of {len(valid)} {of} (at least {keep:.0%})"
-    negative = np.ravel(negative_scores)
-    values = np.unique(np.concatenate([valid, negative]))
-    candidates = np.concatenate([(values[:-1] + values[1:]) / 2, values[-1:]])
-    candidates = candidates[candidates >= lowest]
-    kept = (valid[None, :] <= candidates[:, None]).mean(1)
-    caught = (negative[None, :] > candidates[:, None]).mean(1)
-    balanced = (kept + caught) / 2
-    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
-    i = int(best[len(best) // 2])
-    return float(candidates[i]), (f"keeps {kept[i]:.0%} of {len(valid)} {of} and catches "
-                                  f"{caught[i]:.0%} of {len(negative)} negatives (best balanced accuracy "
-                                  f"while keeping at least {keep:.0%})")
-
-
-def detection_metrics(species_scores: np.ndarray, species_correct: np.ndarray, negative_scores: np.ndarray,
-                      threshold: float) -> dict[str, float]:
-    """What `evaluate --negatives` prints: AUROC, the share of negatives caught, of species photos
-    wrongly called unknown, and top-1 accuracy on the species photos accepted."""
-    species, correct = np.ravel(species_scores), np.ravel(species_correct).astype(bool)
-    accepted = species <= threshold
-    return {"auroc": auroc(species, negative_scores),
-            "negatives_caught": float((np.ravel(negative_scores) > threshold).mean()),
-            "species_rejected": float((~accepted).mean()),
-            "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan"),
-            "accuracy": float(correct.mean())}
 
 
 # ---------------------------------------------------------------- what a checkpoint and an ONNX file carry
@@ -383,6 +221,11 @@ def _encode(array: np.ndarray) -> dict:
     return {"dtype": dtype, "shape": list(array.shape), "data": base64.b64encode(data.tobytes()).decode("ascii")}
 
 
+def as_stored(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays as a saved calibration gives them back (float16 precision, float32 type)."""
+    return {name: _decode(_encode(a)) for name, a in arrays.items()}
+
+
 def _decode(value: dict) -> np.ndarray:
     if not isinstance(value, dict):
         raise TypeError(f"expected a dict of dtype, shape and data, got {type(value).__name__}")
@@ -409,46 +252,6 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def stratified_folds(labels: np.ndarray, folds: int = CROSS_FOLDS, seed: int = 0) -> np.ndarray:
-    """(N,) fold of each photo: each class's photos dealt round the folds from a random start, so a
-    class of n <= folds photos lies in n different folds and every fold holds its share of each class."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    fold = np.empty(len(labels), dtype=np.int64)
-    for c in np.unique(labels):
-        where = rng.permutation(np.flatnonzero(labels == c))
-        fold[where] = (np.arange(len(where)) + rng.integers(folds)) % folds
-    return fold
-
-
-def covered(labels: np.ndarray, fold: np.ndarray) -> np.ndarray:
-    """(N,) bool: photos whose class has photos in other folds. Only they count in a cross-fit: a fit
-    without any photo of a species says nothing of how an unseen photo of a known species scores."""
-    _, labels = np.unique(labels, return_inverse=True)
-    _, fold = np.unique(fold, return_inverse=True)
-    per_fold = np.zeros((labels.max() + 1, fold.max() + 1), dtype=np.int64)  # (classes, folds) photo counts
-    np.add.at(per_fold, (labels, fold), 1)
-    return per_fold.sum(1)[labels] > per_fold[labels, fold]
-
-
-def cross_fitted_scores(method: str, features: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
-                        max_rank: int = MAX_RANK) -> np.ndarray:
-    """(N,) feature scores, each photo's from the arrays fitted on the other folds (nan where its
-    class is in no other fold)."""
-    features, labels, fold = np.asarray(features), np.asarray(labels), np.asarray(fold)
-    scores = np.full(len(labels), np.nan)
-    inside = covered(labels, fold)
-    for k in np.unique(fold):
-        rest, held = fold != k, (fold == k) & inside
-        if not held.any():
-            continue
-        # A fit's class indices are those of the classes it has: the score is a minimum over classes.
-        _, dense = np.unique(labels[rest], return_inverse=True)
-        arrays = fit_feature_arrays(method, features[rest], dense, max_rank=max_rank)
-        scores[held] = feature_score(method, features[held], arrays)
-    return scores
 
 
 def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *, method: str,
@@ -480,7 +283,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
     if method in FEATURE_METHODS:
         if features is None:
             raise ValueError(f"the {method} score needs the species photos' features")
-        calibration.arrays = fit_feature_arrays(method, features, labels, max_rank=max_rank)
+        calibration.arrays = as_stored(fit_feature_arrays(method, features, labels, max_rank=max_rank))
         species = cross_fitted_scores(method, features, labels, fold, max_rank=max_rank)[inside]
     else:
         species = calibration.scores(logits[inside])
@@ -490,45 +293,3 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
     calibration.threshold, calibration.rule = choose_threshold(
         species, negatives, keep=keep, of="cross-fitted train+valid photos")
     return calibration
-
-
-# ---------------------------------------------------------------- figures (matplotlib only when drawn)
-
-def plot_reliability(before: Reliability, after: Reliability, *, save_to=None):
-    """calibration.png: accuracy against confidence per bin, before and after temperature scaling."""
-    import matplotlib.pyplot as plt
-
-    from .plots import _finish
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
-    for ax, bins, title in zip(axes, (before, after), ("before", "after temperature scaling")):
-        width = np.diff(bins.edges)
-        shown = bins.counts > 0
-        ax.bar(bins.edges[:-1][shown], bins.accuracy[shown], width=width[shown], align="edge",
-               edgecolor="black", label="accuracy")
-        ax.bar(bins.edges[:-1][shown], (bins.confidence - bins.accuracy)[shown], bottom=bins.accuracy[shown],
-               width=width[shown], align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)",
-               title=f"{title}: ECE {100 * bins.ece:.1f}%")
-    axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left")
-    return _finish(fig, save_to)
-
-
-def plot_score_histograms(species_scores: np.ndarray, negative_scores: np.ndarray, threshold: float, *,
-                          method: str = "", save_to=None):
-    """The unknown score of species photos and of photos that are none of them, with the threshold."""
-    import matplotlib.pyplot as plt
-
-    from .plots import _finish
-
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    both = np.concatenate([np.ravel(species_scores), np.ravel(negative_scores), [threshold]])
-    edges = np.linspace(both.min(), both.max(), 31)
-    ax.hist(species_scores, bins=edges, alpha=0.6, label=f"species photos ({len(species_scores)})")
-    ax.hist(negative_scores, bins=edges, alpha=0.6, label=f"not the species ({len(negative_scores)})")
-    ax.axvline(threshold, color="black", linestyle="--", label="threshold: above it, unknown")
-    ax.set(xlabel=f"unknown score ({method})" if method else "unknown score", ylabel="photos")
-    ax.legend()
-    return _finish(fig, save_to)

@@ -21,10 +21,11 @@ from .calibration import Calibration
 from .images import Preprocessing
 from .config import TrainConfig
 from .devices import check_device
-from .errors import UserError
+from .errors import UserError, quoted
 from .files import atomic_save, safe_load
 from .model import FlowerClassifier, build_head
 
+BEST_NAME = "checkpoint.pth"  # a run folder's best checkpoint (`runfolder`): what predict.py loads
 FORMAT = "flower_classifier.checkpoint"
 FORMAT_VERSION = 1
 STATE_FORMAT = "flower_classifier.training_state"
@@ -45,9 +46,6 @@ class Checkpoint:
     calibration: Calibration | None = None  # fitted once training ends (or by `calibrate`); None before
     # `split_backbone(arch, config.finetune)`'s top: its state_dict; {} for a frozen backbone (and before it)
     top_state: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def name_of(self, category: str) -> str:
-        return (self.cat_to_name or {}).get(category, category)
 
 
 def _to_plain(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,15 +76,15 @@ def check_head(head_state, *, arch: str, hidden_units, num_classes: int, where: 
     for key, want in expected.items():
         got = head_state.get(key)
         if got is None or got.shape != want.shape:
-            raise UserError(f"{where}: head_state {key!r} has shape {None if got is None else list(got.shape)}, "
+            raise UserError(f"{where}: head_state {quoted(key)} has shape {None if got is None else list(got.shape)}, "
                             f"but backbone {arch} ({feature_dim} features), hidden_units {list(hidden_units)} and "
                             f"{num_classes} categories need {list(want.shape)}")
     extra = sorted(set(head_state) - set(expected))
     if extra:
-        raise UserError(f"{where}: head_state holds {extra[0]!r}, which the head has not")
+        raise UserError(f"{where}: head_state holds {quoted(extra[0])}, which the head has not")
     for key, value in head_state.items():
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
-            raise UserError(f"{where}: the head's weights {key!r} are not all finite numbers (nan or inf): the "
+            raise UserError(f"{where}: the head's weights {quoted(key)} are not all finite numbers (nan or inf): the "
                             f"training that made them diverged; train again with a lower --learning_rate")
 
 
@@ -107,21 +105,20 @@ def check_top(top_state, *, arch: str, finetune: int, where: str) -> None:
         got = top_state.get(key)
         if got is None or got.shape != want.shape or got.dtype != want.dtype:
             found = "is missing" if got is None else f"is {got.dtype} of shape {list(got.shape)}"
-            raise UserError(f"{where}: top_state {key!r} {found}, but the top {finetune} blocks of {arch} "
+            raise UserError(f"{where}: top_state {quoted(key)} {found}, but the top {finetune} blocks of {arch} "
                             f"(config finetune {finetune}) need {want.dtype} of shape {list(want.shape)}")
     extra = sorted(set(top_state) - set(expected))
     if extra:
-        raise UserError(f"{where}: top_state holds {extra[0]!r}, which the top {finetune} blocks of {arch} "
+        raise UserError(f"{where}: top_state holds {quoted(extra[0])}, which the top {finetune} blocks of {arch} "
                         f"(config finetune {finetune}) have not")
     for key, value in top_state.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise UserError(f"{where}: the fine-tuned blocks' weights {key!r} are not all finite numbers (nan or "
+            raise UserError(f"{where}: the fine-tuned blocks' weights {quoted(key)} are not all finite numbers (nan or "
                             f"inf): the training that made them diverged; train again with a lower --learning_rate")
 
 
 def _show(value) -> str:
-    text = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else quoted(value)
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
@@ -150,8 +147,6 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """A checkpoint file, every field checked for type and range before use: UserError naming the
     file and the field otherwise (an edited or damaged file must not allocate, crash or mispredict)."""
-    from .runfolder import BEST_NAME  # runfolder imports this module
-
     d = safe_load(path, example=BEST_NAME)
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise UserError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker); "
@@ -160,12 +155,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     field_of = _FieldChecker(d, path, "checkpoint")
     arch = field_of("arch", lambda v: isinstance(v, str), "a backbone name")
     if arch not in BACKBONES:
-        raise UserError(f"{path}: made with backbone {arch!r}, which this version does not know "
+        raise UserError(f"{path}: made with backbone {quoted(arch)}, which this version does not know "
                         f"(known: {', '.join(BACKBONES)})")
     preprocessing = Preprocessing.from_dict(d.get("preprocessing"), where=f"{path}: field 'preprocessing'")
     config = _config(field_of("config", lambda v: isinstance(v, dict), "a dict of training options"), path)
     if config.arch != arch:
-        raise UserError(f"{path}: field 'config' names backbone {config.arch!r}, field 'arch' {arch!r}; "
+        raise UserError(f"{path}: field 'config' names backbone {quoted(config.arch)}, field 'arch' {quoted(arch)}; "
                         f"the file was edited: use one train.py saved")
     classes = field_of("classes", lambda v: isinstance(v, list) and v and all(isinstance(c, str) for c in v)
                        and len(set(v)) == len(v), "a non-empty list of unique category names")
@@ -240,6 +235,15 @@ def _is_run_id(v) -> bool:
     return v is None or isinstance(v, str) and 0 < len(v) <= 64
 
 
+def load_weights(ckpt: Checkpoint, head: torch.nn.Module | None, top: torch.nn.Module | None = None) -> None:
+    """The one place a checkpoint's weights go into modules: its head into `head`, its fine-tuned
+    blocks (if any) into `top` (`split_backbone`'s top at its --finetune); None: leave that part."""
+    if head is not None:
+        head.load_state_dict(ckpt.head_state)
+    if top is not None and ckpt.top_state:
+        top.load_state_dict(ckpt.top_state)
+
+
 def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
     """Backbone (rebuilt from its name, or the one given) with its fine-tuned top blocks loaded
     (`--finetune`), + head with the saved weights: frozen, in eval mode, for predicting."""
@@ -247,12 +251,11 @@ def build_model(ckpt: Checkpoint, *, backbone=None) -> FlowerClassifier:
                num_classes=len(ckpt.classes), where="cannot build the model")
     check_top(ckpt.top_state, arch=ckpt.arch, finetune=ckpt.config.finetune, where="cannot build the model")
     backbone = backbone or build_backbone(ckpt.arch)
-    if ckpt.config.finetune:
-        _, top = split_backbone(backbone, ckpt.config.finetune)  # shares the backbone's modules
-        top.load_state_dict(ckpt.top_state)
-        freeze(top)
+    top = split_backbone(backbone, ckpt.config.finetune)[1] if ckpt.config.finetune else None  # the backbone's own
     head = build_head(backbone.feature_dim, ckpt.config.hidden_units, len(ckpt.classes), ckpt.config.dropout)
-    head.load_state_dict(ckpt.head_state)
+    load_weights(ckpt, head, top)
+    if top is not None:
+        freeze(top)
     return FlowerClassifier(backbone.module, head, classes=ckpt.classes, cat_to_name=ckpt.cat_to_name,
                             preprocessing=ckpt.preprocessing, calibration=ckpt.calibration).eval()
 

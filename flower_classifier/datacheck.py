@@ -22,7 +22,7 @@ from pathlib import Path
 from .progress import progress_bar
 from .config import MAX_IMBALANCE  # declared with the other options, so that the CLI needs no torch
 from .data import EXAMPLES, SPLIT_NAMES, check_data_dir, find_splits, list_categories, listing, load_image
-from .images import UnreadableImage, scan_category
+from .images import UnreadableImage, list_photos, scan_category
 from .names import folder_names, names_warnings
 from .oxford102 import unfinished_download
 
@@ -44,8 +44,13 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word if n == 1 else plural}"
 
 
+def photo_digest(content: bytes) -> str:
+    """What makes two photos the same photo here: the same bytes (sha256)."""
+    return hashlib.sha256(content).hexdigest()
+
+
 def inspect_file(path: Path) -> tuple[str, str | None]:
-    """sha256 of the file's bytes, and why it cannot be read as an image (None if it can)."""
+    """`photo_digest` of the file's bytes, and why it cannot be read as an image (None if it can)."""
     try:
         content = path.read_bytes()  # read once: hashed, then decoded from memory
     except OSError as e:
@@ -53,8 +58,36 @@ def inspect_file(path: Path) -> tuple[str, str | None]:
     try:
         load_image(content)
     except UnreadableImage as e:
-        return hashlib.sha256(content).hexdigest(), e.reason
-    return hashlib.sha256(content).hexdigest(), None
+        return photo_digest(content), e.reason
+    return photo_digest(content), None
+
+
+def shared_photos(photos: list[Path], others: list[Path]) -> list[tuple[Path, Path]]:
+    """(photo, other) pairs, each photo of `photos` that is also (`photo_digest`) in `others` with one of
+    its copies there, as check-data finds photos shared by two splits; unreadable files share nothing."""
+    def digests(paths: list[Path]) -> list[tuple[str, Path]]:
+        found = []
+        for p in paths:
+            try:
+                found.append((photo_digest(Path(p).read_bytes()), Path(p)))
+            except OSError:
+                continue
+        return found
+
+    theirs = dict(reversed(digests(others)))  # digest -> its first photo in `others`
+    return [(p, theirs[d]) for d, p in digests(photos) if d in theirs]
+
+
+def split_photos(data_dir: str | Path) -> dict[str, list[Path]]:
+    """The photos of each split of the data folder, by the one rule for what is a photo."""
+    return {split: [p for c in list_categories(folder) for p in list_photos(folder / c)]
+            for split, folder in find_splits(data_dir).items()}
+
+
+def seen_in_training(photos: list[Path], data_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(photo, the same photo in the train or valid split of `data_dir`) pairs."""
+    splits = split_photos(data_dir)
+    return shared_photos(photos, splits.get("train", []) + splits.get("valid", []))
 
 
 def check_data(data_dir: str | Path, *, cat_to_name: dict[str, str] | None = None,

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import calibration as cal
+from . import calibration as cal, unknown
 from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
 from .errors import UserError
 from .predictor import average_views, load_predictor
-from .training import _progress, topk_correct
+from .fitting import _progress, topk_correct
 
 
 @dataclass
@@ -82,7 +82,7 @@ def calibration_figures(outputs: Outputs, calibration: cal.Calibration | None,
         species = calibration.scores(outputs.logits, outputs.features)
         others = calibration.scores(negatives.logits, negatives.features)
         correct = outputs.logits.argmax(1) == outputs.targets
-        figures["unknown"] = {**cal.detection_metrics(species, correct, others, calibration.threshold),
+        figures["unknown"] = {**unknown.detection_metrics(species, correct, others, calibration.threshold),
                               "species_scores": species, "negative_scores": others, "negatives": len(others),
                               "threshold": calibration.threshold, "method": calibration.method}
     return figures
@@ -267,6 +267,12 @@ def report_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, de
                             tta=tta)
 
 
+# What `write_report` writes into its folder, by kind (the last two only with calibration / negatives).
+REPORT_FILES = {"table": "report.txt", "per_class_csv": "per_class.csv", "confusion_matrix": "confusion_matrix.png",
+                "per_class_accuracy": "per_class_accuracy.png", "worst_mistakes": "worst_mistakes.png",
+                "calibration": "calibration.png", "unknown_scores": "unknown_scores.png"}
+
+
 def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int = 8) -> dict[str, Path]:
     """report.txt, per_class.csv and three figures in `out_dir`, and with the model's outputs
     calibration.png (reliability diagram) and, with negatives, unknown_scores.png; returns the paths by kind."""
@@ -276,9 +282,8 @@ def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"table": out / "report.txt", "per_class_csv": out / "per_class.csv",
-             "confusion_matrix": out / "confusion_matrix.png",
-             "per_class_accuracy": out / "per_class_accuracy.png", "worst_mistakes": out / "worst_mistakes.png"}
+    files = {kind: out / REPORT_FILES[kind] for kind in ("table", "per_class_csv", "confusion_matrix",
+                                                         "per_class_accuracy", "worst_mistakes")}
     files["table"].write_text(report.table() + "\n")
     with open(files["per_class_csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["category", "name", "images", "correct", "precision", "recall", "f1"])
@@ -288,11 +293,11 @@ def write_report(report: EvaluationReport, out_dir: str | Path, *, mistakes: int
     plots.plot_per_class_accuracy(report, save_to=files["per_class_accuracy"])
     plots.plot_mistakes(report, limit=mistakes, save_to=files["worst_mistakes"])
     if report.calibration:
-        files["calibration"] = out / "calibration.png"
-        cal.plot_reliability(*report.calibration["reliability"], save_to=files["calibration"])
+        files["calibration"] = out / REPORT_FILES["calibration"]
+        plots.plot_reliability(*report.calibration["reliability"], save_to=files["calibration"])
     if report.calibration.get("unknown"):
         u = report.calibration["unknown"]
-        files["unknown_scores"] = out / "unknown_scores.png"
-        cal.plot_score_histograms(u["species_scores"], u["negative_scores"], u["threshold"], method=u["method"],
+        files["unknown_scores"] = out / REPORT_FILES["unknown_scores"]
+        plots.plot_score_histograms(u["species_scores"], u["negative_scores"], u["threshold"], method=u["method"],
                                   save_to=files["unknown_scores"])
     return files

@@ -17,10 +17,16 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write, check_output, head
 from .predictor import ONNX_FORMAT, ONNX_FORMAT_VERSION, load_predictor
 
 OPSET = 17
+
+
+def _is_export(path: Path) -> bool:
+    """Whether `path` is an earlier export: its ONNX producer field, which comes right after the
+    format version at the start of the file (protobuf writes fields in number order)."""
+    return b"\x12\x11flower_classifier" in head(path, 32)
 
 
 class WithFeatures(nn.Module):
@@ -36,9 +42,10 @@ class WithFeatures(nn.Module):
         return self.model.head(features), features  # (N, num_classes), (N, D)
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) -> Path:
+def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET, overwrite: bool = False) -> Path:
     """Write `out` (.onnx) from `checkpoint`; returns its path. Input `image` (N, 3, S, S) float32,
-    normalized; outputs `logits` (N, num_classes) and `features` (N, D)."""
+    normalized; outputs `logits` (N, num_classes) and `features` (N, D). An existing `out` is
+    replaced only when it is an earlier export or with `overwrite` (see `files.check_output`)."""
     try:
         import onnx
     except ImportError:
@@ -47,12 +54,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, *, opset: int = OPSET) 
         raise UserError(f"export_onnx takes the checkpoint file's path (got a {type(checkpoint).__name__}); "
                         f"save the model with save_checkpoint first")
     out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{out} is a directory; give the file to write, e.g. {out / 'model.onnx'}")
-    if out.suffix.lower() != ".onnx":  # predict.py and serve tell ONNX files by this suffix
+    if out.suffix.lower() != ".onnx" and not out.is_dir():  # predict.py and serve tell ONNX files by this suffix
         raise UserError(f"{out}: an exported model's name must end in .onnx, e.g. {out.with_suffix('.onnx')}")
-    if not out.parent.is_dir():  # as predict's --csv and search's --out: a typo never makes folders
-        raise UserError(f"{out}: folder {out.parent} does not exist; create it or write the model elsewhere")
+    # Before any work; a typo never makes folders.
+    check_output(out, inputs=[checkpoint], overwrite=overwrite, ours=_is_export, example="model.onnx")
     predictor = load_predictor(checkpoint, onnx=False)  # refuses a checkpoint with broken weights
     size = predictor.preprocessing.input_size
     buffer = io.BytesIO()

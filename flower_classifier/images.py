@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UserError
+from .errors import UserError, quoted
+from .files import special_kind
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # The one pixel limit, for every command and the server. It counts the pixels a decode would
@@ -26,6 +27,11 @@ MAX_IMAGE_PIXELS = 64_000_000
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_SIDE = 1024  # pixels per side of input_size / resize_size: above every backbone's (518 at most), far below what fills memory
+# Preprocessing scales the shorter side up to resize_size, so what it allocates grows with the
+# aspect ratio, not the file's pixels: a 1x12,000 strip would become 256x3,072,000. Capping the
+# ratio at what keeps even a MAX_SIDE resize within the pixel limit (61:1, past any panorama)
+# bounds every preprocessing path, for any backbone, before anything is decoded.
+MAX_ASPECT = MAX_IMAGE_PIXELS // MAX_SIDE**2
 FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
            "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}  # torchvision's names
 
@@ -40,7 +46,21 @@ class UnreadableImage(UserError):
 
 
 class ImageTooLarge(UnreadableImage):
-    """An image with more pixels than allowed."""
+    """An image with more pixels than allowed, or one whose preprocessing would make that many."""
+
+
+def check_size(label: str, width: int, height: int, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """Refuse a size that decoding or preprocessing would turn into too many pixels: the one
+    size rule, applied to a file's header before decoding and to a PIL image before resizing."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(label, f"too large to read ({width}x{height} pixels; the limit is {max_pixels:,})")
+    short, long = sorted((width, height))
+    if short < 1:
+        raise UnreadableImage(label, f"has no pixels ({width}x{height})")
+    if long > MAX_ASPECT * short:
+        raise ImageTooLarge(label, f"too thin to use ({width}x{height} pixels, {long / short:,.0f}:1): "
+                                   f"scaling its shorter side up to the model's input would take more memory than "
+                                   f"any photo; at most {MAX_ASPECT}:1 is read, so crop it")
 
 
 # ---------------------------------------------------------------- what a backbone expects
@@ -50,15 +70,15 @@ def _check_preprocessing(where: str | None, input_size, resize_size, mean, std, 
     where = f"{where}: preprocessing" if where else "preprocessing"
     for field, value in (("input_size", input_size), ("resize_size", resize_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 8 <= value <= MAX_SIDE:
-            raise UserError(f"{where} {field} must be a whole number of pixels from 8 to {MAX_SIDE} (got {value!r})")
+            raise UserError(f"{where} {field} must be a whole number of pixels from 8 to {MAX_SIDE} (got {quoted(value)})")
     for field, values, allowed, ok in (("mean", mean, "[0, 1]", lambda v: 0 <= v <= 1),
                                        ("std", std, "(0, 1]", lambda v: 0 < v <= 1)):  # nan fails both
         if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(
                 not isinstance(v, bool) and isinstance(v, (int, float)) and ok(v) for v in values)):
-            raise UserError(f"{where} {field} must be 3 numbers in {allowed}, one per colour (got {values!r:.60})")
+            raise UserError(f"{where} {field} must be 3 numbers in {allowed}, one per colour (got {quoted(values)})")
     if interpolation not in FILTERS:
         raise UserError(f"{where} interpolation must be one of {', '.join(FILTERS)} "
-                        f"(got {interpolation!r})")
+                        f"(got {quoted(interpolation)})")
 
 
 @dataclass(frozen=True)
@@ -99,6 +119,7 @@ def preprocess(image: Image.Image, p: Preprocessing) -> np.ndarray:
     which training and evaluation use), step by step in numpy: a test holds them equal.
     """
     w, h = image.size
+    check_size("image", w, h, max_pixels=w * h)  # a PIL image given directly: its aspect ratio only
     short, long = (w, h) if w <= h else (h, w)
     new_short, new_long = p.resize_size, int(p.resize_size * long / short)
     image = image.resize((new_short, new_long) if w <= h else (new_long, new_short), FILTERS[p.interpolation])
@@ -124,7 +145,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA"):
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # convert() would copy an RGBA image
         background = Image.new("RGB", im.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
@@ -143,15 +164,16 @@ def decode_image(source: str | Path | bytes, *, label: str | None = None, max_pi
         raise UserError(f"an image must be a file path, the bytes of a file, or a PIL image "
                         f"(got {type(source).__name__})")
     label = label or ("upload" if isinstance(source, bytes) else str(source))
+    kind = None if isinstance(source, bytes) else special_kind(source)
+    if kind:  # never opened: reading a FIFO blocks until something writes to it
+        raise UnreadableImage(label, f"is {kind}, not a photo file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:  # header only
                 if min_size:
                     im.draft("RGB", (min_size, min_size))  # JPEG only; sets the size it will decode at
-                if im.width * im.height > max_pixels:
-                    raise ImageTooLarge(label, f"too large to read ({im.width}x{im.height} pixels; the limit "
-                                               f"is {max_pixels:,})")
+                check_size(label, im.width, im.height, max_pixels)
                 im.load()  # the decoder runs here, and only here
                 ImageOps.exif_transpose(im, in_place=True)  # in place: one copy of a large photo, not three
                 return to_rgb(im)

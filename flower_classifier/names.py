@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-from .errors import UserError
+from .errors import UserError, quoted
+from .files import check_regular_file
 
 
 def read_category_names(path: str | Path) -> dict[str, str]:
     """{category folder: flower name} from a JSON file; UserError naming the file if it is not one."""
-    path = Path(path)
+    path = check_regular_file(path, "--category_names")  # a FIFO would block read_text
     try:
         names = json.loads(path.read_text())
     except FileNotFoundError:
@@ -77,7 +78,7 @@ def names_warnings(names: Mapping[str, str], classes: list[str], path, *, requir
     if differ:
         c = differ[0]
         warnings.append(f"{path} names {len(differ)} of the {len(classes)} categories otherwise than {other} "
-                        f"(category {c}: {names[c]!r}, not {reference[c]!r})" + (f"; {fix}" if fix else ""))
+                        f"(category {c}: {quoted(names[c])}, not {quoted(reference[c])})" + (f"; {fix}" if fix else ""))
     return warnings
 
 

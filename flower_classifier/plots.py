@@ -1,5 +1,6 @@
 """Figures: a grid of images, the photo above its top-K bar chart, the training curves, and the
-evaluation report's confusion matrix, per-class accuracy and worst mistakes.
+evaluation report's confusion matrix, per-class accuracy and worst mistakes; the reliability diagram
+and the unknown score's histograms.
 
 Each function returns the matplotlib figure; with `save_to` it also writes a small PNG and closes the
 figure. No function switches matplotlib's backend, so they are safe to call in a notebook.
@@ -163,3 +164,44 @@ def plot_mistakes(report, *, limit: int = 8, ncols: int = 4, save_to=None):
                      fontsize=9)
     fig.suptitle("Most confident mistakes")
     return _finish(fig, save_to, dpi=80)  # photos make big PNGs
+
+
+# ---------------------------------------------------------------- calibration and the unknown answer
+
+def plot_reliability(before, after, *, save_to=None):
+    """calibration.png: accuracy against confidence per bin (`calibration.Reliability`, before and after
+    temperature scaling)."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
+    for ax, bins, title in zip(axes, (before, after), ("before", "after temperature scaling")):
+        width = np.diff(bins.edges)
+        shown = bins.counts > 0
+        ax.bar(bins.edges[:-1][shown], bins.accuracy[shown], width=width[shown], align="edge",
+               edgecolor="black", label="accuracy")
+        ax.bar(bins.edges[:-1][shown], (bins.confidence - bins.accuracy)[shown], bottom=bins.accuracy[shown],
+               width=width[shown], align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)",
+               title=f"{title}: ECE {100 * bins.ece:.1f}%")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    return _finish(fig, save_to)
+
+
+def plot_score_histograms(species_scores, negative_scores, threshold: float, *,
+                          method: str = "", save_to=None):
+    """The unknown score of species photos and of photos that are none of them, with the threshold."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    both = np.concatenate([np.ravel(species_scores), np.ravel(negative_scores), [threshold]])
+    edges = np.linspace(both.min(), both.max(), 31)
+    ax.hist(species_scores, bins=edges, alpha=0.6, label=f"species photos ({len(species_scores)})")
+    ax.hist(negative_scores, bins=edges, alpha=0.6, label=f"not the species ({len(negative_scores)})")
+    ax.axvline(threshold, color="black", linestyle="--", label="threshold: above it, unknown")
+    ax.set(xlabel=f"unknown score ({method})" if method else "unknown score", ylabel="photos")
+    ax.legend()
+    return _finish(fig, save_to)

@@ -31,6 +31,7 @@ from PIL import Image
 from .calibration import Calibration
 from .devices import chosen_threads
 from .errors import UserError
+from .files import check_regular_file
 from .images import Preprocessing, decode_image, preprocess, to_rgb
 
 ONNX_FORMAT = "flower_classifier.onnx"
@@ -323,6 +324,7 @@ def load_predictor(path: str | Path, *, device="cpu", threads: int | None = None
     """The model in `path`: an .onnx file runs on ONNX Runtime (CPU, `threads`), anything else is
     read as a checkpoint (PyTorch, on `device`). `onnx=False` for commands that need the checkpoint.
     A model whose outputs are not finite is refused here."""
+    check_regular_file(path, "model")  # a FIFO or device: refused unopened
     if onnx and str(path).lower().endswith(".onnx"):
         predictor = OnnxPredictor(path, threads=threads)
     else:

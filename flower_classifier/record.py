@@ -17,10 +17,12 @@ import torch
 from . import __version__
 from .config import TrainConfig
 from .data import find_splits, list_categories, load_split, make_loader
+from .datacheck import seen_in_training, split_photos
 from .images import list_photos
 from .errors import UserError
 from .evaluation import EvaluationReport, build_report
 from .files import atomic_write
+from .fitting import evaluate
 from .runfolder import RunFolder
 
 # history.csv's columns, in order: what `training.fit` records for each epoch.
@@ -39,6 +41,7 @@ class Evaluated:
     top5: float
     count: int
     report: EvaluationReport
+    leaked: int = 0  # photos of this split that are also (the same bytes) in train or valid
 
 
 def write_history(history: list[dict], path: str | Path) -> Path:
@@ -63,30 +66,21 @@ def write_curves(history: list[dict], path: str | Path) -> Path:
 
 
 def split_counts(data_dir: str | Path) -> dict[str, tuple[int, int]]:
-    """(photos, categories) of each split of the data folder, by the one rule for what is a photo."""
-    counts = {}
-    for split, folder in find_splits(data_dir).items():
-        categories = list_categories(folder)
-        counts[split] = (sum(len(list_photos(folder / c)) for c in categories), len(categories))
-    return counts
+    """(photos, categories) of each split of the data folder."""
+    return {split: (len(photos), len(list_categories(folder)))
+            for (split, photos), folder in zip(split_photos(data_dir).items(), find_splits(data_dir).values())}
 
 
-@torch.inference_mode()
+
+
+
 def evaluate_on(model: torch.nn.Module, loader, split: str, *, classes: list[str], cat_to_name, device) -> Evaluated:
-    """Run `model` (the loader's inputs -> logits) over `loader` and report per class."""
-    model.eval()
-    targets, probabilities = [], []
-    for batch in loader:
-        if batch is None:  # every image of the batch was unreadable (each was warned about)
-            continue
-        probabilities.append(torch.softmax(model(batch[0].to(device)).float(), dim=1).cpu())  # (N, C)
-        targets.append(batch[1])
-    if not targets:
-        raise UserError(f"no {split} image could be loaded to evaluate the best epoch")
-    targets, probabilities = torch.cat(targets), torch.cat(probabilities)
-    top5 = probabilities.topk(min(5, len(classes)), dim=1).indices.eq(targets[:, None]).any(1).float().mean()
-    report = build_report(targets.numpy(), probabilities.numpy(), classes, cat_to_name=cat_to_name)
-    return Evaluated(split, report.accuracy, float(top5), report.count, report)
+    """Run `model` (the loader's inputs -> logits) over `loader` (`fitting.evaluate`, the one evaluation
+    loop) and report per class."""
+    figures = evaluate(model, loader, device, desc=f"the best epoch on {split}", progress=False, outputs=True)
+    probabilities = torch.softmax(figures["logits"], dim=1)  # (N, C)
+    report = build_report(figures["targets"].numpy(), probabilities.numpy(), classes, cat_to_name=cat_to_name)
+    return Evaluated(split, report.accuracy, figures["top5"], report.count, report)
 
 
 def record_run(run: RunFolder, *, config: TrainConfig, data_dir, classes: list[str], cat_to_name, history: list[dict],
@@ -106,6 +100,12 @@ def record_run(run: RunFolder, *, config: TrainConfig, data_dir, classes: list[s
         best = max(history, key=lambda h: h["valid_accuracy"])["epoch"]
         log(f"Test split, best epoch {best}: top-1 accuracy {_pct(evaluated.accuracy)}  top-5 accuracy "
             f"{_pct(evaluated.top5)}  images: {evaluated.count}")
+        shared = seen_in_training(split_photos(data_dir).get("test", []), data_dir)
+        evaluated.leaked = len(shared)
+        if shared:
+            log(f"warning: {len(shared)} test photos are the same files as training or validation photos (e.g. "
+                f"{shared[0][0]} = {shared[0][1]}): the test figures are optimistic; "
+                f"`python -m flower_classifier check-data {data_dir}` lists them")
     else:  # valid_loader's inputs: features or activations on the cached path, images on the classic one
         evaluated = evaluate_on(valid_model, valid_loader, "valid", classes=classes, cat_to_name=cat_to_name, device=device)
     card = model_card(config=config, data_dir=data_dir, classes=classes, cat_to_name=cat_to_name, history=history,
@@ -158,7 +158,11 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
              f"Best epoch {best['epoch']} of {len(history)} (by validation accuracy; it is the saved "
              f"`{run.best.name}`): validation accuracy {_pct(best['valid_accuracy'])}, top-5 "
              f"{_pct(best.get('valid_top5', float('nan')))}, loss {best['valid_loss']:.4f}."]
-    if evaluated and evaluated.split == "test":
+    if evaluated and evaluated.split == "test" and evaluated.leaked:
+        lines += ["", f"**Test split** ({evaluated.count} photos, of which {evaluated.leaked} are the same files as "
+                  f"training or validation photos, so these figures are optimistic; `check-data` lists them): "
+                  f"top-1 {_pct(evaluated.accuracy)}, top-5 {_pct(evaluated.top5)}."]
+    elif evaluated and evaluated.split == "test":
         lines += ["", f"**Test split** ({evaluated.count} photos, never seen in training nor used to choose the "
                   f"epoch): top-1 {_pct(evaluated.accuracy)}, top-5 {_pct(evaluated.top5)}."]
     else:
@@ -182,9 +186,7 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
             lines.append(f"| {r['category']} | {r['name']} | {r['images']} | {_pct(r['recall'])} | {taken} |")
         lines.append("")
     few = counts.get("train", (0, 1))[0] / max(len(classes), 1)
-    lines += ["## Limits", "",
-              f"- It knows only these {len(classes)} categories: any photo, a flower of another species or no "
-              f"flower at all, gets one of their names. Read a low top-1 probability as \"not sure\".",
+    lines += ["## Limits", "", _unknown_limit(run, len(classes)),
               f"- The backbone ({config.arch}) is "
               + (f"frozen below its top {config.finetune} blocks" if config.finetune else "frozen")
               + ": it learnt its features from other photos (ImageNet for the pretrained ones), and only the "
@@ -205,6 +207,24 @@ def model_card(*, config: TrainConfig, data_dir, classes: list[str], cat_to_name
               "print(fc.predict(\"PHOTO.jpg\", model, top_k=5).rows())  # [(name, category, probability), ...]",
               "```", ""]
     return "\n".join(lines)
+
+
+def _unknown_limit(run: RunFolder, species: int) -> str:
+    """The card's line on photos of none of the species, from the saved best checkpoint's calibration."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run.best) if run.best.is_file() else None
+    if ckpt is None or ckpt.calibration is None:
+        return (f"- It knows only these {species} categories and has no calibration, so any photo, a flower of "
+                f"another species or no flower at all, gets one of their names; add the \"unknown\" answer with "
+                f"`python -m flower_classifier calibrate`.")
+    c = ckpt.calibration
+    return (f"- It knows only these {species} categories. A photo unlike them (a flower of another species, or no "
+            f"flower at all) gets the answer \"unknown: not one of the {species} species\" instead of a name, when "
+            f"its unknown score ({c.method}) is above the threshold {c.threshold:.4g}. The threshold {c.rule}: it "
+            f"was tuned to turn away at most about {1 - ckpt.config.keep:.0%} of photos of its own species as unknown "
+            f"too, and it catches only the unlike photos that score above it. `predict.py --no_unknown` always names "
+            f"the nearest species.")
 
 
 def _how_trained(config: TrainConfig) -> str:

@@ -1,13 +1,15 @@
 """A training run's folder (`--save_dir`): the files in it, saving an epoch, resuming, and the lock
 that keeps two runs from writing into it at once.
 
-    checkpoint.pth   the best epoch by validation accuracy: what predict.py loads
-    last.pth         the latest finished epoch
+    checkpoint.pth   the best epoch by validation accuracy: what predict.py loads; calibrated once
+                     the epochs are done (until then it holds no calibration)
+    last.pth         the latest finished epoch, uncalibrated: what --resume continues
     last.state.pth   the latest epoch's head (and fine-tuned blocks), optimizer and schedule state and
                      history: what --resume continues
     train.lock       held while a run writes here: its process id, machine and start time
     history.csv, training_curves.png, MODEL_CARD.md
-                     the run's record, written at its end (see `record`)
+                     the run's record, written at its end (see `record`); the run is done when
+                     checkpoint.pth is calibrated and these are written (`unfinished`)
 
 Each run draws a random id, written into all three files and kept by --resume, so that files of two
 runs are never taken for one.
@@ -25,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpoint import Checkpoint, check_head, check_top, load_checkpoint, load_training_state, save_checkpoint, \
-    save_training_state
+from .checkpoint import BEST_NAME, Checkpoint, check_head, check_top, load_checkpoint, load_training_state, \
+    save_checkpoint, save_training_state
 from .config import TrainConfig
 from .errors import UserError
 from .files import pid_alive
 
-BEST_NAME = "checkpoint.pth"
 LAST_NAME = "last.pth"
 STATE_NAME = "last.state.pth"
 LOCK_NAME = "train.lock"
@@ -142,6 +143,21 @@ class RunFolder:
             raise UserError(f"--save_dir {self.path} is a file; pass a folder for the checkpoints")
         if self.path.exists() and not os.access(self.path, os.W_OK | os.X_OK):
             raise UserError(f"--save_dir {self.path} is not writable; pass a folder you can write to")
+
+    def unfinished(self, epochs: int) -> list[str]:
+        """What a run that trained `epochs` epochs here still lacks, in words: the best checkpoint's
+        calibration, and a record (history.csv with a row per epoch, then the model card, written last)."""
+        missing = []
+        if not self.best.is_file() or load_checkpoint(self.best).calibration is None:
+            missing.append(f"calibrating {self.best.name}")
+        try:
+            rows = len(self.history.read_text().splitlines()) - 1
+            written = rows == epochs and self.card.stat().st_mtime >= self.history.stat().st_mtime
+        except OSError:
+            written = False
+        if not written:
+            missing.append(f"writing its record ({self.history.name}, {self.card.name})")
+        return missing
 
     # -- saving
 

@@ -28,9 +28,9 @@ from .config import FIELDS, TrainConfig
 from .files import atomic_write
 from .backbones import Backbone, get_spec, split_backbone
 from .features import FeatureData, feature_loader
-from .model import build_head
 from .devices import threads
-from .training import fit, head_threads, loss_weights, make_optimizer, make_scheduler, seed_everything, trained_model
+from .fitting import fit, fit_threads, loss_weights, make_optimizer, make_scheduler, new_head, seed_everything, \
+    trained_model
 
 # The order the values are drawn in (so that a seed gives the same trials); each field's values are
 # declared with the field, in `config.TrainConfig`, inside the field's range.
@@ -67,15 +67,12 @@ def run_trial(data: FeatureData, config: TrainConfig, *, backbone: Backbone | No
         if backbone is None:
             raise ValueError("a trial that fine-tunes needs the pretrained backbone whose blocks it trains")
         top = split_backbone(dataclasses.replace(backbone, module=copy.deepcopy(backbone.module)), config.finetune)[1]
-    torch.manual_seed(config.seed)  # the head's initial weights, as train.py draws them
-    head = build_head(feature_dim, config.hidden_units, len(data.classes), config.dropout)
+    head = new_head(config, feature_dim, len(data.classes))
     model = trained_model(config, head, top, backbone).to(device)
     train_loader = feature_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
     valid_loader = feature_loader(data.valid, batch_size=max(config.batch_size, 256), shuffle=False)
     optimizer = make_optimizer(head, config, top)
-    dims = [feature_dim, *config.hidden_units, len(data.classes)]
-    small = device.type == "cpu" and not config.finetune  # a head alone: few threads
-    with threads(head_threads(dims, config.batch_size) if small else None):
+    with threads(fit_threads(config, [feature_dim, *config.hidden_units, len(data.classes)], device)):
         state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, top=top,
                     scheduler=make_scheduler(optimizer, config, len(train_loader)),
                     class_weights=loss_weights(config, data.train.labels, len(data.classes)),

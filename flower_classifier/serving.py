@@ -18,15 +18,16 @@ import json
 import socket
 import threading
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from .errors import UserError
+from .errors import UserError, quoted
 from .images import ImageTooLarge
 from .predictor import NonFiniteOutput, check_top_k, load_predictor
 
@@ -80,6 +81,24 @@ class Health(BaseModel):
     arch: str
     classes: int
     tta: bool  # whether a request that does not say (?tta=) gets test-time augmentation: `serve --tta`
+
+
+# ---------------------------------------------------------------- on/off query flags
+
+FLAG_VALUES = {"true": True, "false": False}  # the one spelling of an on/off flag (any case); not 1, yes, on
+
+
+def strict_flags(request: Request) -> None:
+    """Refuse any on/off query flag of the route (a bool parameter: ?tta=, ?no_unknown=) that is not
+    true or false, before FastAPI's own parsing, which would also take 1, yes, on, t, y."""
+    route = request.scope.get("route")
+    for param in getattr(getattr(route, "dependant", None), "query_params", ()):
+        annotation = param.field_info.annotation
+        if annotation is not bool and bool not in typing.get_args(annotation):
+            continue
+        for value in request.query_params.getlist(param.alias):
+            if value.lower() not in FLAG_VALUES:
+                raise HTTPException(422, f"?{param.alias}={quoted(value)}: must be true or false")
 
 
 # ---------------------------------------------------------------- request size and time limit
@@ -143,12 +162,12 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
     """The app around a loaded `predictor.Predictor`, which it only reads. `tta`: whether a request
     that does not say (`?tta=`) gets test-time augmentation."""
     default_tta = tta
-    tta_query = Query(None, description="test-time augmentation: average the photo and its mirror image, about "
+    tta_query = Query(None, description="true or false: test-time augmentation: average the photo and its mirror image, about "
                       f"twice the time (default: {str(tta).lower()}, set by `serve --tta`)")
     max_bytes = int(max_upload_mb * 1e6)
     model_slots = threading.BoundedSemaphore(parallel)
     decode_slots = threading.BoundedSemaphore(DECODES_AT_ONCE)
-    app = FastAPI(title="Flower classifier", version="1",
+    app = FastAPI(title="Flower classifier", version="1", dependencies=[Depends(strict_flags)],
                   description="Name the flower in a photo: top-K species with probabilities.")
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -166,7 +185,7 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                          415: {"description": "not an image"}, 500: {"description": "the model is broken"}})
     def predict(file: UploadFile = File(..., description="a photo: JPEG, PNG, WebP, ..."),
                 top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)"),
-                no_unknown: bool = Query(False, description="never answer \"not one of the species\" "
+                no_unknown: bool = Query(False, description="true or false: never answer \"not one of the species\" "
                                          "(probabilities stay calibrated)"),
                 tta: bool | None = tta_query):
         """The top-K species for one uploaded photo (multipart/form-data, field `file`)."""
@@ -185,7 +204,7 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                                                      f"within the per-file limit"),
                       top_k: int | None = Query(None, ge=1, description="how many species per photo (default: "
                                                 "up to 5)"),
-                      no_unknown: bool = Query(False, description="never answer \"not one of the species\""),
+                      no_unknown: bool = Query(False, description="true or false: never answer \"not one of the species\""),
                       tta: bool | None = tta_query):
         """The top-K species for each of several photos (multipart/form-data, the field `files` once per
         photo), in one model run. A photo that cannot be read gets its own error and status; the others
@@ -217,7 +236,7 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
 
     def prepare(file: UploadFile):
         """An upload as the model's input (3, S, S), or the HTTPException /predict answers for it."""
-        label = repr(file.filename or "upload")
+        label = quoted(file.filename or "upload")
         data = file.file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"{label} is larger than {max_upload_mb:g} MB")

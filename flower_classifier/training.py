@@ -1,18 +1,17 @@
-"""Training the head: `train_one_epoch`, `evaluate`, `fit` (epochs, logging, best/last saves), and
-`run_training`, which sets everything up from a config and a data directory.
+"""A training run, top to bottom: `run_training` checks what it is given, then takes the run through
+its stages, each a module that imports only those below it:
 
-Randomness of epoch k is seeded from (seed, k) alone (shuffle and augmentation through
-`data.EpochSampler`, dropout through torch's seed), so a run resumed after epoch k continues
-exactly as the uninterrupted run would have: no random-number state needs saving.
+    photos -> frozen features (`features`, the store)  -> head (and top blocks) fit (`fitting`)
+           -> calibration of the best epoch (`calibrating`) -> the run's files (`runfolder`, `record`)
+
+The run is done when its best checkpoint is calibrated and its record written; a run stopped before
+that (Ctrl-C, a kill) is finished by `--resume`, which trains only the epochs still missing.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
-import math
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -21,255 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .progress import progress_bar
 from . import devices, distributed
 from .backbones import Backbone, build_backbone, frozen_part, get_spec, split_backbone, too_many_blocks
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
-from .data import epoch_seed, find_classes, load_split, make_loader, skipped_images, split_dir
+from .data import find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
-from .model import FlowerClassifier, TunedHead, build_head
+# The loop's names are the notebook's too: `from flower_classifier.training import train_one_epoch, ...`.
+from .fitting import (FitState, evaluate, fit, fit_threads, loss_weights, make_optimizer, make_scheduler,  # noqa: F401
+                      new_head, seed_epoch, seed_everything, train_one_epoch, trained_model)
+from .model import build_head  # noqa: F401  (the notebook's name)
 from .names import as_category_names, check_names
-from .runfolder import Resumed, RunFolder, interrupts_deferred, load_resume, new_run_id
+from .runfolder import Resumed, RunFolder, load_resume, new_run_id
 
 if TYPE_CHECKING:
-    from .record import Evaluated  # record imports evaluation, which imports this module
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def seed_epoch(train_loader, seed: int, epoch: int) -> None:
-    """Make epoch `epoch`'s randomness a function of (seed, epoch) alone, whatever ran before."""
-    torch.manual_seed(epoch_seed(seed, epoch))  # dropout, augmentation in the main process
-    if getattr(train_loader, "generator", None) is not None:
-        train_loader.generator.manual_seed(epoch_seed(seed, epoch))  # worker seeds
-    if hasattr(getattr(train_loader, "sampler", None), "set_epoch"):
-        # This epoch's order and per-image augmentation seeds, the same in every torchrun process.
-        train_loader.sampler.set_epoch(epoch)
-
-
-def _progress(loader, desc: str, enabled: bool):
-    return progress_bar(loader, desc=desc, unit="batch", enabled=enabled)
-
-
-def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                    device: torch.device, *, scheduler=None, desc: str = "train", progress: bool = True) -> dict:
-    """One pass over `loader`, stepping `optimizer` (and `scheduler`, per batch). Returns mean loss and accuracy."""
-    model.train()
-    total_loss, correct, count = 0.0, 0, 0
-    for batch in _progress(loader, desc, progress):
-        if batch is None:  # every image of this batch failed to load (each was warned about)
-            continue
-        inputs, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        logits = model(inputs)  # (N, num_classes)
-        loss = loss_fn(logits, targets)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):  # stop before the step spreads nan into the weights
-            raise diverged(desc, loss_value, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        total_loss += loss_value * len(targets)
-        correct += (logits.argmax(1) == targets).sum().item()
-        count += len(targets)
-    # Under torchrun each process saw its share: the epoch's figures are those of all the shares.
-    total_loss, correct, count = distributed.sum_over_processes(total_loss, correct, count)
-    if count == 0:
-        raise UserError("no training image could be loaded; check the data with "
-                        "`python -m flower_classifier check-data DATA`")
-    return {"loss": total_loss / count, "accuracy": correct / count, "count": int(count)}
-
-
-def diverged(desc: str, loss: float, optimizer: torch.optim.Optimizer) -> UserError:
-    """The one line for a loss that is no longer a finite number, naming the likely causes."""
-    lr = optimizer.param_groups[0]["lr"]
-    return UserError(f"{desc}: the loss became {loss} (not a finite number), so training stopped, leaving the saved "
-                     f"checkpoints as they were; the learning rate {lr:g} is likely too high (try --learning_rate "
-                     f"{lr / 10:g}), or the data holds broken values (`python -m flower_classifier check-data DATA`)")
-
-
-def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
-    """How many targets are among the k highest logits, for each k (capped at the class count)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices  # (N, kmax)
-    hits = top == targets[:, None]
-    return {k: int(hits[:, :min(k, kmax)].any(1).sum()) for k in ks}
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, loader, device: torch.device, *, loss_fn: nn.Module | None = None,
-             desc: str = "eval", progress: bool = True) -> dict:
-    """Mean loss, top-1 and top-5 accuracy (fractions) and the image count over `loader`."""
-    model.eval()
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
-    total_loss, top1, top5, count = 0.0, 0, 0, 0
-    for batch in _progress(loader, desc, progress):
-        if batch is None:
-            continue
-        inputs, targets = batch[0].to(device), batch[1].to(device)
-        logits = model(inputs)
-        total_loss += loss_fn(logits, targets).item() * len(targets)
-        hits = topk_correct(logits, targets)
-        top1, top5, count = top1 + hits[1], top5 + hits[5], count + len(targets)
-    if count == 0:
-        raise UserError("no image could be loaded for evaluation")
-    return {"loss": total_loss / count, "accuracy": top1 / count, "top5": top5 / count, "count": count}
-
-
-WORK_PER_THREAD = 5e8  # multiply-adds per step a thread is worth; below it one thread is fastest (measured)
-
-
-def head_threads(dims: list[int], batch_size: int) -> int:
-    """Threads for training a head of layer widths `dims` (features ... classes): the user's --threads,
-    else one per WORK_PER_THREAD of a step's work, at most the cores. A 2-core machine trained
-    EfficientNet's head (1280-512-102) 10x faster on 1 thread than on 2 (README, Training speed)."""
-    work = batch_size * sum(a * b for a, b in zip(dims, dims[1:]))
-    return devices.chosen_threads() or max(1, min(devices.cpu_cores(), int(work // WORK_PER_THREAD)))
-
-
-def loss_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
-    """The training loss's weight per class for `config.class_weights`: None for "none"; for "balanced",
-    n / (C * n_c) from the training `labels` (n of them, C classes, n_c of class c), scikit-learn's
-    "balanced" rule: each class then weighs the same in the loss, however many images it has. A
-    function of the data alone, so a resumed run recomputes the same weights."""
-    if config.class_weights == "none":
-        return None
-    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
-    # A training split has every class (empty categories are refused); clamp keeps a stray 0 finite.
-    return (len(labels) / (num_classes * counts.clamp(min=1))).float()
-
-
-def make_optimizer(head: nn.Module, config: TrainConfig, top: nn.Module | None = None) -> torch.optim.Optimizer:
-    """AdamW over the head's parameters and, when fine-tuning, the top blocks' (a second group, at the
-    head's rate times `config.backbone_lr_factor`). The frozen backbone is never seen by the optimizer."""
-    groups = [{"params": list(head.parameters())}]
-    tuned = [p for p in top.parameters() if p.requires_grad] if top is not None else []
-    if tuned:
-        groups.append({"params": tuned, "lr": config.learning_rate * config.backbone_lr_factor})
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
-
-
-ONECYCLE_START, ONECYCLE_WARMUP, COSINE_WARMUP = 1 / 25, 0.25, 0.05  # torch's OneCycleLR's start; warm-up shares
-
-
-def lr_multiplier(schedule: str, step: int, total: int) -> float:
-    """The learning rate of step `step` (0-based) of `total`, as a share of the configured rate (each
-    parameter group's own, so the blocks keep their factor): constant; onecycle, a linear rise from
-    1/25 over the first quarter, then half a cosine down to 0; cosine, a linear rise over the first
-    twentieth, then the same fall."""
-    if schedule == "constant" or total <= 1:
-        return 1.0
-    warm = max(1, round(total * (ONECYCLE_WARMUP if schedule == "onecycle" else COSINE_WARMUP)))
-    if step < warm:
-        start = ONECYCLE_START if schedule == "onecycle" else 0.0
-        return start + (1 - start) * (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * min(step - warm, total - warm) / (total - warm)))
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    """The per-batch schedule of `config.schedule` over `config.epochs` epochs of `steps_per_epoch`
-    (None for constant). Its state goes into the training state, so that --resume continues the curve."""
-    if config.schedule == "constant":
-        return None
-    total = config.epochs * steps_per_epoch
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(config.schedule, step, total))
-
-
-def early_stop(history: list[dict], patience: int) -> str | None:
-    """Why training stops now (`--patience`: that many epochs without a lower validation loss), or None."""
-    if not patience or not history:
-        return None
-    best = min(history, key=lambda h: h["valid_loss"])  # the first of equals
-    waited = history[-1]["epoch"] - best["epoch"]
-    if waited < patience:
-        return None
-    return (f"Early stop: the validation loss has not improved for {waited} epochs (best {best['valid_loss']:.4f} "
-            f"at epoch {best['epoch']}; --patience {patience})")
-
-
-@dataclass
-class FitState:
-    """Where a run stands: finished epochs' metrics and the best validation accuracy so far."""
-
-    epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    best_accuracy: float = -1.0
-
-    @classmethod
-    def restored(cls, saved: dict) -> "FitState":
-        """From a training-state file (`checkpoint.load_training_state`)."""
-        return cls(epoch=saved["epoch"], history=list(saved["history"]), best_accuracy=saved["best_metric"])
-
-
-def fit(model: nn.Module, head: nn.Module, train_loader, valid_loader, optimizer, config: TrainConfig, *,
-        device: torch.device, top: nn.Module | None = None, scheduler=None,
-        state: FitState | None = None, run: RunFolder | None = None,
-        template: Checkpoint | None = None, class_weights: torch.Tensor | None = None,
-        log: Callable[[str], None] = print, progress: bool = True,
-        on_epoch: Callable[[dict], None] | None = None) -> FitState:
-    """Train for the remaining epochs of `config.epochs`, validating after each; with a `run` folder,
-    save each epoch there as `last` and (if better) `best`. The one loop of train.py and `search`.
-
-    `model` maps the loaders' inputs to logits (backbone+head on images, or the head on cached
-    features, or `model.TunedHead` on cached activations); `head` and the fine-tuned `top` blocks
-    (`--finetune`) are the parts that are saved. `scheduler` is stepped per batch. `template` carries
-    what the checkpoint needs besides those weights. With `config.patience`, training stops early (see
-    `early_stop`). `class_weights` (see `loss_weights`) weigh the training loss only.
-    `on_epoch(record)` sees each epoch's figures (TensorBoard, say).
-    """
-    state = state or FitState()
-    weights = None if class_weights is None else class_weights.to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    # The validation loss stays unweighted: the loss on the validation split as it is, so that runs
-    # with and without class weights (and search's trials) are compared on the same measure.
-    valid_loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        stop = early_stop(state.history, config.patience)
-        if stop:
-            log(stop)
-            break
-        start = time.perf_counter()
-        seed_epoch(train_loader, config.seed, epoch)
-        desc = f"epoch {epoch}/{config.epochs}"
-        tr = train_one_epoch(model, train_loader, optimizer, loss_fn, device, scheduler=scheduler,
-                             desc=f"{desc} train", progress=progress)
-        va = evaluate(model, valid_loader, device, loss_fn=valid_loss_fn, desc=f"{desc} valid", progress=progress)
-        if not math.isfinite(va["loss"]):  # the last step broke the weights: nothing of it is saved
-            raise diverged(f"{desc} valid", va["loss"], optimizer)
-        seconds = time.perf_counter() - start
-        record = {"epoch": epoch, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"],
-                  "valid_loss": va["loss"], "valid_accuracy": va["accuracy"], "valid_top5": va["top5"],
-                  "learning_rate": optimizer.param_groups[0]["lr"], "seconds": seconds}
-        state.history.append(record)
-        improved = va["accuracy"] > state.best_accuracy
-        if improved:
-            state.best_accuracy = va["accuracy"]
-        log(f"Epoch {epoch}/{config.epochs}  train loss {tr['loss']:.4f}  valid loss {va['loss']:.4f}  "
-            f"valid accuracy {100 * va['accuracy']:.1f}%  ({seconds:.1f} s){'  *best' if improved else ''}")
-        if on_epoch is not None:
-            on_epoch(record)
-        with interrupts_deferred():  # the epoch's files and `state.epoch` change together
-            if run is not None and distributed.is_main():  # under torchrun every process holds the same head
-                snapshot = dataclasses.replace(template, head_state=head.state_dict(), top_state=top_state(top),
-                                               epoch=epoch, metrics={k: v for k, v in record.items() if k != "epoch"},
-                                               history=list(state.history))
-                run.save_epoch(snapshot, improved=improved, optimizer_state=optimizer.state_dict(),
-                               scheduler_state=None if scheduler is None else scheduler.state_dict(),
-                               best_accuracy=state.best_accuracy)
-            state.epoch = epoch  # only now is the epoch done (and saved)
-    return state
-
-
-def top_state(top: nn.Module | None) -> dict:
-    """What a checkpoint keeps of the fine-tuned blocks: their state_dict ({} for a frozen backbone)."""
-    return {} if top is None else top.state_dict()
+    from .record import Evaluated
 
 
 @dataclass
@@ -299,8 +65,8 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     `device`: one this machine has (`select_device(gpu=True)` picks one, or the CPU). `cat_to_name`:
     a dict or a JSON file's path. `resume`: a last.pth or its folder, or True for `save_dir`. The run
     holds `save_dir`'s lock throughout (see `runfolder`): a second run into it is refused. Once the
-    epochs are done, the best and last checkpoints are calibrated (see `calibrating`), with the photos
-    of `negatives` (none of the species) when given. At the end the run folder gets its record
+    epochs are done, the best checkpoint is calibrated (see `calibrating`), with the photos of
+    `negatives` (none of the species) when given; last.pth, what --resume continues, is not. Then the run folder gets its record
     (`record`): history, curves and model card, with the best epoch's figures on DATA/test when
     `test`. `tensorboard`: a folder for TensorBoard's event files.
     """
@@ -315,7 +81,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     train_dir, _ = split_dir(data_dir, "train"), split_dir(data_dir, "valid")
     if test:
         split_dir(data_dir, "test")
-    from .record import TensorBoardLog  # here: record imports evaluation, which imports this module
+    from .record import TensorBoardLog  # here: matplotlib and the report load only for a run
     if tensorboard is not None:
         TensorBoardLog.check_installed()
     if distributed.world_size() > 1 and not config.feature_cache:
@@ -324,7 +90,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     if negatives is not None:
         from .calibrating import negative_photos
 
-        negative_photos(negatives)
+        negative_photos(negatives, data_dir=data_dir)
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)
@@ -337,11 +103,16 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
             if distributed.is_main():
                 run.restore_best(resumed, log)
             done = resumed.state["epoch"]
-            if done >= config.epochs:
+            missing = run.unfinished(len(resumed.state["history"]))  # every process: all of them finish it together
+            if done >= config.epochs and not missing:
                 log(f"{resumed.path} already finished {done} of {config.epochs} epochs; nothing to train "
                     f"(raise --epochs to train more)")
                 return TrainResult(run.best, run.last, FitState.restored(resumed.state), classes)
-            log(f"Resuming from {resumed.path} after epoch {done}")
+            if done >= config.epochs:
+                log(f"{resumed.path} finished its {done} epochs but was stopped before {' and '.join(missing)}; "
+                    f"finishing it")
+            else:
+                log(f"Resuming from {resumed.path} after epoch {done}")
         board = TensorBoardLog(tensorboard) if tensorboard is not None and distributed.is_main() else None
         try:
             return _train(config, data_dir, run, resumed, device=device, cat_to_name=cat_to_name, backbone=backbone,
@@ -385,8 +156,7 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         valid_loader = make_loader(valid_set, batch_size=config.batch_size, shuffle=False,
                                    num_workers=config.num_workers, pin_memory=pin)
 
-    torch.manual_seed(config.seed)  # the head's initial weights do not depend on how the data was set up
-    head = build_head(backbone.feature_dim, config.hidden_units, len(classes), config.dropout)
+    head = new_head(config, backbone.feature_dim, len(classes))
     model = trained_model(config, head, top, backbone)
     model.to(device)  # before the optimizer, so that resumed optimizer state lands on the same device
     optimizer = make_optimizer(head, config, top)
@@ -406,10 +176,8 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
     log(f"Training {config.arch} {what} {list(config.hidden_units)} on {len(classes)} categories, "
         f"{len(train_loader.dataset)} training / {len(valid_loader.dataset)} validation {how}, "
         f"on {device}{procs}")
-    small = config.feature_cache and not config.finetune and device.type == "cpu"  # a head alone: threads by its size
     try:
-        with devices.threads(head_threads([backbone.feature_dim, *config.hidden_units, len(classes)],
-                                          config.batch_size) if small else None):
+        with devices.threads(fit_threads(config, [backbone.feature_dim, *config.hidden_units, len(classes)], device)):
             state = fit(model, head, train_loader, valid_loader, optimizer, config, device=device, top=top,
                         scheduler=scheduler, state=state, run=run, template=template,
                         class_weights=loss_weights(config, train_labels, len(classes)),
@@ -425,24 +193,63 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         skipped = skipped_images(train_loader.dataset, valid_loader.dataset)
         if skipped:
             log(f"skipped {len(skipped)} unreadable images (each named in a warning above)")
-    if config.feature_cache:  # the rows training used, one per photo (its centre crop)
+    result = TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
+    try:
+        best = finish(run, state, template, config=config, data_dir=data_dir, classes=classes, frozen=frozen, top=top,
+                      train_loader=train_loader, valid_loader=valid_loader, skipped=skipped, negatives=negatives,
+                      cache_dir=cache_dir, device=device, log=log, progress=progress, retrained=result.epochs_run > 0)
+        if distributed.is_main():
+            from .record import record_run
+
+            # The run ends on the last epoch's weights; the record is of the best epoch's head and blocks.
+            load_weights(best, head, top)
+            result.record, result.evaluated = record_run(
+                run, config=config, data_dir=data_dir, classes=classes, cat_to_name=cat_to_name, history=state.history,
+                head=head, backbone=backbone, valid_model=trained_model(config, head, top, backbone).to(device),
+                valid_loader=valid_loader, test=test, device=device, run_id=template.run_id, log=log)
+    except KeyboardInterrupt:
+        log(f"interrupted after training: the {state.epoch} epochs are saved in {run.path}, but {run.best.name} is not "
+            f"calibrated or the run's record not written yet; finish it with the same command plus --resume")
+        raise Interrupted() from None
+    return result
+
+
+def finish(run: RunFolder, state: FitState, template: Checkpoint, *, config: TrainConfig, data_dir, classes: list[str],
+           frozen: Backbone, top: nn.Module, train_loader, valid_loader, skipped, negatives, cache_dir, device,
+           log: Callable[[str], None], progress: bool, retrained: bool) -> Checkpoint:
+    """The best epoch's checkpoint, calibrated and saved (once, by the main process): from the weights
+    `fit` kept, or the run folder's best file when this call did not train it. A best file already
+    calibrated by this score is kept as it is unless this call trained epochs. Every process helps
+    compute the calibration's rows and train its fold heads (under torchrun)."""
+    from .calibrating import calibrate_checkpoint, calibration_data, calibrated_line
+
+    if state.best is not None:
+        epoch, head_state, top_state = state.best
+        best = dataclasses.replace(template, head_state=head_state, top_state=top_state, epoch=epoch,
+                                   metrics={k: v for k, v in state.history[epoch - 1].items() if k != "epoch"},
+                                   history=list(state.history[:epoch]))
+    else:
+        best = load_checkpoint(run.best)
+    if not retrained and best.calibration is not None and best.calibration.method == config.unknown_score:
+        return best
+    splits = views = None
+    if config.feature_cache:  # the rows training used: one per photo (its centre crop), and the augmented views
         splits = {name: loader.dataset.centre_crops() for name, loader in (("train", train_loader),
                                                                             ("valid", valid_loader))}
-    else:
-        splits = None
-    calibrate_run(run, config, data_dir, classes, frozen, top, negatives=negatives, cache_dir=cache_dir, device=device,
-                  log=log, progress=progress, splits=splits, skip=skipped)
-    result = TrainResult(run.best, run.last, state, classes, state.epoch - first_epoch)
+        rows, centre = train_loader.dataset.rows, train_loader.dataset.centre
+        # Augmented views come in whole passes over the photos; one that lost a photo the centre crop kept
+        # (a file that changed meanwhile) leaves the fold heads on centre crops only.
+        if len(rows) > centre and (len(rows) - centre) % centre == 0:
+            views = rows.take(np.arange(centre, len(rows))).astype(np.float32)
+    data = calibration_data(data_dir, classes, frozen, negatives=negatives, cache_dir=cache_dir, device=device,
+                            num_workers=config.num_workers, progress=progress, engine=config.engine, splits=splits,
+                            skip=skipped, views=views)
+    best.calibration, seen = calibrate_checkpoint(best, classes, data, method=config.unknown_score, keep=config.keep,
+                                                  top=top, device=device)
     if distributed.is_main():
-        from .record import record_run
-
-        # The run ends on the last epoch's weights; the record is of the best epoch's head and blocks.
-        load_weights(load_checkpoint(run.best), head, top)
-        result.record, result.evaluated = record_run(
-            run, config=config, data_dir=data_dir, classes=classes, cat_to_name=cat_to_name, history=state.history,
-            head=head, backbone=backbone, valid_model=trained_model(config, head, top, backbone).to(device),
-            valid_loader=valid_loader, test=test, device=device, run_id=template.run_id, log=log)
-    return result
+        save_checkpoint(best, run.best)
+        log(calibrated_line(best.calibration, seen))
+    return best
 
 
 def split_for_training(backbone: Backbone, n: int) -> tuple[Backbone, nn.Module]:
@@ -451,23 +258,6 @@ def split_for_training(backbone: Backbone, n: int) -> tuple[Backbone, nn.Module]
     if not n:
         return backbone, nn.Sequential()
     return frozen_part(backbone, n), split_backbone(backbone, n)[1]
-
-
-def trained_model(config: TrainConfig, head: nn.Module, top: nn.Module, backbone: Backbone) -> nn.Module:
-    """What maps the loaders' inputs to logits: the head on cached features; the top blocks and the head
-    on cached activations (`--finetune`); the whole network on images (--classic)."""
-    if not config.feature_cache:
-        return FlowerClassifier(backbone.module, head)  # the top's parameters, and only they, want gradients
-    if config.finetune:
-        return TunedHead(top, head, get_spec(config.arch).split_shapes[config.finetune])
-    return head
-
-
-def load_weights(ckpt: Checkpoint, head: nn.Module, top: nn.Module) -> None:
-    """A checkpoint's head and fine-tuned blocks into `head` and `top` (`split_backbone`'s)."""
-    head.load_state_dict(ckpt.head_state)
-    if ckpt.top_state:
-        top.load_state_dict(ckpt.top_state)
 
 
 def _restore(resumed: Resumed, run: RunFolder, head, top, optimizer, scheduler, config: TrainConfig, log) -> FitState:
@@ -487,28 +277,3 @@ def _restore(resumed: Resumed, run: RunFolder, head, top, optimizer, scheduler, 
         log(f"note: --epochs {config.epochs} (saved run: {resumed.last.config.epochs}): the {config.schedule} "
             f"schedule continues on the curve of {config.epochs} epochs")
     return FitState.restored(saved)
-
-
-def calibrate_run(run: RunFolder, config: TrainConfig, data_dir, classes: list[str], frozen: Backbone,
-                  top: nn.Module, *, negatives=None, cache_dir=None, device="cpu",
-                  log: Callable[[str], None] = print, progress: bool = True, splits: dict | None = None,
-                  skip=()) -> None:
-    """Calibrate the run's best and last checkpoints (each its own head and blocks, so its own
-    temperature) on the data folder (or the train/valid rows `splits` already at hand, as the frozen
-    part gives them; `skip`: photos found unreadable), and rewrite them (atomically) with it.
-    `frozen`, `top`: the run's `split_for_training`; each checkpoint's blocks are loaded into `top`.
-    Under torchrun every process helps compute the rows; the main process writes."""
-    from .calibrating import calibrate_checkpoint, calibration_data, describe
-
-    data = calibration_data(data_dir, classes, frozen, negatives=negatives,
-                            cache_dir=cache_dir, device=device, num_workers=config.num_workers, progress=progress,
-                            engine=getattr(config, "engine", "torch"), splits=splits, skip=skip)
-    if not distributed.is_main():
-        return
-    for path in (run.best, run.last):
-        ckpt = load_checkpoint(path)
-        ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=config.unknown_score,
-                                                       keep=config.keep, top=top, device=device)
-        save_checkpoint(ckpt, path)
-        if path == run.best:
-            log(describe(ckpt.calibration, seen))

@@ -126,6 +126,20 @@ CORPUS: list[BadImage] = [
 ]
 
 
+# Photos whose preprocessing would allocate far more than their file's pixels (the shorter side is
+# scaled up to the resize size): refused by their header, like the bombs above, never decoded.
+THIN: list[BadImage] = [
+    BadImage("strip_1x200.png", "real 1x200 PNG (200:1): 256x51,200 after resizing", False,
+             _write(lambda c: _grey_png(1, 200, True))),
+    BadImage("strip_12000x1.png", "real 12000x1 PNG, 132 bytes: 3 million pixels long after resizing", False,
+             _write(lambda c: _grey_png(12000, 1, True))),
+    BadImage("strip_header.png", "PNG header claiming 1x64,000,000 pixels (at the pixel limit)", False,
+             _write(lambda c: _grey_png(1, 64_000_000, False))),
+    BadImage("panorama_61.png", "61:1 panorama (61x1), the widest ratio read", True,
+             lambda path, c: _rgb(c, (61, 1)).save(path, "PNG")),
+]
+
+
 def write_corpus(folder: Path, color=(200, 60, 90)) -> list[Path]:
     """Every corpus file in `folder`; returns their paths in CORPUS order."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -121,3 +121,34 @@ def test_predict_and_export_called_the_wrong_way(data, tmp_path):
         with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")) as caught:
             call()
         assert "\n" not in str(caught.value)
+
+
+# ---------------------------------------------------------------- bad values are quoted short
+
+HUGE = "x" * 10_000_000
+
+
+@pytest.mark.parametrize("changes", [{"schedule": HUGE}, {"engine": HUGE}, {"hidden_units": [HUGE]},
+                                     {"epochs": 10**5000}, {"learning_rate": HUGE}])
+def test_a_huge_bad_value_makes_a_short_one_line_message(changes):
+    with pytest.raises(UserError) as caught:
+        TrainConfig(**changes)
+    message = str(caught.value)
+    assert len(message) < 400 and "\n" not in message
+    assert "characters)" in message or "digits" in message
+
+
+def test_a_huge_string_in_hyperparameters_json_is_a_short_line(tmp_path):
+    from flower_classifier.config import load_defaults
+
+    path = tmp_path / "hyperparameters.json"
+    for key in ("learning_rate", "schedule", "engine", "hidden_units"):
+        path.write_text(json.dumps({"hyperparameters": {key: HUGE}}))
+        with pytest.raises(UserError) as caught:
+            load_defaults(path)
+        assert len(str(caught.value)) < 400 and "(10,000,002 characters)" in str(caught.value), key
+
+
+def test_every_user_error_is_bounded_even_when_a_value_reaches_it_unquoted():
+    message = str(UserError(f"unknown thing {HUGE}; choose another"))
+    assert len(message) < 200 and message.endswith("(10,000,001 characters) choose another")

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from bad_images import CORPUS, SIZE, write_corpus
+from bad_images import CORPUS, SIZE, THIN, write_corpus
 from conftest import class_color, make_dataset
 from flower_classifier import data, images
 from flower_classifier.config import TrainConfig
@@ -94,10 +94,10 @@ def test_a_batch_of_only_broken_files_is_left_out(tmp_path, capfd):
     assert capfd.readouterr().err.count("warning: skipping") == len(BROKEN)
 
 
-def test_readme_states_the_corpus_size():
+def test_the_docs_state_the_corpus_size():
     from conftest import ROOT
 
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "docs" / "robustness.md").read_text().split())
     assert (f"The test corpus (`tests/bad_images.py`) tries {len(CORPUS)} odd or broken files: training uses "
             f"{len(USABLE)} of them") in readme
     assert f"skips the other {len(BROKEN)}," in readme
@@ -114,3 +114,51 @@ def test_any_decoder_exception_means_skipped_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageOps, "exif_transpose", decoder_bug)
     with pytest.raises(UserError, match="train_1_0.jpg: not a readable image \\(IndexError"):
         load_image(path)
+
+
+# ---------------------------------------------------------------- thin photos: bounded by what preprocessing allocates
+
+@pytest.mark.parametrize("item", THIN, ids=[c.name for c in THIN])
+def test_a_thin_photo_is_refused_from_its_header_before_decoding(tmp_path, monkeypatch, item):
+    from PIL import ImageFile
+
+    path = tmp_path / item.name
+    item.write(path, COLOR)
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real_load(im))
+    if item.usable:
+        assert load_image(path).size == (61, 1)
+        return
+    with pytest.raises(images.ImageTooLarge, match=re.escape(item.name) + ": too thin to use .*at most 61:1"):
+        load_image(path)
+    assert decoded == []
+
+
+def test_the_aspect_limit_keeps_every_resize_within_the_pixel_limit():
+    assert images.MAX_ASPECT == 61
+    assert images.MAX_SIDE * images.MAX_SIDE * images.MAX_ASPECT <= images.MAX_IMAGE_PIXELS
+
+
+def test_preprocess_refuses_a_thin_pil_image_before_resizing():
+    """A PIL image given to the Python API skips decode_image: preprocess applies the same rule."""
+    from PIL import Image
+
+    p = images.Preprocessing()
+    assert images.preprocess(Image.new("RGB", (61, 1)), p).shape == (3, 224, 224)
+    for size in ((62, 1), (1, 12_000), (0, 5)):
+        with pytest.raises(images.UnreadableImage, match="too thin to use|has no pixels"):
+            images.preprocess(Image.new("RGB", size), p)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_a_thin_photo_in_the_data_is_skipped_with_a_warning(tmp_path, capfd, cached):
+    root = make_dataset(tmp_path / "d", ["1", "2"], per_split={"train": 2, "valid": 1})
+    for split in ("train", "valid"):
+        THIN[0].write(root / split / "1" / THIN[0].name, COLOR)
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=1, batch_size=4, num_workers=0,
+                         feature_cache=cached)
+    result = run_training(config, root, save_dir=tmp_path / "ck", log=lambda m: None, progress=False)
+    assert result.state.epoch == 1
+    warned = [l for l in capfd.readouterr().err.splitlines() if l.startswith("warning: skipping")]
+    assert len(warned) == 2 and all(THIN[0].name in l and "too thin" in l for l in warned), warned

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from flower_classifier import calibration as cal
+from flower_classifier import calibration as cal, plots, unknown as unk
 from flower_classifier.errors import UserError
 
 
@@ -58,10 +58,10 @@ def test_ece_noise_floor_is_large_for_few_photos_and_small_for_many():
 
 def test_auroc_by_hand_with_ties():
     # Pairs (known, unknown): 1<2, 2=2 (half), 3>2, 1<4, 2<4, 3<4 -> 4.5 of 6.
-    assert cal.auroc([1, 2, 3], [2, 4]) == pytest.approx(0.75)
-    assert cal.auroc([0, 1], [2, 3]) == 1.0
-    assert cal.auroc([2, 3], [0, 1]) == 0.0
-    assert cal.auroc([5, 5, 5], [5, 5]) == 0.5
+    assert unk.auroc([1, 2, 3], [2, 4]) == pytest.approx(0.75)
+    assert unk.auroc([0, 1], [2, 3]) == 1.0
+    assert unk.auroc([2, 3], [0, 1]) == 0.0
+    assert unk.auroc([5, 5, 5], [5, 5]) == 0.5
 
 
 def shifted_clusters(rng, *, classes=4, dim=32, per_class=40):
@@ -82,11 +82,11 @@ def shifted_clusters(rng, *, classes=4, dim=32, per_class=40):
 @pytest.mark.parametrize("method", cal.METHODS)
 def test_each_score_separates_a_shifted_cluster(method):
     train, labels, test, _, unknown, w = shifted_clusters(np.random.default_rng(3))
-    c = cal.Calibration(method=method, arrays=cal.fit_feature_arrays(method, train, labels)
+    c = cal.Calibration(method=method, arrays=unk.fit_feature_arrays(method, train, labels)
                         if method in cal.FEATURE_METHODS else {})
     known_scores, unknown_scores = c.scores(test @ w.T, test), c.scores(unknown @ w.T, unknown)
     assert known_scores.shape == (len(test),)
-    assert cal.auroc(known_scores, unknown_scores) > 0.95
+    assert unk.auroc(known_scores, unknown_scores) > 0.95
 
 
 def test_low_rank_mahalanobis_equals_the_dense_ledoit_wolf_computation():
@@ -103,34 +103,34 @@ def test_low_rank_mahalanobis_equals_the_dense_ledoit_wolf_computation():
     probe = rng.normal(size=(5, 8)) + 1
     pu = probe / np.linalg.norm(probe, axis=1, keepdims=True)
     dense = np.sqrt(np.min([np.einsum("nd,de,ne->n", pu - m, precision, pu - m) for m in means], axis=0))
-    arrays = cal.fit_feature_arrays("mahalanobis", x, y, max_rank=8)
-    assert cal.feature_score("mahalanobis", probe, arrays) == pytest.approx(dense, rel=5e-3)
+    arrays = unk.fit_feature_arrays("mahalanobis", x, y, max_rank=8)
+    assert unk.feature_score("mahalanobis", probe, arrays) == pytest.approx(dense, rel=5e-3)
 
 
 def test_validation_threshold_keeps_the_asked_share():
     valid = np.random.default_rng(5).normal(size=200)
-    threshold, rule = cal.choose_threshold(valid, keep=0.95)
+    threshold, rule = unk.choose_threshold(valid, keep=0.95)
     assert (valid <= threshold).mean() >= 0.95
     assert (valid < threshold).mean() < 0.95  # the lowest such threshold: no looser than needed
     assert "95%" in rule and "200 validation" in rule
-    assert "200 cross-fitted" in cal.choose_threshold(valid, keep=0.95, of="cross-fitted photos")[1]
+    assert "200 cross-fitted" in unk.choose_threshold(valid, keep=0.95, of="cross-fitted photos")[1]
 
 
 def test_negatives_put_the_threshold_in_the_gap_and_never_keep_fewer():
     rng = np.random.default_rng(6)
     valid, negatives = rng.uniform(0, 1, 100), rng.uniform(3, 4, 50)
-    threshold, rule = cal.choose_threshold(valid, negatives, keep=0.95)
+    threshold, rule = unk.choose_threshold(valid, negatives, keep=0.95)
     assert threshold == pytest.approx((valid.max() + negatives.min()) / 2)
     assert "negatives" in rule and "100%" in rule
     overlapping = rng.normal(0.5, 1, 50)
-    threshold, _ = cal.choose_threshold(valid, overlapping, keep=0.9)
+    threshold, _ = unk.choose_threshold(valid, overlapping, keep=0.9)
     assert (valid <= threshold).mean() >= 0.9
 
 
 def fitted(method: str, negatives: bool = False) -> cal.Calibration:
     train, labels, _, _, unknown, w = shifted_clusters(np.random.default_rng(7))
     extra = dict(negative_logits=unknown @ w.T, negative_features=unknown) if negatives else {}
-    return cal.fit_calibration(train @ w.T, labels, cal.stratified_folds(labels), method=method, features=train,
+    return cal.fit_calibration(train @ w.T, labels, unk.stratified_folds(labels), method=method, features=train,
                                **extra)
 
 
@@ -200,21 +200,23 @@ def test_figures_are_written(tmp_path):
     probs = cal.softmax(np.random.default_rng(9).normal(size=(100, 3)))
     labels = probs.argmax(1)
     before, after = cal.reliability(probs, labels), cal.reliability(probs ** 0.5, labels)
-    cal.plot_reliability(before, after, save_to=tmp_path / "calibration.png")
-    cal.plot_score_histograms(np.arange(10.0), np.arange(5.0, 15), 9.5, method="knn", save_to=tmp_path / "h.png")
+    plots.plot_reliability(before, after, save_to=tmp_path / "calibration.png")
+    plots.plot_score_histograms(np.arange(10.0), np.arange(5.0, 15), 9.5, method="knn", save_to=tmp_path / "h.png")
     assert (tmp_path / "calibration.png").stat().st_size > 1000 and (tmp_path / "h.png").stat().st_size > 1000
 
 
-def test_the_module_imports_without_torch():
-    code = "import sys, flower_classifier.calibration; print('torch' in sys.modules)"
+def test_prediction_imports_neither_torch_nor_scipy_nor_matplotlib():
+    # The ONNX app's cold start: the calibration and unknown scores load with numpy alone.
+    code = ("import sys, flower_classifier.predictor, flower_classifier.calibration, flower_classifier.unknown; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'scipy', 'matplotlib'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"
 
 
 def test_non_finite_inputs_are_refused_in_one_line_naming_them():
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(20, 3)), np.arange(20) % 3
-    fold = cal.stratified_folds(labels)
+    fold = unk.stratified_folds(labels)
     features = rng.normal(size=(20, 8))
     broken = features.copy()
     broken[3, 2] = np.inf
@@ -229,23 +231,58 @@ def test_non_finite_inputs_are_refused_in_one_line_naming_them():
 
 def test_stratified_folds_spread_each_class_and_cover_all_but_lone_photos():
     labels = np.array([0] * 12 + [1] * 3 + [2])
-    fold = cal.stratified_folds(labels, 5, seed=1)
+    fold = unk.stratified_folds(labels, 5, seed=1)
     assert sorted(np.bincount(fold[:12], minlength=5)) == [2, 2, 2, 3, 3]  # 12 photos over 5 folds
     assert len(set(fold[12:15])) == 3  # 3 photos of a class: 3 different folds
-    np.testing.assert_array_equal(cal.covered(labels, fold), [True] * 15 + [False])  # class 2 has one photo
+    np.testing.assert_array_equal(unk.covered(labels, fold), [True] * 15 + [False])  # class 2 has one photo
 
 
 def test_cross_fitted_scores_are_those_of_a_fit_without_the_photo():
     train, labels, *_ = shifted_clusters(np.random.default_rng(11))
-    fold = cal.stratified_folds(labels, 4)
-    scores = cal.cross_fitted_scores("mahalanobis", train, labels, fold, max_rank=8)
+    fold = unk.stratified_folds(labels, 4)
+    scores = unk.cross_fitted_scores("mahalanobis", train, labels, fold, max_rank=8)
     held = fold == 2
-    by_hand = cal.feature_score("mahalanobis", train[held],
-                                cal.fit_feature_arrays("mahalanobis", train[~held], labels[~held], max_rank=8))
+    by_hand = unk.feature_score("mahalanobis", train[held],
+                                unk.fit_feature_arrays("mahalanobis", train[~held], labels[~held], max_rank=8))
     np.testing.assert_allclose(scores[held], by_hand)
-    everyone = cal.fit_feature_arrays("mahalanobis", train, labels, max_rank=8)
-    in_sample = cal.feature_score("mahalanobis", train, everyone)
+    everyone = unk.fit_feature_arrays("mahalanobis", train, labels, max_rank=8)
+    in_sample = unk.feature_score("mahalanobis", train, everyone)
     assert np.median(scores) > np.median(in_sample)  # a photo the fit saw looks closer than it would unseen
+
+
+def svd_reference(x: np.ndarray, labels: np.ndarray, max_rank: int) -> dict:
+    """The Mahalanobis arrays by a full SVD of the residuals: what the eigen-based fit must equal."""
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    means = np.stack([u[labels == c].mean(0) for c in range(labels.max() + 1)])
+    r = u - means[labels]
+    n, d = r.shape
+    _, s, vt = np.linalg.svd(r, full_matrices=False)
+    eig = s ** 2 / n
+    mu = eig.sum() / d
+    spread = (eig ** 2).sum() - d * mu ** 2
+    noise = ((np.linalg.norm(r, axis=1) ** 4).sum() / n - (eig ** 2).sum()) / n
+    shrink = min(max(noise, 0) / spread, 1)
+    rest = (1 - shrink) * eig[max_rank:].sum() / (d - max_rank) + shrink * mu
+    return {"means": means, "basis": vt[:max_rank], "rest": rest,
+            "variances": np.maximum((1 - shrink) * eig[:max_rank] + shrink * mu, rest)}
+
+
+@pytest.mark.parametrize("photos", [30, 300])  # fewer photos than dimensions (Gram side) and more
+def test_eigen_fit_and_its_per_fold_downdate_equal_a_full_svd(photos):
+    rng = np.random.default_rng(12)
+    labels = np.arange(photos) % 3
+    x = rng.normal(size=(3, 60))[labels] + rng.normal(size=(photos, 60)) * np.linspace(2, 0.1, 60)
+    want = svd_reference(x, labels, 8)
+    got = unk.fit_feature_arrays("mahalanobis", x, labels, max_rank=8)
+    np.testing.assert_allclose(got["variances"], want["variances"], rtol=1e-4)
+    assert float(got["rest"]) == pytest.approx(want["rest"], rel=1e-4)
+    np.testing.assert_allclose(np.abs(got["basis"] @ want["basis"].T), np.eye(8), atol=1e-3)  # same directions
+    # Cross-fitted: fold k's fit downdated from the whole scatter equals a fit on the other folds.
+    fold = unk.stratified_folds(labels, 3)
+    scores = unk.cross_fitted_scores("mahalanobis", x, labels, fold, max_rank=8)
+    held = fold == 1
+    alone = unk.fit_feature_arrays("mahalanobis", x[~held], labels[~held], max_rank=8)
+    np.testing.assert_allclose(scores[held], unk.feature_score("mahalanobis", x[held], alone), rtol=1e-4)
 
 
 def few_per_class(rng, classes: int, per_class: int, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,11 +305,11 @@ def test_cross_fitted_threshold_keeps_the_asked_share_of_fresh_photos_more_stead
         centres = rng.normal(size=(classes, dim)) * 2
         (train, y_train), (valid, y_valid) = (few_per_class(rng, classes, n, centres) for n in (3, 1))
         fresh, _ = few_per_class(rng, classes, 50, centres)
-        arrays = cal.fit_feature_arrays(method, train, y_train, max_rank=8)  # the old rule: train only
-        threshold, _ = cal.choose_threshold(cal.feature_score(method, valid, arrays), keep=keep)
-        valid_only.append((cal.feature_score(method, fresh, arrays) > threshold).mean())
+        arrays = unk.fit_feature_arrays(method, train, y_train, max_rank=8)  # the old rule: train only
+        threshold, _ = unk.choose_threshold(unk.feature_score(method, valid, arrays), keep=keep)
+        valid_only.append((unk.feature_score(method, fresh, arrays) > threshold).mean())
         x, y = np.concatenate([train, valid]), np.concatenate([y_train, y_valid])
-        c = cal.fit_calibration(np.zeros((len(y), classes)), y, cal.stratified_folds(y), method=method,
+        c = cal.fit_calibration(np.zeros((len(y), classes)), y, unk.stratified_folds(y), method=method,
                                 features=x, keep=keep, max_rank=8)
         crossed.append((c.scores(None, fresh) > c.threshold).mean())
     error = {name: np.sqrt(np.mean((np.array(rates) - (1 - keep)) ** 2))
@@ -286,7 +323,7 @@ def test_temperature_from_cross_fitted_logits_and_arrays_from_every_photo():
     logits = rng.normal(size=(300, 5)) * 3
     labels = sampled_labels(logits, 2.0, rng)  # logits twice as sure as they should be
     features = rng.normal(size=(300, 8)) + labels[:, None]
-    c = cal.fit_calibration(logits, labels, cal.stratified_folds(labels), method="cosine", features=features)
+    c = cal.fit_calibration(logits, labels, unk.stratified_folds(labels), method="cosine", features=features)
     assert c.temperature == pytest.approx(2.0, rel=0.2)
     assert c.arrays["directions"].shape == (5, 8) and "300 cross-fitted" in c.rule
     with pytest.raises(UserError, match="at least two photos"):

@@ -259,7 +259,10 @@ def test_hyphenated_options_work_and_help_shows_the_underscore_form(data, capsys
     (["train", "D", "--hiden-units", "8"], "--hidden_units"),
     (["train", "D", "--categories_names=x.json"], "--category_names"),
     (["predict", "p.jpg", "c.pth", "--topk", "3"], "--top_k"),
-    (["serve", "m.onnx", "--max_upload", "3", "--prot", "80"], "--port"),  # --max_upload: a known abbreviation
+    (["serve", "m.onnx", "--max_upload", "3", "--prot", "80"], "--max_upload_mb"),  # abbreviations are refused
+    (["train", "D", "--epoch", "3"], "--epochs"),  # not taken for --epochs
+    (["predict", "p.jpg", "c.pth", "--top", "3"], "--top_k"),
+    (["evaluate", "c.pth", "D", "--batch-size", "8", "--neg", "N"], "--negatives"),
     (["serve", "m.onnx", "--max-uplod-mb", "3"], "--max_upload_mb"),
 ])
 def test_an_unknown_option_suggests_the_nearest(argv, nearest, capsys, tmp_path, monkeypatch):
@@ -368,5 +371,5 @@ def test_module_predict_on_an_onnx_model_runs_without_torch(tmp_path):
                             "--json")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)["predictions"]
-    assert len(rows) == 2 and all(r["name"].startswith("bloom ") for r in rows)
+    assert len(rows) == 2 and all(r["name"].startswith("flower ") for r in rows)  # the model's own names win
     assert "otherwise than the names the model was trained with" in result.stderr  # flower N vs bloom N

@@ -79,9 +79,11 @@ def test_json_lines_and_csv(models, album, tmp_path, capsys):
     assert f"wrote {table} (3 rows)" in err.lower()
     with open(table, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "name_1", "category_1", "probability_1", "name_2", "category_2",
-                             "probability_2", "name_3", "category_3", "probability_3", "error"]
+    assert list(rows[0]) == ["path", "unknown", "score", "name_1", "category_1", "probability_1", "name_2",
+                             "category_2", "probability_2", "name_3", "category_3", "probability_3", "error"]
     assert [r["path"] for r in rows] == [str(p) for p in photos]
+    # No calibration in this model: not asked, so empty cells, as the JSON's nulls.
+    assert (rows[0]["unknown"], rows[0]["score"]) == ("", "") and lines[0]["unknown"] is None
     first = lines[0]["predictions"]
     assert [rows[0]["name_1"], rows[0]["category_1"]] == [first[0]["name"], first[0]["category"]]
     assert float(rows[0]["probability_2"]) == pytest.approx(first[1]["probability"])
@@ -165,3 +167,24 @@ def test_options_may_sit_between_the_photos(models, album, capsys):
         predict(daisy, models["onnx"], "--lerning_rate", "3")
     assert exit.value.code == 2
     assert "unrecognized arguments: --lerning_rate 3" in capsys.readouterr().err
+
+
+def test_a_thin_photo_is_one_line_alone_and_skipped_among_others(models, album, capsys):
+    """A 1x12,000 PNG of a few hundred bytes: once a MemoryError traceback after GBs of resizing."""
+    from PIL import Image
+
+    Image.new("RGB", (1, 12_000), (200, 60, 90)).save(album / "strip.png")
+    assert predict(album / "strip.png", models["onnx"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "strip.png: too thin to use (1x12000" in err[0]
+    assert predict(album / "strip.png", album / "daisy.jpg", models["pytorch"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: skipping" in err and "too thin" in err and out.count("Top ") == 1
+
+
+def test_a_names_file_with_a_huge_name_warns_in_short_lines(models, album, tmp_path, capsys):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"1": "x" * 10_000_000, "2": "dandelion"}))
+    assert predict(album / "daisy.jpg", models["pytorch"], "--category_names", names, "--top_k", "1") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings and all(len(line) < 600 for line in warnings), [len(w) for w in warnings]

@@ -59,6 +59,17 @@ def test_train_with_test_leaves_history_curves_and_a_card_of_the_best_epoch(data
     assert "frozen" in card and "only these 4 categories" in card
 
 
+def test_a_test_split_copied_from_training_photos_is_not_claimed_unseen(data, tmp_path, capsys):
+    import shutil
+
+    for photo in (data / "test" / "1").iterdir():  # the test photos of category 1 become copies of training ones
+        shutil.copyfile(next((data / "train" / "1").iterdir()), photo)
+    assert _train(data, tmp_path / "run", "--test") == 0
+    card = (tmp_path / "run" / CARD_NAME).read_text()
+    assert "never seen in training" not in card and "2 are the same files as training or validation photos" in card
+    assert "2 test photos are the same files as training or validation photos" in capsys.readouterr().out
+
+
 def test_weak_spots_name_the_worst_class_and_what_it_is_taken_for(tmp_path):
     """The card's table, from a known evaluation: category 2 is always called 3."""
     import numpy as np

@@ -246,3 +246,38 @@ def test_a_busy_port_is_one_line_and_exit_2_before_any_serving_line(models):
                                  "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_thin_photo_is_413_before_decoding(client, monkeypatch):
+    """Preprocessing scales the shorter side up: a 1x12,000 PNG of 132 bytes would have cost GBs,
+    a header claiming 1x64,000,000 a plain 500. Both are refused from the header."""
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or real_load(im))
+    for width, height in ((1, 12_000), (12_000, 1), (1, 64_000_000), (2, 200)):
+        response = upload(client, png_claiming(width, height), name="strip.png")
+        assert response.status_code == 413, response.text
+        assert response.json()["detail"].startswith(f"'strip.png': too thin to use ({width}x{height} pixels")
+    batch = client.post("/predict/batch", files=[("files", ("strip.png", png_claiming(1, 12_000), "image/png")),
+                                                 ("files", ("sunflower.jpg", SUNFLOWER, "image/jpeg"))])
+    assert [r["status"] for r in batch.json()["results"]] == [413, 200]
+    assert decoded and all(max(size) < 61 * min(size) for size in decoded)  # only the sunflower was decoded
+
+
+@pytest.mark.parametrize("value", ["1", "0", "yes", "no", "on", "t", "y", "", "truee", "x" * 5_000])
+@pytest.mark.parametrize("flag", ["tta", "no_unknown"])
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+def test_on_off_flags_take_only_true_or_false(client, flag, value, path):
+    field = "file" if path == "/predict" else "files"
+    response = client.post(path, files={field: ("f.jpg", SUNFLOWER, "image/jpeg")}, params={flag: value})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail.startswith(f"?{flag}=") and detail.endswith("must be true or false")
+    assert len(detail) < 200
+
+
+@pytest.mark.parametrize("value, on", [("true", True), ("false", False), ("True", True), ("FALSE", False)])
+def test_true_and_false_in_any_case_are_the_flag(client, value, on):
+    response = upload(client, SUNFLOWER, tta=value)
+    assert response.status_code == 200 and response.json()["tta"] is on
+    assert upload(client, SUNFLOWER, no_unknown=value).status_code == 200

@@ -2,6 +2,7 @@
 the checkpoint and the ONNX file, the same unknown decisions from PyTorch and ONNX Runtime, and what
 predict.py, --json, the API, evaluate and the report show."""
 import io
+from pathlib import Path
 import json
 import warnings
 
@@ -16,7 +17,8 @@ from app_models import PHOTO_CATEGORY, lite0_checkpoint, live_server, photo, tin
 from conftest import make_dataset, make_image
 from flower_classifier.backbones import build_backbone
 from flower_classifier.calibrating import cross_fitted_logits
-from flower_classifier.calibration import Calibration, fit_feature_arrays, stratified_folds
+from flower_classifier.calibration import Calibration
+from flower_classifier.unknown import fit_feature_arrays, stratified_folds
 from flower_classifier.checkpoint import load_checkpoint, save_checkpoint
 from flower_classifier.cli import main
 from flower_classifier.config import TrainConfig
@@ -57,15 +59,15 @@ def _with_calibration(src, dst, **fields):
     return save_checkpoint(ckpt, dst)
 
 
-def test_training_calibrates_best_and_last_and_says_what_it_chose(run):
+def test_training_calibrates_the_best_checkpoint_once_and_says_what_it_chose(run):
     data, negatives, result, lines = run
     said = [line for line in lines if line.startswith("Calibrated on")]
     assert len(said) == 1 and f"36 train+valid photos (cross-fitted in 5 folds) and 6 photos of {negatives}" in said[0]
     assert "unknown when the mahalanobis score is above" in said[0] and "negatives" in said[0]
-    for path in (result.best_path, result.last_path):
-        calibration = load_checkpoint(path).calibration
-        assert calibration is not None and calibration.method == "mahalanobis"
-        assert calibration.arrays["means"].shape == (len(CLASSES), 16)  # the tiny backbone's 16 features
+    calibration = load_checkpoint(result.best_path).calibration
+    assert calibration is not None and calibration.method == "mahalanobis"
+    assert calibration.arrays["means"].shape == (len(CLASSES), 16)  # the tiny backbone's 16 features
+    assert load_checkpoint(result.last_path).calibration is None  # what --resume continues: never loaded to predict
     assert torch.load(result.best_path, weights_only=True)["calibration"]["version"] == 1  # plain data
 
 
@@ -115,7 +117,9 @@ def test_predict_prints_the_unknown_line_and_json_fields_and_no_unknown_turns_it
     flower = make_image(tmp_path / "p.png", (200, 60, 60))
     assert main(["predict", str(flower), str(everything)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[-1].startswith("not one of the 4 species this model knows (score 0.")
+    # The answer first; the nearest species after it, labelled as no answer.
+    assert out.splitlines()[0].startswith(f"{flower}: unknown: not one of the 4 species this model knows (score 0.")
+    assert "above its threshold -1" in out.splitlines()[0] and "the photo is none of them" in out.splitlines()[1]
     assert out.count("%") == 4  # the top-K rows are still shown
     assert main(["predict", str(flower), str(everything), "--no_unknown"]) == 0
     assert "not one of" not in capsys.readouterr().out
@@ -219,11 +223,26 @@ def test_calibrate_rewrites_a_checkpoint_and_refuses_bad_input_leaving_it_whole(
     wrong = make_dataset(tmp_path / "wrong", ["x", "y"], per_split={"train": 1, "valid": 1})
     for args, needle in (([str(wrong)], "are not those of"), ([str(data), "--negatives", str(tmp_path / "no")],
                                                               "no such directory"),
-                         ([str(data / "test")], "train")):
+                         ([str(data / "test")], "train"),
+                         ([str(data), "--negatives", str(data / "train" / "a")], "own training or validation photos")):
         assert main(["calibrate", str(target), *args, "--quiet", "--workers", "0"]) == 2
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1, err
         assert target.read_bytes() == before
+
+
+def test_calibrate_refuses_an_unwritable_checkpoint_folder_before_any_work(run, tmp_path, capsys, monkeypatch):
+    import os
+
+    from flower_classifier import calibrating
+
+    data, _, result, _ = run
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != result.best_path.parent and real(path, mode))
+    monkeypatch.setattr(calibrating, "calibration_data", lambda *a, **k: pytest.fail("worked before checking"))
+    assert main(["calibrate", str(result.best_path), str(data), "--quiet", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and err.count("\n") == 1
 
 
 # ---------------------------------------------------------------- the same answer from both backends
@@ -290,7 +309,7 @@ def test_cross_fitted_logits_come_from_heads_that_never_saw_the_photo():
     crossed = cross_fitted_logits(config, 60, x, labels, 3, stratified_folds(labels))
     assert torch.equal(state, torch.get_rng_state())  # the caller's random state is left alone
     np.testing.assert_array_equal(crossed[flipped].argmax(1), true[flipped])
-    assert (crossed.argmax(1) == true).all()
+    assert (crossed.argmax(1) == true).mean() >= 0.95  # 60 epochs on 3 wrong labels: a neighbour may follow one
     # The same heads, each scoring a copy of the photos it trained on: the wrong labels, learnt.
     seen = cross_fitted_logits(config, 60, np.concatenate([x, x]), np.concatenate([labels, labels]), 3,
                                np.repeat([0, 1], 60))[:60]

@@ -57,8 +57,19 @@ def build_parser(prog: str = "flower_classifier") -> tuple[Parser, dict[str, Par
     return parser, subparsers
 
 
+def command_list() -> str:
+    """What `python -m flower_classifier` alone prints: the commands, one line each."""
+    width = max(map(len, COMMANDS))
+    return "\n".join(["usage: python -m flower_classifier COMMAND ...  (COMMAND --help: its options)", "",
+                      "Commands:", *(f"  {name:<{width}}  {help_text}" for name, (_, _, help_text, _) in COMMANDS.items()),
+                      "", "train.py and predict.py are `train` and `predict` as scripts of their own."])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # asking what there is: the list, and exit 0
+        print(command_list())
+        return 0
     parser, subparsers = build_parser()
     name = argv[0] if argv and argv[0] in COMMANDS else None
     mistyped = argv and not name and not argv[0].startswith("-")

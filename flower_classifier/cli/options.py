@@ -7,6 +7,7 @@ import difflib
 import os
 
 from ..config import FIELDS, THREADS, WORKERS, TrainConfig, flag
+from ..errors import bounded
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -14,10 +15,15 @@ EXIT_INTERRUPTED = 130
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line naming it, not a usage dump; `--learning-rate` is
-    `--learning_rate`; an unknown option gets the nearest known one."""
+    `--learning_rate`; an unknown option gets the nearest known one; no abbreviations (`--epoch 3`
+    is refused with "did you mean --epochs?", never taken for it)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {bounded(message)} (see --help)\n")
 
     def respell(self, argv: list[str]) -> list[str]:
         """Options spelled with hyphens, as their underscore form when that is one of ours."""
@@ -27,7 +33,7 @@ class Parser(argparse.ArgumentParser):
                 break
             name, eq, value = arg.partition("=")
             underscored = "--" + name[2:].replace("-", "_")
-            if name.startswith("--") and underscored != name and any(f.startswith(underscored) for f in flags):
+            if name.startswith("--") and underscored != name and underscored in flags:
                 out[i] = underscored + eq + value
         return out
 
@@ -52,6 +58,15 @@ class Parser(argparse.ArgumentParser):
 
     def flags(self) -> list[str]:
         return [s for s in self._option_string_actions if s.startswith("--")]
+
+
+def require(module: str) -> None:
+    """ModuleNotFoundError now if `module` is not installed, without importing it: a Python outside
+    the project's environment is told how to set up (`parse_and_run`) before any input is checked."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
 
 
 def add_config_options(p: argparse.ArgumentParser, *names: str, **helps: str) -> None:
@@ -86,6 +101,9 @@ SHARED = {
     "--category_names": dict(default=None, help="JSON file of category -> flower name"),
     "--negatives": dict(default=None, metavar="DIR", help="a folder of photos that are none of the species (animals, "
                         "objects, food, ...)"),
+    "--overwrite": dict(action="store_true", help="replace a file already at the output path; never an input, "
+                        "a checkpoint, a link or a folder (default: refuse, unless it is this command's own earlier "
+                        "output)"),
     "--tta": dict(action="store_true", help="test-time augmentation: the model also sees each photo mirrored "
                   "left-right, and the two answers are averaged; about twice the time (default: off)"),
 }

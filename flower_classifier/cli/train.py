@@ -5,10 +5,11 @@ import argparse
 import signal
 from pathlib import Path
 
-from ..config import DEFAULTS_FILE, FIELDS, Number, TrainConfig, load_defaults
+from ..config import DEFAULTS_FILE, FIELDS, RECIPES, Number, TrainConfig, flag, load_defaults, recipe_flags
 from ..errors import UserError
+from ..hub import check_weights_reachable
 from ..names import names_for_run
-from .options import add_config_options, add_shared, as_flags
+from .options import add_config_options, add_shared, as_flags, require
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,10 +33,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def apply_saved_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Let `search`'s best values replace the built-in defaults; flags on the command line still win."""
-    pre = argparse.ArgumentParser(add_help=False)
+    """Let --recipe's values, then `search`'s best values, replace the built-in defaults; flags on the
+    command line still win."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--defaults", default=None)
+    pre.add_argument(flag("recipe"), dest="recipe", default=TrainConfig().recipe)
     known, _ = pre.parse_known_args(argv)
+    if known.recipe in RECIPES:  # an unknown name is refused by the parser itself, in one line
+        parser.set_defaults(**RECIPES[known.recipe])
     path = Path(known.defaults or DEFAULTS_FILE)
     if known.defaults and not path.is_file():
         raise UserError(f"--defaults {path}: no such file; run `search` to write one, or drop --defaults")
@@ -53,15 +58,21 @@ def _say_saved_defaults(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    require("torch")
+    config = TrainConfig(**{name: getattr(args, name) for name in FIELDS if hasattr(args, name)})
+    names, said = names_for_run(args.category_names, args.data_dir)
+    if Path(args.data_dir, "train").is_dir():  # else the missing folder is what to fix first
+        check_weights_reachable(config.arch)  # before torch loads: an offline vgg16 is refused in a second
+
     from .. import distributed
     from ..devices import select_device
     from ..training import check_finetune, run_training
 
-    config = TrainConfig(**{name: getattr(args, name) for name in FIELDS if hasattr(args, name)})
     # run_training checks these too; here they come before the device note and torchrun's start-up.
     check_finetune(config)
-    names, said = names_for_run(args.category_names, args.data_dir)
     if distributed.is_main():
+        if RECIPES[config.recipe]:
+            print(f"Recipe {config.recipe}: {recipe_flags(config.recipe)}; flags given here win")
         _say_saved_defaults(args)
     device = select_device(args.gpu)
     if distributed.launched():  # started by torchrun: join the other processes
@@ -106,7 +117,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
                        augmented_views="augmented copies per training image, as in train.py")
     p.add_argument("--out", default=str(DEFAULTS_FILE),
                    help=f"where the best values go; train.py reads them as defaults (default: {DEFAULTS_FILE})")
-    add_shared(p, "--cache_dir", "--workers", "--threads", "--gpu", "--quiet",
+    add_shared(p, "--cache_dir", "--workers", "--threads", "--gpu", "--quiet", "--overwrite",
                workers={"help": "data-loading worker processes for feature extraction (default: min(4, CPU count))"})
 
 
@@ -115,14 +126,16 @@ def run_search(args: argparse.Namespace) -> int:
     from ..data import split_dir
     from ..devices import select_device
     from ..features import load_feature_data, resolve_engine
+    from ..files import check_output, head
     from ..search import SEARCHED, random_search, rows_per_split, save_best
 
     get_spec(args.arch)
     for split in ("train", "valid"):
         split_dir(args.data_dir, split)
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    check_weights_reachable(args.arch)
+    # Before any work: never an input, a checkpoint or a stranger's file (an earlier search's is replaced).
+    out = check_output(args.out, option="--out", overwrite=args.overwrite,
+                       ours=lambda p: head(p).startswith(b'{\n  "hyperparameters"'))
     device = select_device(args.gpu)
     backbone = build_backbone(args.arch)
     # The rows below the top n blocks, for the trials that fine-tune n (the features for n = 0).
@@ -157,13 +170,15 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone
-    from ..calibrating import calibrate_checkpoint, calibration_data, describe, negative_photos
+    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
     from ..features import resolve_engine
+    from ..files import check_rewrite
     from ..training import split_for_training
 
+    target = check_rewrite(args.checkpoint)  # before any work: the folder must take the rewritten file
     ckpt = load_checkpoint(args.checkpoint)
     classes = find_classes(split_dir(args.data_dir, "train"))
     if classes != ckpt.classes:
@@ -171,7 +186,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                         f"{args.checkpoint} ({len(ckpt.classes)}); pass the data folder it was trained on")
     split_dir(args.data_dir, "valid")
     if args.negatives is not None:
-        negative_photos(args.negatives)
+        negative_photos(args.negatives, data_dir=args.data_dir)
     # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
     device = select_device(args.gpu)
     frozen, top = split_for_training(build_backbone(ckpt.arch), ckpt.config.finetune)
@@ -180,7 +195,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                             progress=not args.quiet, engine=resolve_engine(args.engine, device))
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
-    save_checkpoint(ckpt, args.checkpoint)
-    print(describe(ckpt.calibration, seen))
+    save_checkpoint(ckpt, target)
+    print(calibrated_line(ckpt.calibration, seen))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0

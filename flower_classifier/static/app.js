@@ -1,10 +1,12 @@
-// Send the chosen or dropped photo to POST /predict and draw its top names (up to 5) as bars, or,
-// when the photo is none of the species the model knows, say so plainly (no bars that pretend).
+// Send the chosen or dropped photo to POST /predict and show the answer as a heading: the most likely
+// species, with its top names (up to 5) as bars below, or, when the photo is none of the species the
+// model knows, that plainly (no bars that pretend). The status line is for progress and errors only.
 "use strict";
 
 const drop = document.getElementById("drop");
 const preview = document.getElementById("preview");
 const status = document.getElementById("status");
+const answer = document.getElementById("answer");
 const results = document.getElementById("results");
 const tta = document.getElementById("tta");  // test-time augmentation; starts as the server's default
 
@@ -15,7 +17,21 @@ function say(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
-function show(predictions) {
+function hidePreview() {
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.removeAttribute("src");
+  preview.hidden = true;
+}
+preview.addEventListener("error", hidePreview);  // a file the browser cannot draw: no broken-image icon
+
+function showAnswer(kind, title, detail) {
+  answer.className = "answer " + kind;
+  answer.querySelector("h2").textContent = title;
+  answer.querySelector("p").textContent = detail;
+  answer.hidden = false;
+}
+
+function showBars(predictions) {
   results.replaceChildren(...predictions.map((p) => {
     const li = document.createElement("li");
     const pct = (100 * p.probability).toFixed(1) + "%";
@@ -29,12 +45,28 @@ function show(predictions) {
   }));
 }
 
+function show(body) {
+  const top = body.predictions[0];
+  if (body.unknown) {
+    // A kind of unknown (not a flower, a flower it was not trained on), when the server says one.
+    const kind = typeof body.kind === "string" && body.kind ? " (" + body.kind + ")" : "";
+    showAnswer("unknown", "Not one of the " + body.species + " flowers I know" + kind,
+               "This photo is unlike the photos this model learnt from. The nearest species, " + top.name +
+               ", is not the answer.");
+    return;
+  }
+  showAnswer("known", top.name, (100 * top.probability).toFixed(1) + "% likely" +
+             (body.predictions.length > 1 ? "; the nearest species below" : ""));
+  showBars(body.predictions);
+}
+
 async function classify(file) {
   if (!file) return;
-  if (preview.src) URL.revokeObjectURL(preview.src);
+  hidePreview();
   preview.src = URL.createObjectURL(file);
   preview.alt = "The photo: " + file.name;
   preview.hidden = false;
+  answer.hidden = true;
   results.replaceChildren();
   say("Looking at the photo…");
   const form = new FormData();
@@ -44,17 +76,14 @@ async function classify(file) {
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
       const detail = typeof body.detail === "string" ? body.detail : response.statusText;
+      hidePreview();
       say("Sorry: " + detail, true);
       return;
     }
-    if (body.unknown) {
-      say("This does not look like any of the " + body.species + " flowers this model knows (the nearest, " +
-          body.predictions[0].name + ", is unlike the photos it learnt from).");
-      return;
-    }
-    show(body.predictions);
-    say("Most likely: " + body.predictions[0].name + ".");
+    say("");
+    show(body);
   } catch (err) {
+    hidePreview();
     say("Could not reach the server (" + err.message + ").", true);
   }
 }

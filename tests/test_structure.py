@@ -1,0 +1,77 @@
+"""The package's shape, read from its source: no import circles, and modules of a readable size."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "flower_classifier"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """The package's modules that `path` imports, at the top or inside functions (a lazy import is an
+    import too); not those under `if TYPE_CHECKING:`, which never run."""
+    tree = ast.parse(path.read_text())
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+               for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if not node.level and not target.startswith("flower_classifier"):
+                continue
+            for alias in node.names:  # `from . import x` imports the module x
+                candidate = f"{target}.{alias.name}"
+                found.add(candidate if (PACKAGE.parent / (candidate.replace(".", "/") + ".py")).exists() else target)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("flower_classifier")}
+    return found - {module_name(path), "flower_classifier"}
+
+
+def graph() -> dict[str, set[str]]:
+    return {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_the_package_has_no_import_circles():
+    assert cycles(graph()) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# The run's stages: each about 400 lines at most, or a reason stated at its top.
+STAGES = ("training", "fitting", "calibrating", "calibration", "unknown", "record", "evaluation", "checkpoint",
+          "runfolder", "search", "model", "plots", "distributed")
+
+
+def test_the_run_s_modules_stay_readable():
+    long = [name for name in STAGES if len((PACKAGE / f"{name}.py").read_text().splitlines()) > 400
+            and "long because" not in (PACKAGE / f"{name}.py").read_text()[:2000]]
+    assert long == []
