@@ -2,8 +2,9 @@
 
 Modules in the order data flows through them, each importing only those before it (README *Code
 map*): `config` (every option, once) -> `data` / `images` / `datacheck` (photo folders, decoding,
-preprocessing, the look-over) -> `backbones` -> `features` / `shards` (the frozen pass, computed
-once, and its store) -> `model` (the head) -> `unknown` (the unknown scores and thresholds, numpy
+preprocessing, the look-over) -> `backbones` / `blocks` -> `shards` / `feature_store` (the store)
+-> `frozen_pass` (the frozen pass, computed once) -> `features` (rows found or computed; the
+datasets a head trains on) -> `model` (the head) -> `unknown` (the unknown scores and thresholds, numpy
 only) -> `calibration` (temperature, ECE, the stored `Calibration`) -> `checkpoint` / `files` ->
 `runfolder` (a save folder: files, saving an epoch, resuming, the lock) -> `fitting` (the one loop:
 `train_one_epoch`, `evaluate`, `fit`), with `search` and `distributed` -> `calibrating` (a head's
@@ -11,7 +12,7 @@ calibration: its fold heads go through `fitting`) -> `predictor` (a checkpoint o
 interface) -> `evaluation` / `plots` (measuring) -> `record` (history, curves, model card) ->
 `training` (`run_training`: the run, stage after stage) -> `export` / `serving`; `cli` and
 `notebook` are the faces (the notebook's out-of-order checks in `tutorial`, its keep-awake helpers
-in `workspace`); `names`, `devices`, `progress`, `errors`, `oxford102` serve them.
+in `workspace`); `names`, `hub`, `devices`, `progress`, `errors`, `oxford102` serve them.
 
 Names below are imported on first use, so `flower_classifier.cli` and light tools (such as ONNX
 inference) start without importing torch.
@@ -25,7 +26,7 @@ _EXPORTS = {
     "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_model": "checkpoint",
     "save_checkpoint": "checkpoint",
     "TrainConfig": "config",
-    "extract_features": "features", "load_feature_data": "features",
+    "extract_features": "frozen_pass", "load_feature_data": "features",
     "UserError": "errors",
     "FlowerClassifier": "model", "build_head": "model", "count_parameters": "model",
     "Prediction": "predictor", "imshow": "predictor", "predict": "predictor", "process_image": "predictor",

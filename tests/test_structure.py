@@ -75,3 +75,12 @@ def test_the_run_s_modules_stay_readable():
     long = [name for name in STAGES if len((PACKAGE / f"{name}.py").read_text().splitlines()) > 400
             and "long because" not in (PACKAGE / f"{name}.py").read_text()[:2000]]
     assert long == []
+
+
+def test_every_name_the_package_exports_resolves_to_its_home():
+    """`fc.NAME` is looked up lazily in the module `_EXPORTS` names: a function moved to another
+    module must move there too, or `import flower_classifier as fc; fc.NAME` breaks for users."""
+    import flower_classifier as fc
+
+    missing = [name for name in fc.__all__ if getattr(fc, name, None) is None]
+    assert missing == []
