@@ -284,3 +284,16 @@ def test_the_model_card_states_the_unknown_answer_and_the_refusal_rate_it_was_tu
     ckpt.calibration = None
     save_checkpoint(ckpt, run.best)
     assert "has no calibration" in card(run).split("## Limits")[1]
+
+
+def test_an_uncalibrated_model_s_note_names_a_fix_that_works_for_its_kind(tmp_path, capsys):
+    """`calibrate` rewrites a checkpoint, not an ONNX file: the note for an .onnx model sends the
+    user to the checkpoint it came from, the note for a checkpoint to the checkpoint itself."""
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.pth")
+    onnx = export_onnx(checkpoint, tmp_path / "tiny.onnx")
+    photo = make_image(tmp_path / "p.png", (200, 40, 60))
+    for model, fix in ((checkpoint, f"calibrate {checkpoint} DATA_DIR`"),
+                       (onnx, "calibrate CHECKPOINT.pth DATA_DIR` on the checkpoint it was exported from")):
+        assert main(["predict", str(photo), str(model)]) == 0
+        note = capsys.readouterr().err
+        assert "has no calibration" in note and fix in note

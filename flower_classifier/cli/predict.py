@@ -150,8 +150,9 @@ def run_predict(args: argparse.Namespace) -> int:
         _write_table(table, results, top_k)
     if predictor.calibration is None and any(not r.error for r in results):
         print(f"note: {args.checkpoint} has no calibration, so its probabilities are uncalibrated and it never answers "
-              f"\"not one of the species\"; add it with `python -m flower_classifier calibrate {args.checkpoint} "
-              f"DATA_DIR`" + (" and export again" if onnx else ""), file=sys.stderr)
+              f"\"not one of the species\"; add it with `python -m flower_classifier calibrate "
+              + ("CHECKPOINT.pth DATA_DIR` on the checkpoint it was exported from, then export again" if onnx
+                 else f"{args.checkpoint} DATA_DIR`"), file=sys.stderr)
     skipped = sum(1 for r in results if r.error)
     if skipped == len(results):
         raise UserError(f"none of the {len(results)} photos could be read (each is named above)")
