@@ -133,7 +133,7 @@ def fit_rule(rule: str, method: str, feats: dict, logits: dict, crossed: tuple, 
     """`rule`'s calibration for `method`; `negatives`: indices of the negatives that may choose the threshold."""
     xneg = feats["negatives"][0]
     given = None if negatives is None else (logits["negatives"][negatives], xneg[negatives])
-    if rule == "valid-only":
+    if rule == "valid-only" and method != cal.NEAR_FAR:  # near_far is always cross-fitted (calibrating)
         return valid_only(method, feats["train"][:2], feats["valid"][:2], logits["valid"], keep, given, **fit_options)
     xl, y, fold, x = crossed
     extra = {} if given is None else dict(negative_logits=given[0], negative_features=given[1])

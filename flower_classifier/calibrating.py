@@ -1,8 +1,13 @@
 """Fitting a head's calibration on its photo folder: the torch side of `calibration`, used by the
 run (`training`, once for the checkpoint a user loads) and by the `calibrate` command.
 
-The temperature and the threshold come from the species photos of the train and valid splits,
-cross-fitted: each photo's logits from a head trained as the checkpoint's was on the other folds (its
+Which photos: when the valid split holds at least `VALID_ONLY_PER_CLASS` photos of every species,
+the head's own logits of them (photos it never trained on) fit the temperature and choose the threshold,
+and a feature score's statistics are fitted on the train split alone: no fold heads, so calibrating
+costs one pass of the head over the valid photos and one feature fit. With fewer valid photos (a
+threshold keeping 95% of 50 photos rests on two or three of them), and always for the near_far score
+(its near cut needs scores of photos whose class a fit never saw), the temperature and the threshold
+come from the species photos of the train and valid splits, cross-fitted: each photo's logits from a head trained as the checkpoint's was on the other folds (its
 recipe: the same loop, augmented views, schedule, for the checkpoint's own epoch count), its feature
 score from class means and covariance fitted without it (`calibration.fit_calibration`); with
 `negatives` (a folder of photos that are none of the species) the threshold is chosen with them too.
@@ -19,7 +24,7 @@ import torch
 
 from . import devices, distributed
 from .backbones import Backbone, get_spec
-from .calibration import Calibration, fit_calibration
+from .calibration import Calibration, as_stored, fit_calibration, fit_temperature
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .data import FlowerFolder, split_dir
@@ -31,7 +36,12 @@ from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, 
 from .frozen_pass import centre_view
 from .images import list_photos
 from .model import StackedHeads, build_head
-from .unknown import CROSS_FOLDS, stratified_folds
+from .unknown import CROSS_FOLDS, FEATURE_METHODS, NEAR_FAR, choose_threshold, fit_feature_arrays, stratified_folds
+
+# Valid photos per species from which the valid split alone calibrates. 10 per species (the 300-photo
+# sample) left the valid-only threshold unsteady; 35-67 per species (flower_photos_2k) matched the
+# cross-fitted rule within noise (docs/benchmarks.md, "Which photos calibrate").
+VALID_ONLY_PER_CLASS = 30
 
 
 @dataclass
@@ -164,19 +174,43 @@ def cross_fitted_logits(config: TrainConfig, epochs: int, features: np.ndarray, 
     return logits[np.arange(n), :, fold]
 
 
+def valid_only(data: CalibrationData, num_classes: int, method: str) -> bool:
+    """Whether `data` is calibrated from its valid split alone (module docstring)."""
+    counts = np.bincount(np.asarray(data.valid[1], dtype=np.int64), minlength=num_classes)
+    return method != NEAR_FAR and len(counts) == num_classes and counts.min() >= VALID_ONLY_PER_CLASS
+
+
+def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method: str, keep: float,
+                      negative_logits: np.ndarray | None = None) -> Calibration:
+    """The calibration from the head's own logits (N, C) of the valid photos: the temperature, and the
+    threshold keeping `keep` of the valid photos' scores (with the negatives' when given); a feature
+    score's arrays fitted on the train photos alone, so that the valid photos score as unseen ones."""
+    (x, y), (xv, yv) = data.train, data.valid
+    arrays = as_stored(fit_feature_arrays(method, x, y)) if method in FEATURE_METHODS else {}
+    calibration = Calibration(fit_temperature(valid_logits, yv), method, arrays=arrays)
+    species = calibration.scores(valid_logits, xv)
+    negatives = None if data.negatives is None else calibration.scores(negative_logits, data.negatives)
+    calibration.threshold, calibration.rule = choose_threshold(species, negatives, keep=keep, of="valid photos")
+    calibration.kept = float((species <= calibration.threshold).mean())
+    return calibration
+
+
 def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], data: CalibrationData, *,
                    method: str, keep: float, epochs: int = 0, device: torch.device | str = "cpu") -> Calibration:
     """The calibration of the head with `head_state`, trained with `config` for `epochs` epochs (0:
-    config.epochs), on `data`: cross-fitted over train and valid (see the module docstring); the head
-    itself scores only the negatives."""
+    config.epochs), on `data`: from the valid split alone when it is large enough, else cross-fitted
+    over train and valid, the head itself then scoring only the negatives (see the module docstring)."""
+    negatives = data.negatives
+    negative_logits = (None if negatives is None
+                       else head_logits(head_state, config.hidden_units, len(classes), negatives))
+    if valid_only(data, len(classes), method):
+        valid_logits = head_logits(head_state, config.hidden_units, len(classes), data.valid[0])
+        return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
     x = np.concatenate([data.train[0], data.valid[0]])
     y = np.concatenate([data.train[1], data.valid[1]]).astype(np.int64)
     fold = stratified_folds(y, CROSS_FOLDS, seed=config.seed)
     logits = cross_fitted_logits(config, epochs or config.epochs, x, y, len(classes), fold, views=data.views,
                                  viewed=len(data.train[1]), device=device)
-    negatives = data.negatives
-    negative_logits = (None if negatives is None
-                       else head_logits(head_state, config.hidden_units, len(classes), negatives))
     return fit_calibration(logits, y, fold, method=method, features=x, keep=keep,
                            negative_logits=negative_logits, negative_features=negatives)
 
@@ -209,9 +243,12 @@ def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, met
     return calibration, data
 
 
-def calibrated_line(calibration: Calibration, data: CalibrationData) -> str:
-    """The one line saying what was chosen, and on what."""
-    on = (f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)"
+def calibrated_line(calibration: Calibration, data: CalibrationData, classes: list[str]) -> str:
+    """The one line saying what was chosen, and on what (`classes`: the checkpoint's species)."""
+    on = ((f"{len(data.valid[1])} valid photos (the head's own logits; feature statistics from the "
+           f"{len(data.train[1])} train photos)") if valid_only(data, len(classes), calibration.method)
+          else f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)")
+    on = (on
           + (f" and {len(data.negatives)} photos of {data.negatives_dir}"
              if data.negatives is not None else ""))
     return f"Calibrated on {on}: {calibration.summary()}"

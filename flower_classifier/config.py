@@ -155,7 +155,7 @@ class TrainConfig:
     # msp 14% at 0.74.
     unknown_score: str = option("mahalanobis", "how \"not one of the species\" is scored after training: "
                                 f"{', '.join(UNKNOWN_SCORES)}", choices=UNKNOWN_SCORES)
-    keep: float = option(KEEP, "share of species photos (train+valid, cross-fitted) the unknown threshold keeps",
+    keep: float = option(KEEP, "share of the species photos calibrated on (valid, or train+valid cross-fitted) the unknown threshold keeps",
                          Number(float, 0.5, 1.0))
     # Which named set of options the run started from; the values themselves are in the other fields.
     recipe: str = option("plain", "a named set of options, each measured (options given beside it win): "

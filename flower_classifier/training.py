@@ -248,7 +248,7 @@ def finish(run: RunFolder, state: FitState, template: Checkpoint, *, config: Tra
                                                   top=top, device=device)
     if distributed.is_main():
         save_checkpoint(best, run.best)
-        log(calibrated_line(best.calibration, seen))
+        log(calibrated_line(best.calibration, seen, classes))
     return best
 
 

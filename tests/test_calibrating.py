@@ -68,6 +68,59 @@ def test_fold_heads_train_through_the_one_loop_for_the_best_epochs_count(monkeyp
     assert 0 < lr < config.learning_rate
 
 
+def _clustered(per_class: dict[str, int], dim: int = 8, seed: int = 3):
+    """{split: photos per class} -> (features (N, dim), labels (N,)) of 3 separated clusters, per split."""
+    rng = np.random.default_rng(seed)
+    centres = 4 * np.eye(3, dim)
+    out = {}
+    for split, n in per_class.items():
+        labels = np.repeat(np.arange(3), n)
+        out[split] = ((centres[labels] + rng.normal(size=(len(labels), dim))).astype(np.float32), labels)
+    return out
+
+
+@pytest.mark.parametrize("method", ["mahalanobis", "msp"])
+def test_a_large_valid_split_calibrates_alone_and_its_threshold_keeps_the_chosen_share(monkeypatch, method):
+    trained = []
+    monkeypatch.setattr(calibrating, "train_one_epoch", lambda *a, **k: trained.append(1))
+    per = calibrating.VALID_ONLY_PER_CLASS
+    splits = _clustered({"train": 2 * per, "valid": per})
+    data = calibrating.CalibrationData(splits["train"], splits["valid"])
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=4, num_workers=0)
+    head = build_head(8, [8], 3, 0.0).state_dict()
+    calibration = calibrating.calibrate_head(head, config, ["a", "b", "c"], data, method=method, keep=0.9, epochs=4)
+    assert trained == []  # no fold heads
+    valid_logits = calibrating.head_logits(head, (8,), 3, splits["valid"][0])
+    kept = (calibration.scores(valid_logits, splits["valid"][0]) <= calibration.threshold).mean()
+    assert kept == pytest.approx(0.9, abs=1 / (3 * per)) and calibration.kept == pytest.approx(kept)
+    assert calibration.temperature == pytest.approx(fit_temperature(valid_logits, splits["valid"][1]))
+    if method == "mahalanobis":  # class means from the train photos alone: the valid ones score as unseen
+        norm = splits["train"][0] / np.linalg.norm(splits["train"][0], axis=1, keepdims=True)
+        means = np.stack([norm[splits["train"][1] == c].mean(0) for c in range(3)])
+        np.testing.assert_allclose(calibration.arrays["means"], means, atol=2e-3)  # stored as float16
+    line = calibrating.calibrated_line(calibration, data, ["a", "b", "c"])
+    assert f"{3 * per} valid photos" in line and "cross-fitted" not in line
+
+
+@pytest.mark.parametrize("valid, method", [(calibrating.VALID_ONLY_PER_CLASS - 1, "mahalanobis"),
+                                           (calibrating.VALID_ONLY_PER_CLASS, "near_far")])
+def test_a_small_valid_split_or_near_far_calibrates_cross_fitted(monkeypatch, valid, method):
+    trained = []
+
+    def spy(*args, **kwargs):
+        trained.append(1)
+        return fitting.train_one_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(calibrating, "train_one_epoch", spy)
+    splits = _clustered({"train": 12, "valid": valid})
+    data = calibrating.CalibrationData(splits["train"], splits["valid"])
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, num_workers=0)
+    head = build_head(8, [8], 3, 0.0).state_dict()
+    calibration = calibrating.calibrate_head(head, config, ["a", "b", "c"], data, method=method, keep=0.95, epochs=2)
+    assert len(trained) == 2  # the fold heads, for the best epoch's count
+    assert "cross-fitted in 5 folds" in calibrating.calibrated_line(calibration, data, ["a", "b", "c"])
+
+
 def test_fold_rows_leave_each_photo_and_its_views_out_of_its_own_folds_head():
     features = np.arange(5, dtype=np.float32)[:, None]  # photo i's feature is i
     labels, fold = np.array([0, 1, 0, 1, 2]), np.array([0, 1, 2, 0, 1])

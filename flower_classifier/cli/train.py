@@ -197,6 +197,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
     save_checkpoint(ckpt, target)
-    print(calibrated_line(ckpt.calibration, seen))
+    print(calibrated_line(ckpt.calibration, seen, classes))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
