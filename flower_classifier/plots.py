@@ -176,17 +176,26 @@ def plot_reliability(before, after, *, save_to=None):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
     for ax, bins, title in zip(axes, (before, after), ("before", "after temperature scaling")):
-        width = np.diff(bins.edges)
+        # One narrow bar per bin (accuracy) and a red tick at the bin's mean confidence: the gap between
+        # them is the miscalibration, and no bar is drawn over another (stacked gaps overlapped).
         shown = bins.counts > 0
-        ax.bar(bins.edges[:-1][shown], bins.accuracy[shown], width=width[shown], align="edge",
-               edgecolor="black", label="accuracy")
-        ax.bar(bins.edges[:-1][shown], (bins.confidence - bins.accuracy)[shown], bottom=bins.accuracy[shown],
-               width=width[shown], align="edge", color="tab:red", alpha=0.35, label="gap to confidence")
+        centres = (bins.edges[:-1] + bins.edges[1:])[shown] / 2
+        width = 0.8 * np.diff(bins.edges)[shown]
+        accuracy, confidence = bins.accuracy[shown], bins.confidence[shown]
+        ax.bar(centres, accuracy, width=width, color="tab:blue", edgecolor="black", linewidth=0.5,
+               label="accuracy in the bin")
+        ax.vlines(centres, np.minimum(accuracy, confidence), np.maximum(accuracy, confidence),
+                  color="tab:red", linewidth=1)
+        ax.scatter(centres, confidence, marker="_", s=120, color="tab:red", linewidths=2, zorder=3,
+                   label="mean confidence in the bin")
+        for x, acc, n in zip(centres, accuracy, bins.counts[shown]):
+            ax.text(x, 0.02, str(int(n)), ha="center", fontsize=7, color="white")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)",
                title=f"{title}: ECE {100 * bins.ece:.1f}%")
     axes[0].set_ylabel("accuracy")
-    axes[0].legend(loc="upper left")
+    axes[0].legend(loc="upper left", fontsize=8, framealpha=1)
+    fig.text(0.5, -0.02, "numbers at the foot of a bar: photos in that bin", ha="center", fontsize=8, color="dimgray")
     return _finish(fig, save_to)
 
 
