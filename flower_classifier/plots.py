@@ -189,7 +189,7 @@ def plot_reliability(before, after, *, save_to=None):
         ax.scatter(centres, confidence, marker="_", s=120, color="tab:red", linewidths=2, zorder=3,
                    label="mean confidence in the bin")
         for x, acc, n in zip(centres, accuracy, bins.counts[shown]):
-            ax.text(x, 0.02, str(int(n)), ha="center", fontsize=7, color="white")
+            ax.text(x, 0.02, str(int(n)), ha="center", fontsize=7, color="white" if acc > 0.06 else "dimgray")
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
         ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top probability)",
                title=f"{title}: ECE {100 * bins.ece:.1f}%")
