@@ -31,6 +31,10 @@ NAMES = list(BACKBONES)
 # VGG's 512x7x7 features make its export the slowest (~15 s each), then the 16-17 GFLOPS SWAG
 # backbones: `-m "not slow"` leaves them out.
 LARGE = {"vgg16", "vgg13", "regnet_y_16gf", "vit_b_16"}
+# Export parity in probability. RegNetY-16GF with random weights has features in the thousands, so
+# float32 sums taken in another order (ORT and PyTorch split a convolution across threads their own
+# way) moved one probability by 1.3e-4 on a loaded machine: it gets 5e-4, every other backbone 1e-4.
+PARITY = {"regnet_y_16gf": 5e-4}
 PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name in LARGE else name for name in NAMES]
 HALF = (0.5, 0.5, 0.5)
 # What each backbone's published weights were trained with: (crop, resize, mean, std, interpolation).
@@ -137,7 +141,7 @@ def test_export_matches_pytorch_and_carries_the_backbones_preprocessing(trained,
     logits, _ = session.run(["logits", "features"], {"image": images.numpy()})
     got = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     assert got.shape == (3, len(CLASSES))
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=PARITY.get(name, 1e-4))
     # Parity means something only if the backbone's output reaches the probabilities (random
     # RegNetY-16GF features saturate the flat generated image, not the photos).
     assert expected.max(axis=1).min() < 0.999 and np.ptp(expected[:, 0]) > 5e-4, expected
