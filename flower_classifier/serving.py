@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -83,22 +84,49 @@ class Health(BaseModel):
     tta: bool  # whether a request that does not say (?tta=) gets test-time augmentation: `serve --tta`
 
 
-# ---------------------------------------------------------------- on/off query flags
+# ---------------------------------------------------------------- refusing a request's parameters
 
 FLAG_VALUES = {"true": True, "false": False}  # the one spelling of an on/off flag (any case); not 1, yes, on
 
 
-def strict_flags(request: Request) -> None:
-    """Refuse any on/off query flag of the route (a bool parameter: ?tta=, ?no_unknown=) that is not
-    true or false, before FastAPI's own parsing, which would also take 1, yes, on, t, y."""
+def strict_query(request: Request) -> None:
+    """Refuse, before FastAPI's own parsing, a query parameter the route does not take (a typo such
+    as ?topk=3 would otherwise be ignored in silence) and any on/off flag of the route (a bool
+    parameter: ?tta=, ?no_unknown=) that is not true or false, which FastAPI would also take as 1,
+    yes, on, t, y. Routes without query parameters (the page, /health) are left alone."""
     route = request.scope.get("route")
-    for param in getattr(getattr(route, "dependant", None), "query_params", ()):
+    params = list(getattr(getattr(route, "dependant", None), "query_params", ()))
+    if not params:
+        return
+    names = [param.alias for param in params]
+    for name in request.query_params:
+        if name not in names:
+            raise HTTPException(422, f"{quoted(name)} is not a parameter of {request.url.path}; it takes "
+                                     + ", ".join(f"?{n}=" for n in names))
+    for param in params:
         annotation = param.field_info.annotation
         if annotation is not bool and bool not in typing.get_args(annotation):
             continue
         for value in request.query_params.getlist(param.alias):
             if value.lower() not in FLAG_VALUES:
                 raise HTTPException(422, f"?{param.alias}={quoted(value)}: must be true or false")
+
+
+def validation_detail(errors: typing.Sequence[dict], rules: dict[str, str]) -> str:
+    """FastAPI's list of validation errors as the one line every other refusal is: what was sent,
+    and what to send instead (`rules`: parameter name -> what it must be)."""
+    lines = []
+    for error in errors:
+        where, name = error["loc"][0], str(error["loc"][1]) if error["loc"][1:] else ""  # ("body", "files", 0)
+        if where == "query":
+            lines.append(f"?{name}={quoted(error.get('input'))}: {rules.get(name, error['msg'])}")
+        elif where == "body" and name and error["type"] == "missing":
+            lines.append(f"no '{name}' field: send the photo as multipart/form-data, field '{name}'")
+        elif where == "body" and name:
+            lines.append(f"the field '{name}' is not a file: send the photo as multipart/form-data, field '{name}'")
+        else:
+            lines.append(f"{' '.join(map(str, error['loc']))}: {error['msg']}")
+    return "; ".join(dict.fromkeys(lines))  # one line even for several errors, each said once
 
 
 # ---------------------------------------------------------------- request size and time limit
@@ -167,8 +195,16 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
     max_bytes = int(max_upload_mb * 1e6)
     model_slots = threading.BoundedSemaphore(parallel)
     decode_slots = threading.BoundedSemaphore(DECODES_AT_ONCE)
-    app = FastAPI(title="Flower classifier", version="1", dependencies=[Depends(strict_flags)],
+    app = FastAPI(title="Flower classifier", version="1", dependencies=[Depends(strict_query)],
                   description="Name the flower in a photo: top-K species with probabilities.")
+
+    # What each query parameter must be, for the one-line refusal of a value FastAPI cannot take.
+    rules = {"top_k": f"must be a whole number between 1 and the model's {len(predictor.classes)} categories",
+             "tta": "must be true or false", "no_unknown": "must be true or false"}
+
+    @app.exception_handler(RequestValidationError)
+    async def refuse(request: Request, exc: RequestValidationError):
+        return JSONResponse({"detail": validation_detail(exc.errors(), rules)}, status_code=422)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def page():
@@ -230,7 +266,7 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
 
     def checked_top_k(top_k: int | None) -> int:
         try:
-            return check_top_k(top_k, len(predictor.classes), option="top_k")
+            return check_top_k(top_k, len(predictor.classes), option="?top_k")
         except UserError as e:
             raise HTTPException(400, str(e)) from None
 

@@ -203,7 +203,7 @@ def test_a_model_with_three_categories_answers_with_three_by_default(tmp_path):
         assert upload(client, SUNFLOWER, top_k=2).status_code == 200
         response = upload(client, SUNFLOWER, top_k=4)
         assert response.status_code == 400
-        assert response.json()["detail"] == "top_k must be between 1 and the model's 3 categories (got 4)"
+        assert response.json()["detail"] == "?top_k must be between 1 and the model's 3 categories (got 4)"
     assert "top_k" not in (ROOT / "flower_classifier" / "static" / "app.js").read_text()
 
 
@@ -274,6 +274,37 @@ def test_on_off_flags_take_only_true_or_false(client, flag, value, path):
     detail = response.json()["detail"]
     assert isinstance(detail, str) and detail.startswith(f"?{flag}=") and detail.endswith("must be true or false")
     assert len(detail) < 200
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch"])
+@pytest.mark.parametrize("params, start, rule", [
+    ({"top_k": "abc"}, "?top_k='abc': ", "must be a whole number between 1 and the model's 6 categories"),
+    ({"top_k": "0"}, "?top_k='0': ", "must be a whole number between 1 and the model's 6 categories"),
+    ({"top_k": "2.5"}, "?top_k='2.5': ", "must be a whole number between 1 and the model's 6 categories"),
+    ({"top_k": "x" * 5_000}, "?top_k='xxx", "must be a whole number between 1 and the model's 6 categories"),
+    ({"topk": "3"}, "'topk' is not a parameter of /predict", "it takes ?top_k=, ?no_unknown=, ?tta="),
+])
+def test_a_bad_query_parameter_is_one_line_naming_it(client, path, params, start, rule):
+    """Not FastAPI's list of validation errors: the one-line {"detail": ...} of every other refusal."""
+    field = "file" if path == "/predict" else "files"
+    response = client.post(path, files={field: ("f.jpg", SUNFLOWER, "image/jpeg")}, params=params)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail.startswith(start) and detail.endswith(rule), detail
+    assert len(detail) < 250 and "\n" not in detail
+
+
+@pytest.mark.parametrize("path, field", [("/predict", "file"), ("/predict/batch", "files")])
+def test_a_missing_or_non_file_field_is_one_line_naming_it(client, path, field):
+    for body in ({}, {"data": {field: "not a file"}}):
+        detail = client.post(path, **body).json()["detail"]
+        assert isinstance(detail, str) and f"'{field}'" in detail and "multipart/form-data" in detail, detail
+
+
+def test_a_page_or_health_check_with_a_query_is_still_answered(client):
+    """Only the API's routes refuse parameters they do not take: a link to the page may carry any."""
+    assert client.get("/", params={"utm_source": "x"}).status_code == 200
+    assert client.get("/health", params={"probe": "1"}).status_code == 200
 
 
 @pytest.mark.parametrize("value, on", [("true", True), ("false", False), ("True", True), ("FALSE", False)])
