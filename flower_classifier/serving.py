@@ -76,6 +76,15 @@ class BatchResponse(BaseModel):
     milliseconds: float
 
 
+class Refusal(BaseModel):
+    detail: str  # one line: what is wrong with the request, and what to send instead
+
+
+def refusals(descriptions: dict[int, str]) -> dict[int, dict]:
+    """A route's error answers for the API description (status -> when), each a `Refusal`."""
+    return {status: {"description": text, "model": Refusal} for status, text in descriptions.items()}
+
+
 class Health(BaseModel):
     status: str
     backend: str  # "onnx" or "pytorch"
@@ -86,6 +95,7 @@ class Health(BaseModel):
 
 # ---------------------------------------------------------------- refusing a request's parameters
 
+BAD_REQUEST = "a query parameter or upload field missing, of the wrong kind, or not one the route takes"
 FLAG_VALUES = {"true": True, "false": False}  # the one spelling of an on/off flag (any case); not 1, yes, on
 
 
@@ -216,9 +226,9 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                       tta=default_tta)
 
     @app.post("/predict", response_model=PredictResponse,
-              responses={400: {"description": "empty upload or a top_k the model cannot give"},
-                         408: {"description": "upload too slow"}, 413: {"description": "file or image too large"},
-                         415: {"description": "not an image"}, 500: {"description": "the model is broken"}})
+              responses=refusals({400: "empty upload or a top_k the model cannot give", 408: "upload too slow",
+                                  413: "file or image too large", 415: "not an image", 422: BAD_REQUEST,
+                                  500: "the model is broken"}))
     def predict(file: UploadFile = File(..., description="a photo: JPEG, PNG, WebP, ..."),
                 top_k: int | None = Query(None, ge=1, description="how many species to return (default: up to 5)"),
                 no_unknown: bool = Query(False, description="true or false: never answer \"not one of the species\" "
@@ -233,9 +243,9 @@ def create_app(predictor, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, paral
                                milliseconds=round(1000 * (time.perf_counter() - start), 1))
 
     @app.post("/predict/batch", response_model=BatchResponse,
-              responses={400: {"description": "a top_k the model cannot give"}, 408: {"description": "upload too slow"},
-                         413: {"description": f"more than {MAX_BATCH_FILES} files, or too large in all"},
-                         500: {"description": "the model is broken"}})
+              responses=refusals({400: "a top_k the model cannot give", 408: "upload too slow",
+                                  413: f"more than {MAX_BATCH_FILES} files, or too large in all", 422: BAD_REQUEST,
+                                  500: "the model is broken"}))
     def predict_batch(files: list[UploadFile] = File(..., description=f"up to {MAX_BATCH_FILES} photos, each "
                                                      f"within the per-file limit"),
                       top_k: int | None = Query(None, ge=1, description="how many species per photo (default: "

@@ -143,6 +143,11 @@ def test_the_page_and_the_api_description_are_served(client):
     spec = client.get("/openapi.json").json()
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in body
+    for path in ("/predict", "/predict/batch"):  # every refusal described as the one-line shape it has
+        for status in ("400", "413", "422", "500"):
+            answer = spec["paths"][path]["post"]["responses"][status]["content"]["application/json"]["schema"]
+            assert answer == {"$ref": "#/components/schemas/Refusal"}, (path, status, answer)
+    assert spec["components"]["schemas"]["Refusal"]["properties"]["detail"]["type"] == "string"
 
 
 def test_sixteen_clients_at_once_all_get_answers(models):
