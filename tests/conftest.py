@@ -1,6 +1,7 @@
 """Shared fixtures: photo folders generated on the fly, so no test needs downloaded data."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -85,3 +86,17 @@ def tiny():
     from flower_classifier.backbones import build_backbone
 
     return build_backbone("tiny")
+
+
+@contextlib.contextmanager
+def one_thread():
+    """PyTorch on one thread for the block: its float32 sums then come in one fixed order, whatever
+    the machine's load, and a test's own threads do not fight other processes for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

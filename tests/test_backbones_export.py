@@ -7,7 +7,6 @@ checkpoint is the one that was trained). Parity does not need real weights: the 
 Cost (2 cores, OMP_NUM_THREADS=1): 67 s wall on an idle machine, 117 s under load 8 (37 s of CPU),
 half of it VGG16/13 (marked slow).
 """
-import contextlib
 import dataclasses
 import json
 
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from app_models import PHOTO_CATEGORY, photo
-from conftest import class_color, make_dataset, make_image
+from conftest import class_color, make_dataset, make_image, one_thread
 from flower_classifier import backbones
 from flower_classifier.backbones import BACKBONES, build_backbone
 from flower_classifier.images import IMAGENET_MEAN, IMAGENET_STD
@@ -76,18 +75,6 @@ def _seeded_random(spec):
                     module.train()(photos)
         return module.eval()
     return dataclasses.replace(spec, build=build)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """PyTorch on one thread (ONNX Runtime's session is given one too): each side then adds its
-    float32 sums in one fixed order, so parity does not depend on how busy the machine is."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
 
-from conftest import ROOT, make_dataset
+from conftest import ROOT, make_dataset, one_thread
 from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.cli import single_command_main
 
@@ -26,16 +25,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the in-process runs below use on
 def data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("resume") / "d", ["1", "2", "3", "4"],
                         per_split={"train": 100, "valid": 10}, size=(96, 80))
-
-
-@contextmanager
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_here(data, save_dir, *extra) -> int:
