@@ -328,6 +328,17 @@ def fit_centred(x: np.ndarray, y: np.ndarray) -> dict:
     return {"mean": mean, "bank": unk._unit(unk._unit(x) - mean), "k": np.array(1)}
 
 
+def fit_per_species(x: np.ndarray, y: np.ndarray, rank: int = 16) -> list[dict]:
+    """Mahalanobis arrays of each species' photos alone: one shrunk covariance per species."""
+    return [unk.fit_feature_arrays("mahalanobis", x[y == c], np.zeros(int((y == c).sum()), dtype=np.int64),
+                                   max_rank=rank) for c in np.unique(y)]
+
+
+def per_species_distance(x: np.ndarray, arrays: list[dict]) -> np.ndarray:
+    """The distance to the nearest species, each under its own covariance."""
+    return np.min([unk.feature_score("mahalanobis", x, a) for a in arrays], axis=0)
+
+
 def centred_knn(x: np.ndarray, arrays: dict) -> np.ndarray:
     return unk.feature_score("knn", unk._unit(x) - arrays["mean"], arrays)
 
@@ -400,8 +411,8 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
         out[f"near_far (far share {share:.1%})"] = {"crossed": full, **{s: np.maximum(*parts[s]) for s in SETS},
                                                     "far_part": {s: parts[s][1] for s in SETS}}
-    fit = {"vim": fit_principal, "knn1 centred": fit_centred}
-    score = {"vim": residual_norm, "knn1 centred": centred_knn}
+    fit = {"vim": fit_principal, "knn1 centred": fit_centred, "mahalanobis per species": fit_per_species}
+    score = {"vim": residual_norm, "knn1 centred": centred_knn, "mahalanobis per species": per_species_distance}
     for name in fit:
         arrays = fit[name](x, y)
         out[name] = {"crossed": crossfit(fit[name], score[name], x, y, fold),
