@@ -312,7 +312,7 @@ def fit_principal(x: np.ndarray, y: np.ndarray, dims: int = 64) -> dict:
     """ViM's subspace: the mean of the unit features and their top `dims` principal directions (dims, D)."""
     z = unk._unit(x).astype(np.float64)
     mean = z.mean(0)
-    _, vectors = unk._top_eigen(np.cov(z, rowvar=False), dims)
+    _, vectors = unk._top_eigen(np.cov(z, rowvar=False), min(dims, z.shape[1] - 1))  # leave some residual
     return {"mean": mean, "basis": vectors.T}
 
 
