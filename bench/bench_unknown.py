@@ -249,8 +249,11 @@ def held_out_run(backbone, feats: dict, classes: list[str], held: int, seed: int
                                 for split in ("train", "valid")})
         logits, ckpt = train_head_logits(backbone, Path(tmp), part, seed, cache_dir)
     crossed, y, fold, x = crossed_inputs(ckpt, part, len(known))
+    # The head's weights and the train/valid boundary in x: for scores that need the head itself
+    # (clipped features) or the valid-only rule (fit on train, threshold from valid).
+    head = {f"head_{k}": v.float().numpy() for k, v in ckpt.head_state.items()}
     return {"x": x, "y": y, "fold": fold, "crossed": crossed, "own_y": part["test"][1],
-            "today": np.array(ckpt.calibration.threshold),
+            "today": np.array(ckpt.calibration.threshold), "n_train": np.array(len(part["train"][1])), **head,
             **{f"{name}_logits": logits[split] for name, split in (("own", "test"), ("near", "near"), ("far", "far"))},
             **{f"{name}_x": part[split][0] for name, split in (("own", "test"), ("near", "near"), ("far", "far"))}}
 
@@ -305,6 +308,70 @@ def loo_p_values(reference: np.ndarray) -> np.ndarray:
 SETS = ("own", "near", "far")
 
 
+def fit_principal(x: np.ndarray, y: np.ndarray, dims: int = 64) -> dict:
+    """ViM's subspace: the mean of the unit features and their top `dims` principal directions (dims, D)."""
+    z = unk._unit(x).astype(np.float64)
+    mean = z.mean(0)
+    _, vectors = unk._top_eigen(np.cov(z, rowvar=False), min(dims, z.shape[1] - 1))  # leave some residual
+    return {"mean": mean, "basis": vectors.T}
+
+
+def residual_norm(x: np.ndarray, arrays: dict) -> np.ndarray:
+    """The length of the unit features' part (about the mean) outside the principal subspace."""
+    z = unk._unit(x).astype(np.float64) - arrays["mean"]
+    return np.linalg.norm(z - (z @ arrays["basis"].T) @ arrays["basis"], axis=1)
+
+
+def fit_centred(x: np.ndarray, y: np.ndarray) -> dict:
+    """kNN on unit features re-centred on the training mean and made unit again (the bank, k = 1)."""
+    mean = unk._unit(x).mean(0)
+    return {"mean": mean, "bank": unk._unit(unk._unit(x) - mean), "k": np.array(1)}
+
+
+def fit_per_species(x: np.ndarray, y: np.ndarray, rank: int = 16) -> list[dict]:
+    """Mahalanobis arrays of each species' photos alone: one shrunk covariance per species."""
+    return [unk.fit_feature_arrays("mahalanobis", x[y == c], np.zeros(int((y == c).sum()), dtype=np.int64),
+                                   max_rank=rank) for c in np.unique(y)]
+
+
+def per_species_distance(x: np.ndarray, arrays: list[dict]) -> np.ndarray:
+    """The distance to the nearest species, each under its own covariance."""
+    return np.min([unk.feature_score("mahalanobis", x, a) for a in arrays], axis=0)
+
+
+def centred_knn(x: np.ndarray, arrays: dict) -> np.ndarray:
+    return unk.feature_score("knn", unk._unit(x) - arrays["mean"], arrays)
+
+
+def z_sum(parts: list[dict], inside: np.ndarray) -> dict:
+    """Each part in standard deviations of its cross-fitted scores, summed."""
+    stats = [(p["crossed"][inside].mean(), p["crossed"][inside].std()) for p in parts]
+    return {k: sum((p[k] - m) / s for p, (m, s) in zip(parts, stats)) for k in ("crossed", *SETS)}
+
+
+def head_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Scores that need the head itself, by train.py's valid-only rule: "crossed" holds the valid
+    photos' scores under the head trained on the train photos (feature statistics from those too).
+    ReAct (Sun et al. 2021): features clipped at a percentile of the training features, then energy;
+    Mahalanobis on the head's hidden layer (after its ReLU)."""
+    n = int(a["n_train"])
+    given = {"crossed": a["x"][n:], **{s: a[f"{s}_x"] for s in SETS}}
+
+    def forward(x, clip=np.inf):  # (N, D) -> (logits (N, C), hidden (N, H)); dropout is off at inference
+        hidden = np.maximum(np.minimum(x, clip) @ a["head_0.weight"].T + a["head_0.bias"], 0)
+        return hidden @ a["head_3.weight"].T + a["head_3.bias"], hidden
+
+    out = {}
+    for p in (90, 99):
+        clip = np.percentile(a["x"][:n], p)
+        out[f"react (clip at {p}th percentile)"] = {k: unk.logit_score("energy", forward(v, clip)[0])
+                                                    for k, v in given.items()}
+    arrays = unk.fit_feature_arrays("mahalanobis", forward(a["x"][:n])[1], a["y"][:n])
+    out["mahalanobis on the head's hidden layer"] = {k: unk.feature_score("mahalanobis", forward(v)[1], arrays)
+                                                     for k, v in given.items()}
+    return out
+
+
 def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
     """Every candidate's scores: "crossed" (the known species' train+valid photos, cross-fitted: what
     sets the threshold) and each of SETS, all higher = less like the known species."""
@@ -344,6 +411,21 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
         out[f"near_far (far share {share:.1%})"] = {"crossed": full, **{s: np.maximum(*parts[s]) for s in SETS},
                                                     "far_part": {s: parts[s][1] for s in SETS}}
+    fit = {"vim": fit_principal, "knn1 centred": fit_centred, "mahalanobis per species": fit_per_species}
+    score = {"vim": residual_norm, "knn1 centred": centred_knn, "mahalanobis per species": per_species_distance}
+    for name in fit:
+        arrays = fit[name](x, y)
+        out[name] = {"crossed": crossfit(fit[name], score[name], x, y, fold),
+                     **{s: score[name](a[f"{s}_x"], arrays) for s in SETS}}
+    # ViM (Wang et al. 2022): the residual as a virtual logit, scaled to the mean top logit, beside the
+    # real ones: alpha * residual + energy at T = 1.
+    residual = out.pop("vim")
+    alpha = a["crossed"][inside].max(1).mean() / residual["crossed"][inside].mean()
+    out["vim (64 directions)"] = {k: alpha * v + unk.logit_score("energy", logits[k]) for k, v in residual.items()}
+    for combo in (("energy", "knn1"), ("energy", "mahalanobis"), ("energy", "knn1 centred")):
+        out[f"z-sum({'+'.join(combo)})"] = z_sum([out[c] for c in combo], inside)
+    if "n_train" in a:  # arrays saved with the head
+        out.update(head_scores(a))
     for combo in (("energy", "mahalanobis"), ("max_logit", "mahalanobis"), ("energy", "rel_mahalanobis"),
                   ("std_energy", "mahalanobis"), ("std_energy", "std_margin")):
         pc = [loo_p_values(out[c]["crossed"][inside]) for c in combo]
