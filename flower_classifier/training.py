@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import devices, distributed
-from .backbones import Backbone, build_backbone, frozen_part, get_spec, split_backbone, too_many_blocks
+from .backbones import Backbone, build_backbone, get_spec, split_for_training, too_many_blocks
 from .checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
@@ -250,14 +250,6 @@ def finish(run: RunFolder, state: FitState, template: Checkpoint, *, config: Tra
         save_checkpoint(best, run.best)
         log(calibrated_line(best.calibration, seen, classes))
     return best
-
-
-def split_for_training(backbone: Backbone, n: int) -> tuple[Backbone, nn.Module]:
-    """(the frozen part whose outputs the cache holds, the top n blocks that train: `backbone`'s own
-    modules). n = 0: the backbone as it is, whatever its module, and an empty top."""
-    if not n:
-        return backbone, nn.Sequential()
-    return frozen_part(backbone, n), split_backbone(backbone, n)[1]
 
 
 def _restore(resumed: Resumed, run: RunFolder, head, top, optimizer, scheduler, config: TrainConfig, log) -> FitState:

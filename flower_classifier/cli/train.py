@@ -170,14 +170,13 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..backbones import build_backbone
+    from ..backbones import build_backbone, split_for_training
     from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
     from ..files import check_rewrite
     from ..frozen_pass import resolve_engine
-    from ..training import split_for_training
 
     target = check_rewrite(args.checkpoint)  # before any work: the folder must take the rewritten file
     ckpt = load_checkpoint(args.checkpoint)
