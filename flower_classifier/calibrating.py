@@ -174,10 +174,22 @@ def cross_fitted_logits(config: TrainConfig, epochs: int, features: np.ndarray, 
     return logits[np.arange(n), :, fold]
 
 
-def valid_only(data: CalibrationData, num_classes: int, method: str) -> bool:
-    """Whether `data` is calibrated from its valid split alone (module docstring)."""
+def valid_only(data: CalibrationData, num_classes: int, method: str, *, finetune: int = 0) -> bool:
+    """Whether `data` is calibrated from its valid split alone (module docstring): always for a
+    checkpoint with fine-tuned blocks (`finetune`), else when the valid split is large enough."""
+    if finetune:
+        return True
     counts = np.bincount(np.asarray(data.valid[1], dtype=np.int64), minlength=num_classes)
     return method != NEAR_FAR and len(counts) == num_classes and counts.min() >= VALID_ONLY_PER_CLASS
+
+
+def check_score(method: str, finetune: int) -> None:
+    """near_far needs cross-fitted fold heads, which a checkpoint with fine-tuned blocks cannot have
+    (module docstring): refused in one line, before anything is trained or computed."""
+    if finetune and method == NEAR_FAR:
+        raise UserError(f"--unknown_score {NEAR_FAR} cannot calibrate a model with --finetune {finetune}: its cut needs "
+                        f"fold heads, and the fine-tuned blocks have seen every training photo; choose another "
+                        f"--unknown_score (mahalanobis, the default), or --finetune 0")
 
 
 def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method: str, keep: float,
@@ -200,10 +212,11 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
     """The calibration of the head with `head_state`, trained with `config` for `epochs` epochs (0:
     config.epochs), on `data`: from the valid split alone when it is large enough, else cross-fitted
     over train and valid, the head itself then scoring only the negatives (see the module docstring)."""
+    check_score(method, config.finetune)
     negatives = data.negatives
     negative_logits = (None if negatives is None
                        else head_logits(head_state, config.hidden_units, len(classes), negatives))
-    if valid_only(data, len(classes), method):
+    if valid_only(data, len(classes), method, finetune=config.finetune):
         valid_logits = head_logits(head_state, config.hidden_units, len(classes), data.valid[0])
         return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
     x = np.concatenate([data.train[0], data.valid[0]])
@@ -243,10 +256,11 @@ def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, met
     return calibration, data
 
 
-def calibrated_line(calibration: Calibration, data: CalibrationData, classes: list[str]) -> str:
-    """The one line saying what was chosen, and on what (`classes`: the checkpoint's species)."""
+def calibrated_line(calibration: Calibration, data: CalibrationData, classes: list[str], *, finetune: int = 0) -> str:
+    """The one line saying what was chosen, and on what (`classes`: the checkpoint's species;
+    `finetune`: its fine-tuned blocks)."""
     on = ((f"{len(data.valid[1])} valid photos (the head's own logits; feature statistics from the "
-           f"{len(data.train[1])} train photos)") if valid_only(data, len(classes), calibration.method)
+           f"{len(data.train[1])} train photos)") if valid_only(data, len(classes), calibration.method, finetune=finetune)
           else f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)")
     on = (on
           + (f" and {len(data.negatives)} photos of {data.negatives_dir}"
