@@ -12,6 +12,15 @@ recipe: the same loop, augmented views, schedule, for the checkpoint's own epoch
 score from class means and covariance fitted without it (`calibration.fit_calibration`); with
 `negatives` (a folder of photos that are none of the species) the threshold is chosen with them too.
 The fold heads train all at once (`model.StackedHeads`), through `fitting.train_one_epoch`.
+
+A checkpoint with fine-tuned blocks (`--finetune N`) is calibrated on its valid split alone, whatever
+its size: its head reads features from blocks trained on every training photo, so a fold head over
+those features would score "held-out" photos the blocks have seen (over-confident logits, a threshold
+too tight for new photos), and fold heads over the frozen part's outputs alone would calibrate another
+model than the one loaded. The valid photos are the only ones neither blocks nor head trained on: an
+honest but noisier sample when small. near_far, which needs fold heads, is refused with --finetune
+(`check_score`). Fold heads started from the trained head's weights, a cheaper way, were measured
+and rejected: they inherit its memory of the held-out photos (docs/benchmarks.md).
 """
 from __future__ import annotations
 
