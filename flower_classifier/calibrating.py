@@ -37,13 +37,12 @@ from .calibration import Calibration, as_stored, fit_calibration, fit_temperatur
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .data import FlowerFolder, split_dir
-from .datacheck import seen_in_training
+from .datacheck import negative_photos  # noqa: F401  (training's and the calibrate command's name too)
 from .errors import UserError
 from .feature_store import FeatureStore
 from .features import FeatureSet, cached_features, feature_loader
 from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, new_head, seed_epoch, train_one_epoch
 from .frozen_pass import centre_view
-from .images import list_photos
 from .model import StackedHeads, build_head
 from .unknown import CROSS_FOLDS, FEATURE_METHODS, NEAR_FAR, choose_threshold, fit_feature_arrays, stratified_folds
 
@@ -64,22 +63,6 @@ class CalibrationData:
     negatives_dir: Path | None = None
     # The training photos' augmented views (V * n, D), view after view: row j shows training photo j % n.
     views: np.ndarray | None = None
-
-
-def negative_photos(folder: str | Path, *, option: str = "--negatives", data_dir: str | Path | None = None) -> list[Path]:
-    """The photos of a folder of non-species photos; refused in one line when there are none, or (given
-    the `data_dir` trained on) when some are the species' own train or valid photos."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{option} {folder}: no such directory; pass a folder of photos that are none of the species")
-    photos = list_photos(folder)
-    if not photos:
-        raise UserError(f"{option} {folder} holds no photos; pass a folder of photos that are none of the species")
-    shared = seen_in_training(photos, data_dir) if data_dir is not None else []
-    if shared:
-        raise UserError(f"{option} {folder}: {len(shared)} of its photos are the species' own training or validation "
-                        f"photos (e.g. {shared[0][0]} = {shared[0][1]}); pass photos that are none of the species")
-    return photos
 
 
 def calibration_data(data_dir: str | Path, classes: list[str], backbone: Backbone, *,

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import calibration as cal, unknown
+from .datacheck import negative_photos
 from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
 from .errors import UserError
 from .predictor import average_views, load_predictor
@@ -59,8 +60,6 @@ def model_outputs(model, dataset: PhotoList, *, device="cpu", batch_size: int = 
 
 def negatives_dataset(folder: str | Path, predictor) -> PhotoList:
     """The photos of a folder that are none of the species, as `predictor`'s model sees them (target -1)."""
-    from .calibrating import negative_photos
-
     return PhotoList([(p, -1) for p in negative_photos(folder)], eval_transform(predictor.preprocessing))
 
 

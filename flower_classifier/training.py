@@ -14,7 +14,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,11 +34,8 @@ from .fitting import (FitState, evaluate, fit, fit_threads, loss_weights, make_o
 from .frozen_pass import resolve_engine
 from .model import build_head  # noqa: F401  (the notebook's name)
 from .names import as_category_names, check_names
+from .record import Evaluated, TensorBoardLog, record_run
 from .runfolder import Resumed, RunFolder, load_resume, new_run_id
-
-if TYPE_CHECKING:
-    from .record import Evaluated
-
 
 @dataclass
 class TrainResult:
@@ -48,7 +45,7 @@ class TrainResult:
     classes: list[str]
     epochs_run: int = 0  # epochs trained by this call (0: a resumed run that had already finished)
     record: list[Path] = field(default_factory=list)  # history.csv, training_curves.png, MODEL_CARD.md (`record`)
-    evaluated: "Evaluated | None" = None  # the best epoch on the test split (test=True), else on valid
+    evaluated: Evaluated | None = None  # the best epoch on the test split (test=True), else on valid
 
 
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
@@ -81,7 +78,6 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     train_dir, _ = split_dir(data_dir, "train"), split_dir(data_dir, "valid")
     if test:
         split_dir(data_dir, "test")
-    from .record import TensorBoardLog  # here: matplotlib and the report load only for a run
     if tensorboard is not None:
         TensorBoardLog.check_installed()
     if distributed.world_size() > 1 and not config.feature_cache:
@@ -197,8 +193,6 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
                       train_loader=train_loader, valid_loader=valid_loader, skipped=skipped, negatives=negatives,
                       cache_dir=cache_dir, device=device, log=log, progress=progress, retrained=result.epochs_run > 0)
         if distributed.is_main():
-            from .record import record_run
-
             # The run ends on the last epoch's weights; the record is of the best epoch's head and blocks.
             load_weights(best, head, top)
             result.record, result.evaluated = record_run(
