@@ -19,7 +19,6 @@ from torch.utils.data import Dataset
 from . import calibration as cal, unknown
 from .datacheck import negative_photos
 from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
-from .errors import UserError
 from .predictor import average_views, load_predictor
 from .fitting import evaluate
 
