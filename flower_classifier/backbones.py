@@ -80,7 +80,7 @@ class BackboneSpec:
     def _meta_stack(self) -> BlockStack:
         return self.stack(_meta_model(self).eval())
 
-    def top_state(self, n: int) -> dict[str, torch.Tensor]:
+    def top_layout(self, n: int) -> dict[str, torch.Tensor]:
         """The state_dict of `split_backbone`'s top at n (the last n blocks and the tail) on the meta
         device: every name, shape and dtype a fine-tuned checkpoint stores, and no data."""
         if not 0 <= n <= self.num_blocks:
@@ -89,7 +89,7 @@ class BackboneSpec:
 
     def top_bytes(self, n: int) -> int:
         """What the fine-tuned top at n adds to a checkpoint: its weights and buffers as stored (fp32)."""
-        return sum(t.numel() * t.element_size() for t in self.top_state(n).values())
+        return sum(t.numel() * t.element_size() for t in self.top_layout(n).values())
 
 
 def freeze(module: nn.Module) -> nn.Module:

@@ -165,4 +165,4 @@ def test_backbones_says_what_the_fine_tuned_top_adds_to_a_checkpoint(arch):
         assert spec.top_bytes(n) == stored > sum(p.numel() for p in top.parameters()) * 4 - 1
         assert f"{stored / 1e6:.3g} MB in the checkpoint" in describe(spec).splitlines()[1]
     with pytest.raises(ValueError):
-        spec.top_state(spec.num_blocks + 1)
+        spec.top_layout(spec.num_blocks + 1)
