@@ -37,6 +37,7 @@ from .names import as_category_names, check_names
 from .record import Evaluated, TensorBoardLog, record_run
 from .runfolder import Resumed, RunFolder, load_resume, new_run_id
 
+
 @dataclass
 class TrainResult:
     best_path: Path
