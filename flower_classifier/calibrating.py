@@ -210,14 +210,16 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
                        else head_logits(head_state, config.hidden_units, len(classes), negatives))
     if valid_only(data, len(classes), method, finetune=config.finetune):
         valid_logits = head_logits(head_state, config.hidden_units, len(classes), data.valid[0])
-        return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
+        with devices.blas_threads():  # the feature fits: one BLAS thread (measured, `devices.blas_threads`)
+            return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
     x = np.concatenate([data.train[0], data.valid[0]])
     y = np.concatenate([data.train[1], data.valid[1]]).astype(np.int64)
     fold = stratified_folds(y, CROSS_FOLDS, seed=config.seed)
     logits = cross_fitted_logits(config, epochs or config.epochs, x, y, len(classes), fold, views=data.views,
                                  viewed=len(data.train[1]), device=device)
-    return fit_calibration(logits, y, fold, method=method, features=x, keep=keep,
-                           negative_logits=negative_logits, negative_features=negatives)
+    with devices.blas_threads():
+        return fit_calibration(logits, y, fold, method=method, features=x, keep=keep,
+                               negative_logits=negative_logits, negative_features=negatives)
 
 
 def through_top(data: CalibrationData, top: torch.nn.Module, shape, *,

@@ -143,6 +143,28 @@ def test_a_fine_tuned_head_calibrates_on_the_valid_split_alone_whatever_its_size
         training.check_finetune(tuned.replace(unknown_score="near_far"))
 
 
+@pytest.mark.parametrize("valid", [2, calibrating.VALID_ONLY_PER_CLASS])
+def test_the_feature_fits_run_on_one_blas_thread(monkeypatch, valid):
+    """BLAS threads spinning against torch's made the Mahalanobis fits 10-50x slower under load."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+
+    def spy(real):
+        def fit(*args, **kwargs):
+            seen.append({i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"})
+            return real(*args, **kwargs)
+        return fit
+
+    monkeypatch.setattr(calibrating, "valid_calibration", spy(calibrating.valid_calibration))
+    monkeypatch.setattr(calibrating, "fit_calibration", spy(calibrating.fit_calibration))
+    splits = _clustered({"train": 12, "valid": valid})
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=1, num_workers=0)
+    calibrating.calibrate_head(build_head(8, [8], 3, 0.0).state_dict(), config, ["a", "b", "c"],
+                               calibrating.CalibrationData(splits["train"], splits["valid"]), method="mahalanobis",
+                               keep=0.95)
+    assert seen == [{1}]
+
+
 def test_fold_rows_leave_each_photo_and_its_views_out_of_its_own_folds_head():
     features = np.arange(5, dtype=np.float32)[:, None]  # photo i's feature is i
     labels, fold = np.array([0, 1, 0, 1, 2]), np.array([0, 1, 2, 0, 1])
