@@ -80,7 +80,7 @@ class BackboneSpec:
     def _meta_stack(self) -> BlockStack:
         return self.stack(_meta_model(self).eval())
 
-    def top_state(self, n: int) -> dict[str, torch.Tensor]:
+    def top_layout(self, n: int) -> dict[str, torch.Tensor]:
         """The state_dict of `split_backbone`'s top at n (the last n blocks and the tail) on the meta
         device: every name, shape and dtype a fine-tuned checkpoint stores, and no data."""
         if not 0 <= n <= self.num_blocks:
@@ -89,7 +89,7 @@ class BackboneSpec:
 
     def top_bytes(self, n: int) -> int:
         """What the fine-tuned top at n adds to a checkpoint: its weights and buffers as stored (fp32)."""
-        return sum(t.numel() * t.element_size() for t in self.top_state(n).values())
+        return sum(t.numel() * t.element_size() for t in self.top_layout(n).values())
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -341,9 +341,20 @@ def frozen_part(backbone: Backbone, n: int) -> Backbone:
     activations (N, prod(split_shapes[n])): what the cache stores, keyed apart per split, when the
     top n blocks are fine-tuned. It shares the backbone's modules (as `split_backbone` does) and
     leaves the top's alone. n = 0: the backbone itself, so the frozen default's cache is unchanged."""
-    if n == 0:
-        return backbone
+    return backbone if n == 0 else _frozen_of(backbone, _stack_to_split(backbone, n), n)
+
+
+def split_for_training(backbone: Backbone, n: int) -> tuple[Backbone, nn.Module]:
+    """(`frozen_part(backbone, n)`, `split_backbone(backbone, n)`'s top), from one split of the block
+    stack: the frozen part whose outputs the cache holds, and the top n blocks that train, both
+    `backbone`'s own modules. n = 0: the backbone as it is, whatever its module, and an empty top."""
+    if not n:
+        return backbone, nn.Sequential()
     stack = _stack_to_split(backbone, n)
+    return _frozen_of(backbone, stack, n), top(stack, n).requires_grad_(True)
+
+
+def _frozen_of(backbone: Backbone, stack: BlockStack, n: int) -> Backbone:
     module = freeze(nn.Sequential(*bottom(stack, n), nn.Flatten()))  # (N, 3, S, S) -> (N, prod(shape))
     shape = get_spec(backbone.name).split_shapes[n]
     return Backbone(backbone.name, module, math.prod(shape), backbone.preprocessing, split=n)

@@ -12,6 +12,15 @@ recipe: the same loop, augmented views, schedule, for the checkpoint's own epoch
 score from class means and covariance fitted without it (`calibration.fit_calibration`); with
 `negatives` (a folder of photos that are none of the species) the threshold is chosen with them too.
 The fold heads train all at once (`model.StackedHeads`), through `fitting.train_one_epoch`.
+
+A checkpoint with fine-tuned blocks (`--finetune N`) is calibrated on its valid split alone, whatever
+its size: its head reads features from blocks trained on every training photo, so a fold head over
+those features would score "held-out" photos the blocks have seen (over-confident logits, a threshold
+too tight for new photos), and fold heads over the frozen part's outputs alone would calibrate another
+model than the one loaded. The valid photos are the only ones neither blocks nor head trained on: an
+honest but noisier sample when small. near_far, which needs fold heads, is refused with --finetune
+(`check_score`). Fold heads started from the trained head's weights, a cheaper way, were measured
+and rejected: they inherit its memory of the held-out photos (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -28,13 +37,12 @@ from .calibration import Calibration, as_stored, fit_calibration, fit_temperatur
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .data import FlowerFolder, split_dir
-from .datacheck import seen_in_training
+from .datacheck import negative_photos  # noqa: F401  (training's and the calibrate command's name too)
 from .errors import UserError
 from .feature_store import FeatureStore
 from .features import FeatureSet, cached_features, feature_loader
 from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, new_head, seed_epoch, train_one_epoch
 from .frozen_pass import centre_view
-from .images import list_photos
 from .model import StackedHeads, build_head
 from .unknown import CROSS_FOLDS, FEATURE_METHODS, NEAR_FAR, choose_threshold, fit_feature_arrays, stratified_folds
 
@@ -55,22 +63,6 @@ class CalibrationData:
     negatives_dir: Path | None = None
     # The training photos' augmented views (V * n, D), view after view: row j shows training photo j % n.
     views: np.ndarray | None = None
-
-
-def negative_photos(folder: str | Path, *, option: str = "--negatives", data_dir: str | Path | None = None) -> list[Path]:
-    """The photos of a folder of non-species photos; refused in one line when there are none, or (given
-    the `data_dir` trained on) when some are the species' own train or valid photos."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{option} {folder}: no such directory; pass a folder of photos that are none of the species")
-    photos = list_photos(folder)
-    if not photos:
-        raise UserError(f"{option} {folder} holds no photos; pass a folder of photos that are none of the species")
-    shared = seen_in_training(photos, data_dir) if data_dir is not None else []
-    if shared:
-        raise UserError(f"{option} {folder}: {len(shared)} of its photos are the species' own training or validation "
-                        f"photos (e.g. {shared[0][0]} = {shared[0][1]}); pass photos that are none of the species")
-    return photos
 
 
 def calibration_data(data_dir: str | Path, classes: list[str], backbone: Backbone, *,
@@ -174,10 +166,22 @@ def cross_fitted_logits(config: TrainConfig, epochs: int, features: np.ndarray, 
     return logits[np.arange(n), :, fold]
 
 
-def valid_only(data: CalibrationData, num_classes: int, method: str) -> bool:
-    """Whether `data` is calibrated from its valid split alone (module docstring)."""
+def valid_only(data: CalibrationData, num_classes: int, method: str, *, finetune: int = 0) -> bool:
+    """Whether `data` is calibrated from its valid split alone (module docstring): always for a
+    checkpoint with fine-tuned blocks (`finetune`), else when the valid split is large enough."""
+    if finetune:
+        return True
     counts = np.bincount(np.asarray(data.valid[1], dtype=np.int64), minlength=num_classes)
     return method != NEAR_FAR and len(counts) == num_classes and counts.min() >= VALID_ONLY_PER_CLASS
+
+
+def check_score(method: str, finetune: int) -> None:
+    """near_far needs cross-fitted fold heads, which a checkpoint with fine-tuned blocks cannot have
+    (module docstring): refused in one line, before anything is trained or computed."""
+    if finetune and method == NEAR_FAR:
+        raise UserError(f"--unknown_score {NEAR_FAR} cannot calibrate a model with --finetune {finetune}: its cut needs "
+                        f"fold heads, and the fine-tuned blocks have seen every training photo; choose another "
+                        f"--unknown_score (mahalanobis, the default), or --finetune 0")
 
 
 def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method: str, keep: float,
@@ -200,19 +204,22 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
     """The calibration of the head with `head_state`, trained with `config` for `epochs` epochs (0:
     config.epochs), on `data`: from the valid split alone when it is large enough, else cross-fitted
     over train and valid, the head itself then scoring only the negatives (see the module docstring)."""
+    check_score(method, config.finetune)
     negatives = data.negatives
     negative_logits = (None if negatives is None
                        else head_logits(head_state, config.hidden_units, len(classes), negatives))
-    if valid_only(data, len(classes), method):
+    if valid_only(data, len(classes), method, finetune=config.finetune):
         valid_logits = head_logits(head_state, config.hidden_units, len(classes), data.valid[0])
-        return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
+        with devices.blas_threads():  # the feature fits: one BLAS thread (measured, `devices.blas_threads`)
+            return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
     x = np.concatenate([data.train[0], data.valid[0]])
     y = np.concatenate([data.train[1], data.valid[1]]).astype(np.int64)
     fold = stratified_folds(y, CROSS_FOLDS, seed=config.seed)
     logits = cross_fitted_logits(config, epochs or config.epochs, x, y, len(classes), fold, views=data.views,
                                  viewed=len(data.train[1]), device=device)
-    return fit_calibration(logits, y, fold, method=method, features=x, keep=keep,
-                           negative_logits=negative_logits, negative_features=negatives)
+    with devices.blas_threads():
+        return fit_calibration(logits, y, fold, method=method, features=x, keep=keep,
+                               negative_logits=negative_logits, negative_features=negatives)
 
 
 def through_top(data: CalibrationData, top: torch.nn.Module, shape, *,
@@ -243,10 +250,11 @@ def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, met
     return calibration, data
 
 
-def calibrated_line(calibration: Calibration, data: CalibrationData, classes: list[str]) -> str:
-    """The one line saying what was chosen, and on what (`classes`: the checkpoint's species)."""
+def calibrated_line(calibration: Calibration, data: CalibrationData, classes: list[str], *, finetune: int = 0) -> str:
+    """The one line saying what was chosen, and on what (`classes`: the checkpoint's species;
+    `finetune`: its fine-tuned blocks)."""
     on = ((f"{len(data.valid[1])} valid photos (the head's own logits; feature statistics from the "
-           f"{len(data.train[1])} train photos)") if valid_only(data, len(classes), calibration.method)
+           f"{len(data.train[1])} train photos)") if valid_only(data, len(classes), calibration.method, finetune=finetune)
           else f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)")
     on = (on
           + (f" and {len(data.negatives)} photos of {data.negatives_dir}"

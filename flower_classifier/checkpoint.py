@@ -100,7 +100,7 @@ def check_top(top_state, *, arch: str, finetune: int, where: str) -> None:
         spec = BACKBONES[arch]
         if finetune > spec.num_blocks:
             raise UserError(f"{where}: config finetune {finetune}, but backbone {arch} has {spec.num_blocks} blocks")
-        expected = spec.top_state(finetune)  # meta tensors: names, shapes and dtypes only
+        expected = spec.top_layout(finetune)  # meta tensors: names, shapes and dtypes only
     for key, want in expected.items():
         got = top_state.get(key)
         if got is None or got.shape != want.shape or got.dtype != want.dtype:

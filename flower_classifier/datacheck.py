@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .progress import progress_bar
 from .config import MAX_IMBALANCE  # declared with the other options, so that the CLI needs no torch
+from .errors import UserError
 from .data import EXAMPLES, SPLIT_NAMES, check_data_dir, find_splits, list_categories, listing, load_image
 from .images import UnreadableImage, list_photos, scan_category
 from .names import folder_names, names_warnings
@@ -195,3 +196,19 @@ def format_report(report: Report, data_dir: str | Path) -> list[str]:
     summary = f"{_count(len(report.problems), 'problem')}, {_count(len(report.warnings), 'warning')}"
     lines.append(f"{summary}: safe to train" if report.safe else f"{summary}: fix the problems before training")
     return lines
+
+
+def negative_photos(folder: str | Path, *, option: str = "--negatives", data_dir: str | Path | None = None) -> list[Path]:
+    """The photos of a folder of non-species photos; refused in one line when there are none, or (given
+    the `data_dir` trained on) when some are the species' own train or valid photos."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{option} {folder}: no such directory; pass a folder of photos that are none of the species")
+    photos = list_photos(folder)
+    if not photos:
+        raise UserError(f"{option} {folder} holds no photos; pass a folder of photos that are none of the species")
+    shared = seen_in_training(photos, data_dir) if data_dir is not None else []
+    if shared:
+        raise UserError(f"{option} {folder}: {len(shared)} of its photos are the species' own training or validation "
+                        f"photos (e.g. {shared[0][0]} = {shared[0][1]}); pass photos that are none of the species")
+    return photos

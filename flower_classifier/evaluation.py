@@ -17,55 +17,49 @@ import torch
 from torch.utils.data import Dataset
 
 from . import calibration as cal, unknown
+from .datacheck import negative_photos
 from .data import FlowerFolder, PhotoList, eval_transform, make_loader, one_split
-from .errors import UserError
 from .predictor import average_views, load_predictor
-from .fitting import _progress, topk_correct
+from .fitting import evaluate
 
 
 @dataclass
 class Outputs:
     """What a model gives on a set of photos: logits (N, C), backbone features (N, D), targets (N,)
-    and the photos' paths, for the photos that could be read."""
+    and the photos' paths, for the photos that could be read; and `fitting.evaluate`'s figures."""
 
     logits: np.ndarray
     features: np.ndarray
     targets: np.ndarray
     paths: list[str]
+    figures: dict = field(default_factory=dict)
 
 
-@torch.inference_mode()
 def model_outputs(model, dataset: PhotoList, *, device="cpu", batch_size: int = 32, num_workers: int = 0,
                   what: str = "the split", progress: bool = False, tta: bool = False) -> Outputs:
-    """Run `model` (a FlowerClassifier) over `dataset`: one pass gives all that evaluation needs.
-    `tta`: outputs averaged over each photo's views, as prediction does (`predictor.average_views`)."""
+    """Run `model` (a FlowerClassifier) over `dataset` through the one evaluation loop
+    (`fitting.evaluate`): one pass gives all that evaluation needs. `tta`: outputs averaged over
+    each photo's views, as prediction does (`predictor.average_views`)."""
     loader = make_loader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    model.eval()
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # (N, 3, S, S) -> logits (N, C), features (N, D)
         f = model.features(torch.from_numpy(images).to(device))
         return model.head(f).float().cpu().numpy(), f.float().cpu().numpy()
 
-    logits, features, targets, paths = [], [], [], []
-    for batch in _progress(loader, "evaluate", progress):
-        if batch is None:  # every image of this batch failed to load (each was warned about)
-            continue
-        images, labels, indices = batch
-        batch_logits, batch_features = average_views(run, images.numpy()) if tta else run(images.numpy())
-        logits.append(batch_logits)
-        features.append(batch_features)
-        targets.append(labels.numpy())
-        paths += [str(dataset.samples[i][0]) for i in indices.tolist()]
-    if not targets:
-        raise UserError(f"no image of {what} could be loaded")
-    return Outputs(np.concatenate(logits), np.concatenate(features), np.concatenate(targets), paths)
+    def forward(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = inputs.cpu().numpy()
+        logits, features = average_views(run, images) if tta else run(images)
+        return torch.from_numpy(logits).to(inputs.device), torch.from_numpy(features)
+
+    figures = evaluate(model, loader, device, desc=f"evaluate {what}", progress=progress, outputs=True, forward=forward)
+    outputs = {name: figures.pop(name).numpy() for name in ("logits", "features", "targets", "indices")}
+    return Outputs(outputs["logits"], outputs["features"], outputs["targets"],
+                   [str(dataset.samples[i][0]) for i in outputs["indices"].tolist()], figures)
 
 
-def negatives_dataset(folder: str | Path, ckpt) -> PhotoList:
-    """The photos of a folder that are none of the species, as the model sees them (target -1)."""
-    from .calibrating import negative_photos
-
-    return PhotoList([(p, -1) for p in negative_photos(folder)], eval_transform(ckpt.preprocessing))
+def negatives_dataset(folder: str | Path, predictor) -> PhotoList:
+    """The photos of a folder that are none of the species, as `predictor`'s model sees them (target -1)."""
+    return PhotoList([(p, -1) for p in negative_photos(folder)], eval_transform(predictor.preprocessing))
 
 
 def calibration_figures(outputs: Outputs, calibration: cal.Calibration | None,
@@ -100,18 +94,16 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, 
     common = dict(device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta)
     out = model_outputs(predictor.model, dataset, **common)
     other = model_outputs(predictor.model, negative_set, what=str(negatives), **common) if negative_set else None
-    logits, targets = torch.from_numpy(out.logits), torch.from_numpy(out.targets)
-    hits, count = topk_correct(logits, targets), len(targets)
-    return {"loss": float(torch.nn.functional.cross_entropy(logits, targets)), "accuracy": hits[1] / count,
-            "top5": hits[5] / count, "count": count, "skipped": len(dataset.skipped()),
+    return {**out.figures, "skipped": len(dataset.skipped()),
             "calibrated": predictor.calibration is not None,
             **calibration_figures(out, predictor.calibration, other)}
 
 
-def _split_dataset(split_path: str | Path, ckpt) -> FlowerFolder:
-    """The split's photos in the model's class order (`ckpt`: anything with classes and preprocessing)."""
+def _split_dataset(split_path: str | Path, predictor) -> FlowerFolder:
+    """The split's photos in the model's class order (`predictor`: anything with classes and preprocessing)."""
     # The checkpoint's classes, not the split's own folders: a split may lack categories.
-    return FlowerFolder(one_split(split_path), transform=eval_transform(ckpt.preprocessing), classes=ckpt.classes)
+    return FlowerFolder(one_split(split_path), transform=eval_transform(predictor.preprocessing),
+                        classes=predictor.classes)
 
 
 # ---------------------------------------------------------------- the report

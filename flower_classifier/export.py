@@ -18,9 +18,9 @@ from torch import nn
 
 from .errors import UserError
 from .files import atomic_write, check_output, head
+from .frozen_pass import OPSET
 from .predictor import ONNX_FORMAT, ONNX_FORMAT_VERSION, load_predictor
 
-OPSET = 17
 
 
 def _is_export(path: Path) -> bool:

@@ -100,28 +100,47 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> dict
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader, device: torch.device, *, loss_fn: nn.Module | None = None,
-             desc: str = "eval", progress: bool = True, outputs: bool = False) -> dict:
-    """Mean loss, top-1 and top-5 accuracy (fractions) and the image count over `loader`; with
-    `outputs`, also every row's "logits" (N, C) and "targets" (N,), on the CPU, for a per-class report."""
+             desc: str = "eval", progress: bool = True, outputs: bool = False,
+             forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> dict:
+    """Mean loss, top-1 and top-5 accuracy (fractions) and the image count over `loader`: the one loop
+    over evaluation batches (validation, the record's test split, the `evaluate` and `report` commands).
+
+    `forward(inputs)` -> (logits (N, C), features (N, D) or None): how the outputs are got (default:
+    `model(inputs)` and no features), e.g. the backbone's features and the head, or test-time views.
+    With `outputs`, also, on the CPU: every row's "logits" (N, C) and "targets" (N,), "features"
+    (N, D) when `forward` gives them, and "indices" (N,) when the loader's batches carry each row's
+    index in its dataset (a third item). Rows with a negative target (photos of none of the species)
+    are in the outputs only: the figures are of the others (None where there are none)."""
     model.eval()
     loss_fn = loss_fn or nn.CrossEntropyLoss()
-    total_loss, top1, top5, count = 0.0, 0, 0, 0
-    kept = []
+    forward = forward or (lambda inputs: (model(inputs), None))
+    total_loss, top1, top5, count, rows = 0.0, 0, 0, 0, 0
+    kept = {"logits": [], "targets": [], "features": [], "indices": []}
     for batch in _progress(loader, desc, progress):
         if batch is None:  # every image of this batch failed to load (each was warned about)
             continue
         inputs, targets = batch[0].to(device), batch[1].to(device)
-        logits = model(inputs)  # (N, C)
-        total_loss += loss_fn(logits, targets).item() * len(targets)
-        hits = topk_correct(logits, targets)
-        top1, top5, count = top1 + hits[1], top5 + hits[5], count + len(targets)
+        logits, features = forward(inputs)  # (N, C), (N, D) or None
+        known = targets >= 0
+        if known.any():
+            total_loss += loss_fn(logits[known], targets[known]).item() * int(known.sum())
+            hits = topk_correct(logits[known], targets[known])
+            top1, top5, count = top1 + hits[1], top5 + hits[5], count + int(known.sum())
+        rows += len(targets)
         if outputs:
-            kept.append((logits.float().cpu(), targets.cpu()))
-    if count == 0:
-        raise UserError(f"no image could be loaded for evaluation ({desc})")
-    figures = {"loss": total_loss / count, "accuracy": top1 / count, "top5": top5 / count, "count": count}
+            kept["logits"].append(logits.float().cpu())
+            kept["targets"].append(targets.cpu())
+            if features is not None:
+                kept["features"].append(features.float().cpu())
+            if len(batch) > 2:
+                kept["indices"].append(torch.as_tensor(batch[2]))
+    if rows == 0:
+        raise UserError(f"{desc}: no image could be loaded")
+    figures = ({"loss": total_loss / count, "accuracy": top1 / count, "top5": top5 / count} if count
+               else {"loss": None, "accuracy": None, "top5": None})
+    figures["count"] = count
     if outputs:
-        figures["logits"], figures["targets"] = (torch.cat(parts) for parts in zip(*kept))
+        figures.update({name: torch.cat(parts) for name, parts in kept.items() if parts})
     return figures
 
 

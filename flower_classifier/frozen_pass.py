@@ -28,6 +28,7 @@ from .feature_store import backbone_key, file_digest, short_hash, stored, warn
 from .files import atomic_write
 from .progress import progress_bar
 
+OPSET = 17  # the ONNX opset of every export: the frozen pass's backbone and `export`'s whole model
 ENGINES = ("torch", "onnx")  # what runs the frozen pass: PyTorch (CPU or CUDA), or ONNX Runtime (CPU)
 EXTRACT_BATCH = 32  # images per forward pass of the feature pass on the CPU (4x this on CUDA)
 # A decode worker process per this many cores: JPEG decoding + resize costs about a quarter of
@@ -131,8 +132,6 @@ def _export(backbone: Backbone) -> bytes:
     """The frozen backbone as an ONNX model: fp32, any batch size."""
     import io
     import warnings
-
-    from .export import OPSET
 
     size = backbone.preprocessing.input_size
     buffer = io.BytesIO()

@@ -99,7 +99,11 @@ class StackedHeads(nn.Module):
                                        for i in range(len(linear[0])))  # each (K, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.einsum("nd,kod->kno", x, self.weights[0]) + self.biases[0][:, None]  # (K, N, H)
+        k, out, d = self.weights[0].shape
+        # One (N, D) x (D, K * H) product for the first layer, which all K heads read the same x through:
+        # the 5 fold heads trained in half the time an einsum took (docs/benchmarks.md).
+        h = (x @ self.weights[0].reshape(k * out, d).t()).view(-1, k, out).transpose(0, 1)  # (K, N, H)
+        h = h + self.biases[0][:, None]
         for w, b in zip(self.weights[1:], self.biases[1:]):
             h = nn.functional.dropout(torch.relu(h), self.dropout, self.training)
             h = torch.baddbmm(b[:, None], h, w.transpose(1, 2))  # (K, N, out)

@@ -87,7 +87,7 @@ def prepare_oxford102(out_dir: str | Path, *, source_dir: str | Path | None = No
     state = _read_state(out)
     _check_out_dir(out, state, split)
     if state and state.get("complete") and state.get("counts") == _count_images(out):
-        say(f"{out} already holds the complete Oxford 102 layout ({_describe(state['counts'])}); "
+        say(f"{out} already holds the complete Oxford 102 layout ({_split_counts(state['counts'])}); "
             f"nothing to do")
         return state["counts"]
 
@@ -127,13 +127,13 @@ def prepare_oxford102(out_dir: str | Path, *, source_dir: str | Path | None = No
         counts = _count_images(out)
         expected = {s: sum(1 for where in plan.values() if where[0] == s) for s in SPLITS}
         if counts != expected:
-            raise UserError(f"{out}: holds {_describe(counts)} images instead of {_describe(expected)}; "
+            raise UserError(f"{out}: holds {_split_counts(counts)} images instead of {_split_counts(expected)}; "
                             f"remove the extra files, or delete {out} and run again")
         _write_state(out, {"split": split, "complete": True, "counts": counts})
     except OSError as e:
         raise UserError(f"{e.filename or out}: {e.strerror or e}; check free space and permissions, "
                         f"then run again (finished images are kept)") from e
-    say(f"done: {out} holds {_describe(counts)} images")
+    say(f"done: {out} holds {_split_counts(counts)} images")
     return counts
 
 
@@ -148,7 +148,7 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)  # even with --quiet: the result is not what was asked
 
 
-def _describe(counts: dict[str, int]) -> str:
+def _split_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{counts[s]} {s}" for s in SPLITS)
 
 

@@ -71,9 +71,6 @@ def split_counts(data_dir: str | Path) -> dict[str, tuple[int, int]]:
             for (split, photos), folder in zip(split_photos(data_dir).items(), find_splits(data_dir).values())}
 
 
-
-
-
 def evaluate_on(model: torch.nn.Module, loader, split: str, *, classes: list[str], cat_to_name, device) -> Evaluated:
     """Run `model` (the loader's inputs -> logits) over `loader` (`fitting.evaluate`, the one evaluation
     loop) and report per class."""

@@ -14,28 +14,28 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import devices, distributed
-from .backbones import Backbone, build_backbone, frozen_part, get_spec, split_backbone, too_many_blocks
+from . import calibrating, devices, distributed
+from .backbones import Backbone, build_backbone, get_spec, split_for_training, too_many_blocks
 from .checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoint
 from .config import TrainConfig
 from .devices import check_device
 from .data import find_classes, load_split, make_loader, skipped_images, split_dir
 from .errors import Interrupted, UserError
+from .features import cached_training_data
 # The loop's names are the notebook's too: `from flower_classifier.training import train_one_epoch, ...`.
 from .fitting import (FitState, evaluate, fit, fit_threads, loss_weights, make_optimizer, make_scheduler,  # noqa: F401
                       new_head, seed_epoch, seed_everything, train_one_epoch, trained_model)
+from .frozen_pass import resolve_engine
 from .model import build_head  # noqa: F401  (the notebook's name)
 from .names import as_category_names, check_names
+from .record import Evaluated, TensorBoardLog, record_run
 from .runfolder import Resumed, RunFolder, load_resume, new_run_id
-
-if TYPE_CHECKING:
-    from .record import Evaluated
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainResult:
     classes: list[str]
     epochs_run: int = 0  # epochs trained by this call (0: a resumed run that had already finished)
     record: list[Path] = field(default_factory=list)  # history.csv, training_curves.png, MODEL_CARD.md (`record`)
-    evaluated: "Evaluated | None" = None  # the best epoch on the test split (test=True), else on valid
+    evaluated: Evaluated | None = None  # the best epoch on the test split (test=True), else on valid
 
 
 def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | Path = "checkpoints",
@@ -71,8 +71,6 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     `test`. `tensorboard`: a folder for TensorBoard's event files.
     """
     device = check_device(device)
-    from .frozen_pass import resolve_engine
-
     # What runs the feature pass, recorded as resolved: the classic loop runs PyTorch every epoch.
     config = config.replace(engine=resolve_engine(config.engine, device) if config.feature_cache else "torch")
     seed_everything(config.seed)
@@ -81,16 +79,13 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
     train_dir, _ = split_dir(data_dir, "train"), split_dir(data_dir, "valid")
     if test:
         split_dir(data_dir, "test")
-    from .record import TensorBoardLog  # here: matplotlib and the report load only for a run
     if tensorboard is not None:
         TensorBoardLog.check_installed()
     if distributed.world_size() > 1 and not config.feature_cache:
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
     classes = find_classes(train_dir)
     if negatives is not None:
-        from .calibrating import negative_photos
-
-        negative_photos(negatives, data_dir=data_dir)
+        calibrating.negative_photos(negatives, data_dir=data_dir)
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)
@@ -123,8 +118,10 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
 
 
 def check_finetune(config: TrainConfig) -> None:
-    """--arch is known and has the --finetune blocks asked for (shapes only: nothing is built)."""
+    """--arch is known and has the --finetune blocks asked for (shapes only: nothing is built), and
+    the --unknown_score can calibrate the blocks (`calibrating.check_score`)."""
     spec = get_spec(config.arch)
+    calibrating.check_score(config.unknown_score, config.finetune)
     if config.finetune and config.finetune > spec.num_blocks:  # a frozen run needs no shapes worked out
         raise too_many_blocks(config.arch, config.finetune, spec.num_blocks)
 
@@ -137,8 +134,6 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
         backbone = dataclasses.replace(backbone, module=copy.deepcopy(backbone.module))
     frozen, top = split_for_training(backbone, config.finetune)
     if config.feature_cache:
-        from .features import cached_training_data  # only the cached path needs it
-
         # Rows of what the frozen part gives: the features, or the activations below the top blocks.
         train_loader, valid_loader, classes, engine = cached_training_data(
             config, data_dir, frozen, device=device, log=log, progress=progress,
@@ -199,8 +194,6 @@ def _train(config: TrainConfig, data_dir, run: RunFolder, resumed: Resumed | Non
                       train_loader=train_loader, valid_loader=valid_loader, skipped=skipped, negatives=negatives,
                       cache_dir=cache_dir, device=device, log=log, progress=progress, retrained=result.epochs_run > 0)
         if distributed.is_main():
-            from .record import record_run
-
             # The run ends on the last epoch's weights; the record is of the best epoch's head and blocks.
             load_weights(best, head, top)
             result.record, result.evaluated = record_run(
@@ -221,8 +214,6 @@ def finish(run: RunFolder, state: FitState, template: Checkpoint, *, config: Tra
     `fit` kept, or the run folder's best file when this call did not train it. A best file already
     calibrated by this score is kept as it is unless this call trained epochs. Every process helps
     compute the calibration's rows and train its fold heads (under torchrun)."""
-    from .calibrating import calibrate_checkpoint, calibration_data, calibrated_line
-
     if state.best is not None:
         epoch, head_state, top_state = state.best
         best = dataclasses.replace(template, head_state=head_state, top_state=top_state, epoch=epoch,
@@ -241,23 +232,15 @@ def finish(run: RunFolder, state: FitState, template: Checkpoint, *, config: Tra
         # (a file that changed meanwhile) leaves the fold heads on centre crops only.
         if len(rows) > centre and (len(rows) - centre) % centre == 0:
             views = rows.take(np.arange(centre, len(rows))).astype(np.float32)
-    data = calibration_data(data_dir, classes, frozen, negatives=negatives, cache_dir=cache_dir, device=device,
-                            num_workers=config.num_workers, progress=progress, engine=config.engine, splits=splits,
-                            skip=skipped, views=views)
-    best.calibration, seen = calibrate_checkpoint(best, classes, data, method=config.unknown_score, keep=config.keep,
-                                                  top=top, device=device)
+    data = calibrating.calibration_data(data_dir, classes, frozen, negatives=negatives, cache_dir=cache_dir,
+                                        device=device, num_workers=config.num_workers, progress=progress,
+                                        engine=config.engine, splits=splits, skip=skipped, views=views)
+    best.calibration, seen = calibrating.calibrate_checkpoint(best, classes, data, method=config.unknown_score,
+                                                              keep=config.keep, top=top, device=device)
     if distributed.is_main():
         save_checkpoint(best, run.best)
-        log(calibrated_line(best.calibration, seen, classes))
+        log(calibrating.calibrated_line(best.calibration, seen, classes, finetune=config.finetune))
     return best
-
-
-def split_for_training(backbone: Backbone, n: int) -> tuple[Backbone, nn.Module]:
-    """(the frozen part whose outputs the cache holds, the top n blocks that train: `backbone`'s own
-    modules). n = 0: the backbone as it is, whatever its module, and an empty top."""
-    if not n:
-        return backbone, nn.Sequential()
-    return frozen_part(backbone, n), split_backbone(backbone, n)[1]
 
 
 def _restore(resumed: Resumed, run: RunFolder, head, top, optimizer, scheduler, config: TrainConfig, log) -> FitState:

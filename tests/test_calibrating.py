@@ -10,7 +10,7 @@ from flower_classifier import calibrating, fitting, training
 from flower_classifier.calibration import Calibration, fit_temperature
 from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.config import TrainConfig
-from flower_classifier.errors import Interrupted
+from flower_classifier.errors import Interrupted, UserError
 from flower_classifier.model import StackedHeads, build_head
 from flower_classifier.unknown import choose_threshold, softmax
 
@@ -119,6 +119,50 @@ def test_a_small_valid_split_or_near_far_calibrates_cross_fitted(monkeypatch, va
     calibration = calibrating.calibrate_head(head, config, ["a", "b", "c"], data, method=method, keep=0.95, epochs=2)
     assert len(trained) == 2  # the fold heads, for the best epoch's count
     assert "cross-fitted in 5 folds" in calibrating.calibrated_line(calibration, data, ["a", "b", "c"])
+
+
+def test_a_fine_tuned_head_calibrates_on_the_valid_split_alone_whatever_its_size(monkeypatch):
+    """Fold heads over a fine-tuned checkpoint's features would score photos its blocks trained on:
+    the valid photos, which nothing was trained on, calibrate it instead, however few."""
+    trained = []
+    monkeypatch.setattr(calibrating, "train_one_epoch", lambda *a, **k: trained.append(1))
+    splits = _clustered({"train": 12, "valid": 2})  # far below VALID_ONLY_PER_CLASS
+    data = calibrating.CalibrationData(splits["train"], splits["valid"])
+    head = build_head(8, [8], 3, 0.0).state_dict()
+    tuned = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, num_workers=0, finetune=1)
+    assert calibrating.valid_only(data, 3, "mahalanobis", finetune=1)
+    assert not calibrating.valid_only(data, 3, "mahalanobis", finetune=0)
+    calibration = calibrating.calibrate_head(head, tuned, ["a", "b", "c"], data, method="mahalanobis", keep=0.9)
+    assert trained == []  # no fold heads
+    valid_logits = calibrating.head_logits(head, (8,), 3, splits["valid"][0])
+    assert calibration.temperature == pytest.approx(fit_temperature(valid_logits, splits["valid"][1]))
+    assert "6 valid photos" in calibrating.calibrated_line(calibration, data, ["a", "b", "c"], finetune=1)
+    with pytest.raises(UserError, match="near_far cannot calibrate a model with --finetune 1"):
+        calibrating.calibrate_head(head, tuned, ["a", "b", "c"], data, method="near_far", keep=0.9)
+    with pytest.raises(UserError, match="--unknown_score near_far"):  # refused before anything is built
+        training.check_finetune(tuned.replace(unknown_score="near_far"))
+
+
+@pytest.mark.parametrize("valid", [2, calibrating.VALID_ONLY_PER_CLASS])
+def test_the_feature_fits_run_on_one_blas_thread(monkeypatch, valid):
+    """BLAS threads spinning against torch's made the Mahalanobis fits 10-50x slower under load."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    seen = []
+
+    def spy(real):
+        def fit(*args, **kwargs):
+            seen.append({i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"})
+            return real(*args, **kwargs)
+        return fit
+
+    monkeypatch.setattr(calibrating, "valid_calibration", spy(calibrating.valid_calibration))
+    monkeypatch.setattr(calibrating, "fit_calibration", spy(calibrating.fit_calibration))
+    splits = _clustered({"train": 12, "valid": valid})
+    config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=1, num_workers=0)
+    calibrating.calibrate_head(build_head(8, [8], 3, 0.0).state_dict(), config, ["a", "b", "c"],
+                               calibrating.CalibrationData(splits["train"], splits["valid"]), method="mahalanobis",
+                               keep=0.95)
+    assert seen == [{1}]
 
 
 def test_fold_rows_leave_each_photo_and_its_views_out_of_its_own_folds_head():

@@ -148,3 +148,32 @@ def test_report_command_missing_split_is_one_line(tmp_path, capsys):
                                ["a", "b"], config), tmp_path / "c.pth")
     assert main(["report", str(tmp_path / "c.pth"), str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert "nope: no such directory" in capsys.readouterr().err
+
+
+def test_evaluate_and_report_go_through_the_one_evaluation_loop(tmp_path, monkeypatch):
+    """The commands' outputs (logits, features, paths of readable photos; negatives too) come from
+    `fitting.evaluate`, the loop validation uses: its figures are theirs, whatever the photos' order."""
+    from flower_classifier import evaluation, fitting
+
+    calls = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: calls.append(k["desc"]) or fitting.evaluate(*a, **k))
+    classes = ["1", "2", "3"]
+    data = make_dataset(tmp_path / "flowers", classes, per_split={"test": 3})
+    (data / "test" / "2" / "broken.jpg").write_bytes(b"not a photo")  # skipped, so not among the paths
+    negatives = make_dataset(tmp_path / "neg", ["x"], per_split={"test": 2}) / "test" / "x"
+    torch.manual_seed(0)
+    config = TrainConfig(arch="tiny", hidden_units=(8,))
+    save_checkpoint(Checkpoint("tiny", Preprocessing(32, 36), build_head(16, (8,), 3, 0.0).state_dict(), classes,
+                               config), tmp_path / "c.pth")
+    figures = evaluation.evaluate_checkpoint(tmp_path / "c.pth", data / "test", negatives=negatives, progress=False)
+    assert len(calls) == 2 and figures["count"] == 9 and figures["skipped"] == 1
+    predictor = evaluation.load_predictor(tmp_path / "c.pth", onnx=False)
+    out = evaluation.model_outputs(predictor.model, evaluation._split_dataset(data / "test", predictor))
+    assert len(out.paths) == 9 and "broken.jpg" not in " ".join(out.paths)
+    assert out.features.shape == (9, 16) and out.logits.shape == (9, 3)
+    for path, logits, target in zip(out.paths, out.logits, out.targets):  # each row is its own photo's
+        assert classes[target] == path.split("/")[-2]
+        one = evaluation.PhotoList([(path, int(target))], evaluation.eval_transform(predictor.preprocessing))
+        with torch.inference_mode():
+            np.testing.assert_allclose(predictor.model(one[0][0][None]).numpy()[0], logits, atol=1e-5)
+    assert figures["accuracy"] == pytest.approx((out.logits.argmax(1) == out.targets).mean())

@@ -44,6 +44,24 @@ def test_a_frozen_part_outputs_flat_activations_and_leaves_the_top_alone():
         frozen_part(backbone, 3)
 
 
+def test_training_s_split_builds_the_block_stack_once_and_matches_both_halves(monkeypatch):
+    from flower_classifier import backbones
+
+    calls = []
+    real = backbones._stack_to_split
+    monkeypatch.setattr(backbones, "_stack_to_split", lambda *a: calls.append(a) or real(*a))
+    backbone = build_backbone("tiny")
+    frozen, top = backbones.split_for_training(backbone, 1)
+    assert len(calls) == 1  # one stack, both parts drawn from it
+    assert frozen.split == 1 and all(p.requires_grad for p in top.parameters())
+    assert not any(p.requires_grad for p in frozen.module.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the parts are the backbone's own modules: top(frozen(x)) is the backbone's output
+        shape = get_spec("tiny").split_shapes[1]
+        assert torch.allclose(top(frozen.module(x).view(-1, *shape)), backbone.module(x), atol=1e-6)
+    assert backbones.split_for_training(backbone, 0)[0] is backbone
+
+
 def _expected_rows(bottom, paths, view, digests):
     """The bottom run on each photo's view, flattened: what the cache must hold (before float16)."""
     seeds = [view.seed(d) for d in digests]
@@ -147,4 +165,4 @@ def test_backbones_says_what_the_fine_tuned_top_adds_to_a_checkpoint(arch):
         assert spec.top_bytes(n) == stored > sum(p.numel() for p in top.parameters()) * 4 - 1
         assert f"{stored / 1e6:.3g} MB in the checkpoint" in describe(spec).splitlines()[1]
     with pytest.raises(ValueError):
-        spec.top_state(spec.num_blocks + 1)
+        spec.top_layout(spec.num_blocks + 1)

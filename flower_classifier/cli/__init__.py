@@ -1,6 +1,6 @@
 """Command line: `python -m flower_classifier COMMAND` and the classic `train.py` / `predict.py`,
-thin layers over the library. One module per group of commands (`train`: train, search; `predict`:
-what uses a trained model; `data`: around a photo folder), `options` for what they share, and here
+thin layers over the library. One module per group of commands (`train`: train, search, calibrate;
+`predict`: predict; `evaluate`: evaluate, report; `export`: export, serve; `data`: around a photo folder), `options` for what they share, and here
 the one parse-and-run wrapper: a user's mistake is one line on stderr and exit status 2. Building
 a parser imports no torch: each command imports what it needs when it runs."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import sys
 
 from ..errors import Interrupted, UserError
-from . import data, predict, train
+from . import data, evaluate, export, predict, train
 from .options import EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, add_shared
 
 
@@ -21,17 +21,17 @@ COMMANDS = {
     "search": (train.add_search_arguments, train.run_search, "search head hyperparameters on cached features", None),
     "calibrate": (train.add_calibrate_arguments, train.run_calibrate, "fit a checkpoint's calibrated probabilities and "
                   "its \"not one of my species\" threshold again", None),
-    "evaluate": (predict.add_evaluate_arguments, predict.run_evaluate, "top-1/top-5 accuracy of a checkpoint on a "
+    "evaluate": (evaluate.add_evaluate_arguments, evaluate.run_evaluate, "top-1/top-5 accuracy of a checkpoint on a "
                  "split", None),
-    "report": (predict.add_report_arguments, predict.run_report, "per-class accuracy, confusion matrix, confused "
+    "report": (evaluate.add_report_arguments, evaluate.run_report, "per-class accuracy, confusion matrix, confused "
                "pairs and worst mistakes on a split", None),
     "download": (data.add_download_arguments, data.run_download, "get Oxford 102 in the train/valid/test layout", None),
     "check-data": (data.add_check_data_arguments, data.run_check_data, "find unreadable, missing, duplicate or "
                    "unbalanced photos before training", None),
     "backbones": (lambda p: None, data.run_backbones, "list the available backbones", None),
-    "export": (predict.add_export_arguments, predict.run_export, "checkpoint -> one ONNX file for apps (runs without "
+    "export": (export.add_export_arguments, export.run_export, "checkpoint -> one ONNX file for apps (runs without "
                "torch)", None),
-    "serve": (predict.add_serve_arguments, predict.run_serve, "web page and JSON API that name the flower in a "
+    "serve": (export.add_serve_arguments, export.run_serve, "web page and JSON API that name the flower in a "
               "photo", None),
 }
 

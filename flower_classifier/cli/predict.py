@@ -1,5 +1,5 @@
-"""The commands that use a trained model: predict (predict.py), evaluate, report, export, serve.
-An .onnx model is predicted and served without importing torch."""
+"""predict (predict.py): name the flower in photos with a trained model; an .onnx model is predicted
+without importing torch. `check_model_file` serves the other commands that take a model too."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import Number
 from ..errors import UserError
 from ..names import names_warnings, read_category_names
-from .options import add_config_options, add_shared, require
+from .options import add_shared, require
 
 
 
@@ -171,12 +171,6 @@ def check_model_file(path: str, *, onnx: bool) -> None:
                    fix="make one with `python -m flower_classifier export`" if onnx else None)
 
 
-def check_split_dir(path: str) -> None:
-    """evaluate's and report's split folder where there is none, refused before the checkpoint loads."""
-    if not Path(path).is_dir():
-        raise UserError(f"{path}: no such directory; expected a split folder such as DATA/test")
-
-
 def choose_names(given: dict[str, str], saved: dict[str, str] | None, classes: list[str],
                  path: str) -> tuple[dict[str, str], list[str]]:
     """The names to show: the --category_names file's, except where it contradicts the names the model
@@ -252,111 +246,3 @@ def _cell(value) -> str:
     if value is None:
         return ""
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    """A checkpoint and a labelled split to run it on: shared by `evaluate` and `report`."""
-    p.add_argument("checkpoint", help="checkpoint saved by train.py")
-    p.add_argument("split_dir", help="a labelled split folder, e.g. flowers/test")
-    add_config_options(p, "batch_size", batch_size="images per batch")
-    add_shared(p, "--workers", "--threads", "--gpu", "--negatives", "--tta", negatives={
-        "help": "a folder of photos that are none of the species, kept apart from any threshold choice: measure how "
-                "well the model tells them from its species"})
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    require("torch")
-    check_model_file(args.checkpoint, onnx=False)
-    check_split_dir(args.split_dir)
-    from ..devices import select_device
-    from ..evaluation import calibration_lines, evaluate_checkpoint
-
-    m = evaluate_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                            batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives,
-                            tta=args.tta)
-    print(f"top-1 accuracy: {100 * m['accuracy']:.1f}%  top-5 accuracy: {100 * m['top5']:.1f}%  "
-          f"images: {m['count']}  (loss {m['loss']:.4f})")
-    print("\n".join(calibration_lines(m)))
-    if not m["calibrated"]:
-        print(f"{args.checkpoint} has no calibration{' (so no unknown figures)' if args.negatives else ''}: add it "
-              f"with `python -m flower_classifier calibrate {args.checkpoint} DATA_DIR`")
-    if m.get("skipped"):
-        print(f"skipped {m['skipped']} unreadable images (each named in a warning above)")
-    return 0
-
-
-def add_report_arguments(p: argparse.ArgumentParser) -> None:
-    add_evaluate_arguments(p)
-    p.add_argument("--out", default="report", help="folder for report.txt, per_class.csv and the figures "
-                   "(default: report)")
-    # A table or a gallery longer than this is unreadable anyway.
-    p.add_argument("--top", type=Number(int, 1, 10_000).parse, default=10,
-                   help="confused pairs to list (default: 10)")
-    p.add_argument("--mistakes", type=Number(int, 1, 1_000).parse, default=8,
-                   help="mistakes in the gallery (default: 8)")
-    add_shared(p, "--overwrite")
-
-
-def run_report(args: argparse.Namespace) -> int:
-    require("torch")
-    check_model_file(args.checkpoint, onnx=False)
-    check_split_dir(args.split_dir)
-    from ..devices import select_device
-    from ..evaluation import REPORT_FILES, report_checkpoint, write_report
-    from ..files import check_output_folder, head
-
-    # A folder holding an earlier report (its report.txt) is rewritten; other files need --overwrite.
-    check_output_folder(args.out, REPORT_FILES.values(), option="--out", inputs=[args.checkpoint],
-                        overwrite=args.overwrite,
-                        ours=lambda folder: head(folder / REPORT_FILES["table"]).startswith(b"accuracy "))
-    report = report_checkpoint(args.checkpoint, args.split_dir, device=select_device(args.gpu),
-                               batch_size=args.batch_size, num_workers=args.workers, negatives=args.negatives,
-                               tta=args.tta)
-    files = write_report(report, args.out, mistakes=args.mistakes)
-    print(report.table(args.top))
-    print(f"\nWrote {', '.join(p.name for p in files.values())} to {args.out}")
-    return 0
-
-
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint saved by train.py")
-    p.add_argument("out", help="ONNX file to write, e.g. model.onnx")
-    add_shared(p, "--overwrite")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    check_model_file(args.checkpoint, onnx=False)
-    from ..export import export_onnx
-
-    path = export_onnx(args.checkpoint, args.out, overwrite=args.overwrite)
-    print(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): try `python predict.py PHOTO {path}` "
-          f"or `python -m flower_classifier serve {path}`")
-    return 0
-
-
-def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="an exported .onnx model (no torch needed) or a checkpoint (.pth)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for other machines "
-                   "(default: 127.0.0.1)")
-    p.add_argument("--port", type=Number(int, 1, 65535).parse, default=8000, help="port (default: 8000)")
-    # A photo is a few MB; 1 GB is far past any camera, and the decoder has its own pixel budget.
-    p.add_argument("--max_upload_mb", type=Number(float, 0, 1024, lo_open=True).parse, default=10.0,
-                   help="largest photo accepted, in MB (default: 10)")
-    # Each run already uses every core: more than 64 at once only queues for memory.
-    p.add_argument("--parallel", type=Number(int, 1, 64).parse, default=1,
-                   help="model runs at once; each already uses every CPU core (default: 1)")
-    add_shared(p, "--tta", tta={"help": "test-time augmentation by default: the model also sees each photo mirrored "
-                                "left-right, about twice the time; a request's ?tta=false or ?tta=true overrides "
-                                "it (default: off)"})
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    check_model_file(args.model, onnx=args.model.lower().endswith(".onnx"))
-    try:
-        from ..serving import serve
-    except ImportError as e:
-        raise UserError(f"serving needs the app packages ({e.name} is missing): "
-                        f"`pip install -r requirements.txt`") from None
-    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, parallel=args.parallel,
-          tta=args.tta)
-    return 0

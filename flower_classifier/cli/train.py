@@ -170,14 +170,13 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from ..backbones import build_backbone
-    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, negative_photos
+    from ..backbones import build_backbone, split_for_training
+    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, check_score, negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
     from ..files import check_rewrite
     from ..frozen_pass import resolve_engine
-    from ..training import split_for_training
 
     target = check_rewrite(args.checkpoint)  # before any work: the folder must take the rewritten file
     ckpt = load_checkpoint(args.checkpoint)
@@ -186,6 +185,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.data_dir}: its training categories ({len(classes)}) are not those of "
                         f"{args.checkpoint} ({len(ckpt.classes)}); pass the data folder it was trained on")
     split_dir(args.data_dir, "valid")
+    check_score(args.unknown_score, ckpt.config.finetune)
     if args.negatives is not None:
         negative_photos(args.negatives, data_dir=args.data_dir)
     # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
@@ -197,6 +197,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ckpt.calibration, seen = calibrate_checkpoint(ckpt, classes, data, method=args.unknown_score, keep=args.keep,
                                                   top=top, device=device)
     save_checkpoint(ckpt, target)
-    print(calibrated_line(ckpt.calibration, seen, classes))
+    print(calibrated_line(ckpt.calibration, seen, classes, finetune=ckpt.config.finetune))
     print(f"Saved to {args.checkpoint}; an exported .onnx file keeps its old calibration: export it again")
     return 0
