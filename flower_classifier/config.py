@@ -77,7 +77,7 @@ RECIPES: dict[str, dict] = {
     # the head that helped both there and on the 300-photo sample; a wider head, augmented views,
     # more epochs, mirror TTA and Lite2 (224-px photos) did not. Fine-tuning the top 2 blocks on top
     # of it (bench/bench_recipe.py, whole train.py runs) raised valid/ 92.0 -> 93.5% and test/
-    # 90.7 -> 91.9%, each seed above every frozen seed (the sample: level), for 8.5x the frozen
+    # 90.7 -> 91.9%, each seed above every frozen seed (the sample: level), for 14x the frozen
     # default's cold run (docs/benchmarks.md, Fine-tuning on 2,269 photos); --finetune 0 keeps it frozen.
     "best": {"arch": "efficientnet_lite0", "label_smoothing": 0.1, "finetune": 2},
 }
