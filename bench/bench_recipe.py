@@ -40,6 +40,16 @@ VARIANTS = {
     "ft2 x0.1 onecycle wd0.01": {"finetune": 2, "backbone_lr_factor": 0.1, "schedule": "onecycle",
                                  "weight_decay": 0.01},
     "ft4 x0.1 onecycle": {"finetune": 4, "backbone_lr_factor": 0.1, "schedule": "onecycle"},
+    # fine-tuning on top of --recipe best (label smoothing 0.1), for the 2,269-photo folder
+    "ft2 x0.1 ls0.1": {"finetune": 2, "backbone_lr_factor": 0.1, "label_smoothing": 0.1},
+    "ft2 x0.3 ls0.1": {"finetune": 2, "backbone_lr_factor": 0.3, "label_smoothing": 0.1},
+    "ft2 x0.1 ls0.1 10ep": {"finetune": 2, "backbone_lr_factor": 0.1, "label_smoothing": 0.1, "epochs": 10},
+    "ft2 x0.1 ls0.1 views2": {"finetune": 2, "backbone_lr_factor": 0.1, "label_smoothing": 0.1,
+                              "augmented_views": 2},
+    "ft4 x0.1 ls0.1": {"finetune": 4, "backbone_lr_factor": 0.1, "label_smoothing": 0.1},
+    "ft4 x0.3 ls0.1": {"finetune": 4, "backbone_lr_factor": 0.3, "label_smoothing": 0.1},
+    "ft4 x0.1 ls0.1 views2": {"finetune": 4, "backbone_lr_factor": 0.1, "label_smoothing": 0.1,
+                              "augmented_views": 2},
 }
 
 
@@ -53,23 +63,29 @@ def main() -> None:
     p.add_argument("--cache_dir", default=None, help="feature cache shared by the runs (default: a temporary one)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="options given to every variant, e.g. augmented_views=2 (parsed as Python literals)")
+    p.add_argument("--runs_dir", default=None, help="keep each run's folder here (default: a temporary one)")
     args = p.parse_args()
     import ast
 
     common = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in args.set)}
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or str(Path(tmp) / "cache")
+        runs = Path(args.runs_dir or tmp)
         print(f"{'variant':<28} {'valid (best epoch)':>20} {'test top-1':>22} {'s/run':>7}")
         for name in args.variants:
             valid, test, seconds = [], [], []
             for seed in args.seeds:
-                config = TrainConfig(arch=args.arch, epochs=args.epochs, seed=seed, **common, **VARIANTS[name])
+                # a variant's own epochs (or other option) wins over --epochs and --set
+                config = TrainConfig(**{"arch": args.arch, "epochs": args.epochs, "seed": seed, **common,
+                                        **VARIANTS[name]})
                 start = time.perf_counter()
-                result = run_training(config, args.data_dir, save_dir=Path(tmp) / f"{name}-{seed}", cache_dir=cache,
-                                      test=True, progress=False, log=lambda message: None)
+                result = run_training(config, args.data_dir, save_dir=runs / f"{name}-{seed}".replace(" ", "_"),
+                                      cache_dir=cache, test=True, progress=False, log=lambda message: None)
                 seconds.append(time.perf_counter() - start)
                 valid.append(max(h["valid_accuracy"] for h in result.state.history))
                 test.append(result.evaluated.accuracy)
+                print(f"  {name} seed {seed}: valid {100 * valid[-1]:.1f}% test {100 * test[-1]:.1f}% "
+                      f"{seconds[-1]:.0f} s", flush=True)
             show = lambda xs: f"{100 * statistics.mean(xs):5.1f}% ({' '.join(f'{100 * x:.0f}' for x in xs)})"  # noqa: E731
             print(f"{name:<28} {show(valid):>20} {show(test):>22} {statistics.mean(seconds):7.1f}", flush=True)
 

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from flower_classifier.cli import main
+from conftest import QUIET
+from flower_classifier import training
+from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.config import FIELDS, RECIPES, TrainConfig, recipe_problem
 
 
@@ -40,6 +43,16 @@ def test_every_recipe_sets_only_valid_options_and_best_changes_something():
     assert best.recipe == "best"
     assert all(getattr(best, k) == (tuple(v) if isinstance(v, list) else v) for k, v in RECIPES["best"].items())
     assert best.to_dict()["recipe"] == "best" and TrainConfig.from_dict(best.to_dict()) == best
+
+
+def test_the_best_recipe_trains_end_to_end_with_its_fine_tuned_blocks(data, tmp_path):
+    """The recipe's options work together in a whole run (on the tiny backbone named beside it): the
+    checkpoint keeps the recipe's name and values and, when it fine-tunes, the trained blocks."""
+    config = TrainConfig.of_recipe("best", arch="tiny", epochs=1, num_workers=0, batch_size=4, hidden_units=[16])
+    result = training.run_training(config, data, save_dir=tmp_path / "run", cache_dir=tmp_path / "cache", **QUIET)
+    ckpt = load_checkpoint(result.best_path)
+    assert ckpt.config.recipe == "best" and ckpt.config.label_smoothing == config.label_smoothing
+    assert ckpt.config.finetune == config.finetune and bool(ckpt.top_state) == (config.finetune > 0)
 
 
 def test_a_bad_recipe_entry_is_named(monkeypatch):
