@@ -48,7 +48,10 @@ def test_every_recipe_sets_only_valid_options_and_best_changes_something():
 def test_the_best_recipe_trains_end_to_end_with_its_fine_tuned_blocks(data, tmp_path):
     """The recipe's options work together in a whole run (on the tiny backbone named beside it): the
     checkpoint keeps the recipe's name and values and, when it fine-tunes, the trained blocks."""
-    config = TrainConfig.of_recipe("best", arch="tiny", epochs=1, num_workers=0, batch_size=4, hidden_units=[16])
+    # The tiny backbone has 2 blocks: the recipe's fine-tuning depth is capped there, still fine-tuning.
+    finetune = min(RECIPES["best"].get("finetune", 0), 2)
+    config = TrainConfig.of_recipe("best", arch="tiny", epochs=1, num_workers=0, batch_size=4, hidden_units=[16],
+                                   finetune=finetune)
     result = training.run_training(config, data, save_dir=tmp_path / "run", cache_dir=tmp_path / "cache", **QUIET)
     ckpt = load_checkpoint(result.best_path)
     assert ckpt.config.recipe == "best" and ckpt.config.label_smoothing == config.label_smoothing
