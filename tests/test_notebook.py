@@ -456,7 +456,9 @@ def _notebook_cells(nb):
 def _text(nb, cells=None) -> str:
     """Everything the cells (default: the notebook's own) printed."""
     cells = _notebook_cells(nb) if cells is None else cells
-    return "\n".join(o.get("text", "") for cell in cells for o in cell.outputs if o.get("name") == "stdout")
+    # A cell's stdout can arrive in several stream chunks, cut anywhere (even inside one print's line):
+    # joined as they came within a cell, one cell from the next by a line break.
+    return "\n".join("".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout") for cell in cells)
 
 
 def _probe(nb, name: str) -> tuple[str, str]:
