@@ -140,8 +140,9 @@ def test_the_notebook_scores_and_reports_a_test_split_lacking_category_1(data, t
              "DROPOUT": 0.0, "LEARNING_RATE": 0.05, "EPOCHS": 15, "BATCH_SIZE": 8, "DEVICE": "cpu",
              "NUM_WORKERS": 0, "SAVE_DIR": str(tmp_path / "ck")}
     nb = execute_notebook(ROOT / "Image_Classifier_Project.ipynb", knobs, cwd=tmp_path, timeout=120)
-    printed = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                        if o.get("name") == "stdout")
+    # stdout chunks joined as they came within a cell (a chunk may end mid-line), cells by a line break
+    printed = "\n".join("".join(o.get("text", "") for o in c.get("outputs", []) if o.get("name") == "stdout")
+                        for c in nb.cells if c.cell_type == "code")
     assert "test accuracy 100.0%" in printed and "on 4 images" in printed, printed[-1500:]
     # The report's table: category, name, images, correct, precision, recall, F1; recall kept.
     rows = {c: r for c, r in re.findall(r"^ +(\d+)  flower \d+ +\d+ +\d+ +\S+ +(\S+) +\S+$", printed, re.M)}
