@@ -31,10 +31,14 @@ NAMES = list(BACKBONES)
 # VGG's 512x7x7 features make its export the slowest (~15 s each), then the 16-17 GFLOPS SWAG
 # backbones: `-m "not slow"` leaves them out.
 LARGE = {"vgg16", "vgg13", "regnet_y_16gf", "vit_b_16"}
-# Export parity in probability, for every backbone. Both sides run on one thread (`one_thread`): on
-# the default threads, float32 sums split across them moved one of random RegNetY-16GF's
-# probabilities by 1.3e-4 on a loaded machine; on one, no backbone's moved by more than 2e-7.
+# Export parity in probability, for every backbone. Both sides run on one thread (`one_thread`), so
+# the load does not move the sums; on this machine no backbone's probability then moved by more than
+# 2e-7. Another CPU takes other kernels (vector widths, blockings) on both sides: random-weight
+# RegNetY-16GF, whose export frozen_pass refuses as too noisy (features differ by ~4), moved the flat
+# generated image's probability by 1.25e-4 on the CI machine. Real weights (the lite0 test on real
+# photos) keep 1e-4; that chaotic random stack gets 5e-4.
 PARITY = 1e-4
+PARITY_OF = {"regnet_y_16gf": 5e-4}
 PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name in LARGE else name for name in NAMES]
 HALF = (0.5, 0.5, 0.5)
 # What each backbone's published weights were trained with: (crop, resize, mean, std, interpolation).
@@ -143,7 +147,7 @@ def test_export_matches_pytorch_and_carries_the_backbones_preprocessing(trained,
         logits, _ = session.run(["logits", "features"], {"image": images.numpy()})
     got = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     assert got.shape == (3, len(CLASSES))
-    np.testing.assert_allclose(got, expected, rtol=0, atol=PARITY)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=PARITY_OF.get(name, PARITY))
     # Parity means something only if the backbone's output reaches the probabilities (random
     # RegNetY-16GF features saturate the flat generated image, not the photos).
     assert expected.max(axis=1).min() < 0.999 and np.ptp(expected[:, 0]) > 5e-4, expected

@@ -79,12 +79,20 @@ def test_torchrun_trains_with_two_processes_as_one_process_does(tmp_path, option
     two, one = (load_checkpoint(tmp_path / folder / "last.pth") for folder in ("ck", "alone"))
     assert two.epoch == one.epoch == 3
     # Not bit-identical: the two halves' means averaged by all_reduce round differently from one mean
-    # over 16 rows (float32 sums in another order), ~1e-7 per step; three AdamW steps keep it ~1e-6.
+    # over 16 rows (float32 sums in another order), ~1e-7 per step. AdamW divides each gradient by
+    # its own running size, so where a gradient is near zero that rounding can grow to ~1e-5 in a
+    # weight (seen on the CI machine's CPU; 3e-8 here). So the whole tensor is compared: the two
+    # runs' difference is under 1e-4 of the weights' size. With the averaging switched off (each
+    # process stepping on its own 8 rows) it was 7% to 67% of their size, per tensor.
+    def close(mine, theirs):
+        mine, theirs = mine.float(), theirs.float()
+        return torch.linalg.norm(mine - theirs) <= 1e-4 * torch.linalg.norm(theirs) + 1e-7
+
     for key, weight in one.head_state.items():
-        assert torch.allclose(two.head_state[key], weight, rtol=0, atol=1e-5), key
+        assert close(two.head_state[key], weight), key
     assert bool(one.top_state) == bool(options)
     for key, weight in (one.top_state or {}).items():
-        assert torch.allclose(two.top_state[key], weight, rtol=0, atol=1e-5), key
+        assert close(two.top_state[key], weight), key
     for mine, theirs in zip(two.history, one.history):
         for metric in ("train_loss", "train_accuracy", "valid_loss", "valid_accuracy", "valid_top5"):
-            assert abs(mine[metric] - theirs[metric]) < 1e-5, (metric, mine, theirs)
+            assert abs(mine[metric] - theirs[metric]) < 1e-4, (metric, mine, theirs)
