@@ -18,14 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from flower_classifier.data import split_dir  # noqa: E402
-from flower_classifier.evaluation import _split_dataset, model_outputs  # noqa: E402
+from flower_classifier.evaluation import split_dataset, model_outputs  # noqa: E402
 from flower_classifier.predictor import load_predictor  # noqa: E402
 
 
 def probabilities(checkpoint: Path, split: Path, tta: bool, workers: int) -> tuple[np.ndarray, np.ndarray]:
     """Softmax outputs (N, C) and targets (N,) of a checkpoint over one split."""
     predictor = load_predictor(checkpoint, onnx=False)
-    out = model_outputs(predictor.model, _split_dataset(split, predictor), num_workers=workers, tta=tta)
+    out = model_outputs(predictor.model, split_dataset(split, predictor), num_workers=workers, tta=tta)
     z = out.logits - out.logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     return p / p.sum(axis=1, keepdims=True), out.targets

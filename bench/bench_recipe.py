@@ -50,6 +50,8 @@ VARIANTS = {
     "ft4 x0.3 ls0.1": {"finetune": 4, "backbone_lr_factor": 0.3, "label_smoothing": 0.1},
     "ft4 x0.1 ls0.1 views2": {"finetune": 4, "backbone_lr_factor": 0.1, "label_smoothing": 0.1,
                               "augmented_views": 2},
+    "ft4 x0.1 ls0.1 10ep": {"finetune": 4, "backbone_lr_factor": 0.1, "label_smoothing": 0.1, "epochs": 10},
+    "ft6 x0.1 ls0.1": {"finetune": 6, "backbone_lr_factor": 0.1, "label_smoothing": 0.1},
 }
 
 

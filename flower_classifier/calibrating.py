@@ -37,7 +37,7 @@ from .calibration import Calibration, as_stored, fit_calibration, fit_temperatur
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .data import FlowerFolder, split_dir
-from .datacheck import negative_photos  # noqa: F401  (training's and the calibrate command's name too)
+from .datacheck import negative_photos
 from .errors import UserError
 from .feature_store import FeatureStore
 from .features import FeatureSet, cached_features, feature_loader

@@ -85,14 +85,12 @@ def threads(n: int | None, *, chosen: bool = False):
 
 def blas_threads(n: int | None = None):
     """numpy's and scipy's BLAS and LAPACK (OpenBLAS) held to `n` threads for the block, or to the
-    user's --threads; a no-op without `threadpoolctl`. Calibration's feature fits (Mahalanobis: a
+    user's --threads (`threadpoolctl`, a requirement). Calibration's feature fits (Mahalanobis: a
     few hundred to 1,280 dimensions) took 10-50x longer on the default threads than on one once torch
     had loaded its own OpenMP threads (3.0 s against 0.2 s on 250 photos, 19-95 s against 1.7-1.9 s
     on 2,000, 2 cores, load average 8-10): BLAS threads spin against torch's and the other jobs'."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
     return threadpool_limits(limits=chosen_threads() or n or 1, user_api="blas")
 
 

@@ -47,8 +47,10 @@ def model_outputs(model, dataset: PhotoList, *, device="cpu", batch_size: int = 
         return model.head(f).float().cpu().numpy(), f.float().cpu().numpy()
 
     def forward(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images = inputs.cpu().numpy()
-        logits, features = average_views(run, images) if tta else run(images)
+        if not tta:  # stays in torch; the views' average is prediction's own numpy code
+            features = model.features(inputs)
+            return model.head(features).float(), features.float()
+        logits, features = average_views(run, inputs.cpu().numpy())
         return torch.from_numpy(logits).to(inputs.device), torch.from_numpy(features)
 
     figures = evaluate(model, loader, device, desc=f"evaluate {what}", progress=progress, outputs=True, forward=forward)
@@ -90,7 +92,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, 
     the outputs averaged over each photo's views, as `predict --tta` gives them."""
     predictor = load_predictor(checkpoint_path, device=device, onnx=False)
     negative_set = negatives_dataset(negatives, predictor) if negatives is not None else None
-    dataset = _split_dataset(split_path, predictor)
+    dataset = split_dataset(split_path, predictor)
     common = dict(device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta)
     out = model_outputs(predictor.model, dataset, **common)
     other = model_outputs(predictor.model, negative_set, what=str(negatives), **common) if negative_set else None
@@ -99,7 +101,7 @@ def evaluate_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, 
             **calibration_figures(out, predictor.calibration, other)}
 
 
-def _split_dataset(split_path: str | Path, predictor) -> FlowerFolder:
+def split_dataset(split_path: str | Path, predictor) -> FlowerFolder:
     """The split's photos in the model's class order (`predictor`: anything with classes and preprocessing)."""
     # The checkpoint's classes, not the split's own folders: a split may lack categories.
     return FlowerFolder(one_split(split_path), transform=eval_transform(predictor.preprocessing),
@@ -254,7 +256,7 @@ def report_checkpoint(checkpoint_path: str | Path, split_path: str | Path, *, de
     """The report of a saved checkpoint on `split_path/<category>/*.jpg` (and the photos of `negatives`)."""
     predictor = load_predictor(checkpoint_path, device=device, onnx=False)
     negative_set = negatives_dataset(negatives, predictor) if negatives is not None else None
-    return report_for_model(predictor.model, _split_dataset(split_path, predictor), cat_to_name=predictor.cat_to_name,
+    return report_for_model(predictor.model, split_dataset(split_path, predictor), cat_to_name=predictor.cat_to_name,
                             device=device, batch_size=batch_size, num_workers=num_workers, negatives=negative_set,
                             tta=tta)
 

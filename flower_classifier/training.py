@@ -26,6 +26,7 @@ from .checkpoint import Checkpoint, load_checkpoint, load_weights, save_checkpoi
 from .config import TrainConfig
 from .devices import check_device
 from .data import find_classes, load_split, make_loader, skipped_images, split_dir
+from .datacheck import negative_photos
 from .errors import Interrupted, UserError
 from .features import cached_training_data
 # The loop's names are the notebook's too: `from flower_classifier.training import train_one_epoch, ...`.
@@ -85,7 +86,7 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
         raise UserError("--classic runs in one process; drop --classic to train under torchrun")
     classes = find_classes(train_dir)
     if negatives is not None:
-        calibrating.negative_photos(negatives, data_dir=data_dir)
+        negative_photos(negatives, data_dir=data_dir)
     cat_to_name = as_category_names(cat_to_name)
     if cat_to_name is not None:
         check_names(cat_to_name, Path(data_dir), classes, log)

@@ -168,7 +168,7 @@ def test_evaluate_and_report_go_through_the_one_evaluation_loop(tmp_path, monkey
     figures = evaluation.evaluate_checkpoint(tmp_path / "c.pth", data / "test", negatives=negatives, progress=False)
     assert len(calls) == 2 and figures["count"] == 9 and figures["skipped"] == 1
     predictor = evaluation.load_predictor(tmp_path / "c.pth", onnx=False)
-    out = evaluation.model_outputs(predictor.model, evaluation._split_dataset(data / "test", predictor))
+    out = evaluation.model_outputs(predictor.model, evaluation.split_dataset(data / "test", predictor))
     assert len(out.paths) == 9 and "broken.jpg" not in " ".join(out.paths)
     assert out.features.shape == (9, 16) and out.logits.shape == (9, 3)
     for path, logits, target in zip(out.paths, out.logits, out.targets):  # each row is its own photo's

@@ -171,7 +171,8 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone, split_for_training
-    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, check_score, negative_photos
+    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, check_score
+    from ..datacheck import negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
     from ..devices import select_device
