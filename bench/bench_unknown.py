@@ -328,17 +328,6 @@ def fit_centred(x: np.ndarray, y: np.ndarray) -> dict:
     return {"mean": mean, "bank": unk._unit(unk._unit(x) - mean), "k": np.array(1)}
 
 
-def fit_per_species(x: np.ndarray, y: np.ndarray, rank: int = 16) -> list[dict]:
-    """Mahalanobis arrays of each species' photos alone: one shrunk covariance per species."""
-    return [unk.fit_feature_arrays("mahalanobis", x[y == c], np.zeros(int((y == c).sum()), dtype=np.int64),
-                                   max_rank=rank) for c in np.unique(y)]
-
-
-def per_species_distance(x: np.ndarray, arrays: list[dict]) -> np.ndarray:
-    """The distance to the nearest species, each under its own covariance."""
-    return np.min([unk.feature_score("mahalanobis", x, a) for a in arrays], axis=0)
-
-
 def centred_knn(x: np.ndarray, arrays: dict) -> np.ndarray:
     return unk.feature_score("knn", unk._unit(x) - arrays["mean"], arrays)
 
@@ -382,8 +371,9 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
     for method in unk.LOGIT_METHODS:
         out[method] = {"crossed": unk.logit_score(method, a["crossed"], t),
                        **{s: unk.logit_score(method, a[f"{s}_logits"], t) for s in SETS}}
-    feature = {"mahalanobis": (lambda x, y: unk.fit_feature_arrays("mahalanobis", x, y),
-                               lambda x, arr: unk.feature_score("mahalanobis", x, arr)),
+    package = {m: (lambda x, y, m=m: unk.fit_feature_arrays(m, x, y), lambda x, arr, m=m: unk.feature_score(m, x, arr))
+               for m in ("mahalanobis", unk.SPECIES)}
+    feature = {**package,
                "rel_mahalanobis": (fit_relative, relative_score),
                "cosine": (lambda x, y: unk.fit_feature_arrays("cosine", x, y),
                           lambda x, arr: unk.feature_score("cosine", x, arr))}
@@ -392,7 +382,7 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
                               lambda x, arr: unk.feature_score("knn", x, arr))
     for name, (fit, score) in feature.items():
         arrays = fit(x, y)
-        crossed = (unk.cross_fitted_scores(name, x, y, fold) if name == "mahalanobis"  # the package's, faster
+        crossed = (unk.cross_fitted_scores(name, x, y, fold) if name in package  # the package's, faster
                    else crossfit(fit, score, x, y, fold))
         out[name] = {"crossed": crossed, **{s: score(a[f"{s}_x"], arrays) for s in SETS}}
     logits = {"crossed": a["crossed"], **{s: a[f"{s}_logits"] for s in SETS}}
@@ -411,8 +401,8 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
         out[f"near_far (far share {share:.1%})"] = {"crossed": full, **{s: np.maximum(*parts[s]) for s in SETS},
                                                     "far_part": {s: parts[s][1] for s in SETS}}
-    fit = {"vim": fit_principal, "knn1 centred": fit_centred, "mahalanobis per species": fit_per_species}
-    score = {"vim": residual_norm, "knn1 centred": centred_knn, "mahalanobis per species": per_species_distance}
+    fit = {"vim": fit_principal, "knn1 centred": fit_centred}
+    score = {"vim": residual_norm, "knn1 centred": centred_knn}
     for name in fit:
         arrays = fit[name](x, y)
         out[name] = {"crossed": crossfit(fit[name], score[name], x, y, fold),
