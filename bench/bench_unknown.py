@@ -533,6 +533,8 @@ def main(argv=None) -> int:
                    help="only the leave-species-out study: each species held out of training in turn, scored as unknown")
     p.add_argument("--arrays_dir", type=Path, default=None,
                    help="--leave_species_out: keep each run's logits and features here and reuse them")
+    p.add_argument("--per_seed", nargs="+", default=[], choices=cal.METHODS, metavar="SCORE",
+                   help="also print each seed's figures for these scores (paired: the same heads and halves)")
     p.add_argument("--held_out", type=int, nargs="+", default=None,
                    help="--leave_species_out: only these species (0-based, in folder order; default all)")
     args = p.parse_args(argv)
@@ -594,6 +596,10 @@ def main(argv=None) -> int:
               + " ".join(f"{100 * r['rejected']:.0f}%" for r in runs[rule]["mahalanobis"]))
         for name in goals:
             print(f"  {name}, threshold with the tuning half (seed 0): {rules[rule, name]}")
+        for name in args.per_seed:
+            print(f"  {name} per seed, AUROC / held-out negatives caught / all caught / test species rejected: "
+                  + "; ".join(f"{r['AUROC']:.4f} {100 * r['caught']:.1f}% {100 * r['all']:.1f}% "
+                              f"{100 * r['rejected']:.1f}%" for r in runs[rule][name]))
 
     print(f"\ntest split ({len(yte)} photos); T by each rule; floor: the ECE a perfectly calibrated model with the "
           f"same confidences shows on this many photos")

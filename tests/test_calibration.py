@@ -523,3 +523,20 @@ def test_per_species_arrays_whose_directions_do_not_match_the_classes_are_refuse
     d["arrays"]["basis"] = cal._encode(basis[:-1])
     with pytest.raises(UserError, match="'arrays.basis' must hold 16 directions for each of the 4 classes"):
         cal.Calibration.from_dict(d, where="model.pth")
+
+
+def test_a_shared_mahalanobis_calibration_as_earlier_versions_stored_it_scores_as_before():
+    """Checkpoints and ONNX files calibrated with the shared covariance keep loading and answering the
+    same, whatever the default score: the stored form written out by hand, the distance worked by hand."""
+    stored = {"version": 1, "temperature": 1.5, "method": "mahalanobis", "threshold": 1.2, "rule": "by hand",
+              "arrays": {"means": {"dtype": "float16", "shape": [2, 3], "data": "ADwAAAAAAAAAPAAA"},  # e0, e1
+                         "basis": {"dtype": "float16", "shape": [1, 3], "data": "AAAAAAA8"},  # e2
+                         "variances": {"dtype": "float16", "shape": [1], "data": "ADg="},  # 0.5
+                         "rest": {"dtype": "float16", "shape": [], "data": "ADQ="}}}  # 0.25
+    c = cal.Calibration.from_dict(stored, num_classes=2, feature_dim=3)
+    # (1, 0, 1) / sqrt 2 to class 0's mean: |x - m|^2 = 2 - sqrt 2, over rest 0.25, plus 0.5 (1 / 0.5 - 1 / 0.25)
+    # along e2; class 1's is farther (7).
+    d2 = (2 - np.sqrt(2)) / 0.25 - 1
+    assessed = c.assess(np.zeros((2, 2)), np.array([[1.0, 0, 1], [0, 0, 1]]))
+    assert assessed.scores[0] == pytest.approx(np.sqrt(d2), rel=1e-4)  # 1.159: kept
+    assert list(assessed.unknown) == [False, True]  # (0, 0, 1): sqrt(8 - 2) = 2.45 from both
