@@ -16,6 +16,10 @@ scored by a fit on the other folds alone (`cross_fitted_scores`), so that it sco
 photo would. For Mahalanobis the folds share one scatter matrix, downdated per fold, and each fit
 takes only the top MAX_RANK eigenvectors of its covariance; per species, the top SPECIES_RANK of
 each species' own.
+
+The module is long because every score's fit, cross-fit and scoring live in this one numpy module,
+which the torch-free ONNX app imports; the near_far section (its last part) could move to a module
+of its own.
 """
 from __future__ import annotations
 
