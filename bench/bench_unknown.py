@@ -328,17 +328,6 @@ def fit_centred(x: np.ndarray, y: np.ndarray) -> dict:
     return {"mean": mean, "bank": unk._unit(unk._unit(x) - mean), "k": np.array(1)}
 
 
-def fit_per_species(x: np.ndarray, y: np.ndarray, rank: int = 16) -> list[dict]:
-    """Mahalanobis arrays of each species' photos alone: one shrunk covariance per species."""
-    return [unk.fit_feature_arrays("mahalanobis", x[y == c], np.zeros(int((y == c).sum()), dtype=np.int64),
-                                   max_rank=rank) for c in np.unique(y)]
-
-
-def per_species_distance(x: np.ndarray, arrays: list[dict]) -> np.ndarray:
-    """The distance to the nearest species, each under its own covariance."""
-    return np.min([unk.feature_score("mahalanobis", x, a) for a in arrays], axis=0)
-
-
 def centred_knn(x: np.ndarray, arrays: dict) -> np.ndarray:
     return unk.feature_score("knn", unk._unit(x) - arrays["mean"], arrays)
 
@@ -382,8 +371,9 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
     for method in unk.LOGIT_METHODS:
         out[method] = {"crossed": unk.logit_score(method, a["crossed"], t),
                        **{s: unk.logit_score(method, a[f"{s}_logits"], t) for s in SETS}}
-    feature = {"mahalanobis": (lambda x, y: unk.fit_feature_arrays("mahalanobis", x, y),
-                               lambda x, arr: unk.feature_score("mahalanobis", x, arr)),
+    package = {m: (lambda x, y, m=m: unk.fit_feature_arrays(m, x, y), lambda x, arr, m=m: unk.feature_score(m, x, arr))
+               for m in ("mahalanobis", unk.SPECIES)}
+    feature = {**package,
                "rel_mahalanobis": (fit_relative, relative_score),
                "cosine": (lambda x, y: unk.fit_feature_arrays("cosine", x, y),
                           lambda x, arr: unk.feature_score("cosine", x, arr))}
@@ -392,7 +382,7 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
                               lambda x, arr: unk.feature_score("knn", x, arr))
     for name, (fit, score) in feature.items():
         arrays = fit(x, y)
-        crossed = (unk.cross_fitted_scores(name, x, y, fold) if name == "mahalanobis"  # the package's, faster
+        crossed = (unk.cross_fitted_scores(name, x, y, fold) if name in package  # the package's, faster
                    else crossfit(fit, score, x, y, fold))
         out[name] = {"crossed": crossed, **{s: score(a[f"{s}_x"], arrays) for s in SETS}}
     logits = {"crossed": a["crossed"], **{s: a[f"{s}_logits"] for s in SETS}}
@@ -411,8 +401,8 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
         out[f"near_far (far share {share:.1%})"] = {"crossed": full, **{s: np.maximum(*parts[s]) for s in SETS},
                                                     "far_part": {s: parts[s][1] for s in SETS}}
-    fit = {"vim": fit_principal, "knn1 centred": fit_centred, "mahalanobis per species": fit_per_species}
-    score = {"vim": residual_norm, "knn1 centred": centred_knn, "mahalanobis per species": per_species_distance}
+    fit = {"vim": fit_principal, "knn1 centred": fit_centred}
+    score = {"vim": residual_norm, "knn1 centred": centred_knn}
     for name in fit:
         arrays = fit[name](x, y)
         out[name] = {"crossed": crossfit(fit[name], score[name], x, y, fold),
@@ -543,6 +533,8 @@ def main(argv=None) -> int:
                    help="only the leave-species-out study: each species held out of training in turn, scored as unknown")
     p.add_argument("--arrays_dir", type=Path, default=None,
                    help="--leave_species_out: keep each run's logits and features here and reuse them")
+    p.add_argument("--per_seed", nargs="+", default=[], choices=cal.METHODS, metavar="SCORE",
+                   help="also print each seed's figures for these scores (paired: the same heads and halves)")
     p.add_argument("--held_out", type=int, nargs="+", default=None,
                    help="--leave_species_out: only these species (0-based, in folder order; default all)")
     args = p.parse_args(argv)
@@ -604,6 +596,10 @@ def main(argv=None) -> int:
               + " ".join(f"{100 * r['rejected']:.0f}%" for r in runs[rule]["mahalanobis"]))
         for name in goals:
             print(f"  {name}, threshold with the tuning half (seed 0): {rules[rule, name]}")
+        for name in args.per_seed:
+            print(f"  {name} per seed, AUROC / held-out negatives caught / all caught / test species rejected: "
+                  + "; ".join(f"{r['AUROC']:.4f} {100 * r['caught']:.1f}% {100 * r['all']:.1f}% "
+                              f"{100 * r['rejected']:.1f}%" for r in runs[rule][name]))
 
     print(f"\ntest split ({len(yte)} photos); T by each rule; floor: the ECE a perfectly calibrated model with the "
           f"same confidences shows on this many photos")

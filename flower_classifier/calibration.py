@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError
-from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, NEAR_FAR,
+from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, NEAR_FAR, SPECIES,
                       choose_threshold, covered, cross_fitted_scores, feature_score, fit_feature_arrays, fit_near_far,
                       log_softmax, logit_score, near_far_parts, softmax)
 
@@ -225,6 +225,9 @@ class Calibration:
                                            f"{sizes[letter]} (the model's or another array's)")
             if arrays[name].dtype.kind == "f" and (shape and min(shape) == 0):
                 fail(f"arrays.{name}", "is empty")
+        if d["method"] == SPECIES and sizes["S"] != sizes["C"] * sizes["R"]:
+            fail("arrays.basis", f"must hold {sizes['R']} directions for each of the {sizes['C']} classes "
+                                 f"(got {sizes['S']} rows)")
         positive = [n for n in ("variances", "rest", "k", "spread", "far_scale")
                     if n in arrays and not (arrays[n] > 0).all()]
         if positive:
@@ -235,8 +238,10 @@ class Calibration:
                    None if kept is None else float(kept))
 
 
-# The dimensions of each method's arrays: C classes, D feature size, R kept directions, M stored photos.
+# The dimensions of each method's arrays: C classes, D feature size, R kept directions, M stored photos,
+# S = C * R directions of all classes.
 _SHAPES = {"mahalanobis": {"means": "CD", "basis": "RD", "variances": "R", "rest": ""},
+           SPECIES: {"means": "CD", "basis": "SD", "variances": "CR", "rest": "C"},
            "cosine": {"directions": "CD"}, "knn": {"bank": "MD", "k": ""}}
 _SHAPES[NEAR_FAR] = {**_SHAPES["mahalanobis"], "centre": "C", "spread": "C", "near_cut": "", "far_cut": "",
                      "far_scale": ""}

@@ -64,7 +64,7 @@ THREADS = Number(int, 1, 1024)  # --threads: compute threads of a process
 ENGINES = ("auto", "torch", "onnx")
 SCHEDULES = ("constant", "onecycle", "cosine")  # `training.lr_multiplier` draws each
 # How unlike the training species a photo is (see `calibration`): from the logits, then from the features.
-UNKNOWN_SCORES = ("msp", "energy", "max_logit", "mahalanobis", "cosine", "knn", "near_far")
+UNKNOWN_SCORES = ("msp", "energy", "max_logit", "mahalanobis", "mahalanobis_species", "cosine", "knn", "near_far")
 KEEP = 0.95  # share of species photos the unknown threshold keeps, by default
 
 

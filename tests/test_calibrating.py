@@ -79,7 +79,7 @@ def _clustered(per_class: dict[str, int], dim: int = 8, seed: int = 3):
     return out
 
 
-@pytest.mark.parametrize("method", ["mahalanobis", "msp"])
+@pytest.mark.parametrize("method", ["mahalanobis", "mahalanobis_species", "msp"])
 def test_a_large_valid_split_calibrates_alone_and_its_threshold_keeps_the_chosen_share(monkeypatch, method):
     trained = []
     monkeypatch.setattr(calibrating, "train_one_epoch", lambda *a, **k: trained.append(1))
@@ -94,7 +94,7 @@ def test_a_large_valid_split_calibrates_alone_and_its_threshold_keeps_the_chosen
     kept = (calibration.scores(valid_logits, splits["valid"][0]) <= calibration.threshold).mean()
     assert kept == pytest.approx(0.9, abs=1 / (3 * per)) and calibration.kept == pytest.approx(kept)
     assert calibration.temperature == pytest.approx(fit_temperature(valid_logits, splits["valid"][1]))
-    if method == "mahalanobis":  # class means from the train photos alone: the valid ones score as unseen
+    if method.startswith("mahalanobis"):  # class means from the train photos alone: the valid ones score as unseen
         norm = splits["train"][0] / np.linalg.norm(splits["train"][0], axis=1, keepdims=True)
         means = np.stack([norm[splits["train"][1] == c].mean(0) for c in range(3)])
         np.testing.assert_allclose(calibration.arrays["means"], means, atol=2e-3)  # stored as float16

@@ -415,3 +415,128 @@ def test_from_dict_refuses_damaged_near_far_values(field):
     cal.Calibration.from_dict(good, num_classes=4, feature_dim=32)
     with pytest.raises(UserError, match=rf"model.pth: calibration field '{field}'"):
         cal.Calibration.from_dict(damaged(good, NEAR_FAR_DAMAGE[field]), where="model.pth", num_classes=4)
+
+
+# ---------------------------------------------------------------- one covariance per species
+
+def stretched_species(rng, n: int = 400, d: int = 16):
+    """Two species far out along axes 0 and 1, each stretched along its own axis (2 and 3), narrow elsewhere;
+    and photos at species 0's place stretched along species 1's axis instead: unlike any species."""
+    def draw(species, stretch_axis, count):
+        x = rng.normal(size=(count, d)) * 0.1
+        x[:, species] += 30
+        x[:, stretch_axis] += rng.normal(size=count) * 5
+        return x
+    x = np.concatenate([draw(0, 2, n), draw(1, 3, n)])
+    own = np.concatenate([draw(0, 2, 100), draw(1, 3, 100)])
+    return x, np.repeat([0, 1], n), own, draw(0, 3, 100)
+
+
+def test_each_species_own_covariance_calls_a_photo_stretched_the_wrong_way_unknown():
+    """The shared covariance is stretched along both axes, half as much: a photo at species 0's place
+    but stretched along species 1's axis looks as usual to it as species 0's own photos do; each
+    species' own covariance knows species 0 is narrow there."""
+    x, y, own, odd = stretched_species(np.random.default_rng(30))
+    shared, per_species = (unk.fit_feature_arrays(m, x, y) for m in ("mahalanobis", unk.SPECIES))
+    assert per_species["basis"].shape == (2 * unk.SPECIES_RANK, 16) and per_species["variances"].shape == (2, 16)
+    # The shared covariance treats both stretched axes alike: it cannot tell the odd photos (AUROC about 0.5).
+    assert unk.auroc(unk.feature_score("mahalanobis", own, shared), unk.feature_score("mahalanobis", odd, shared)) < 0.65
+    assert unk.auroc(unk.feature_score(unk.SPECIES, own, per_species),
+                     unk.feature_score(unk.SPECIES, odd, per_species)) > 0.8
+
+
+@pytest.mark.parametrize("photos", [1, 2, 3])
+def test_a_species_of_few_photos_borrows_the_shared_covariance(photos):
+    """One or two photos span no direction of their own (their Ledoit-Wolf covariance is nearly 0):
+    alone, they would call every fresh photo of their species unknown. Mixed with the shared covariance
+    (the weight of SPECIES_PRIOR photos), fresh photos of it score about as under the shared one, and
+    a species of 3 photos stays within a factor 2 of it."""
+    x, y, own, _ = stretched_species(np.random.default_rng(31))
+    away = np.eye(16)[4] * 30  # a third species, shaped like species 0, somewhere else
+    xs, ys = np.concatenate([x, x[:photos] + away]), np.r_[y, [2] * photos]
+    fresh = own[:100] + away
+    shared = unk.fit_feature_arrays("mahalanobis", xs, ys)
+    per_species = unk.fit_feature_arrays(unk.SPECIES, xs, ys)
+    assert np.isfinite(per_species["variances"]).all() and (per_species["rest"] > 0).all()
+    ratio = np.median(unk.feature_score(unk.SPECIES, fresh, per_species) / unk.feature_score("mahalanobis", fresh, shared))
+    alone = unk._per_species(unk._unit(xs).astype(np.float64), ys, shared, prior=0)  # without the shared part
+    ratio_alone = np.median(unk.feature_score(unk.SPECIES, fresh, alone)
+                            / unk.feature_score("mahalanobis", fresh, shared))
+    if photos < 3:
+        assert 0.8 < ratio < 1.25 and ratio_alone > 5
+    else:
+        assert 0.5 < ratio < 2
+
+
+def dense_species_distance(x: np.ndarray, y: np.ndarray, probe: np.ndarray, *, max_rank: int) -> np.ndarray:
+    """mahalanobis_species by dense (D, D) matrices: each species' Ledoit-Wolf covariance mixed with the
+    shared one, its top SPECIES_RANK eigenpairs kept and the mean of the other eigenvalues for the rest."""
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    p = probe / np.linalg.norm(probe, axis=1, keepdims=True)
+    d = x.shape[1]
+    shared = unk.fit_feature_arrays("mahalanobis", x, y, max_rank=max_rank)
+    b, rest = shared["basis"].astype(np.float64), float(shared["rest"])
+    target = rest * np.eye(d) + b.T @ np.diag(shared["variances"] - rest) @ b
+    d2 = []
+    for c in range(y.max() + 1):
+        mean = u[y == c].mean(0)
+        r = u[y == c] - mean
+        n = len(r)
+        cov = r.T @ r / n
+        mu = np.trace(cov) / d
+        spread = (cov ** 2).sum() - d * mu ** 2
+        noise = ((np.linalg.norm(r, axis=1) ** 4).sum() / n - (cov ** 2).sum()) / n
+        shrink = 1.0 if spread <= 0 else min(max(noise, 0) / spread, 1)
+        a = unk.SPECIES_PRIOR / (n + unk.SPECIES_PRIOR)
+        mixed = (1 - a) * ((1 - shrink) * cov + shrink * mu * np.eye(d)) + a * target
+        values, vectors = np.linalg.eigh(mixed)
+        k = min(unk.SPECIES_RANK, d)
+        top, others = vectors[:, -k:], values[:-k].mean() if k < d else 1.0
+        precision = top @ np.diag(1 / values[-k:]) @ top.T + (np.eye(d) - top @ top.T) / others
+        d2.append(np.einsum("nd,de,ne->n", p - mean, precision, p - mean))
+    return np.sqrt(np.min(d2, axis=0))
+
+
+@pytest.mark.parametrize("dim", [80, 12])  # few photos and directions: from the (n + R, n + R) side; many: (D, D)
+def test_per_species_fit_equals_the_dense_computation(dim):
+    rng = np.random.default_rng(33)
+    y = np.repeat([0, 1, 2], [10, 14, 3])
+    x = rng.normal(size=(3, dim))[y] * 3 + rng.normal(size=(len(y), dim)) * np.linspace(2, 0.2, dim)
+    probe = rng.normal(size=(3, dim))[[0, 1, 2, 0]] * 3 + rng.normal(size=(4, dim))
+    arrays = unk.fit_feature_arrays(unk.SPECIES, x, y, max_rank=8)
+    np.testing.assert_allclose(unk.feature_score(unk.SPECIES, probe, arrays),
+                               dense_species_distance(x, y, probe, max_rank=8), rtol=2e-3)
+
+
+def test_per_species_cross_fitted_scores_are_those_of_a_fit_without_the_photo():
+    x, y, *_ = stretched_species(np.random.default_rng(32), n=40)
+    fold = unk.stratified_folds(y, 4)
+    scores = unk.cross_fitted_scores(unk.SPECIES, x, y, fold)
+    held = fold == 1
+    alone = unk.fit_feature_arrays(unk.SPECIES, x[~held], y[~held])
+    np.testing.assert_allclose(scores[held], unk.feature_score(unk.SPECIES, x[held], alone), rtol=1e-3)
+
+
+def test_per_species_arrays_whose_directions_do_not_match_the_classes_are_refused():
+    d = fitted(unk.SPECIES).to_dict()
+    basis = cal._decode(d["arrays"]["basis"])
+    d["arrays"]["basis"] = cal._encode(basis[:-1])
+    with pytest.raises(UserError, match="'arrays.basis' must hold 16 directions for each of the 4 classes"):
+        cal.Calibration.from_dict(d, where="model.pth")
+
+
+def test_a_shared_mahalanobis_calibration_as_earlier_versions_stored_it_scores_as_before():
+    """Checkpoints and ONNX files calibrated with the shared covariance keep loading and answering the
+    same, whatever the default score: the stored form written out by hand, the distance worked by hand."""
+    stored = {"version": 1, "temperature": 1.5, "method": "mahalanobis", "threshold": 1.2, "rule": "by hand",
+              "arrays": {"means": {"dtype": "float16", "shape": [2, 3], "data": "ADwAAAAAAAAAPAAA"},  # e0, e1
+                         "basis": {"dtype": "float16", "shape": [1, 3], "data": "AAAAAAA8"},  # e2
+                         "variances": {"dtype": "float16", "shape": [1], "data": "ADg="},  # 0.5
+                         "rest": {"dtype": "float16", "shape": [], "data": "ADQ="}}}  # 0.25
+    c = cal.Calibration.from_dict(stored, num_classes=2, feature_dim=3)
+    # (1, 0, 1) / sqrt 2 to class 0's mean: |x - m|^2 = 2 - sqrt 2, over rest 0.25, plus 0.5 (1 / 0.5 - 1 / 0.25)
+    # along e2; class 1's is farther (7).
+    d2 = (2 - np.sqrt(2)) / 0.25 - 1
+    assessed = c.assess(np.zeros((2, 2)), np.array([[1.0, 0, 1], [0, 0, 1]]))
+    assert assessed.scores[0] == pytest.approx(np.sqrt(d2), rel=1e-4)  # 1.159: kept
+    assert list(assessed.unknown) == [False, True]  # (0, 0, 1): sqrt(8 - 2) = 2.45 from both

@@ -317,18 +317,20 @@ def test_cross_fitted_logits_come_from_heads_that_never_saw_the_photo():
     np.testing.assert_array_equal(cross_fitted_logits(config, 60, x, labels, 3, stratified_folds(labels)), crossed)
 
 
-def test_near_far_is_fitted_by_training_stored_in_checkpoint_and_onnx_and_answers_alike(tmp_path):
-    """--unknown_score near_far end to end: fitted after training (with negatives), validated on load from
-    the checkpoint and from ONNX metadata, the same scores and kinds from both backends."""
-    data = make_dataset(tmp_path / "flowers", CLASSES, per_split={"train": 5, "valid": 4, "test": 1})
+@pytest.mark.parametrize("method, train", [("near_far", 5), ("mahalanobis_species", 3)])
+def test_a_score_is_fitted_by_training_stored_in_checkpoint_and_onnx_and_answers_alike(tmp_path, method, train):
+    """--unknown_score near_far or mahalanobis_species end to end: fitted after training (with negatives;
+    per species from 3 training photos each), validated on load from the checkpoint and from ONNX
+    metadata, the same scores and kinds from both backends."""
+    data = make_dataset(tmp_path / "flowers", CLASSES, per_split={"train": train, "valid": 4, "test": 1})
     config = TrainConfig(arch="tiny", hidden_units=(16,), epochs=2, num_workers=0, learning_rate=0.01,
-                         unknown_score="near_far")
+                         unknown_score=method)
     lines = []
     result = run_training(config, data, save_dir=tmp_path / "ck", negatives=make_negatives(tmp_path / "neg"),
                           progress=False, log=lines.append)
-    assert any("unknown when the near_far score is above" in line for line in lines)
+    assert any(f"unknown when the {method} score is above" in line for line in lines)
     calibration = load_checkpoint(result.best_path).calibration
-    assert calibration.method == "near_far" and calibration.kept >= 0.95
+    assert calibration.method == method and calibration.kept >= 0.95
     assert f"refuses {1 - calibration.kept:.0%} of photos of its own species" in calibration.refusal()
     onnx_path = export_onnx(result.best_path, tmp_path / "m.onnx")
     from_onnx = load_predictor(onnx_path).calibration
