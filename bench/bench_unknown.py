@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from flower_classifier import calibration as cal, unknown as unk  # noqa: E402
+from flower_classifier import calibration as cal, near_far, unknown as unk  # noqa: E402
 from flower_classifier.calibrating import cross_fitted_logits  # noqa: E402
 from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
@@ -390,15 +390,15 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         # standardized by the predicted class's cross-fitted scores (what near_far's near part does)
         raw = {k: -np.diff(np.sort(v / t, 1)[:, -2:], axis=1)[:, 0] if base == "margin" else out[base][k]
                for k, v in logits.items()}
-        centre, spread = unk.standardization(raw["crossed"][inside], a["crossed"][inside].argmax(1),
+        centre, spread = near_far.standardization(raw["crossed"][inside], a["crossed"][inside].argmax(1),
                                              a["crossed"].shape[1])
         out[f"std_{base}"] = {k: (v - centre[logits[k].argmax(1)]) / spread[logits[k].argmax(1)] for k, v in raw.items()}
-    for share in (0.01, unk.FAR_SHARE, 0.02):
-        arrays, crossed = unk.fit_near_far(a["crossed"], y, fold, x, t, far_share=share,
+    for share in (0.01, near_far.FAR_SHARE, 0.02):
+        arrays, crossed = near_far.fit_near_far(a["crossed"], y, fold, x, t, far_share=share,
                                            distance=out["mahalanobis"]["crossed"])
         full = np.full(len(y), np.nan)
         full[inside] = crossed
-        parts = {s: unk.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
+        parts = {s: near_far.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays) for s in SETS}
         out[f"near_far (far share {share:.1%})"] = {"crossed": full, **{s: np.maximum(*parts[s]) for s in SETS},
                                                     "far_part": {s: parts[s][1] for s in SETS}}
     fit = {"vim": fit_principal, "knn1 centred": fit_centred}

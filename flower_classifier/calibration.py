@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import UserError
+from .near_far import fit_near_far, near_far_parts
 from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, NEAR_FAR, SPECIES,
-                      choose_threshold, covered, cross_fitted_scores, feature_score, fit_feature_arrays, fit_near_far,
-                      log_softmax, logit_score, near_far_parts, softmax)
+                      choose_threshold, covered, cross_fitted_scores, feature_score, fit_feature_arrays,
+                      log_softmax, logit_score, softmax)
 
 ECE_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)

@@ -17,9 +17,7 @@ photo would. For Mahalanobis the folds share one scatter matrix, downdated per f
 takes only the top MAX_RANK eigenvectors of its covariance; per species, the top SPECIES_RANK of
 each species' own.
 
-The module is long because every score's fit, cross-fit and scoring live in this one numpy module,
-which the torch-free ONNX app imports; the near_far section (its last part) could move to a module
-of its own.
+The near_far score's own parts (its standardized logit gap and its two cuts) are in `near_far.py`.
 """
 from __future__ import annotations
 
@@ -33,9 +31,6 @@ from .errors import UserError
 LOGIT_METHODS, FEATURE_METHODS = METHODS[:3], METHODS[3:]  # "near_far" needs both, and counts as a feature score
 NEAR_FAR = "near_far"
 SPECIES = "mahalanobis_species"  # Mahalanobis with one covariance per species
-# Share of the species' own photos the far part may refuse (the near part has the rest of 1 - keep):
-# leaving each species out (bench_unknown.py --leave_species_out) 1.5% caught 97% of non-flowers, 1% 93%.
-FAR_SHARE = 0.015
 
 MAX_RANK = 64  # covariance directions kept for Mahalanobis; the rest share one variance
 # mahalanobis_species: directions kept per species (leaving each species out, own covariances alone:
@@ -395,85 +390,3 @@ def detection_metrics(species_scores: np.ndarray, species_correct: np.ndarray, n
             "species_rejected": float((~accepted).mean()),
             "accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan"),
             "accuracy": float(correct.mean())}
-
-
-# ---------------------------------------------------------------- near and far: both kinds at once
-
-def standardization(scores: np.ndarray, predicted: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(centre (C,), spread (C,)): the mean and standard deviation of the scores of the photos
-    predicted as each class (fewer than two: all photos'), the spread floored above 0."""
-    scores, predicted = np.asarray(scores, dtype=np.float64), np.asarray(predicted)
-    centre, spread = np.full(classes, scores.mean()), np.full(classes, scores.std())
-    for c in (c for c in range(classes) if (predicted == c).sum() >= 2):
-        centre[c], spread[c] = scores[predicted == c].mean(), scores[predicted == c].std()
-    return centre, np.maximum(spread, max(1e-3 * float(scores.std()), 1e-6))
-
-
-def near_base(logits: np.ndarray, temperature: float) -> np.ndarray:
-    """(N, C) -> (N,) minus the gap of the top two logits / T (leaving species out: 27% caught, energy 22%)."""
-    top = np.sort(np.asarray(logits, dtype=np.float64) / temperature, axis=1)[:, -2:]
-    return top[:, 0] - top[:, 1]
-
-
-def near_score(logits: np.ndarray, temperature: float, centre: np.ndarray, spread: np.ndarray) -> np.ndarray:
-    """(N, C) logits -> (N,) `near_base` in standard deviations above the mean of the photos predicted
-    as the same class (standardized max-logit, Jung et al. 2021, on the top-two gap)."""
-    predicted = np.asarray(logits).argmax(1)
-    return (near_base(logits, temperature) - centre[predicted]) / spread[predicted]
-
-
-def near_far_parts(logits: np.ndarray, features: np.ndarray, temperature: float,
-                   arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(near (N,), far (N,)): both on the near part's scale, the score is their maximum."""
-    return (near_score(logits, temperature, arrays["centre"], arrays["spread"]),
-            _far_part(feature_score("mahalanobis", features, arrays), arrays))
-
-
-def _far_part(distance: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """The Mahalanobis distance past its cut in units of `far_scale`, plus the near cut: above the
-    near cut exactly when the distance is above its own."""
-    return float(arrays["near_cut"]) + (distance - float(arrays["far_cut"])) / float(arrays["far_scale"])
-
-
-def fit_near_far(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, features: np.ndarray,
-                 temperature: float, *, keep: float = KEEP, far_share: float = FAR_SHARE,
-                 max_rank: int = MAX_RANK, distance: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The near_far arrays and the cross-fitted scores of the photos whose class is in other folds.
-
-    logits (N, C): cross-fitted; features (N, D); `distance` (N,): their cross-fitted Mahalanobis
-    scores when already at hand (`cross_fitted_scores`, with the same folds). The far cut keeps all but `far_share` of the
-    cross-fitted Mahalanobis distances (at most half of 1 - keep); the near cut is the lowest that,
-    with it, keeps `keep` of the photos. The Mahalanobis arrays come from all photos."""
-    labels, fold = np.asarray(labels), np.asarray(fold)
-    inside = covered(labels, fold)
-    logits = np.asarray(logits, dtype=np.float64)[inside]
-    # Every array at the precision it is stored in (float16), the cuts rounded up, so that the scores
-    # here are those a saved calibration gives and the cuts keep at least what they should.
-    centre, spread = (_as16(a) for a in standardization(near_base(logits, temperature),
-                                                        logits.argmax(1), logits.shape[1]))
-    near = near_score(logits, temperature, centre, spread)
-    if distance is None:
-        distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
-    distance = np.asarray(distance)[inside]
-    share = min(far_share, (1 - keep) / 2)
-    far_cut = _up16(np.sort(distance)[max(math.ceil((1 - share) * len(distance)) - 1, 0)])
-    within = distance <= far_cut
-    # The lowest near cut keeping `keep` of all photos, those beyond the far cut counted as refused.
-    candidates = np.sort(near[within])
-    near_cut = _up16(candidates[min(max(math.ceil(keep * len(near)), 1), len(candidates)) - 1])
-    far_scale = _as16(max(float(distance.std()), 1e-3))
-    arrays = {**{name: _as16(a) for name, a in fit_feature_arrays("mahalanobis", features, labels,
-                                                                   max_rank=max_rank).items()},
-              "centre": centre, "spread": spread, "near_cut": near_cut, "far_cut": far_cut, "far_scale": far_scale}
-    return arrays, np.maximum(near, _far_part(distance, arrays))
-
-
-def _as16(value) -> np.ndarray:
-    """float32 holding float16 values: what a stored calibration gives back."""
-    return np.asarray(value, dtype=np.float16).astype(np.float32)
-
-
-def _up16(value: float) -> np.ndarray:
-    """`value` rounded up to a float16: a cut rounded down would keep fewer photos than asked."""
-    r = np.float16(value)
-    return _as16(np.nextafter(r, np.float16(np.inf)) if r < value else r)

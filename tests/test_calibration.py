@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from flower_classifier import calibration as cal, plots, unknown as unk
+from flower_classifier import calibration as cal, near_far, plots, unknown as unk
 from flower_classifier.errors import UserError
 
 
@@ -370,25 +370,25 @@ def test_near_far_keeps_the_asked_share_and_gives_the_far_part_its_budget():
     (x, logits, y), *_ = flowers_and_others(np.random.default_rng(21))
     fold = unk.stratified_folds(y)
     temperature = cal.fit_temperature(logits, y)
-    arrays, scores = unk.fit_near_far(logits, y, fold, x, temperature, keep=0.9, far_share=0.02)
+    arrays, scores = near_far.fit_near_far(logits, y, fold, x, temperature, keep=0.9, far_share=0.02)
     assert 0.9 <= (scores <= arrays["near_cut"]).mean() < 0.9 + 1.5 / len(y)
     distance = unk.cross_fitted_scores("mahalanobis", x, y, fold)
     assert (distance > arrays["far_cut"]).mean() == pytest.approx(0.02, abs=1.5 / len(y))
     # With keep 1 nothing of its own is refused, and the far part gets none of the (empty) budget.
-    arrays, scores = unk.fit_near_far(logits, y, fold, x, temperature, keep=1.0)
+    arrays, scores = near_far.fit_near_far(logits, y, fold, x, temperature, keep=1.0)
     assert (scores <= arrays["near_cut"]).all()
 
 
 def test_near_score_is_standardized_by_the_predicted_class():
     logits = np.array([[4.0, 0], [6, 0], [0, 1], [0, 3], [0, 5]])
-    raw = unk.near_base(logits, 1.0)
+    raw = near_far.near_base(logits, 1.0)
     assert raw[0] == -4 and raw[3] == -3  # minus the gap between the two largest logits
-    centre, spread = unk.standardization(raw, logits.argmax(1), 3)
+    centre, spread = near_far.standardization(raw, logits.argmax(1), 3)
     assert centre[0] == pytest.approx(raw[:2].mean()) and spread[1] == pytest.approx(raw[2:].std())
     assert centre[2] == pytest.approx(raw.mean())  # never predicted: all photos' figures
-    z = unk.near_score(logits, 1.0, centre, spread)
+    z = near_far.near_score(logits, 1.0, centre, spread)
     assert z[:2].mean() == pytest.approx(0) and z[2:].std() == pytest.approx(1)
-    same = unk.standardization(np.ones(4), np.zeros(4, dtype=int), 1)[1]
+    same = near_far.standardization(np.ones(4), np.zeros(4, dtype=int), 1)[1]
     assert np.isfinite(same).all() and (same > 0).all()  # identical scores divide by a floor, not by 0
 
 
