@@ -1,0 +1,107 @@
+"""Does fine-tuning help the unknown answer with flowers of other species? Leave one species out,
+with whole training runs of a recipe, and score what each run's own checkpoint answers.
+
+    python bench/bench_unknown_recipe.py ../shared/data/flower_photos_2k --negatives ../shared/data/not_flowers \
+        --recipes plain best --cache_dir /tmp/acc2/cache --work_dir /tmp/lsoft
+
+For each species in turn, a folder of the other species (links, all three splits) is trained as
+`train.py --recipe R` trains it, so the checkpoint's own calibration (its unknown score, fitted on
+fine-tuned features when the recipe fine-tunes, and its threshold) is what is measured. Then, at
+that threshold: the held-out species' photos (all its splits) called unknown, the negatives called
+unknown, the known species' test photos kept; AUROC of the held-out species and of the negatives
+against the known test photos, for the checkpoint's score and for energy and the largest logit
+(after its temperature). `bench_unknown.py --leave_species_out` surveys many scores on one frozen
+head's cached outputs; this one measures what a user's run gives, fine-tuned blocks included, so it
+trains for real (about one `--recipe best` run per species: minutes each on a CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from flower_classifier import evaluation, unknown  # noqa: E402
+from flower_classifier.config import RECIPES, TrainConfig  # noqa: E402
+from flower_classifier.data import PhotoList, eval_transform, find_classes, split_dir  # noqa: E402
+from flower_classifier.datacheck import negative_photos  # noqa: E402
+from flower_classifier.images import list_photos  # noqa: E402
+from flower_classifier.predictor import load_predictor  # noqa: E402
+from flower_classifier.training import run_training  # noqa: E402
+
+SPLITS = ("train", "valid", "test")
+FIGURES = ("own kept", "other caught", "negatives caught", "AUROC other", "AUROC negatives",
+           "AUROC other, energy", "AUROC other, max logit", "test top-1")
+
+
+def without(data: Path, held: str, folder: Path) -> Path:
+    """`folder` made (once) as `data` without the species `held`: a link per species and split."""
+    for split in SPLITS:
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        for name in find_classes(data / split):
+            if name != held and not (folder / split / name).exists():
+                os.symlink((data / split / name).resolve(), folder / split / name)
+    return folder
+
+
+def measure(checkpoint: Path, known: Path, held_photos: list[Path], negatives: list[Path]) -> dict:
+    predictor = load_predictor(checkpoint)
+    cal = predictor.calibration
+    transform = eval_transform(predictor.preprocessing)
+    own = evaluation.model_outputs(predictor.model, evaluation.split_dataset(known / "test", predictor))
+    other, neg = (evaluation.model_outputs(predictor.model, PhotoList([(p, -1) for p in photos], transform))
+                  for photos in (held_photos, negatives))
+    s_own, s_other, s_neg = (cal.scores(o.logits, o.features) for o in (own, other, neg))
+    by_logits = {m: [unknown.logit_score(m, o.logits, cal.temperature) for o in (own, other)]
+                 for m in ("energy", "max_logit")}
+    return {"own kept": float((s_own <= cal.threshold).mean()),
+            "other caught": float((s_other > cal.threshold).mean()),
+            "negatives caught": float((s_neg > cal.threshold).mean()),
+            "AUROC other": unknown.auroc(s_own, s_other), "AUROC negatives": unknown.auroc(s_own, s_neg),
+            "AUROC other, energy": unknown.auroc(*by_logits["energy"]),
+            "AUROC other, max logit": unknown.auroc(*by_logits["max_logit"]),
+            "test top-1": float((own.logits.argmax(1) == own.targets).mean()), "score": cal.method}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--negatives", type=Path, required=True, help="photos that are none of the species")
+    p.add_argument("--recipes", nargs="+", default=["plain", "best"], choices=list(RECIPES))
+    p.add_argument("--arch", default="efficientnet_lite0")
+    p.add_argument("--cache_dir", default=None, help="feature cache shared by the runs")
+    p.add_argument("--work_dir", type=Path, required=True,
+                   help="the folders without each species and each run's checkpoints (a run found there is reused)")
+    args = p.parse_args()
+    species = find_classes(split_dir(args.data_dir, "train"))
+    negatives = negative_photos(args.negatives)
+    print(f"{len(species)} species, each left out in turn; {len(negatives)} negatives; recipes {args.recipes}")
+    for recipe in args.recipes:
+        config = TrainConfig.of_recipe(recipe, arch=args.arch)
+        rows = []
+        for held in species:
+            known = without(args.data_dir, held, args.work_dir / f"without-{held}")
+            save = args.work_dir / f"{recipe}-without-{held}"
+            start = time.perf_counter()
+            if not (save / "checkpoint.pth").exists():
+                run_training(config, known, save_dir=save, cache_dir=args.cache_dir, progress=False, log=lambda m: None)
+            seconds = time.perf_counter() - start
+            held_photos = [f for split in SPLITS for f in list_photos(args.data_dir / split / held)]
+            row = measure(save / "checkpoint.pth", known, held_photos, negatives)
+            rows.append(row)
+            print(f"  {recipe}, {held} left out ({seconds:.0f} s): {json.dumps(row)}", flush=True)
+        print(f"{recipe} (score {rows[0]['score']}), mean over the {len(rows)} species left out:")
+        for name in FIGURES:
+            values = [r[name] for r in rows]
+            print(f"  {name:24s} {statistics.mean(values):.3f}  ({min(values):.3f}-{max(values):.3f})")
+
+
+if __name__ == "__main__":
+    main()
