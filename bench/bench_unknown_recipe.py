@@ -77,10 +77,14 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=["plain", "best"], choices=list(RECIPES))
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--cache_dir", default=None, help="feature cache shared by the runs")
+    p.add_argument("--species", nargs="+", default=None, help="leave out only these (folder names; default every one)")
     p.add_argument("--work_dir", type=Path, required=True,
                    help="the folders without each species and each run's checkpoints (a run found there is reused)")
     args = p.parse_args()
     species = find_classes(split_dir(args.data_dir, "train"))
+    if unknown_names := sorted(set(args.species or []) - set(species)):
+        sys.exit(f"--species: no such species folder in {args.data_dir / 'train'}: {', '.join(unknown_names)}")
+    species = [s for s in species if args.species is None or s in args.species]
     negatives = negative_photos(args.negatives)
     print(f"{len(species)} species, each left out in turn; {len(negatives)} negatives; recipes {args.recipes}")
     for recipe in args.recipes:

@@ -21,3 +21,9 @@ def test_each_species_is_left_out_once_and_scored_by_its_own_run(tmp_path):
         assert sorted(p.name for p in (tmp_path / "w" / f"without-{TWELVE[0]}" / split).iterdir()) == sorted(TWELVE[1:3])
     assert (tmp_path / "w" / f"plain-without-{TWELVE[0]}" / "checkpoint.pth").is_file()
     assert "mean over the 3 species left out" in run.stdout and "AUROC other, energy" in run.stdout
+    # A run found in --work_dir is reused, and --species leaves out only those named.
+    again = subprocess.run([sys.executable, "bench/bench_unknown_recipe.py", str(data), "--negatives", str(tmp_path / "neg"),
+                            "--recipes", "plain", "--arch", "tiny", "--species", TWELVE[1],
+                            "--work_dir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("left out (") == 1 and f"plain, {TWELVE[1]} left out (0 s)" in again.stdout
