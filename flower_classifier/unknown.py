@@ -214,7 +214,8 @@ def _per_species(x: np.ndarray, labels: np.ndarray, shared: dict[str, np.ndarray
 
 
 def feature_score(method: str, features: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """(N, D) features -> (N,) scores by "mahalanobis", "cosine" or "knn" (see `fit_feature_arrays`)."""
+    """(N, D) features -> (N,) scores by "mahalanobis", "mahalanobis_species", "cosine" or "knn" (see
+    `fit_feature_arrays`)."""
     x = _unit(features).astype(np.float64 if method == "mahalanobis" else np.float32)
     if method == "cosine":
         return 1.0 - (x @ arrays["directions"].T).max(1)
@@ -222,20 +223,18 @@ def feature_score(method: str, features: np.ndarray, arrays: dict[str, np.ndarra
         similarity = x @ arrays["bank"].T  # (N, M)
         k = int(arrays["k"])
         return 1.0 - np.partition(similarity, -k, axis=1)[:, -k]
-    if method == "mahalanobis":
-        means, basis, variances, rest = arrays["means"], arrays["basis"], arrays["variances"], float(arrays["rest"])
+    if method in ("mahalanobis", SPECIES):
+        means, basis, variances, rest = (arrays[name] for name in ("means", "basis", "variances", "rest"))
         # |x - m|^2 / rest, corrected along the kept directions: (x-m)' P (x-m) without a (D, D) matrix.
         sq = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]  # (N, C)
-        proj = (x @ basis.T)[:, None, :] - (means @ basis.T)[None]  # (N, C, R)
-        d2 = sq / rest + (proj ** 2 @ (1 / variances - 1 / rest))
-        return np.sqrt(np.maximum(d2.min(1), 0.0))
-    if method == SPECIES:  # the same, each class with its own directions (C * R, D), variances (C, R), rest (C,)
-        means, basis, variances, rest = (arrays[name] for name in ("means", "basis", "variances", "rest"))
-        (classes, rank), d = variances.shape, means.shape[1]
-        sq = (x ** 2).sum(1)[:, None] - 2 * x @ means.T + (means ** 2).sum(1)[None]  # (N, C)
-        own = np.einsum("cd,crd->cr", means, basis.reshape(classes, rank, d))  # each mean on its class's directions
-        proj = (x @ basis.T).reshape(len(x), classes, rank) - own[None]  # (N, C, R)
-        d2 = sq / rest + (proj ** 2 * (1 / variances - 1 / rest[:, None])).sum(2)
+        if method == "mahalanobis":  # one set of directions (R, D) for every class
+            proj = (x @ basis.T)[:, None, :] - (means @ basis.T)[None]  # (N, C, R)
+            d2 = sq / rest + (proj ** 2 @ (1 / variances - 1 / rest))
+        else:  # each class its own directions (C * R, D), variances (C, R), rest (C,)
+            (classes, rank), d = variances.shape, means.shape[1]
+            own = np.einsum("cd,crd->cr", means, basis.reshape(classes, rank, d))  # each mean on its class's directions
+            proj = (x @ basis.T).reshape(len(x), classes, rank) - own[None]  # (N, C, R)
+            d2 = sq / rest + (proj ** 2 * (1 / variances - 1 / rest[:, None])).sum(2)
         return np.sqrt(np.maximum(d2.min(1), 0.0))
     raise ValueError(f"not a feature score: {method}")
 
@@ -278,13 +277,12 @@ def cross_fitted_scores(method: str, features: np.ndarray, labels: np.ndarray, f
         if not held.any():
             continue
         # A fit's class indices are those of the classes it has: the score is a minimum over classes.
+        _, dense = np.unique(labels[rest], return_inverse=True)
         if method == "mahalanobis":
             arrays = fits(k)
         elif method == SPECIES:  # each species' own covariance, shrunk towards this fold's shared one
-            _, dense = np.unique(labels[rest], return_inverse=True)
             arrays = _per_species(_unit(features[rest]).astype(np.float64), dense, fits(k))
         else:
-            _, dense = np.unique(labels[rest], return_inverse=True)
             arrays = fit_feature_arrays(method, features[rest], dense, max_rank=max_rank)
         scores[held] = feature_score(method, features[held], arrays)
     return scores
