@@ -216,7 +216,7 @@ def _per_species(x: np.ndarray, labels: np.ndarray, shared: dict[str, np.ndarray
 def feature_score(method: str, features: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """(N, D) features -> (N,) scores by "mahalanobis", "mahalanobis_species", "cosine" or "knn" (see
     `fit_feature_arrays`)."""
-    x = _unit(features).astype(np.float64 if method == "mahalanobis" else np.float32)
+    x = _unit(features).astype(np.float64 if method in ("mahalanobis", SPECIES) else np.float32)
     if method == "cosine":
         return 1.0 - (x @ arrays["directions"].T).max(1)
     if method == "knn":
