@@ -51,23 +51,24 @@ def without(data: Path, held: str, folder: Path) -> Path:
     return folder
 
 
-def measure(checkpoint: Path, known: Path, held_photos: list[Path], negatives: list[Path]) -> dict:
+def measure(checkpoint: Path, known: Path, held_photos: list[Path], negatives: Path) -> dict:
     predictor = load_predictor(checkpoint)
     cal = predictor.calibration
-    transform = eval_transform(predictor.preprocessing)
-    own = evaluation.model_outputs(predictor.model, evaluation.split_dataset(known / "test", predictor))
-    other, neg = (evaluation.model_outputs(predictor.model, PhotoList([(p, -1) for p in photos], transform))
-                  for photos in (held_photos, negatives))
+    other_set = PhotoList([(p, -1) for p in held_photos], eval_transform(predictor.preprocessing))
+    own, other, neg = (evaluation.model_outputs(predictor.model, dataset) for dataset in
+                       (evaluation.split_dataset(known / "test", predictor), other_set,
+                        evaluation.negatives_dataset(negatives, predictor)))
     s_own, s_other, s_neg = (cal.scores(o.logits, o.features) for o in (own, other, neg))
+    correct = own.logits.argmax(1) == own.targets
+    versus_other, versus_neg = (unknown.detection_metrics(s_own, correct, s, cal.threshold) for s in (s_other, s_neg))
     by_logits = {m: [unknown.logit_score(m, o.logits, cal.temperature) for o in (own, other)]
                  for m in ("energy", "max_logit")}
-    return {"own kept": float((s_own <= cal.threshold).mean()),
-            "other caught": float((s_other > cal.threshold).mean()),
-            "negatives caught": float((s_neg > cal.threshold).mean()),
-            "AUROC other": unknown.auroc(s_own, s_other), "AUROC negatives": unknown.auroc(s_own, s_neg),
+    return {"own kept": 1 - versus_other["species_rejected"], "other caught": versus_other["negatives_caught"],
+            "negatives caught": versus_neg["negatives_caught"],
+            "AUROC other": versus_other["auroc"], "AUROC negatives": versus_neg["auroc"],
             "AUROC other, energy": unknown.auroc(*by_logits["energy"]),
             "AUROC other, max logit": unknown.auroc(*by_logits["max_logit"]),
-            "test top-1": float((own.logits.argmax(1) == own.targets).mean()), "score": cal.method}
+            "test top-1": versus_other["accuracy"], "score": cal.method}
 
 
 def main() -> None:
@@ -85,7 +86,7 @@ def main() -> None:
     if unknown_names := sorted(set(args.species or []) - set(species)):
         sys.exit(f"--species: no such species folder in {args.data_dir / 'train'}: {', '.join(unknown_names)}")
     species = [s for s in species if args.species is None or s in args.species]
-    negatives = negative_photos(args.negatives)
+    negatives = negative_photos(args.negatives)  # checked before any training
     print(f"{len(species)} species, each left out in turn; {len(negatives)} negatives; recipes {args.recipes}")
     for recipe in args.recipes:
         config = TrainConfig.of_recipe(recipe, arch=args.arch)
@@ -98,7 +99,7 @@ def main() -> None:
                 run_training(config, known, save_dir=save, cache_dir=args.cache_dir, progress=False, log=lambda m: None)
             seconds = time.perf_counter() - start
             held_photos = [f for split in SPLITS for f in list_photos(args.data_dir / split / held)]
-            row = measure(save / "checkpoint.pth", known, held_photos, negatives)
+            row = measure(save / "checkpoint.pth", known, held_photos, args.negatives)
             rows.append(row)
             print(f"  {recipe}, {held} left out ({seconds:.0f} s): {json.dumps(row)}", flush=True)
         print(f"{recipe} (score {rows[0]['score']}), mean over the {len(rows)} species left out:")
