@@ -1,6 +1,6 @@
 """Oxford 102 Flowers -> the project's layout OUT/{train,valid,test}/<category "1".."102">/image_NNNNN.jpg.
 
-Long (about 460 lines) because it is one stage end to end: downloading through a .part file checked by MD5,
+Long (about 440 lines) because it is one stage end to end: downloading through a .part file checked by MD5,
 unpacking the archive safely, reading and checking the .mat label files, and laying the photos out;
 splitting it would scatter one download's checks across modules that nothing else uses.
 
@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .progress import progress_bar
 
 BASE_URL = "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
 ARCHIVE, LABELS, SETID = "102flowers.tgz", "imagelabels.mat", "setid.mat"
@@ -264,8 +265,8 @@ def _download(url: str, dest: Path, progress: bool) -> None:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f, \
-                _bar(int(response.headers.get("Content-Length") or 0) or None, dest.name, progress,
-                     unit="B") as bar:
+                progress_bar(total=int(response.headers.get("Content-Length") or 0) or None, desc=dest.name,
+                             unit="B", unit_scale=True, enabled=progress) as bar:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -389,7 +390,7 @@ def _temp_name(dest: Path) -> Path:
 
 def _place_from_folder(jpg_dir: Path, plan: dict[int, tuple[str, str]], out: Path, link: bool,
                        progress: bool) -> None:
-    with _bar(len(plan), "images", progress) as bar:
+    with progress_bar(total=len(plan), desc="images", unit="it", enabled=progress) as bar:
         for image_id, where in sorted(plan.items()):
             src, dest = jpg_dir / _image_name(image_id), _destination(out, where, image_id)
             if not _is_done(dest, src.stat().st_size):
@@ -413,7 +414,8 @@ def _extract_archive(archive: Path, plan: dict[int, tuple[str, str]], out: Path,
     found = set()
     try:
         # Stream mode reads the .tgz once front to back, which is all a gzip file allows cheaply.
-        with tarfile.open(archive, "r|*") as tar, _bar(len(plan), "images", progress) as bar:
+        with tarfile.open(archive, "r|*") as tar, \
+                progress_bar(total=len(plan), desc="images", unit="it", enabled=progress) as bar:
             for member in tar:
                 match = _MEMBER.fullmatch(member.name)
                 if not (match and member.isfile()):
@@ -436,27 +438,3 @@ def _extract_archive(archive: Path, plan: dict[int, tuple[str, str]], out: Path,
     if missing:
         raise UserError(f"{archive}: lacks {len(missing)} of the {len(plan)} images (first: "
                         f"{_image_name(missing[0])}); get a fresh copy from {BASE_URL}")
-
-
-class _NoBar:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n: int) -> None:
-        pass
-
-
-def _bar(total: int | None, desc: str, enabled: bool, unit: str = "it"):
-    """A tqdm progress bar on stderr when wanted and installed, else a stand-in that does nothing."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            pass
-        else:
-            return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr,
-                        leave=False)
-    return _NoBar()
