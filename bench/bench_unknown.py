@@ -113,8 +113,12 @@ def valid_only(method: str, train: tuple, valid: tuple, valid_logits: np.ndarray
                negatives: tuple | None = None, max_rank: int = cal.MAX_RANK) -> cal.Calibration:
     """The rule before cross-fitting: T and the threshold from the validation photos alone, a feature
     score's arrays from the training split. `negatives`: their (logits, features)."""
-    arrays = cal.fit_feature_arrays(method, *train, max_rank=max_rank) if method in cal.FEATURE_METHODS else {}
-    c = cal.Calibration(cal.fit_temperature(valid_logits, valid[1]), method, arrays=arrays)
+    c = cal.Calibration(cal.fit_temperature(valid_logits, valid[1]), method)
+    if method == cal.NEAR_FAR:
+        c.arrays, _ = near_far.fit_near_far_valid(valid_logits, train, valid, c.temperature, keep=keep,
+                                                  max_rank=max_rank)
+    elif method in cal.FEATURE_METHODS:
+        c.arrays = cal.fit_feature_arrays(method, *train, max_rank=max_rank)
     c.threshold, c.rule = cal.choose_threshold(c.scores(valid_logits, valid[0]),
                                                None if negatives is None else c.scores(*negatives), keep=keep)
     return c
@@ -133,7 +137,7 @@ def fit_rule(rule: str, method: str, feats: dict, logits: dict, crossed: tuple, 
     """`rule`'s calibration for `method`; `negatives`: indices of the negatives that may choose the threshold."""
     xneg = feats["negatives"][0]
     given = None if negatives is None else (logits["negatives"][negatives], xneg[negatives])
-    if rule == "valid-only" and method != cal.NEAR_FAR:  # near_far is always cross-fitted (calibrating)
+    if rule == "valid-only":
         return valid_only(method, feats["train"][:2], feats["valid"][:2], logits["valid"], keep, given, **fit_options)
     xl, y, fold, x = crossed
     extra = {} if given is None else dict(negative_logits=given[0], negative_features=given[1])
@@ -355,6 +359,16 @@ def head_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         clip = np.percentile(a["x"][:n], p)
         out[f"react (clip at {p}th percentile)"] = {k: unk.logit_score("energy", forward(v, clip)[0])
                                                     for k, v in given.items()}
+    # train.py's own rule on a large valid split: the valid photos' logits and features set the cuts
+    valid_logits, (xt, yt), (xv, yv) = forward(a["x"][n:])[0], (a["x"][:n], a["y"][:n]), (a["x"][n:], a["y"][n:])
+    t = cal.fit_temperature(valid_logits, yv)
+    for share in (0.015, 0.02):
+        arrays, crossed = near_far.fit_near_far_valid(valid_logits, (xt, yt), (xv, yv), t, far_share=share)
+        out[f"near_far (valid-only, far share {share:.1%})"] = {"crossed": crossed, **{s: np.maximum(
+            *near_far.near_far_parts(a[f"{s}_logits"], a[f"{s}_x"], t, arrays)) for s in SETS}}
+    for method in ("mahalanobis", unk.SPECIES):
+        arrays = unk.fit_feature_arrays(method, xt, yt)
+        out[f"{method} (valid-only)"] = {k: unk.feature_score(method, v, arrays) for k, v in given.items()}
     arrays = unk.fit_feature_arrays("mahalanobis", forward(a["x"][:n])[1], a["y"][:n])
     out["mahalanobis on the head's hidden layer"] = {k: unk.feature_score("mahalanobis", forward(v)[1], arrays)
                                                      for k, v in given.items()}
@@ -393,7 +407,7 @@ def candidate_scores(a: dict) -> dict[str, dict[str, np.ndarray]]:
         centre, spread = near_far.standardization(raw["crossed"][inside], a["crossed"][inside].argmax(1),
                                              a["crossed"].shape[1])
         out[f"std_{base}"] = {k: (v - centre[logits[k].argmax(1)]) / spread[logits[k].argmax(1)] for k, v in raw.items()}
-    for share in (0.01, near_far.FAR_SHARE, 0.02):
+    for share in (0.01, 0.015, 0.02):
         arrays, crossed = near_far.fit_near_far(a["crossed"], y, fold, x, t, far_share=share,
                                            distance=out["mahalanobis"]["crossed"])
         full = np.full(len(y), np.nan)

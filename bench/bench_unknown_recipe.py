@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from flower_classifier import evaluation, unknown  # noqa: E402
+from flower_classifier.cli import main as cli_main  # noqa: E402
 from flower_classifier.config import RECIPES, TrainConfig  # noqa: E402
 from flower_classifier.data import PhotoList, eval_transform, find_classes, split_dir  # noqa: E402
 from flower_classifier.datacheck import negative_photos  # noqa: E402
@@ -71,6 +73,18 @@ def measure(checkpoint: Path, known: Path, held_photos: list[Path], negatives: P
             "test top-1": versus_other["accuracy"], "score": cal.method}
 
 
+def recalibrated(save: Path, known: Path, score: str, cache_dir) -> Path:
+    """A copy of the run's checkpoint calibrated with `score` by the `calibrate` command (made once)."""
+    copy = save / f"checkpoint-{score}.pth"
+    if not copy.exists():
+        shutil.copyfile(save / "checkpoint.pth", copy)
+        if cli_main(["calibrate", str(copy), str(known), "--unknown_score", score, "--quiet",
+                     *(["--cache_dir", str(cache_dir)] if cache_dir else [])]):
+            copy.unlink()
+            sys.exit(f"calibrating a copy of {save / 'checkpoint.pth'} with {score} failed (above)")
+    return copy
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data_dir", type=Path)
@@ -79,6 +93,8 @@ def main() -> None:
     p.add_argument("--arch", default="efficientnet_lite0")
     p.add_argument("--cache_dir", default=None, help="feature cache shared by the runs")
     p.add_argument("--species", nargs="+", default=None, help="leave out only these (folder names; default every one)")
+    p.add_argument("--unknown_scores", nargs="+", default=[], choices=unknown.METHODS, metavar="SCORE",
+                   help="also measure each run's checkpoint recalibrated with these scores (`calibrate` on a copy)")
     p.add_argument("--work_dir", type=Path, required=True,
                    help="the folders without each species and each run's checkpoints (a run found there is reused)")
     args = p.parse_args()
@@ -90,7 +106,7 @@ def main() -> None:
     print(f"{len(species)} species, each left out in turn; {len(negatives)} negatives; recipes {args.recipes}")
     for recipe in args.recipes:
         config = TrainConfig.of_recipe(recipe, arch=args.arch)
-        rows = []
+        rows = {}
         for held in species:
             known = without(args.data_dir, held, args.work_dir / f"without-{held}")
             save = args.work_dir / f"{recipe}-without-{held}"
@@ -99,13 +115,16 @@ def main() -> None:
                 run_training(config, known, save_dir=save, cache_dir=args.cache_dir, progress=False, log=lambda m: None)
             seconds = time.perf_counter() - start
             held_photos = [f for split in SPLITS for f in list_photos(args.data_dir / split / held)]
-            row = measure(save / "checkpoint.pth", known, held_photos, args.negatives)
-            rows.append(row)
-            print(f"  {recipe}, {held} left out ({seconds:.0f} s): {json.dumps(row)}", flush=True)
-        print(f"{recipe} (score {rows[0]['score']}), mean over the {len(rows)} species left out:")
-        for name in FIGURES:
-            values = [r[name] for r in rows]
-            print(f"  {name:24s} {statistics.mean(values):.3f}  ({min(values):.3f}-{max(values):.3f})")
+            for score in [None, *args.unknown_scores]:
+                checkpoint = save / "checkpoint.pth" if score is None else recalibrated(save, known, score, args.cache_dir)
+                row = measure(checkpoint, known, held_photos, args.negatives)
+                rows.setdefault(row["score"], []).append(row)
+                print(f"  {recipe}, {held} left out ({seconds:.0f} s), {row['score']}: {json.dumps(row)}", flush=True)
+        for score, of_score in rows.items():
+            print(f"{recipe} (score {score}), mean over the {len(of_score)} species left out:")
+            for name in FIGURES:
+                values = [r[name] for r in of_score]
+                print(f"  {name:24s} {statistics.mean(values):.3f}  ({min(values):.3f}-{max(values):.3f})")
 
 
 if __name__ == "__main__":

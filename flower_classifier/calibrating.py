@@ -5,22 +5,22 @@ Which photos: when the valid split holds at least `VALID_ONLY_PER_CLASS` photos 
 the head's own logits of them (photos it never trained on) fit the temperature and choose the threshold,
 and a feature score's statistics are fitted on the train split alone: no fold heads, so calibrating
 costs one pass of the head over the valid photos and one feature fit. With fewer valid photos (a
-threshold keeping 95% of 50 photos rests on two or three of them), and always for the near_far score
-(its near cut needs scores of photos whose class a fit never saw), the temperature and the threshold
-come from the species photos of the train and valid splits, cross-fitted: each photo's logits from a head trained as the checkpoint's was on the other folds (its
-recipe: the same loop, augmented views, schedule, for the checkpoint's own epoch count), its feature
-score from class means and covariance fitted without it (`calibration.fit_calibration`); with
-`negatives` (a folder of photos that are none of the species) the threshold is chosen with them too.
-The fold heads train all at once (`model.StackedHeads`), through `fitting.train_one_epoch`.
+threshold keeping 95% of 50 photos rests on two or three of them), the temperature and the threshold
+come from the species photos of the train and valid splits, cross-fitted: each photo's logits from a
+head trained as the checkpoint's was on the other folds (its recipe: the same loop, augmented views,
+schedule, for the checkpoint's own epoch count), its feature score from class means and covariance
+fitted without it (`calibration.fit_calibration`); with `negatives` (a folder of photos that are none
+of the species) the threshold is chosen with them too. The fold heads train all at once
+(`model.StackedHeads`), through `fitting.train_one_epoch`. The near_far score's cuts follow the same
+rule (`near_far.fit_near_far_valid` or `near_far.fit_near_far`).
 
 A checkpoint with fine-tuned blocks (`--finetune N`) is calibrated on its valid split alone, whatever
 its size: its head reads features from blocks trained on every training photo, so a fold head over
 those features would score "held-out" photos the blocks have seen (over-confident logits, a threshold
 too tight for new photos), and fold heads over the frozen part's outputs alone would calibrate another
 model than the one loaded. The valid photos are the only ones neither blocks nor head trained on: an
-honest but noisier sample when small. near_far, which needs fold heads, is refused with --finetune
-(`check_score`). Fold heads started from the trained head's weights, a cheaper way, were measured
-and rejected: they inherit its memory of the held-out photos (docs/benchmarks.md).
+honest but noisier sample when small. Fold heads started from the trained head's weights, a cheaper
+way, were measured and rejected: they inherit its memory of the held-out photos (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from .features import FeatureSet, cached_features, feature_loader
 from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, new_head, seed_epoch, train_one_epoch
 from .frozen_pass import centre_view
 from .model import StackedHeads, build_head
+from .near_far import fit_near_far_valid
 from .unknown import CROSS_FOLDS, FEATURE_METHODS, NEAR_FAR, choose_threshold, fit_feature_arrays, stratified_folds
 
 # Valid photos per species from which the valid split alone calibrates. 10 per species (the 300-photo
@@ -166,33 +167,30 @@ def cross_fitted_logits(config: TrainConfig, epochs: int, features: np.ndarray, 
     return logits[np.arange(n), :, fold]
 
 
-def valid_only(data: CalibrationData, num_classes: int, method: str, *, finetune: int = 0) -> bool:
+def valid_only(data: CalibrationData, num_classes: int, *, finetune: int = 0) -> bool:
     """Whether `data` is calibrated from its valid split alone (module docstring): always for a
     checkpoint with fine-tuned blocks (`finetune`), else when the valid split is large enough."""
     if finetune:
         return True
     counts = np.bincount(np.asarray(data.valid[1], dtype=np.int64), minlength=num_classes)
-    return method != NEAR_FAR and len(counts) == num_classes and counts.min() >= VALID_ONLY_PER_CLASS
-
-
-def check_score(method: str, finetune: int) -> None:
-    """near_far needs cross-fitted fold heads, which a checkpoint with fine-tuned blocks cannot have
-    (module docstring): refused in one line, before anything is trained or computed."""
-    if finetune and method == NEAR_FAR:
-        raise UserError(f"--unknown_score {NEAR_FAR} cannot calibrate a model with --finetune {finetune}: its cut needs "
-                        f"fold heads, and the fine-tuned blocks have seen every training photo; choose another "
-                        f"--unknown_score (mahalanobis, the default), or --finetune 0")
+    return len(counts) == num_classes and counts.min() >= VALID_ONLY_PER_CLASS
 
 
 def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method: str, keep: float,
                       negative_logits: np.ndarray | None = None) -> Calibration:
     """The calibration from the head's own logits (N, C) of the valid photos: the temperature, and the
     threshold keeping `keep` of the valid photos' scores (with the negatives' when given); a feature
-    score's arrays fitted on the train photos alone, so that the valid photos score as unseen ones."""
+    score's arrays fitted on the train photos alone, so that the valid photos score as unseen ones
+    (near_far: see `near_far.fit_near_far_valid`)."""
     (x, y), (xv, yv) = data.train, data.valid
-    arrays = as_stored(fit_feature_arrays(method, x, y)) if method in FEATURE_METHODS else {}
-    calibration = Calibration(fit_temperature(valid_logits, yv), method, arrays=arrays)
-    species = calibration.scores(valid_logits, xv)
+    calibration = Calibration(fit_temperature(valid_logits, yv), method)
+    if method == NEAR_FAR:  # its far part cross-fitted over train and valid (`fit_near_far_valid`)
+        calibration.arrays, species = fit_near_far_valid(valid_logits, data.train, data.valid,
+                                                         calibration.temperature, keep=keep)
+    else:
+        if method in FEATURE_METHODS:
+            calibration.arrays = as_stored(fit_feature_arrays(method, x, y))
+        species = calibration.scores(valid_logits, xv)
     negatives = None if data.negatives is None else calibration.scores(negative_logits, data.negatives)
     calibration.threshold, calibration.rule = choose_threshold(species, negatives, keep=keep, of="valid photos")
     calibration.kept = float((species <= calibration.threshold).mean())
@@ -204,11 +202,10 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
     """The calibration of the head with `head_state`, trained with `config` for `epochs` epochs (0:
     config.epochs), on `data`: from the valid split alone when it is large enough, else cross-fitted
     over train and valid, the head itself then scoring only the negatives (see the module docstring)."""
-    check_score(method, config.finetune)
     negatives = data.negatives
     negative_logits = (None if negatives is None
                        else head_logits(head_state, config.hidden_units, len(classes), negatives))
-    if valid_only(data, len(classes), method, finetune=config.finetune):
+    if valid_only(data, len(classes), finetune=config.finetune):
         valid_logits = head_logits(head_state, config.hidden_units, len(classes), data.valid[0])
         with devices.blas_threads():  # the feature fits: one BLAS thread (measured, `devices.blas_threads`)
             return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
@@ -253,9 +250,12 @@ def calibrate_checkpoint(ckpt, classes: list[str], data: CalibrationData, *, met
 def calibrated_line(calibration: Calibration, data: CalibrationData, classes: list[str], *, finetune: int = 0) -> str:
     """The one line saying what was chosen, and on what (`classes`: the checkpoint's species;
     `finetune`: its fine-tuned blocks)."""
-    on = ((f"{len(data.valid[1])} valid photos (the head's own logits; feature statistics from the "
-           f"{len(data.train[1])} train photos)") if valid_only(data, len(classes), calibration.method, finetune=finetune)
-          else f"{len(data.train[1]) + len(data.valid[1])} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)")
+    both = len(data.train[1]) + len(data.valid[1])
+    features = (f"Mahalanobis distances of all {both} train+valid photos, cross-fitted" if calibration.method == NEAR_FAR
+                else f"feature statistics from the {len(data.train[1])} train photos")
+    on = (f"{len(data.valid[1])} valid photos (the head's own logits; {features})"
+          if valid_only(data, len(classes), finetune=finetune)
+          else f"{both} train+valid photos (cross-fitted in {CROSS_FOLDS} folds)")
     on = (on
           + (f" and {len(data.negatives)} photos of {data.negatives_dir}"
              if data.negatives is not None else ""))

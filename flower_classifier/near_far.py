@@ -1,6 +1,6 @@
 """The "near_far" unknown score: a photo is refused when its top-two logit gap is unusual for the
 species it is predicted as (other flower species: "near"), or when its features are farther from
-every species, by Mahalanobis distance, than all but FAR_SHARE of the species' own photos
+every species, by Mahalanobis distance, than all but a small share of the species' own photos
 (non-flowers: "far"). Both parts are on the near part's scale, and the score is their maximum, so
 one threshold serves. numpy only, as `unknown` is: the torch-free ONNX app imports it.
 """
@@ -10,11 +10,17 @@ import math
 
 import numpy as np
 
-from .unknown import KEEP, MAX_RANK, covered, cross_fitted_scores, feature_score, fit_feature_arrays
+from .unknown import (KEEP, MAX_RANK, covered, cross_fitted_scores, feature_score, fit_feature_arrays,
+                      stratified_folds)
 
-# Share of the species' own photos the far part may refuse (the near part has the rest of 1 - keep):
-# leaving each species out (bench_unknown.py --leave_species_out) 1.5% caught 97% of non-flowers, 1% 93%.
-FAR_SHARE = 0.015
+# Share of the species' own photos the far part may refuse (the near part has the rest of 1 - keep).
+# Leaving each species of flower_photos_2k out (bench_unknown.py --leave_species_out), 2% catches the
+# non-flowers that the Mahalanobis score alone catches (98%), 1.5% 97%, 1% 93%; the other species
+# caught fall from 24% (1%) to 22% (2%). With few photos the species' own cross-fitted distances have
+# a longer tail: on the 250 of the sample, 2% caught 91% of non-flowers against Mahalanobis's 97%, 4%
+# 96% (5 seeds). So the far part takes at least FAR_PHOTOS photos' worth (4% of 250, 2% from 500 on).
+FAR_SHARE = 0.02
+FAR_PHOTOS = 10
 
 
 def standardization(scores: np.ndarray, predicted: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,36 +59,71 @@ def _far_part(distance: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray
     return float(arrays["near_cut"]) + (distance - float(arrays["far_cut"])) / float(arrays["far_scale"])
 
 
+def far_share_for(photos: int) -> float:
+    """The far part's share of `photos` species photos: FAR_SHARE, or FAR_PHOTOS of them when more."""
+    return max(FAR_SHARE, FAR_PHOTOS / max(photos, 1))
+
+
 def fit_near_far(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, features: np.ndarray,
-                 temperature: float, *, keep: float = KEEP, far_share: float = FAR_SHARE,
+                 temperature: float, *, keep: float = KEEP, far_share: float | None = None,
                  max_rank: int = MAX_RANK, distance: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The near_far arrays and the cross-fitted scores of the photos whose class is in other folds.
 
     logits (N, C): cross-fitted; features (N, D); `distance` (N,): their cross-fitted Mahalanobis
-    scores when already at hand (`cross_fitted_scores`, with the same folds). The far cut keeps all but `far_share` of the
-    cross-fitted Mahalanobis distances (at most half of 1 - keep); the near cut is the lowest that,
-    with it, keeps `keep` of the photos. The Mahalanobis arrays come from all photos."""
+    scores when already at hand (`cross_fitted_scores`, with the same folds). The cuts come from
+    the cross-fitted scores (`_cuts`); the Mahalanobis arrays from all photos."""
     labels, fold = np.asarray(labels), np.asarray(fold)
     inside = covered(labels, fold)
-    logits = np.asarray(logits, dtype=np.float64)[inside]
+    if distance is None:
+        distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
+    mahalanobis = {name: _as16(a) for name, a in fit_feature_arrays("mahalanobis", features, labels,
+                                                                      max_rank=max_rank).items()}
+    return _cuts(np.asarray(logits)[inside], np.asarray(distance)[inside], temperature, mahalanobis,
+                 keep=keep, far_share=far_share)
+
+
+def fit_near_far_valid(valid_logits: np.ndarray, train: tuple[np.ndarray, np.ndarray],
+                       valid: tuple[np.ndarray, np.ndarray], temperature: float, *, keep: float = KEEP,
+                       far_share: float | None = None, max_rank: int = MAX_RANK) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The near_far arrays and the valid photos' scores, from a large valid split (`calibrating`):
+    the head's own logits (N, C) of the valid photos, which it never trained on, for the near part;
+    for the far cut, the cross-fitted Mahalanobis distances of all train and valid photos (`train`,
+    `valid`: features and labels), which need no fold heads. Cut on the valid photos' distances
+    alone, the far share (2%) would rest on four or five photos: leaving each species out of
+    flower_photos_2k, it caught 89% of non-flowers against 97% with the cross-fitted cut."""
+    x, y = np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]]).astype(np.int64)
+    fold = stratified_folds(y)
+    distance = cross_fitted_scores("mahalanobis", x, y, fold, max_rank=max_rank)
+    inside = covered(y, fold)
+    mahalanobis = {name: _as16(a) for name, a in fit_feature_arrays("mahalanobis", x, y, max_rank=max_rank).items()}
+    return _cuts(valid_logits, distance[len(train[1]):], temperature, mahalanobis, keep=keep, far_share=far_share,
+                 far_distance=distance[inside])
+
+
+def _cuts(logits: np.ndarray, distance: np.ndarray, temperature: float, mahalanobis: dict[str, np.ndarray], *,
+          keep: float, far_share: float | None, far_distance: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The arrays (`mahalanobis`'s, and the cuts) and the scores of species photos that no fit saw:
+    their logits (N, C) and Mahalanobis distances (N,). The far cut keeps all but `far_share` (None:
+    `far_share_for` their number; at most 80% of 1 - keep) of `far_distance` (default: `distance`); the
+    near cut is the lowest that, with it, keeps `keep` of the photos; the gap's centre and spread per
+    predicted class come from these logits."""
+    logits, distance = np.asarray(logits, dtype=np.float64), np.asarray(distance, dtype=np.float64)
+    far_distance = distance if far_distance is None else np.asarray(far_distance, dtype=np.float64)
     # Every array at the precision it is stored in (float16), the cuts rounded up, so that the scores
     # here are those a saved calibration gives and the cuts keep at least what they should.
     centre, spread = (_as16(a) for a in standardization(near_base(logits, temperature),
                                                         logits.argmax(1), logits.shape[1]))
     near = near_score(logits, temperature, centre, spread)
-    if distance is None:
-        distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
-    distance = np.asarray(distance)[inside]
-    share = min(far_share, (1 - keep) / 2)
-    far_cut = _up16(np.sort(distance)[max(math.ceil((1 - share) * len(distance)) - 1, 0)])
+    share = min(far_share_for(len(far_distance)) if far_share is None else far_share, 0.8 * (1 - keep))
+    far_cut = _up16(np.sort(far_distance)[max(math.ceil((1 - share) * len(far_distance)) - 1, 0)])
     within = distance <= far_cut
-    # The lowest near cut keeping `keep` of all photos, those beyond the far cut counted as refused.
+    # The lowest near cut keeping `keep` of all photos, those beyond the far cut counted as refused
+    # (if the far cut alone refuses more than 1 - keep of them, it keeps what the far cut leaves).
     candidates = np.sort(near[within])
     near_cut = _up16(candidates[min(max(math.ceil(keep * len(near)), 1), len(candidates)) - 1])
-    far_scale = _as16(max(float(distance.std()), 1e-3))
-    arrays = {**{name: _as16(a) for name, a in fit_feature_arrays("mahalanobis", features, labels,
-                                                                   max_rank=max_rank).items()},
-              "centre": centre, "spread": spread, "near_cut": near_cut, "far_cut": far_cut, "far_scale": far_scale}
+    far_scale = _as16(max(float(far_distance.std()), 1e-3))
+    arrays = {**mahalanobis, "centre": centre, "spread": spread, "near_cut": near_cut, "far_cut": far_cut,
+              "far_scale": far_scale}
     return arrays, np.maximum(near, _far_part(distance, arrays))
 
 

@@ -119,10 +119,8 @@ def run_training(config: TrainConfig, data_dir: str | Path, *, save_dir: str | P
 
 
 def check_finetune(config: TrainConfig) -> None:
-    """--arch is known and has the --finetune blocks asked for (shapes only: nothing is built), and
-    the --unknown_score can calibrate the blocks (`calibrating.check_score`)."""
+    """--arch is known and has the --finetune blocks asked for (shapes only: nothing is built)."""
     spec = get_spec(config.arch)
-    calibrating.check_score(config.unknown_score, config.finetune)
     if config.finetune and config.finetune > spec.num_blocks:  # a frozen run needs no shapes worked out
         raise too_many_blocks(config.arch, config.finetune, spec.num_blocks)
 

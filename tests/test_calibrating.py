@@ -79,7 +79,7 @@ def _clustered(per_class: dict[str, int], dim: int = 8, seed: int = 3):
     return out
 
 
-@pytest.mark.parametrize("method", ["mahalanobis", "mahalanobis_species", "msp"])
+@pytest.mark.parametrize("method", ["mahalanobis", "mahalanobis_species", "msp", "near_far"])
 def test_a_large_valid_split_calibrates_alone_and_its_threshold_keeps_the_chosen_share(monkeypatch, method):
     trained = []
     monkeypatch.setattr(calibrating, "train_one_epoch", lambda *a, **k: trained.append(1))
@@ -92,19 +92,22 @@ def test_a_large_valid_split_calibrates_alone_and_its_threshold_keeps_the_chosen
     assert trained == []  # no fold heads
     valid_logits = calibrating.head_logits(head, (8,), 3, splits["valid"][0])
     kept = (calibration.scores(valid_logits, splits["valid"][0]) <= calibration.threshold).mean()
-    assert kept == pytest.approx(0.9, abs=1 / (3 * per)) and calibration.kept == pytest.approx(kept)
+    if method == "near_far":  # kept counted on the cross-fitted distances; scored again by the fit on all, more
+        assert calibration.kept == pytest.approx(0.9, abs=1 / (3 * per)) and kept >= calibration.kept
+    else:
+        assert kept == pytest.approx(0.9, abs=1 / (3 * per)) and calibration.kept == pytest.approx(kept)
     assert calibration.temperature == pytest.approx(fit_temperature(valid_logits, splits["valid"][1]))
     if method.startswith("mahalanobis"):  # class means from the train photos alone: the valid ones score as unseen
         norm = splits["train"][0] / np.linalg.norm(splits["train"][0], axis=1, keepdims=True)
         means = np.stack([norm[splits["train"][1] == c].mean(0) for c in range(3)])
         np.testing.assert_allclose(calibration.arrays["means"], means, atol=2e-3)  # stored as float16
     line = calibrating.calibrated_line(calibration, data, ["a", "b", "c"])
-    assert f"{3 * per} valid photos" in line and "cross-fitted" not in line
+    assert f"{3 * per} valid photos" in line and "cross-fitted in" not in line
+    assert ("Mahalanobis distances of all" in line) == (method == "near_far")
 
 
-@pytest.mark.parametrize("valid, method", [(calibrating.VALID_ONLY_PER_CLASS - 1, "mahalanobis"),
-                                           (calibrating.VALID_ONLY_PER_CLASS, "near_far")])
-def test_a_small_valid_split_or_near_far_calibrates_cross_fitted(monkeypatch, valid, method):
+@pytest.mark.parametrize("method", ["mahalanobis", "near_far"])
+def test_a_small_valid_split_calibrates_cross_fitted(monkeypatch, method):
     trained = []
 
     def spy(*args, **kwargs):
@@ -112,7 +115,7 @@ def test_a_small_valid_split_or_near_far_calibrates_cross_fitted(monkeypatch, va
         return fitting.train_one_epoch(*args, **kwargs)
 
     monkeypatch.setattr(calibrating, "train_one_epoch", spy)
-    splits = _clustered({"train": 12, "valid": valid})
+    splits = _clustered({"train": 12, "valid": calibrating.VALID_ONLY_PER_CLASS - 1})
     data = calibrating.CalibrationData(splits["train"], splits["valid"])
     config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, num_workers=0)
     head = build_head(8, [8], 3, 0.0).state_dict()
@@ -130,17 +133,17 @@ def test_a_fine_tuned_head_calibrates_on_the_valid_split_alone_whatever_its_size
     data = calibrating.CalibrationData(splits["train"], splits["valid"])
     head = build_head(8, [8], 3, 0.0).state_dict()
     tuned = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, num_workers=0, finetune=1)
-    assert calibrating.valid_only(data, 3, "mahalanobis", finetune=1)
-    assert not calibrating.valid_only(data, 3, "mahalanobis", finetune=0)
-    calibration = calibrating.calibrate_head(head, tuned, ["a", "b", "c"], data, method="mahalanobis", keep=0.9)
-    assert trained == []  # no fold heads
+    assert calibrating.valid_only(data, 3, finetune=1)
+    assert not calibrating.valid_only(data, 3, finetune=0)
+    training.check_finetune(tuned.replace(unknown_score="near_far"))  # every score can calibrate the blocks
     valid_logits = calibrating.head_logits(head, (8,), 3, splits["valid"][0])
-    assert calibration.temperature == pytest.approx(fit_temperature(valid_logits, splits["valid"][1]))
-    assert "6 valid photos" in calibrating.calibrated_line(calibration, data, ["a", "b", "c"], finetune=1)
-    with pytest.raises(UserError, match="near_far cannot calibrate a model with --finetune 1"):
-        calibrating.calibrate_head(head, tuned, ["a", "b", "c"], data, method="near_far", keep=0.9)
-    with pytest.raises(UserError, match="--unknown_score near_far"):  # refused before anything is built
-        training.check_finetune(tuned.replace(unknown_score="near_far"))
+    for method in ("mahalanobis", "near_far"):
+        calibration = calibrating.calibrate_head(head, tuned, ["a", "b", "c"], data, method=method, keep=0.9)
+        assert trained == []  # no fold heads
+        assert calibration.temperature == pytest.approx(fit_temperature(valid_logits, splits["valid"][1]))
+        kept = (calibration.scores(valid_logits, splits["valid"][0]) <= calibration.threshold).mean()
+        assert kept == calibration.kept if method == "mahalanobis" else kept >= calibration.kept  # near_far: as above
+        assert "6 valid photos" in calibrating.calibrated_line(calibration, data, ["a", "b", "c"], finetune=1)
 
 
 @pytest.mark.parametrize("valid", [2, calibrating.VALID_ONLY_PER_CLASS])

@@ -379,6 +379,38 @@ def test_near_far_keeps_the_asked_share_and_gives_the_far_part_its_budget():
     assert (scores <= arrays["near_cut"]).all()
 
 
+def test_near_far_from_a_valid_split_cuts_near_on_its_logits_and_far_on_all_photos_cross_fitted():
+    """The cheap rule (a large valid split, or fine-tuned blocks): the head's own logits of the valid
+    photos for the near part, no fold heads; the far cut from every train and valid photo's
+    cross-fitted distance (the valid photos alone would set it on one or two photos)."""
+    (x, logits, y), test, near, far = flowers_and_others(np.random.default_rng(22))
+    train, valid = slice(0, 160), slice(160, None)
+    temperature = cal.fit_temperature(logits[valid], y[valid])
+    arrays, scores = near_far.fit_near_far_valid(logits[valid], (x[train], y[train]), (x[valid], y[valid]),
+                                                 temperature, keep=0.9, far_share=0.02)
+    assert len(scores) == 80 and 0.9 <= (scores <= arrays["near_cut"]).mean() < 0.9 + 1.5 / 80
+    distance = unk.cross_fitted_scores("mahalanobis", x, y, unk.stratified_folds(y))
+    assert (distance > arrays["far_cut"]).mean() == pytest.approx(0.02, abs=1.5 / len(y))
+    # The near part's per-class centre comes from the valid photos' logits alone.
+    centre, _ = near_far.standardization(near_far.near_base(logits[valid], temperature), logits[valid].argmax(1), 4)
+    np.testing.assert_allclose(arrays["centre"], centre, rtol=2e-3)
+    c = cal.Calibration(temperature, unk.NEAR_FAR, threshold=float(arrays["near_cut"]), arrays=arrays)
+    own, other, odd = (c.assess(lg, f) for f, lg in (test, near, far))
+    assert own.unknown.mean() < 0.2 and other.unknown.mean() > 0.8 and odd.unknown.mean() > 0.95 and odd.far.mean() > 0.9
+
+
+def test_the_far_part_takes_a_larger_share_of_few_photos():
+    """With few photos the species' own distances have a long tail: the far cut takes at least
+    FAR_PHOTOS photos' worth, so that non-flowers stay caught (docs/unknown-and-calibration.md)."""
+    assert near_far.far_share_for(250) == pytest.approx(near_far.FAR_PHOTOS / 250) and near_far.FAR_PHOTOS / 250 > near_far.FAR_SHARE
+    assert near_far.far_share_for(5000) == near_far.FAR_SHARE
+    (x, logits, y), *_ = flowers_and_others(np.random.default_rng(23), per_class=25)  # 100 photos: 10%, capped at 4%
+    fold = unk.stratified_folds(y)
+    arrays, _ = near_far.fit_near_far(logits, y, fold, x, cal.fit_temperature(logits, y), keep=0.95)
+    distance = unk.cross_fitted_scores("mahalanobis", x, y, fold)
+    assert (distance > arrays["far_cut"]).mean() == pytest.approx(0.04, abs=1.5 / len(y))
+
+
 def test_near_score_is_standardized_by_the_predicted_class():
     logits = np.array([[4.0, 0], [6, 0], [0, 1], [0, 3], [0, 5]])
     raw = near_far.near_base(logits, 1.0)

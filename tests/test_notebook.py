@@ -477,7 +477,7 @@ def test_notebook_runs_top_to_bottom(executed):
     assert re.search(r"Epoch 3/3  training loss [\d.]+  validation loss [\d.]+  validation accuracy", text)
     assert "the package's predictor agrees: True" in text
     # No temperature is spoken of before there is one: calibration comes before the test report.
-    assert text.index("unknown when the mahalanobis score is above") < text.index("after temperature scaling")
+    assert text.index("unknown when the near_far score is above") < text.index("after temperature scaling")
     assert "not one of the 6 species (unknown score" in text  # the stripes are no flower
     # Its own folder, so that it leaves train.py's checkpoints/checkpoint.pth alone.
     saved = load_checkpoint(tmp / "checkpoints" / "notebook" / "checkpoint.pth")

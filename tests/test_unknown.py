@@ -63,9 +63,9 @@ def test_training_calibrates_the_best_checkpoint_once_and_says_what_it_chose(run
     data, negatives, result, lines = run
     said = [line for line in lines if line.startswith("Calibrated on")]
     assert len(said) == 1 and f"36 train+valid photos (cross-fitted in 5 folds) and 6 photos of {negatives}" in said[0]
-    assert "unknown when the mahalanobis score is above" in said[0] and "negatives" in said[0]
+    assert "unknown when the near_far score is above" in said[0] and "negatives" in said[0]
     calibration = load_checkpoint(result.best_path).calibration
-    assert calibration is not None and calibration.method == "mahalanobis"
+    assert calibration is not None and calibration.method == "near_far"  # the default
     assert calibration.arrays["means"].shape == (len(CLASSES), 16)  # the tiny backbone's 16 features
     assert load_checkpoint(result.last_path).calibration is None  # what --resume continues: never loaded to predict
     assert torch.load(result.best_path, weights_only=True)["calibration"]["version"] == 1  # plain data

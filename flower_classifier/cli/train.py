@@ -171,7 +171,7 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..backbones import build_backbone, split_for_training
-    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line, check_score
+    from ..calibrating import calibrate_checkpoint, calibration_data, calibrated_line
     from ..datacheck import negative_photos
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..data import find_classes, split_dir
@@ -186,7 +186,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.data_dir}: its training categories ({len(classes)}) are not those of "
                         f"{args.checkpoint} ({len(ckpt.classes)}); pass the data folder it was trained on")
     split_dir(args.data_dir, "valid")
-    check_score(args.unknown_score, ckpt.config.finetune)
     if args.negatives is not None:
         negative_photos(args.negatives, data_dir=args.data_dir)
     # A fine-tuned checkpoint's features come from its own blocks on the frozen part's (cached) activations.
