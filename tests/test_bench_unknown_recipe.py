@@ -24,12 +24,12 @@ def test_each_species_is_left_out_once_and_scored_by_its_own_run(tmp_path):
     # A run found in --work_dir is reused, --species leaves out only those named, and --unknown_scores
     # measures a copy of the run's checkpoint recalibrated with each, the run's own untouched.
     again = subprocess.run([sys.executable, "bench/bench_unknown_recipe.py", str(data), "--negatives", str(tmp_path / "neg"),
-                            "--recipes", "plain", "--arch", "tiny", "--species", TWELVE[1], "--unknown_scores", "near_far",
+                            "--recipes", "plain", "--arch", "tiny", "--species", TWELVE[1], "--unknown_scores", "mahalanobis",
                             "--work_dir", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stdout.count("left out (") == 2 and f"plain, {TWELVE[1]} left out (0 s), mahalanobis:" in again.stdout
-    assert f"plain, {TWELVE[1]} left out (0 s), near_far:" in again.stdout and "(score near_far), mean over the 1" in again.stdout
+    assert again.stdout.count("left out (") == 2 and f"plain, {TWELVE[1]} left out (0 s), near_far:" in again.stdout
+    assert f"plain, {TWELVE[1]} left out (0 s), mahalanobis:" in again.stdout and "(score mahalanobis), mean over the 1" in again.stdout
     run_dir = tmp_path / "w" / f"plain-without-{TWELVE[1]}"
     from flower_classifier.checkpoint import load_checkpoint
-    assert load_checkpoint(run_dir / "checkpoint-near_far.pth").calibration.method == "near_far"
-    assert load_checkpoint(run_dir / "checkpoint.pth").calibration.method == "mahalanobis"
+    assert load_checkpoint(run_dir / "checkpoint-mahalanobis.pth").calibration.method == "mahalanobis"
+    assert load_checkpoint(run_dir / "checkpoint.pth").calibration.method == "near_far"  # the default
