@@ -72,13 +72,8 @@ def fit_near_far(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, featu
     logits (N, C): cross-fitted; features (N, D); `distance` (N,): their cross-fitted Mahalanobis
     scores when already at hand (`cross_fitted_scores`, with the same folds). The cuts come from
     the cross-fitted scores (`_cuts`); the Mahalanobis arrays from all photos."""
-    labels, fold = np.asarray(labels), np.asarray(fold)
-    inside = covered(labels, fold)
-    if distance is None:
-        distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
-    mahalanobis = {name: _as16(a) for name, a in fit_feature_arrays("mahalanobis", features, labels,
-                                                                      max_rank=max_rank).items()}
-    return _cuts(np.asarray(logits)[inside], np.asarray(distance)[inside], temperature, mahalanobis,
+    inside, distance, mahalanobis = _mahalanobis_of(features, labels, fold, max_rank, distance)
+    return _cuts(np.asarray(logits)[inside], distance[inside], temperature, mahalanobis,
                  keep=keep, far_share=far_share)
 
 
@@ -92,12 +87,21 @@ def fit_near_far_valid(valid_logits: np.ndarray, train: tuple[np.ndarray, np.nda
     alone, the far share (2%) would rest on four or five photos: leaving each species out of
     flower_photos_2k, it caught 89% of non-flowers against 97% with the cross-fitted cut."""
     x, y = np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]]).astype(np.int64)
-    fold = stratified_folds(y)
-    distance = cross_fitted_scores("mahalanobis", x, y, fold, max_rank=max_rank)
-    inside = covered(y, fold)
-    mahalanobis = {name: _as16(a) for name, a in fit_feature_arrays("mahalanobis", x, y, max_rank=max_rank).items()}
+    inside, distance, mahalanobis = _mahalanobis_of(x, y, stratified_folds(y), max_rank)
     return _cuts(valid_logits, distance[len(train[1]):], temperature, mahalanobis, keep=keep, far_share=far_share,
                  far_distance=distance[inside])
+
+
+def _mahalanobis_of(features: np.ndarray, labels: np.ndarray, fold: np.ndarray, max_rank: int,
+                    distance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(inside (N,), distance (N,), arrays): which photos the cross-fit covers, their cross-fitted
+    Mahalanobis distances (`distance` when already at hand, with the same folds), and the Mahalanobis
+    arrays fitted on all photos, at their stored precision: the far part's side of both fits."""
+    labels, fold = np.asarray(labels), np.asarray(fold)
+    if distance is None:
+        distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
+    arrays = fit_feature_arrays("mahalanobis", features, labels, max_rank=max_rank)
+    return covered(labels, fold), np.asarray(distance), {name: _as16(a) for name, a in arrays.items()}
 
 
 def _cuts(logits: np.ndarray, distance: np.ndarray, temperature: float, mahalanobis: dict[str, np.ndarray], *,
