@@ -6,7 +6,8 @@ temperature: issue 13's figures on real photos.
 Trains the head as `train.py` does (cached centre-crop features of the frozen backbone), then compares
 two rules for each unknown score of `calibration`:
   valid-only   T and the threshold (keep 95%) from the 50 validation photos; a feature score's
-               arrays from the training split (the rule before cross-fitting);
+               arrays from the training split (the rule before cross-fitting, and train.py's on a
+               large valid split: `calibrating.valid_calibration`);
   cross-fitted T and the threshold from the train+valid photos, each scored by a fit on the other
                folds (`calibration.fit_calibration`, what train.py and `calibrate` do now); the
                arrays from all of train+valid.
@@ -44,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from flower_classifier import calibration as cal, near_far, unknown as unk  # noqa: E402
-from flower_classifier.calibrating import cross_fitted_logits  # noqa: E402
+from flower_classifier.calibrating import CalibrationData, cross_fitted_logits, valid_calibration  # noqa: E402
 from flower_classifier.backbones import build_backbone  # noqa: E402
 from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
 from flower_classifier.config import TrainConfig  # noqa: E402
@@ -109,21 +110,6 @@ def train_head_logits(backbone, data_dir: Path, feats: dict, seed: int, cache_di
         return {name: head.eval()(torch.from_numpy(x)).numpy() for name, (x, *_) in feats.items()}, ckpt
 
 
-def valid_only(method: str, train: tuple, valid: tuple, valid_logits: np.ndarray, keep: float,
-               negatives: tuple | None = None, max_rank: int = cal.MAX_RANK) -> cal.Calibration:
-    """The rule before cross-fitting: T and the threshold from the validation photos alone, a feature
-    score's arrays from the training split. `negatives`: their (logits, features)."""
-    c = cal.Calibration(cal.fit_temperature(valid_logits, valid[1]), method)
-    if method == cal.NEAR_FAR:
-        c.arrays, _ = near_far.fit_near_far_valid(valid_logits, train, valid, c.temperature, keep=keep,
-                                                  max_rank=max_rank)
-    elif method in cal.FEATURE_METHODS:
-        c.arrays = cal.fit_feature_arrays(method, *train, max_rank=max_rank)
-    c.threshold, c.rule = cal.choose_threshold(c.scores(valid_logits, valid[0]),
-                                               None if negatives is None else c.scores(*negatives), keep=keep)
-    return c
-
-
 def crossed_inputs(ckpt, feats: dict, num_classes: int) -> tuple:
     """(logits, labels, fold, features) of the train+valid photos as `calibrating.calibrate_head` makes them."""
     x = np.concatenate([feats["train"][0], feats["valid"][0]])
@@ -137,8 +123,10 @@ def fit_rule(rule: str, method: str, feats: dict, logits: dict, crossed: tuple, 
     """`rule`'s calibration for `method`; `negatives`: indices of the negatives that may choose the threshold."""
     xneg = feats["negatives"][0]
     given = None if negatives is None else (logits["negatives"][negatives], xneg[negatives])
-    if rule == "valid-only":
-        return valid_only(method, feats["train"][:2], feats["valid"][:2], logits["valid"], keep, given, **fit_options)
+    if rule == "valid-only":  # train.py's own rule on a large valid split
+        data = CalibrationData(feats["train"][:2], feats["valid"][:2], None if given is None else given[1])
+        return valid_calibration(logits["valid"], data, method=method, keep=keep,
+                                 negative_logits=None if given is None else given[0], **fit_options)
     xl, y, fold, x = crossed
     extra = {} if given is None else dict(negative_logits=given[0], negative_features=given[1])
     return cal.fit_calibration(xl, y, fold, method=method, features=x, keep=keep, **extra, **fit_options)

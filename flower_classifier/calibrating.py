@@ -45,7 +45,8 @@ from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, 
 from .frozen_pass import centre_view
 from .model import StackedHeads, build_head
 from .near_far import fit_near_far_valid
-from .unknown import CROSS_FOLDS, FEATURE_METHODS, NEAR_FAR, choose_threshold, fit_feature_arrays, stratified_folds
+from .unknown import (CROSS_FOLDS, FEATURE_METHODS, MAX_RANK, NEAR_FAR, choose_threshold, fit_feature_arrays,
+                      stratified_folds)
 
 # Valid photos per species from which the valid split alone calibrates. 10 per species (the 300-photo
 # sample) left the valid-only threshold unsteady; 35-67 per species (flower_photos_2k) matched the
@@ -177,7 +178,7 @@ def valid_only(data: CalibrationData, num_classes: int, *, finetune: int = 0) ->
 
 
 def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method: str, keep: float,
-                      negative_logits: np.ndarray | None = None) -> Calibration:
+                      negative_logits: np.ndarray | None = None, max_rank: int = MAX_RANK) -> Calibration:
     """The calibration from the head's own logits (N, C) of the valid photos: the temperature, and the
     threshold keeping `keep` of the valid photos' scores (with the negatives' when given); a feature
     score's arrays fitted on the train photos alone, so that the valid photos score as unseen ones
@@ -186,10 +187,10 @@ def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method
     calibration = Calibration(fit_temperature(valid_logits, yv), method)
     if method == NEAR_FAR:  # its far part cross-fitted over train and valid (`fit_near_far_valid`)
         calibration.arrays, species = fit_near_far_valid(valid_logits, data.train, data.valid,
-                                                         calibration.temperature, keep=keep)
+                                                         calibration.temperature, keep=keep, max_rank=max_rank)
     else:
         if method in FEATURE_METHODS:
-            calibration.arrays = as_stored(fit_feature_arrays(method, x, y))
+            calibration.arrays = as_stored(fit_feature_arrays(method, x, y, max_rank=max_rank))
         species = calibration.scores(valid_logits, xv)
     negatives = None if data.negatives is None else calibration.scores(negative_logits, data.negatives)
     calibration.threshold, calibration.rule = choose_threshold(species, negatives, keep=keep, of="valid photos")
