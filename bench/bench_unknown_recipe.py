@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from flower_classifier import evaluation, unknown  # noqa: E402
 from flower_classifier.cli import main as cli_main  # noqa: E402
+from flower_classifier.checkpoint import load_checkpoint  # noqa: E402
 from flower_classifier.config import RECIPES, TrainConfig  # noqa: E402
 from flower_classifier.data import PhotoList, eval_transform, find_classes, split_dir  # noqa: E402
 from flower_classifier.datacheck import negative_photos  # noqa: E402
@@ -53,13 +54,19 @@ def without(data: Path, held: str, folder: Path) -> Path:
     return folder
 
 
-def measure(checkpoint: Path, known: Path, held_photos: list[Path], negatives: Path) -> dict:
+def outputs(checkpoint: Path, known: Path, held_photos: list[Path], negatives: Path) -> tuple:
+    """The run's model outputs (logits, features) of the known species' test photos, of the held-out
+    species' photos and of the negatives: one pass over them, whichever calibration scores them."""
     predictor = load_predictor(checkpoint)
-    cal = predictor.calibration
     other_set = PhotoList([(p, -1) for p in held_photos], eval_transform(predictor.preprocessing))
-    own, other, neg = (evaluation.model_outputs(predictor.model, dataset) for dataset in
-                       (evaluation.split_dataset(known / "test", predictor), other_set,
-                        evaluation.negatives_dataset(negatives, predictor)))
+    return tuple(evaluation.model_outputs(predictor.model, dataset) for dataset in
+                 (evaluation.split_dataset(known / "test", predictor), other_set,
+                  evaluation.negatives_dataset(negatives, predictor)))
+
+
+def measure(outputs_of_run: tuple, cal) -> dict:
+    """The figures of one calibration `cal` on the run's `outputs`."""
+    own, other, neg = outputs_of_run
     s_own, s_other, s_neg = (cal.scores(o.logits, o.features) for o in (own, other, neg))
     correct = own.logits.argmax(1) == own.targets
     versus_other, versus_neg = (unknown.detection_metrics(s_own, correct, s, cal.threshold) for s in (s_other, s_neg))
@@ -115,9 +122,10 @@ def main() -> None:
                 run_training(config, known, save_dir=save, cache_dir=args.cache_dir, progress=False, log=lambda m: None)
             seconds = time.perf_counter() - start
             held_photos = [f for split in SPLITS for f in list_photos(args.data_dir / split / held)]
+            run_outputs = outputs(save / "checkpoint.pth", known, held_photos, args.negatives)
             for score in [None, *args.unknown_scores]:
                 checkpoint = save / "checkpoint.pth" if score is None else recalibrated(save, known, score, args.cache_dir)
-                row = measure(checkpoint, known, held_photos, args.negatives)
+                row = measure(run_outputs, load_checkpoint(checkpoint).calibration)
                 rows.setdefault(row["score"], []).append(row)
                 print(f"  {recipe}, {held} left out ({seconds:.0f} s), {row['score']}: {json.dumps(row)}", flush=True)
         for score, of_score in rows.items():
