@@ -178,16 +178,18 @@ def valid_only(data: CalibrationData, num_classes: int, *, finetune: int = 0) ->
 
 
 def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method: str, keep: float,
-                      negative_logits: np.ndarray | None = None, max_rank: int = MAX_RANK) -> Calibration:
+                      negative_logits: np.ndarray | None = None, max_rank: int = MAX_RANK,
+                      seed: int = 0) -> Calibration:
     """The calibration from the head's own logits (N, C) of the valid photos: the temperature, and the
     threshold keeping `keep` of the valid photos' scores (with the negatives' when given); a feature
     score's arrays fitted on the train photos alone, so that the valid photos score as unseen ones
-    (near_far: see `near_far.fit_near_far_valid`)."""
+    (near_far: see `near_far.fit_near_far_valid`, its folds dealt with `seed`)."""
     (x, y), (xv, yv) = data.train, data.valid
     calibration = Calibration(fit_temperature(valid_logits, yv), method)
     if method == NEAR_FAR:  # its far part cross-fitted over train and valid (`fit_near_far_valid`)
         calibration.arrays, species = fit_near_far_valid(valid_logits, data.train, data.valid,
-                                                         calibration.temperature, keep=keep, max_rank=max_rank)
+                                                         calibration.temperature, keep=keep, max_rank=max_rank,
+                                                         seed=seed)
     else:
         if method in FEATURE_METHODS:
             calibration.arrays = as_stored(fit_feature_arrays(method, x, y, max_rank=max_rank))
@@ -209,7 +211,8 @@ def calibrate_head(head_state: dict, config: TrainConfig, classes: list[str], da
     if valid_only(data, len(classes), finetune=config.finetune):
         valid_logits = head_logits(head_state, config.hidden_units, len(classes), data.valid[0])
         with devices.blas_threads():  # the feature fits: one BLAS thread (measured, `devices.blas_threads`)
-            return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits)
+            return valid_calibration(valid_logits, data, method=method, keep=keep, negative_logits=negative_logits,
+                                     seed=config.seed)
     x = np.concatenate([data.train[0], data.valid[0]])
     y = np.concatenate([data.train[1], data.valid[1]]).astype(np.int64)
     fold = stratified_folds(y, CROSS_FOLDS, seed=config.seed)

@@ -79,15 +79,17 @@ def fit_near_far(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, featu
 
 def fit_near_far_valid(valid_logits: np.ndarray, train: tuple[np.ndarray, np.ndarray],
                        valid: tuple[np.ndarray, np.ndarray], temperature: float, *, keep: float = KEEP,
-                       far_share: float | None = None, max_rank: int = MAX_RANK) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                       far_share: float | None = None, max_rank: int = MAX_RANK,
+                       seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The near_far arrays and the valid photos' scores, from a large valid split (`calibrating`):
     the head's own logits (N, C) of the valid photos, which it never trained on, for the near part;
     for the far cut, the cross-fitted Mahalanobis distances of all train and valid photos (`train`,
     `valid`: features and labels), which need no fold heads. Cut on the valid photos' distances
     alone, the far share (2%) would rest on four or five photos: leaving each species out of
-    flower_photos_2k, it caught 89% of non-flowers against 97% with the cross-fitted cut."""
+    flower_photos_2k, it caught 89% of non-flowers against 97% with the cross-fitted cut. `seed`
+    deals the folds (the run's --seed, as the cross-fitted rule's)."""
     x, y = np.concatenate([train[0], valid[0]]), np.concatenate([train[1], valid[1]]).astype(np.int64)
-    inside, distance, mahalanobis = _mahalanobis_of(x, y, stratified_folds(y), max_rank)
+    inside, distance, mahalanobis = _mahalanobis_of(x, y, stratified_folds(y, seed=seed), max_rank)
     return _cuts(valid_logits, distance[len(train[1]):], temperature, mahalanobis, keep=keep, far_share=far_share,
                  far_distance=distance[inside])
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_dataset
-from flower_classifier import calibrating, fitting, training
+from flower_classifier import calibrating, fitting, near_far, training
 from flower_classifier.calibration import Calibration, fit_temperature
 from flower_classifier.checkpoint import load_checkpoint
 from flower_classifier.config import TrainConfig
@@ -104,6 +104,25 @@ def test_a_large_valid_split_calibrates_alone_and_its_threshold_keeps_the_chosen
     line = calibrating.calibrated_line(calibration, data, ["a", "b", "c"])
     assert f"{3 * per} valid photos" in line and "cross-fitted in" not in line
     assert ("Mahalanobis distances of all" in line) == (method == "near_far")
+
+
+def test_the_runs_seed_deals_the_far_parts_folds_on_a_large_valid_split():
+    """near_far's far cut cross-fits train+valid in folds dealt by the run's --seed, as the
+    cross-fitted rule's folds are: another seed, another dealing, another cut."""
+    per = calibrating.VALID_ONLY_PER_CLASS
+    splits = _clustered({"train": 3 * per, "valid": per})
+    data = calibrating.CalibrationData(splits["train"], splits["valid"])
+    head = build_head(8, [8], 3, 0.0).state_dict()
+    valid_logits = calibrating.head_logits(head, (8,), 3, splits["valid"][0])
+    cuts = {}
+    for seed in (0, 5):
+        config = TrainConfig(arch="tiny", hidden_units=(8,), epochs=2, num_workers=0, seed=seed)
+        calibration = calibrating.calibrate_head(head, config, ["a", "b", "c"], data, method="near_far", keep=0.9)
+        arrays, _ = near_far.fit_near_far_valid(valid_logits, splits["train"], splits["valid"],
+                                                calibration.temperature, keep=0.9, seed=seed)
+        assert calibration.arrays["far_cut"] == arrays["far_cut"]
+        cuts[seed] = float(arrays["far_cut"])
+    assert cuts[0] != cuts[5]
 
 
 @pytest.mark.parametrize("method", ["mahalanobis", "near_far"])
