@@ -33,7 +33,7 @@ import torch
 
 from . import devices, distributed
 from .backbones import Backbone, get_spec
-from .calibration import Calibration, as_stored, fit_calibration, fit_temperature
+from .calibration import Calibration, fit_calibration, fit_temperature
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .data import FlowerFolder, split_dir
@@ -45,8 +45,8 @@ from .fitting import fit_threads, loss_weights, make_optimizer, make_scheduler, 
 from .frozen_pass import centre_view
 from .model import StackedHeads, build_head
 from .near_far import fit_near_far_valid
-from .unknown import (CROSS_FOLDS, FEATURE_METHODS, MAX_RANK, NEAR_FAR, choose_threshold, fit_feature_arrays,
-                      stratified_folds)
+from .unknown import (CROSS_FOLDS, FEATURE_METHODS, MAX_RANK, NEAR_FAR, as_stored, choose_threshold,
+                      fit_feature_arrays, stratified_folds)
 
 # Valid photos per species from which the valid split alone calibrates. 10 per species (the 300-photo
 # sample) left the valid-only threshold unsteady; 35-67 per species (flower_photos_2k) matched the
@@ -192,7 +192,8 @@ def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method
                                                          seed=seed)
     else:
         if method in FEATURE_METHODS:
-            calibration.arrays = as_stored(fit_feature_arrays(method, x, y, max_rank=max_rank))
+            calibration.arrays = {name: as_stored(a) for name, a in
+                                  fit_feature_arrays(method, x, y, max_rank=max_rank).items()}
         species = calibration.scores(valid_logits, xv)
     negatives = None if data.negatives is None else calibration.scores(negative_logits, data.negatives)
     calibration.threshold, calibration.rule = choose_threshold(species, negatives, keep=keep, of="valid photos")

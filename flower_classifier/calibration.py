@@ -28,7 +28,7 @@ import numpy as np
 
 from .errors import UserError
 from .near_far import fit_near_far, near_far_parts
-from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, NEAR_FAR, SPECIES,
+from .unknown import (FEATURE_METHODS, KEEP, MAX_RANK, METHODS, NEAR_FAR, SPECIES, as_stored,
                       choose_threshold, covered, cross_fitted_scores, feature_score, fit_feature_arrays,
                       log_softmax, logit_score, softmax)
 
@@ -255,11 +255,6 @@ def _encode(array: np.ndarray) -> dict:
     return {"dtype": dtype, "shape": list(array.shape), "data": base64.b64encode(data.tobytes()).decode("ascii")}
 
 
-def as_stored(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays as a saved calibration gives them back (float16 precision, float32 type)."""
-    return {name: _decode(_encode(a)) for name, a in arrays.items()}
-
-
 def _decode(value: dict) -> np.ndarray:
     if not isinstance(value, dict):
         raise TypeError(f"expected a dict of dtype, shape and data, got {type(value).__name__}")
@@ -322,7 +317,8 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
     elif method in FEATURE_METHODS:
         if features is None:
             raise ValueError(f"the {method} score needs the species photos' features")
-        calibration.arrays = as_stored(fit_feature_arrays(method, features, labels, max_rank=max_rank))
+        calibration.arrays = {name: as_stored(a) for name, a in
+                              fit_feature_arrays(method, features, labels, max_rank=max_rank).items()}
         species = cross_fitted_scores(method, features, labels, fold, max_rank=max_rank)[inside]
     else:
         species = calibration.scores(logits[inside])

@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from .unknown import (KEEP, MAX_RANK, covered, cross_fitted_scores, feature_score, fit_feature_arrays,
-                      stratified_folds)
+from .unknown import (KEEP, MAX_RANK, as_stored, covered, cross_fitted_scores, feature_score,
+                      fit_feature_arrays, stratified_folds)
 
 # Share of the species' own photos the far part may refuse (the near part has the rest of 1 - keep).
 # Leaving each species of flower_photos_2k out (bench_unknown.py --leave_species_out), 2% catches the
@@ -103,7 +103,7 @@ def _mahalanobis_of(features: np.ndarray, labels: np.ndarray, fold: np.ndarray, 
     if distance is None:
         distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
     arrays = fit_feature_arrays("mahalanobis", features, labels, max_rank=max_rank)
-    return covered(labels, fold), np.asarray(distance), {name: _as16(a) for name, a in arrays.items()}
+    return covered(labels, fold), np.asarray(distance), {name: as_stored(a) for name, a in arrays.items()}
 
 
 def _cuts(logits: np.ndarray, distance: np.ndarray, temperature: float, mahalanobis: dict[str, np.ndarray], *,
@@ -117,7 +117,7 @@ def _cuts(logits: np.ndarray, distance: np.ndarray, temperature: float, mahalano
     far_distance = distance if far_distance is None else np.asarray(far_distance, dtype=np.float64)
     # Every array at the precision it is stored in (float16), the cuts rounded up, so that the scores
     # here are those a saved calibration gives and the cuts keep at least what they should.
-    centre, spread = (_as16(a) for a in standardization(near_base(logits, temperature),
+    centre, spread = (as_stored(a) for a in standardization(near_base(logits, temperature),
                                                         logits.argmax(1), logits.shape[1]))
     near = near_score(logits, temperature, centre, spread)
     share = min(far_share_for(len(far_distance)) if far_share is None else far_share, 0.8 * (1 - keep))
@@ -127,18 +127,13 @@ def _cuts(logits: np.ndarray, distance: np.ndarray, temperature: float, mahalano
     # (if the far cut alone refuses more than 1 - keep of them, it keeps what the far cut leaves).
     candidates = np.sort(near[within])
     near_cut = _up16(candidates[min(max(math.ceil(keep * len(near)), 1), len(candidates)) - 1])
-    far_scale = _as16(max(float(far_distance.std()), 1e-3))
+    far_scale = as_stored(max(float(far_distance.std()), 1e-3))
     arrays = {**mahalanobis, "centre": centre, "spread": spread, "near_cut": near_cut, "far_cut": far_cut,
               "far_scale": far_scale}
     return arrays, np.maximum(near, _far_part(distance, arrays))
 
 
-def _as16(value) -> np.ndarray:
-    """float32 holding float16 values: what a stored calibration gives back."""
-    return np.asarray(value, dtype=np.float16).astype(np.float32)
-
-
 def _up16(value: float) -> np.ndarray:
     """`value` rounded up to a float16: a cut rounded down would keep fewer photos than asked."""
     r = np.float16(value)
-    return _as16(np.nextafter(r, np.float16(np.inf)) if r < value else r)
+    return as_stored(np.nextafter(r, np.float16(np.inf)) if r < value else r)

@@ -89,6 +89,14 @@ def _class_means(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return means / counts[:, None]
 
 
+def as_stored(value) -> np.ndarray:
+    """`value` at the precision a saved calibration keeps its arrays (`calibration.Calibration.to_dict`):
+    floats as float16 values in float32, integers as int64. A score fitted on these scores photos as
+    the saved checkpoint will."""
+    value = np.asarray(value)
+    return value.astype(np.int64) if value.dtype.kind == "i" else value.astype(np.float16).astype(np.float32)
+
+
 def fit_feature_arrays(method: str, features: np.ndarray, labels: np.ndarray, *,
                        max_rank: int = MAX_RANK, k: int = KNN_K) -> dict[str, np.ndarray]:
     """What a feature score needs, from the training photos' features (N, D) and labels (N,).

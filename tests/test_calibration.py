@@ -144,6 +144,9 @@ def test_round_trip_through_json_gives_the_same_answers(method):
     logits = probe[:, :4]
     a, b = c.assess(logits, probe), back.assess(logits, probe)
     np.testing.assert_array_equal(a.scores, b.scores)  # arrays are stored as fitted (float16 values)
+    for name, array in c.arrays.items():  # fitted at the stored precision (`unknown.as_stored`)
+        assert back.arrays[name].dtype == array.dtype
+        np.testing.assert_array_equal(back.arrays[name], array)
     np.testing.assert_array_equal(a.unknown, b.unknown)
     np.testing.assert_array_equal(a.far, b.far)
     np.testing.assert_allclose(b.probabilities.sum(1), 1.0)
