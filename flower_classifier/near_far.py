@@ -118,7 +118,7 @@ def _cuts(logits: np.ndarray, distance: np.ndarray, temperature: float, mahalano
     # Every array at the precision it is stored in (float16), the cuts rounded up, so that the scores
     # here are those a saved calibration gives and the cuts keep at least what they should.
     centre, spread = (as_stored(a) for a in standardization(near_base(logits, temperature),
-                                                        logits.argmax(1), logits.shape[1]))
+                                                            logits.argmax(1), logits.shape[1]))
     near = near_score(logits, temperature, centre, spread)
     share = min(far_share_for(len(far_distance)) if far_share is None else far_share, 0.8 * (1 - keep))
     far_cut = _up16(np.sort(far_distance)[max(math.ceil((1 - share) * len(far_distance)) - 1, 0)])
