@@ -192,8 +192,7 @@ def valid_calibration(valid_logits: np.ndarray, data: CalibrationData, *, method
                                                          seed=seed)
     else:
         if method in FEATURE_METHODS:
-            calibration.arrays = {name: as_stored(a) for name, a in
-                                  fit_feature_arrays(method, x, y, max_rank=max_rank).items()}
+            calibration.arrays = as_stored(fit_feature_arrays(method, x, y, max_rank=max_rank))
         species = calibration.scores(valid_logits, xv)
     negatives = None if data.negatives is None else calibration.scores(negative_logits, data.negatives)
     calibration.threshold, calibration.rule = choose_threshold(species, negatives, keep=keep, of="valid photos")

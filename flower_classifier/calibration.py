@@ -317,8 +317,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, fold: np.ndarray, *,
     elif method in FEATURE_METHODS:
         if features is None:
             raise ValueError(f"the {method} score needs the species photos' features")
-        calibration.arrays = {name: as_stored(a) for name, a in
-                              fit_feature_arrays(method, features, labels, max_rank=max_rank).items()}
+        calibration.arrays = as_stored(fit_feature_arrays(method, features, labels, max_rank=max_rank))
         species = cross_fitted_scores(method, features, labels, fold, max_rank=max_rank)[inside]
     else:
         species = calibration.scores(logits[inside])

@@ -102,8 +102,8 @@ def _mahalanobis_of(features: np.ndarray, labels: np.ndarray, fold: np.ndarray, 
     labels, fold = np.asarray(labels), np.asarray(fold)
     if distance is None:
         distance = cross_fitted_scores("mahalanobis", features, labels, fold, max_rank=max_rank)
-    arrays = fit_feature_arrays("mahalanobis", features, labels, max_rank=max_rank)
-    return covered(labels, fold), np.asarray(distance), {name: as_stored(a) for name, a in arrays.items()}
+    return (covered(labels, fold), np.asarray(distance),
+            as_stored(fit_feature_arrays("mahalanobis", features, labels, max_rank=max_rank)))
 
 
 def _cuts(logits: np.ndarray, distance: np.ndarray, temperature: float, mahalanobis: dict[str, np.ndarray], *,

@@ -89,10 +89,12 @@ def _class_means(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return means / counts[:, None]
 
 
-def as_stored(value) -> np.ndarray:
-    """`value` at the precision a saved calibration keeps its arrays (`calibration.Calibration.to_dict`):
-    floats as float16 values in float32, integers as int64. A score fitted on these scores photos as
-    the saved checkpoint will."""
+def as_stored(value):
+    """`value` (an array, or a dict of them) at the precision a saved calibration keeps its arrays
+    (`calibration.Calibration.to_dict`): floats as float16 values in float32, integers as int64. A
+    score fitted on these scores photos as the saved checkpoint will."""
+    if isinstance(value, dict):
+        return {name: as_stored(a) for name, a in value.items()}
     value = np.asarray(value)
     return value.astype(np.int64) if value.dtype.kind == "i" else value.astype(np.float16).astype(np.float32)
 
